@@ -1,0 +1,4 @@
+"""migrate-data: phased, translated PostgreSQL data migrations."""
+from __future__ import annotations
+
+__version__ = "0.1.0"

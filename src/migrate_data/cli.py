@@ -1,0 +1,398 @@
+"""The ``migrate-data`` command: parse, call ``api``, print.  The only place that decides exit codes."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import click
+
+from . import __version__, api, report
+from .copier import CopyEvent
+from .errors import BadInput, MigrationError, Stopped
+from .settings import Settings, find_project, load_settings, redact, redact_text
+
+T = TypeVar("T")
+log = logging.getLogger("migrate_data")
+
+
+def fail(e: MigrationError) -> None:
+    click.echo(f"ERROR: {e.message}", err=True)
+    if e.detail:
+        click.echo("DETAIL: " + e.detail.replace("\n", "\nDETAIL: "), err=True)
+    if e.hint:
+        click.echo(f"HINT: {e.hint}", err=True)
+
+
+class Context:
+    """What the group's options leave for the commands."""
+
+    def __init__(self, **opts: Any) -> None:
+        self.opts = opts
+        self.stack = ExitStack()
+        self._settings: Settings | None = None
+
+    def settings(self) -> Settings:
+        if self._settings is None:
+            url = self.opts["database_url"]
+            if self.opts["embedded"]:
+                from .embedded import embedded_server
+
+                url, where = self.stack.enter_context(embedded_server())
+                click.echo(f"embedded PostgreSQL: {redact(url)} (data in {where}, removed at exit)", err=True)
+            self._settings = load_settings(database_url=url, source_url=self.opts["source_url"],
+                                           project_dir=self.opts["project"],
+                                           statement_timeout=self.opts["statement_timeout"],
+                                           lock_timeout=self.opts["lock_timeout"])
+        return self._settings
+
+    def project_dir(self) -> Path:
+        return Path(self.opts["project"]).resolve() if self.opts["project"] else find_project(Path.cwd())
+
+
+def run(coro_fn: Callable[[asyncio.Event], Awaitable[T]]) -> T:
+    """Run a library coroutine; SIGINT/SIGTERM ask it to stop at the next checkpoint."""
+    async def main() -> T:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        return await coro_fn(stop)
+
+    return asyncio.run(main())
+
+
+class PhaseGroup(click.Group):
+    """Built-in commands plus one command per phase file in ``mappings/``."""
+
+    def _phases(self, ctx: click.Context) -> list[str]:
+        obj = ctx.find_object(Context)
+        project = obj.project_dir() if obj else find_project(Path.cwd())
+        mappings = project / "mappings"
+        return sorted(p.stem for p in mappings.glob("*.yaml")) if mappings.is_dir() else []
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return super().list_commands(ctx) + [p for p in self._phases(ctx) if p not in self.commands]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        builtin = super().get_command(ctx, name)
+        if builtin is not None:
+            return builtin
+        if name in self._phases(ctx):
+            return phase_command(name)
+        return None
+
+
+@click.group(cls=PhaseGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="migrate-data")
+@click.option("--database-url", envvar="DATABASE_URL", help="Target database (default: $DATABASE_URL).")
+@click.option("--source-url", envvar="SOURCE_DATABASE_URL", help="Source database when it is another one.")
+@click.option("--project", type=click.Path(file_okay=False), help="Migration project directory (default: here).")
+@click.option("--embedded", is_flag=True, help="Start a throwaway local PostgreSQL and use it.")
+@click.option("--statement-timeout", help="statement_timeout for our sessions, e.g. 30min.")
+@click.option("--lock-timeout", help="lock_timeout for our sessions (default 10s).")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("--traceback", is_flag=True, help="Show the Python traceback of unexpected errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, traceback: bool, **opts: Any) -> None:
+    """Run a PostgreSQL schema-translation migration, one phase per maintenance window."""
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    ctx.obj = Context(traceback=traceback, **opts)
+    ctx.call_on_close(ctx.obj.stack.close)
+    mappings = ctx.obj.project_dir() / "mappings"
+    clash = sorted(p.stem for p in mappings.glob("*.yaml") if p.stem in BUILTINS) if mappings.is_dir() else []
+    if clash:
+        raise BadInput(f"{mappings / (clash[0] + '.yaml')}: phase name {clash[0]!r} is a built-in command",
+                       hint="rename the phase file")
+
+
+pass_ctx = click.make_pass_decorator(Context)
+FORMATS = click.Choice(["text", "json", "markdown", "html"])
+
+
+def _until(until: str | None, tz: str | None) -> dt.datetime | None:
+    if not until:
+        return None
+    try:
+        zone = ZoneInfo(tz) if tz else None
+    except ZoneInfoNotFoundError as e:
+        raise BadInput(f"--tz {tz}: unknown time zone") from e
+    try:
+        hh, mm = (int(x) for x in until.split(":"))
+        now = dt.datetime.now(zone).astimezone(zone) if zone else dt.datetime.now().astimezone()
+        at = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+    except ValueError as e:
+        raise BadInput(f"--until {until}: expected HH:MM") from e
+    if at < now - dt.timedelta(hours=12):
+        at += dt.timedelta(days=1)  # 05:30 typed at 23:00 means tomorrow morning
+    return at.astimezone(dt.timezone.utc)
+
+
+class Progress:
+    """Rich progress bars on a terminal; nothing extra otherwise (the library logs a line per batch)."""
+
+    def __init__(self) -> None:
+        self.bars: Any = None
+        self.tasks: dict[str, Any] = {}
+        if sys.stderr.isatty():
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn,
+                                       TimeRemainingColumn, TransferSpeedColumn)
+
+            self.bars = Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[rate]} rows/s"), TimeRemainingColumn(), transient=False)
+        else:
+            logging.getLogger("migrate_data.copier").setLevel(logging.INFO)
+
+    def __enter__(self) -> Progress:
+        if self.bars:
+            self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bars:
+            self.bars.__exit__(*exc)
+
+    def __call__(self, e: CopyEvent) -> None:
+        if not self.bars:
+            if e.kind in ("done", "skip"):
+                click.echo(f"{e.target}: {e.kind} — {e.rows:,} rows read, {e.written:,} written, {e.rejected:,} rejected",
+                           err=True)
+            return
+        t = self.tasks.get(e.target)
+        if t is None:
+            t = self.tasks[e.target] = self.bars.add_task(e.target, total=e.total or None, rate="-")
+        rate = f"{e.rows / e.seconds:,.0f}" if e.kind == "done" and e.seconds else "-"
+        self.bars.update(t, completed=e.rows, rate=rate)
+
+
+def phase_command(name: str) -> click.Command:
+    @click.command(name=name, help=f"Run phase {name}: pre-flight, backup, schema, copy, validate.")
+    @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+    @click.option("--dry-run", is_flag=True, help="Stop after the pre-flight; print what would happen.")
+    @click.option("--no-backup", is_flag=True, help="Skip pg_dump (rehearsals only).")
+    @click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(1))
+    @click.option("--jobs", default=2, show_default=True, type=click.IntRange(1, 64), help="Concurrent batches.")
+    @click.option("--recheck", is_flag=True, help="Pass over finished tables again (idempotent).")
+    @click.option("--max-rejects", type=click.IntRange(0), help="Fail when more rows than this are rejected.")
+    @click.option("--until", help="Stop cleanly before HH:MM (the end of the window).")
+    @click.option("--tz", help="Time zone of --until, e.g. America/Guayaquil (default: local).")
+    @click.option("--deep", is_flag=True, help="Validate with checksums, not only counts.")
+    @pass_ctx
+    def command(obj: Context, yes: bool, dry_run: bool, no_backup: bool, batch_size: int, jobs: int, recheck: bool,
+                max_rejects: int | None, until: str | None, tz: str | None, deep: bool) -> None:
+        settings = obj.settings()
+        deadline = _until(until, tz)
+        phases, phase = api.get_phase(settings, name)
+        if not dry_run and not yes:
+            if not sys.stdin.isatty():
+                raise BadInput(f"refusing to run {name} without confirmation: no terminal", hint="pass --yes")
+            tables = ", ".join(f"{t.source}→{t.target}" for t in phase.tables) or "no tables (schema only)"
+            click.echo(f"phase {name}: {phase.description}\n  database: {redact(settings.database_url)}\n"
+                       f"  revision: {phase.revision or '-'}\n  tables: {tables}\n  backup: {'no' if no_backup else 'yes'}")
+            click.confirm("run it?", abort=True)
+        options = api.RunOptions(batch_size=batch_size, jobs=jobs, recheck=recheck, max_rejects=max_rejects,
+                                 deadline=deadline, backup=not no_backup, deep=deep, dry_run=dry_run)
+        with Progress() as progress:
+            try:
+                result = run(lambda stop: api.run_phase(settings, name, options, on_event=progress, stop=stop))
+            except Stopped as e:
+                e.hint = f"resume with: migrate-data {name} --yes" + (f" --until {until}" if until else "")
+                raise
+        for f in result.findings:
+            click.echo(str(f))
+        if result.status == "dry-run":
+            click.echo(f"dry run of {name}: pre-flight passed; would back up, "
+                       f"{'upgrade to ' + phase.revision + ', ' if phase.revision else ''}copy "
+                       f"{len(phase.tables)} tables and validate")
+            return
+        for t in result.tables:
+            state = "skipped (done before)" if t.skipped else f"{t.seconds:.1f}s"
+            click.echo(f"{t.source} -> {t.target}: {t.rows_read:,} read, {t.rows_written:,} written, "
+                       f"{t.rejected:,} rejected, {state}")
+        assert result.validation is not None
+        click.echo(report.to_text(result.validation))
+        if result.backup_path:
+            click.echo(f"backup: {result.backup_path}")
+        click.echo(f"report: {result.reports.get('html')}")
+        click.echo(f"phase {name} {'done' if result.status == 'done' else 'copied, but validation FAILED'} "
+                   f"in {result.seconds:.1f}s")
+        if result.status != "done":
+            sys.exit(3)
+
+    return command
+
+
+@cli.command()
+@click.argument("phase")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--sql", is_flag=True, help="Also print the DDL of the phase's Alembic revision.")
+@pass_ctx
+def plan(obj: Context, phase: str, fmt: str, sql: bool) -> None:
+    """Show what a phase would do: pre-flight findings, SQL, a preview; never writes."""
+    result = run(lambda stop: api.plan(obj.settings(), phase, sql=sql))
+    data = result.to_dict()
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
+    else:
+        click.echo(f"-- phase {phase}: {result.plan.phase.description}")
+        if data["ddl"]:
+            click.echo(f"-- DDL of revision {data['revision']}\n{data['ddl']}")
+        for t in data["tables"]:
+            click.echo(f"\n-- {t['source']} -> {t['target']}\n{t['copy']};")
+            pv = t.get("preview") or {}
+            if pv.get("error"):
+                click.echo(f"-- preview failed: {pv['error']}")
+            elif pv.get("rows"):
+                click.echo("-- preview (first rows, computed and rolled back):")
+                click.echo("\n".join("--   " + line for line in report.summary(
+                    [{k: _short(v) for k, v in r.items()} for r in pv["rows"]]).splitlines()))
+        click.echo("")
+        for f in result.plan.findings:
+            click.echo(str(f))
+        click.echo(f"order: {' -> '.join(data['order']) or '-'}")
+    if result.plan.errors:
+        sys.exit(2)
+
+
+def _short(v: Any, width: int = 24) -> str:
+    s = "" if v is None else str(v)
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+@cli.command()
+@click.argument("phase")
+@click.option("--deep", is_flag=True, help="Compare checksums of every row, not only counts.")
+@click.option("--sample", default=10, show_default=True, help="How many differing keys to show per kind.")
+@click.option("--no-rejects", is_flag=True, help="Fail when any row was rejected.")
+@click.option("--format", "fmt", type=FORMATS, default="text", show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False), help="Write the report here instead of stdout.")
+@pass_ctx
+def validate(obj: Context, phase: str, deep: bool, sample: int, no_rejects: bool, fmt: str, output: str | None) -> None:
+    """Compare a phase's source and target: counts, checksums (--deep), integrity."""
+    result = run(lambda stop: api.validate(obj.settings(), phase, deep=deep, sample=sample,
+                                           allow_rejects=not no_rejects))
+    text = report.render(result, fmt)
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+        click.echo(f"report written to {output}")
+    else:
+        click.echo(text)
+    if not result.ok:
+        sys.exit(3)
+
+
+@cli.command()
+@click.argument("phase")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--force", is_flag=True, help="Also remove rows the application wrote (dumped to a file first).")
+@pass_ctx
+def rollback(obj: Context, phase: str, yes: bool, force: bool) -> None:
+    """Undo a phase: delete what it copied, downgrade its revision, restore what it dropped."""
+    settings = obj.settings()
+    api.get_phase(settings, phase)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise BadInput(f"refusing to roll back {phase} without confirmation: no terminal", hint="pass --yes")
+        click.confirm(f"roll back {phase} on {redact(settings.database_url)}?", abort=True)
+    result = run(lambda stop: api.rollback(settings, phase, force=force))
+    for table, n in result.deleted.items():
+        click.echo(f"{table}: {n:,} rows deleted")
+    if result.foreign_rows_dump:
+        click.echo(f"rows written by the application were saved to {result.foreign_rows_dump}")
+    if result.downgraded_to:
+        click.echo(f"schema downgraded to {result.downgraded_to}")
+    if result.restored:
+        click.echo(f"restored from backup: {', '.join(result.restored)}")
+    click.echo(f"phase {phase} rolled back in {result.seconds:.1f}s")
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@pass_ctx
+def status(obj: Context, fmt: str) -> None:
+    """Show each phase: applied, partial (with the resume point), rolled back or pending."""
+    rows = [asdict(s) for s in run(lambda stop: api.status(obj.settings()))]
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    click.echo(report.summary([{k: v for k, v in r.items() if k not in ("predicted_seconds", "actual_seconds")}
+                               for r in rows]))
+
+
+@cli.command()
+@click.option("--phase", help="Only this phase.")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@pass_ctx
+def history(obj: Context, phase: str | None, limit: int, fmt: str) -> None:
+    """List past runs, rollbacks and validations from the ledger."""
+    rows = run(lambda stop: api.history(obj.settings(), phase=phase, limit=limit))
+    click.echo(json.dumps(rows, indent=2, default=str) if fmt == "json" else report.summary(rows))
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+def init(directory: str) -> None:
+    """Create a new migration project: alembic.ini, alembic/, mappings/ with an example."""
+    from .project import init_project
+
+    created = init_project(Path(directory))
+    for p in created:
+        click.echo(f"created {p}")
+    click.echo(f"next: add a revision in {directory}/alembic/versions and a phase in {directory}/mappings")
+
+
+@cli.command()
+@click.option("--scale", default=0.002, show_default=True, help="Size of the sample database (1.0 = 1M customers).")
+@pass_ctx
+def demo(obj: Context, scale: float) -> None:
+    """Seed the sample legacy database and run the whole plan on it, rollback included."""
+    from .project import demo as run_demo
+
+    if not obj.opts["database_url"] or obj.opts["embedded"]:
+        obj.opts["embedded"] = True
+    settings = obj.settings()
+    code = run(lambda stop: run_demo(settings, scale=scale, say=lambda m: click.echo(m)))
+    sys.exit(code)
+
+
+BUILTINS = frozenset(cli.commands)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="migrate-data", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted; nothing was done", err=True)
+        sys.exit(1)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except MigrationError as e:
+        fail(e)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception:
+        ctx_tb = "--traceback" in (argv if argv is not None else sys.argv)
+        if ctx_tb:
+            raise
+        exc = sys.exc_info()[1]
+        click.echo(f"ERROR: unexpected {type(exc).__name__}: {redact_text(str(exc))}", err=True)
+        click.echo("HINT: run again with --traceback to see where", err=True)
+        sys.exit(1)

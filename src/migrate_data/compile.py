@@ -1,0 +1,390 @@
+"""Mapping + catalog -> the SQL a table's copy, validation and rollback run.  Pure: no I/O.
+
+Every statement a phase runs is rendered here, from quoted identifiers (``sql.qi``) and escaped
+literals (``sql.ql``); values that change per batch are bind parameters.  ``where:`` and ``sql:``
+are the DBA's own SQL and are pasted as written, in parentheses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .catalog import ForeignKey, Table
+from .errors import PreflightError
+from .mapping import ColumnSpec, Lookup, QualifiedName, TableMapping
+from .sql import qcols, qi, ql, qname
+
+
+@dataclass(frozen=True)
+class CompiledColumn:
+    target: str
+    target_type: str
+    expr: str  # the final expression, cast to the target type where needed
+    pre_cast: str  # the expression before the final cast (cross-database: shipped as text)
+    cast_type: str  # what the text form is cast to on the target (cross-database)
+    base: str  # the value before map/default (coverage checks)
+    before_default: str  # the value before `default` replaces NULL (coverage checks)
+    spec: ColumnSpec
+
+
+@dataclass(frozen=True)
+class CompiledTable:
+    """Everything needed to copy, check and undo one table mapping, as SQL text."""
+
+    mapping: TableMapping
+    source: QualifiedName  # resolved (schema-qualified)
+    target: QualifiedName
+    alias: str
+    columns: tuple[CompiledColumn, ...]
+    joins: tuple[str, ...]
+    batch_by: tuple[str, ...]
+    batch_types: tuple[str, ...]
+    key: tuple[str, ...]
+    key_types: tuple[str, ...]
+    overriding: bool
+    lookups: tuple[tuple[str, Lookup], ...]  # (alias, lookup)
+
+    # -- pieces --------------------------------------------------------------------------------
+    @property
+    def src(self) -> str:
+        return f"{qname(self.source)} AS {qi(self.alias)}"
+
+    @property
+    def from_(self) -> str:
+        return " ".join((self.src, *self.joins))
+
+    @property
+    def tgt(self) -> str:
+        return qname(self.target)
+
+    def _batch_tuple(self, prefix: str | None = None) -> str:
+        cols = qcols(self.batch_by, prefix if prefix is not None else self.alias)
+        return f"({cols})" if len(self.batch_by) > 1 else cols
+
+    def _params(self, first: int) -> str:
+        ps = [f"CAST(${first + i}::text AS {t})" for i, t in enumerate(self.batch_types)]
+        return f"({', '.join(ps)})" if len(ps) > 1 else ps[0]
+
+    def _conditions(self, *, lower: bool, upper: bool, first: int = 1) -> tuple[list[str], int]:
+        conds = [f"({self.mapping.where})"] if self.mapping.where else []
+        n = first
+        if lower:
+            conds.append(f"{self._batch_tuple()} > {self._params(n)}")
+            n += len(self.batch_by)
+        if upper:
+            conds.append(f"{self._batch_tuple()} <= {self._params(n)}")
+            n += len(self.batch_by)
+        return conds, n
+
+    @staticmethod
+    def _where(conds: list[str]) -> str:
+        return " WHERE " + " AND ".join(conds) if conds else ""
+
+    @property
+    def _order(self) -> str:
+        return qcols(self.batch_by, self.alias)
+
+    def _key_text_array(self, prefix: str) -> str:
+        return "ARRAY[" + ", ".join(f"{qi(prefix)}.{qi(k)}::text" for k in self.batch_by) + "]"
+
+    @property
+    def _conflict(self) -> str:
+        rest = [c.target for c in self.columns if c.target not in self.key]
+        if self.mapping.on_conflict == "update" and rest:
+            sets = ", ".join(f"{qi(c)} = EXCLUDED.{qi(c)}" for c in rest)
+            return f" ON CONFLICT ({qcols(self.key)}) DO UPDATE SET {sets}"
+        return f" ON CONFLICT ({qcols(self.key)}) DO NOTHING"
+
+    @property
+    def _insert_head(self) -> str:
+        over = " OVERRIDING SYSTEM VALUE" if self.overriding else ""
+        return f"INSERT INTO {self.tgt} ({qcols([c.target for c in self.columns])}){over}"
+
+    # -- copy ----------------------------------------------------------------------------------
+    def bound_sql(self, *, lower: bool, upper: bool = False) -> str:
+        """Count the next batch and return its last key: params = [lower key...], [upper key...], limit."""
+        conds, n = self._conditions(lower=lower, upper=upper)
+        inner = (f"SELECT {qcols(self.batch_by, self.alias)} FROM {self.src}{self._where(conds)} "
+                 f"ORDER BY {self._order} LIMIT ${n}")
+        desc = ", ".join(f"b.{qi(k)} DESC" for k in self.batch_by)
+        return (f"WITH b AS ({inner}) SELECT count(*) AS n, "
+                f"(SELECT {self._key_text_array('b')} FROM b ORDER BY {desc} LIMIT 1) AS last FROM b")
+
+    def insert_sql(self, *, lower: bool, upper: bool) -> str:
+        """INSERT … SELECT … ON CONFLICT for the source rows with lower < key <= upper."""
+        conds, _ = self._conditions(lower=lower, upper=upper)
+        exprs = ", ".join(c.expr for c in self.columns)
+        return f"{self._insert_head} SELECT {exprs} FROM {self.from_}{self._where(conds)}{self._conflict}"
+
+    def keys_sql(self, *, lower: bool, upper: bool) -> str:
+        """The batch keys (as text arrays, in order) of the source rows in a range."""
+        conds, _ = self._conditions(lower=lower, upper=upper)
+        return (f"SELECT {self._key_text_array(self.alias)} AS k FROM {self.src}{self._where(conds)} "
+                f"ORDER BY {self._order}")
+
+    def source_row_sql(self) -> str:
+        """The whole source row, as jsonb, of one batch key."""
+        return f"SELECT to_jsonb({qi(self.alias)}) FROM {self.src} WHERE {self._batch_tuple()} = {self._params(1)}"
+
+    def split_sql(self) -> str:
+        """Every ``$1``-th batch key: the boundaries of parts copied concurrently."""
+        conds, n = self._conditions(lower=False, upper=False)
+        return (f"SELECT k FROM (SELECT {self._key_text_array(self.alias)} AS k, "
+                f"row_number() OVER (ORDER BY {self._order}) AS rn FROM {self.src}{self._where(conds)}) s "
+                f"WHERE rn % $1 = 0 ORDER BY rn")
+
+    # cross-database: the source ships text, the target casts it from a staging table
+    def source_text_sql(self, *, lower: bool, upper: bool) -> str:
+        conds, _ = self._conditions(lower=lower, upper=upper)
+        cols = ", ".join(f"({c.pre_cast})::text AS {qi(c.target)}" for c in self.columns)
+        return (f"SELECT {self._key_text_array(self.alias)} AS __key, {cols} FROM {self.from_}"
+                f"{self._where(conds)} ORDER BY {self._order}")
+
+    def stage_table_sql(self, stage: str) -> str:
+        cols = ", ".join(f"{qi(c.target)} text" for c in self.columns)
+        return f"CREATE TEMP TABLE {qi(stage)} (__n integer, __key text[], {cols}) ON COMMIT DROP"
+
+    def stage_columns(self) -> list[str]:
+        return ["__n", "__key", *(c.target for c in self.columns)]
+
+    def stage_insert_sql(self, stage: str, *, sub: bool) -> str:
+        exprs = ", ".join(f"CAST(s.{qi(c.target)} AS {c.cast_type})" for c in self.columns)
+        where = " WHERE s.__n > $1 AND s.__n <= $2" if sub else ""
+        return f"{self._insert_head} SELECT {exprs} FROM {qi(stage)} AS s{where}{self._conflict}"
+
+    # -- validation -----------------------------------------------------------------------------
+    def count_sql(self) -> str:
+        return f"SELECT count(*) FROM {self.src}{self._where([f'({self.mapping.where})'] if self.mapping.where else [])}"
+
+    def count_joined_sql(self) -> str:
+        return f"SELECT count(*) FROM {self.from_}{self._where([f'({self.mapping.where})'] if self.mapping.where else [])}"
+
+    def target_count_sql(self) -> str:
+        return f"SELECT count(*) FROM {self.tgt}"
+
+    @property
+    def key_columns(self) -> tuple[CompiledColumn, ...]:
+        return tuple(next(c for c in self.columns if c.target == k) for k in self.key)
+
+    def expected_sql(self) -> str:
+        """Per source row: the expected target key and a hash of the expected target values."""
+        keys = ", ".join(f"{c.expr} AS {qi('k_' + c.target)}" for c in self.key_columns)
+        row = ", ".join(c.expr for c in self.columns)
+        where = self._where([f"({self.mapping.where})"] if self.mapping.where else [])
+        return f"SELECT {keys}, md5(ROW({row})::text) AS h FROM {self.from_}{where}"
+
+    def actual_sql(self) -> str:
+        keys = ", ".join(f"t.{qi(k)} AS {qi('k_' + k)}" for k in self.key)
+        row = ", ".join(f"t.{qi(c.target)}" for c in self.columns)
+        return f"SELECT {keys}, md5(ROW({row})::text) AS h FROM {self.tgt} AS t"
+
+    def diff_sql(self) -> str:
+        """Missing, extra and differing target keys: kind, key (text[]), total of that kind; ``$1`` = first N."""
+        on = " AND ".join(f"e.{qi('k_' + k)} = a.{qi('k_' + k)}" for k in self.key)
+        first = qi("k_" + self.key[0])
+        key = "ARRAY[" + ", ".join(f"COALESCE(e.{qi('k_' + k)}, a.{qi('k_' + k)})::text" for k in self.key) + "]"
+        return (f"WITH e AS ({self.expected_sql()}), a AS ({self.actual_sql()}), "
+                f"d AS (SELECT CASE WHEN a.{first} IS NULL THEN 'missing' WHEN e.{first} IS NULL THEN 'extra' "
+                f"ELSE 'differs' END AS kind, {key} AS key FROM e FULL JOIN a ON {on} WHERE e.h IS DISTINCT FROM a.h) "
+                f"SELECT kind, key, total FROM (SELECT kind, key, count(*) OVER (PARTITION BY kind) AS total, "
+                f"row_number() OVER (PARTITION BY kind ORDER BY key) AS rn FROM d) x WHERE rn <= $1 ORDER BY kind, key")
+
+    def _key_params(self, first: int = 1) -> str:
+        ps = [f"CAST(${first + i}::text AS {c.target_type})" for i, c in enumerate(self.key_columns)]
+        return f"({', '.join(ps)})" if len(ps) > 1 else ps[0]
+
+    def expected_row_sql(self) -> str:
+        """Expected target values (text) of one target key."""
+        vals = "ARRAY[" + ", ".join(f"({c.expr})::text" for c in self.columns) + "]"
+        keys = ", ".join(c.expr for c in self.key_columns)
+        keys = f"({keys})" if len(self.key) > 1 else keys
+        conds = [f"({self.mapping.where})"] if self.mapping.where else []
+        conds.append(f"{keys} = {self._key_params()}")
+        return f"SELECT {vals} FROM {self.from_}{self._where(conds)}"
+
+    def actual_row_sql(self) -> str:
+        vals = "ARRAY[" + ", ".join(f"t.{qi(c.target)}::text" for c in self.columns) + "]"
+        keys = qcols(self.key, "t")
+        keys = f"({keys})" if len(self.key) > 1 else keys
+        return f"SELECT {vals} FROM {self.tgt} AS t WHERE {keys} = {self._key_params()}"
+
+    def extra_rows_sql(self) -> str:
+        """Target rows whose key no source row produces (written by someone else), as jsonb."""
+        on = " AND ".join(f"e.{qi('k_' + k)} = t.{qi(k)}" for k in self.key)
+        return (f"SELECT to_jsonb(t) AS row FROM {self.tgt} AS t WHERE NOT EXISTS "
+                f"(SELECT 1 FROM ({self.expected_sql()}) e WHERE {on})")
+
+    def delete_extra_sql(self) -> str:
+        """Delete the target rows whose key no source row produces."""
+        on = " AND ".join(f"e.{qi('k_' + k)} = t.{qi(k)}" for k in self.key)
+        return f"DELETE FROM {self.tgt} AS t WHERE NOT EXISTS (SELECT 1 FROM ({self.expected_sql()}) e WHERE {on})"
+
+    # -- rollback ------------------------------------------------------------------------------
+    def expected_keys_sql(self, *, lower: bool) -> str:
+        """A page of source rows: the batch key and the target key each produces (text arrays)."""
+        conds, n = self._conditions(lower=lower, upper=False)
+        tk = "ARRAY[" + ", ".join(f"({c.expr})::text" for c in self.key_columns) + "]"
+        return (f"SELECT {self._key_text_array(self.alias)} AS bk, {tk} AS tk FROM {self.from_}"
+                f"{self._where(conds)} ORDER BY {self._order} LIMIT ${n}")
+
+    def delete_keys_sql(self) -> str:
+        """Delete the target rows whose keys are given as ``$1`` (text[][] flattened per key column)."""
+        cols = ", ".join(f"${i + 1}::text[]" for i in range(len(self.key)))
+        names = ", ".join(qi(f"k{i}") for i in range(len(self.key)))
+        on = " AND ".join(f"t.{qi(k)} = CAST(u.{qi(f'k{i}')} AS {c.target_type})"
+                          for i, (k, c) in enumerate(zip(self.key, self.key_columns)))
+        return f"DELETE FROM {self.tgt} AS t USING unnest({cols}) AS u({names}) WHERE {on}"
+
+
+def _literal_cast(value: object, type_: str) -> str:
+    return f"CAST({ql(value)} AS {type_})"
+
+
+def compile_table(
+    mapping: TableMapping,
+    source: Table,
+    target: Table,
+    lookup_tables: dict[QualifiedName, Table] | None = None,
+) -> CompiledTable:
+    """Compile one table mapping against the source and target catalogs.
+
+    Raises PreflightError for what makes SQL impossible to build (a column that does not exist,
+    no key to conflict on); everything else is the pre-flight's job.
+    """
+    where = f"{mapping.target} (mappings line {mapping.line})"
+    alias = mapping.source.name
+    lookup_aliases: dict[tuple[QualifiedName, tuple[str, ...], tuple[str, ...]], str] = {}
+    joins: list[str] = []
+    lookups: list[tuple[str, Lookup]] = []
+    columns: list[CompiledColumn] = []
+    for spec in mapping.columns:
+        tcol = target.column(spec.target)
+        if tcol is None:
+            raise PreflightError(f"{where}: target column {target.name}.{spec.target} does not exist",
+                                 hint=f"columns of {target.name}: {', '.join(c.name for c in target.columns)}")
+        if tcol.generated:
+            raise PreflightError(f"{where}: {target.name}.{spec.target} is a generated column and cannot be written")
+        if spec.kind == "column":
+            assert spec.column is not None
+            scol = source.column(spec.column)
+            if scol is None:
+                raise PreflightError(
+                    f"{where}: columns.{spec.target}: source column {source.name}.{spec.column} does not exist",
+                    hint=f"columns of {source.name}: {', '.join(c.name for c in source.columns)}")
+            base = f"{qi(alias)}.{qi(spec.column)}"
+            base_type: str | None = scol.type
+        elif spec.kind == "value":
+            base, base_type = ql(spec.value), None
+        elif spec.kind == "sql":
+            base, base_type = f"({spec.sql})", None
+        else:
+            lk = spec.lookup
+            assert lk is not None
+            for on in lk.on:
+                if source.column(on) is None:
+                    raise PreflightError(f"{where}: columns.{spec.target}: lookup.on column {source.name}.{on} does not exist")
+            sig = (lk.table, lk.on, lk.key)
+            la = lookup_aliases.get(sig)
+            if la is None:
+                la = lookup_aliases[sig] = f"lookup{len(lookup_aliases) + 1}"
+                cond = " AND ".join(f"{qi(la)}.{qi(k)} = {qi(alias)}.{qi(o)}" for o, k in zip(lk.on, lk.key))
+                joins.append(f"LEFT JOIN {qname(lk.table)} AS {qi(la)} ON {cond}")
+                lookups.append((la, lk))
+            base, base_type = f"{qi(la)}.{qi(lk.column)}", None
+        expr = base
+        if spec.map:
+            if spec.has_else:
+                whens = " ".join(f"WHEN ({base})::text = {ql(k)} THEN {ql(v)}" for k, v in spec.map)
+                expr = f"CASE WHEN ({base}) IS NULL THEN NULL {whens} ELSE {ql(spec.else_value)} END"
+            else:
+                whens = " ".join(f"WHEN {ql(k)} THEN {ql(v)}" for k, v in spec.map)
+                expr = f"CASE ({base})::text {whens} ELSE ({base})::text END"
+            base_type = None
+        before_default = expr
+        if spec.has_default:
+            expr = f"COALESCE({expr}, {ql(spec.default)})"
+        cast_type = spec.cast or tcol.type
+        pre_cast = expr
+        if spec.cast or base_type != tcol.type:
+            expr = f"CAST({expr} AS {cast_type})"
+        columns.append(CompiledColumn(spec.target, tcol.type, expr, pre_cast, cast_type, base, before_default, spec))
+
+    key = mapping.key or target.primary_key
+    if not key:
+        raise PreflightError(f"{where}: {target.name} has no primary key; give `key:` (columns of a unique constraint)")
+    written = {c.target for c in columns}
+    for k in key:
+        if k not in written:
+            raise PreflightError(
+                f"{where}: key column {target.name}.{k} gets no value from the mapping",
+                detail="without it a re-run cannot recognise rows it already copied",
+                hint=f"map {k} from the source, or name another unique key with `key:`")
+    if mapping.batch_by:
+        batch_by = mapping.batch_by
+    elif source.primary_key:
+        batch_by = source.primary_key
+    else:
+        feeders = [mapping.column(k) for k in key]
+        if not all(f is not None and f.kind == "column" and f.column for f in feeders):
+            raise PreflightError(f"{where}: {source.name} has no primary key; give `batch_by:` (unique source columns)")
+        batch_by = tuple(f.column for f in feeders if f is not None and f.column)
+    batch_types = []
+    for b in batch_by:
+        scol = source.column(b)
+        if scol is None:
+            raise PreflightError(f"{where}: batch_by column {source.name}.{b} does not exist")
+        batch_types.append(scol.type)
+    overriding = any(target.column(c.target).identity == "a" for c in columns)  # type: ignore[union-attr]
+    return CompiledTable(
+        mapping=mapping,
+        source=source.qualified,
+        target=target.qualified,
+        alias=alias,
+        columns=tuple(columns),
+        joins=tuple(joins),
+        batch_by=tuple(batch_by),
+        batch_types=tuple(batch_types),
+        key=tuple(key),
+        key_types=tuple(target.column(k).type for k in key),  # type: ignore[union-attr]
+        overriding=overriding,
+        lookups=tuple(lookups),
+    )
+
+
+def coverage_sql(ct: CompiledTable) -> tuple[str, list[str]] | None:
+    """One scan counting, per column, rows where a default applies and rows whose lookup finds nothing."""
+    items: list[tuple[str, str]] = []
+    for c in ct.columns:
+        spec = c.spec
+        if spec.has_default:
+            items.append((f"default:{c.target}", f"({c.before_default}) IS NULL"))
+    for la, lk in ct.lookups:
+        ons = " AND ".join(f"{qi(ct.alias)}.{qi(o)} IS NOT NULL" for o in lk.on)
+        items.append((f"lookup:{lk.table}", f"{ons} AND {qi(la)}.{qi(lk.key[0])} IS NULL"))
+    if not items:
+        return None
+    sel = ", ".join(f"count(*) FILTER (WHERE {cond})" for _, cond in items)
+    where = f" WHERE ({ct.mapping.where})" if ct.mapping.where else ""
+    return f"SELECT {sel} FROM {ct.from_}{where}", [label for label, _ in items]
+
+
+def unmapped_values_sql(ct: CompiledTable, column: CompiledColumn) -> str:
+    """Distinct non-NULL values of a ``map`` column that the map does not cover, with their counts."""
+    keys = ", ".join(ql(k) for k, _ in column.spec.map)
+    conds = [f"({ct.mapping.where})"] if ct.mapping.where else []
+    conds += [f"({column.base}) IS NOT NULL", f"({column.base})::text NOT IN ({keys})"]
+    return (f"SELECT ({column.base})::text AS value, count(*) AS n FROM {ct.from_} WHERE {' AND '.join(conds)} "
+            f"GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 20")
+
+
+def preview_sql(ct: CompiledTable, limit: int = 5) -> str:
+    cols = ", ".join(f"{c.expr} AS {qi(c.target)}" for c in ct.columns)
+    where = f" WHERE ({ct.mapping.where})" if ct.mapping.where else ""
+    return f"SELECT {cols} FROM {ct.from_}{where} ORDER BY {qcols(ct.batch_by, ct.alias)} LIMIT {int(limit)}"
+
+
+def orphans_sql(table: QualifiedName, fk: ForeignKey) -> str:
+    """Count rows of ``table`` whose foreign key ``fk`` points at no parent row."""
+    notnull = " AND ".join(f"c.{qi(col)} IS NOT NULL" for col in fk.columns)
+    match = " AND ".join(f"p.{qi(r)} = c.{qi(col)}" for col, r in zip(fk.columns, fk.ref_columns))
+    return (f"SELECT count(*) FROM {qname(table)} AS c WHERE {notnull} "
+            f"AND NOT EXISTS (SELECT 1 FROM {qname(fk.ref_table)} AS p WHERE {match})")

@@ -1,0 +1,438 @@
+"""Move the rows of one phase: keyset batches, one transaction each with its checkpoint.
+
+A batch is a key range ``(last, hi]`` of the source's ``batch_by`` columns.  In one database it is a
+single ``INSERT … SELECT … ON CONFLICT``; across databases the source ships the transformed values as
+text, binary-COPYed into a temporary table that the same ``INSERT … ON CONFLICT`` reads.  Either way
+the checkpoint row is updated in the batch's own transaction, so a kill -9 at any instant loses or
+doubles nothing.  A batch that fails for a data reason is bisected until the bad rows are isolated;
+they go to ``migrate_data.rejects`` and the rest is copied.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from . import ledger
+from .catalog import Table, sequences
+from .compile import CompiledTable, orphans_sql
+from .db import fetch_val, is_data_error, is_transient_error, rowcount
+from .errors import MigrationError, Stopped
+from .sql import qi, qname
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CopyOptions:
+    batch_size: int = 5000
+    jobs: int = 2
+    recheck: bool = False
+    max_rejects: int | None = None
+    deadline: dt.datetime | None = None
+    split_rows: int = 200_000  # a table with more source rows is copied in `jobs` concurrent key ranges
+    retries: int = 3
+
+
+@dataclass(frozen=True)
+class CopyEvent:
+    """What a progress display needs; sent after every batch and at each table's start and end."""
+
+    kind: str  # "start" | "batch" | "done" | "skip"
+    target: str
+    rows: int  # rows read so far, this table
+    total: int  # source rows expected, this table
+    written: int = 0
+    rejected: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class TableResult:
+    source: str
+    target: str
+    rows_read: int
+    rows_written: int
+    rejected: int
+    seconds: float
+    skipped: bool = False
+
+
+@dataclass
+class _Unit:
+    ct: CompiledTable
+    target_table: Table
+    cyclic: bool
+    depends: set[str] = field(default_factory=set)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    total: int = 0
+    rows: int = 0
+    written: int = 0
+    rejected: int = 0
+    seconds: float = 0.0
+    skipped: bool = False
+
+
+class Copier:
+    """Copy the compiled tables of one phase; ``run()`` returns a TableResult per table."""
+
+    def __init__(
+        self,
+        *,
+        phase: str,
+        tables: list[tuple[CompiledTable, Table]],
+        target_pool: asyncpg.Pool,
+        source_pool: asyncpg.Pool,
+        run_id: int | None = None,
+        options: CopyOptions = CopyOptions(),
+        stop: asyncio.Event | None = None,
+        on_event: Callable[[CopyEvent], None] | None = None,
+    ) -> None:
+        self.phase = phase
+        self.target_pool = target_pool
+        self.source_pool = source_pool
+        self.same_db = source_pool is target_pool
+        self.run_id = run_id
+        self.options = options
+        self.stop = stop or asyncio.Event()
+        self.on_event = on_event or (lambda e: None)
+        self.sem = asyncio.Semaphore(max(1, options.jobs))
+        self._halt = asyncio.Event()  # set when any worker stops or fails: the others finish their batch
+        self._stopped_reason: str | None = None
+        names = {str(ct.target) for ct, _ in tables}
+        groups = fk_cycles(tables)
+        self.units: dict[str, _Unit] = {}
+        for ct, tt in tables:
+            name = str(ct.target)
+            group = next((g for g in groups if name in g), {name})
+            deps = {str(fk.ref_table) for fk in tt.foreign_keys} & names
+            self.units[name] = _Unit(ct, tt, cyclic=len(group) > 1, depends=deps - group)
+
+    # -- scheduling ----------------------------------------------------------------------------
+    async def run(self) -> list[TableResult]:
+        await self._check_cycles_allowed()
+        tasks = [asyncio.create_task(self._table(u), name=n) for n, u in self.units.items()]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        failures = [e for e in errors if not isinstance(e, (Stopped, asyncio.CancelledError))]
+        if failures:
+            raise failures[0]
+        if errors:
+            raise Stopped(f"stopped cleanly at a checkpoint: {self._stopped_reason or 'interrupted'}")
+        await self._check_cycle_orphans()
+        return [
+            TableResult(str(u.ct.source), n, u.rows, u.written, u.rejected, u.seconds, u.skipped)
+            for n, u in self.units.items()
+        ]
+
+    def _should_stop(self, estimate: float) -> str | None:
+        if self.stop.is_set():
+            return "interrupted by a signal"
+        if self._halt.is_set():
+            return self._stopped_reason or "another table stopped"
+        d = self.options.deadline
+        if d is not None and dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=estimate) > d:
+            return f"the window closes at {d.isoformat(timespec='minutes')} (--until) before the next batch could finish"
+        return None
+
+    async def _table(self, u: _Unit) -> None:
+        name = str(u.ct.target)
+        try:
+            for dep in u.depends:
+                await self.units[dep].done.wait()
+            if self._halt.is_set() or self.stop.is_set():
+                raise Stopped(self._stopped_reason or "stopped")
+            parts = await self._parts(u)
+            if all(p["done"] for p in parts) and not self.options.recheck:
+                u.skipped = True
+                u.rows = sum(p["rows_read"] for p in parts)
+                u.written = sum(p["rows_written"] for p in parts)
+                u.rejected = sum(p["rejected"] for p in parts)
+                self.on_event(CopyEvent("skip", name, u.rows, u.rows, u.written, u.rejected))
+                log.info("%s: already copied, skipped (use --recheck for a full idempotent pass)", name)
+                return
+            u.rows = sum(p["rows_read"] for p in parts)
+            self.on_event(CopyEvent("start", name, u.rows, u.total))
+            started = time.monotonic()
+            await asyncio.gather(*(self._part(u, p) for p in parts if not p["done"]))
+            u.seconds += time.monotonic() - started
+            await self._fix_sequences(u)
+            final = await ledger.checkpoints(self.target_pool, self.phase, name)
+            u.rows = sum(p["rows_read"] for p in final)
+            u.written = sum(p["rows_written"] for p in final)
+            u.rejected = sum(p["rejected"] for p in final)
+            self.on_event(CopyEvent("done", name, u.rows, u.total, u.written, u.rejected, u.seconds))
+        except BaseException as e:
+            if not isinstance(e, Stopped) and self._stopped_reason is None:
+                self._stopped_reason = f"{name} failed"
+            self._halt.set()
+            raise
+        finally:
+            u.done.set()
+
+    async def _parts(self, u: _Unit) -> list[asyncpg.Record]:
+        """The table's key ranges: created on the first run, reused by every later one."""
+        name = str(u.ct.target)
+        u.total = await fetch_val(self.source_pool, u.ct.count_sql())
+        parts = await ledger.checkpoints(self.target_pool, self.phase, name)
+        if parts and self.options.recheck:
+            await self.target_pool.execute(
+                f"UPDATE {ledger.SCHEMA}.checkpoints SET done = false, last_key = NULL, rows_read = 0, "
+                f"rows_written = 0, rejected = 0, seconds = 0 WHERE phase = $1 AND target = $2", self.phase, name)
+            parts = await ledger.checkpoints(self.target_pool, self.phase, name)
+        if parts:
+            return parts
+        bounds: list[list[str] | None] = [None]
+        n = min(self.options.jobs, math.ceil(u.total / max(self.options.batch_size, 1)))
+        if n > 1 and u.total >= self.options.split_rows:
+            step = math.ceil(u.total / n)
+            keys = [r["k"] for r in await self.source_pool.fetch(u.ct.split_sql(), step)]
+            bounds += keys[: n - 1]
+        rows = [(i, bounds[i], bounds[i + 1] if i + 1 < len(bounds) else None) for i in range(len(bounds))]
+        async with self.target_pool.acquire() as conn, conn.transaction():
+            await conn.executemany(
+                f"INSERT INTO {ledger.SCHEMA}.checkpoints (phase, target, part, lo, hi) VALUES ($1, $2, $3, $4, $5) "
+                f"ON CONFLICT DO NOTHING", [(self.phase, name, i, lo, hi) for i, lo, hi in rows])
+        return await ledger.checkpoints(self.target_pool, self.phase, name)
+
+    # -- one key range ---------------------------------------------------------------------------
+    async def _part(self, u: _Unit, part: asyncpg.Record) -> None:
+        name = str(u.ct.target)
+        last: list[str] | None = part["last_key"] or part["lo"]
+        hi: list[str] | None = part["hi"]
+        estimate = 0.0
+        while True:
+            reason = self._should_stop(estimate)
+            if reason:
+                self._stopped_reason = self._stopped_reason or reason
+                self._halt.set()
+                raise Stopped(reason)
+            async with self.sem:
+                started = time.monotonic()
+                n, new_last, written, rejected = await self._batch_with_retries(u, part["part"], last, hi)
+                took = time.monotonic() - started
+            estimate = took if estimate == 0 else 0.7 * estimate + 0.3 * took
+            u.rows += n
+            u.written += written
+            u.rejected += rejected
+            log.info("%s part %d: %d rows read, %d written, %d rejected in %.2fs (last key %s)",
+                     name, part["part"], n, written, rejected, took, new_last)
+            self.on_event(CopyEvent("batch", name, u.rows, u.total, u.written, u.rejected, took))
+            await self._check_max_rejects()
+            if n < self.options.batch_size:
+                return
+            last = new_last
+
+    async def _batch_with_retries(self, u: _Unit, part: int, last: list[str] | None,
+                                  hi: list[str] | None) -> tuple[int, list[str] | None, int, int]:
+        for attempt in range(self.options.retries + 1):
+            try:
+                return await self._batch(u, part, last, hi)
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
+                if is_transient_error(e) and attempt < self.options.retries:
+                    wait = 2 ** attempt
+                    log.warning("%s: %s; retrying the batch in %ds", u.ct.target, e, wait)
+                    await asyncio.sleep(wait)
+                    continue
+                raise MigrationError(
+                    f"copy of {u.ct.target} stopped after key {last}: {e}",
+                    detail=getattr(e, "detail", None) or f"SQLSTATE {getattr(e, 'sqlstate', None) or '-'}",
+                    hint="nothing after the last checkpoint was kept; fix the cause and run the same command again",
+                ) from e
+        raise AssertionError("unreachable")
+
+    async def _batch(self, u: _Unit, part: int, last: list[str] | None,
+                     hi: list[str] | None) -> tuple[int, list[str] | None, int, int]:
+        ct = u.ct
+        lower, upper = last is not None, hi is not None
+        bound_args = [*(last or []), *(hi or []), self.options.batch_size]
+        bound = await self.source_pool.fetchrow(ct.bound_sql(lower=lower, upper=upper), *bound_args)
+        n, new_last = bound["n"], bound["last"]
+        if n == 0:
+            await self._checkpoint(self.target_pool, u, part, last, 0, 0, 0, done=True)
+            return 0, last, 0, 0
+        rng = [*(last or []), *new_last]
+        rows = None
+        if not self.same_db:
+            rows = await self.source_pool.fetch(ct.source_text_sql(lower=lower, upper=True), *rng)
+        async with self.target_pool.acquire() as conn, conn.transaction():
+            if u.cyclic:
+                await conn.execute("SET LOCAL session_replication_role = replica")
+            if self.same_db:
+                written, rejected = await self._insert_same_db(conn, u, last, new_last, rng)
+            else:
+                written, rejected = await self._insert_staged(conn, u, rows or [])
+            await self._checkpoint(conn, u, part, new_last, n, written, rejected, done=n < self.options.batch_size)
+        return n, new_last, written, rejected
+
+    async def _insert_same_db(self, conn: asyncpg.Connection, u: _Unit, last: list[str] | None,
+                              new_last: list[str], rng: list[str]) -> tuple[int, int]:
+        ct = u.ct
+        lower = last is not None
+        try:
+            async with conn.transaction():
+                return rowcount(await conn.execute(ct.insert_sql(lower=lower, upper=True), *rng)), 0
+        except asyncpg.PostgresError as e:
+            if not is_data_error(e):
+                raise
+        keys = [r["k"] for r in await conn.fetch(ct.keys_sql(lower=lower, upper=True), *rng)]
+        sql = ct.insert_sql(lower=True, upper=True)
+        sql_first = ct.insert_sql(lower=lower, upper=True)
+
+        async def insert(i: int, j: int) -> int:
+            if i == 0:
+                return rowcount(await conn.execute(sql_first, *(last or []), *keys[j - 1]))
+            return rowcount(await conn.execute(sql, *keys[i - 1], *keys[j - 1]))
+
+        async def source_row(i: int) -> str | None:
+            return await conn.fetchval(ct.source_row_sql(), *keys[i])
+
+        return await self._bisect(conn, u, len(keys), insert, lambda i: keys[i], source_row)
+
+    async def _insert_staged(self, conn: asyncpg.Connection, u: _Unit, rows: list[asyncpg.Record]) -> tuple[int, int]:
+        ct = u.ct
+        stage = f"migrate_data_stage_{abs(hash(str(ct.target))) % 10**8}"
+        await conn.execute(ct.stage_table_sql(stage))
+        records = [(i + 1, *tuple(r)) for i, r in enumerate(rows)]
+        await conn.copy_records_to_table(stage, records=records, columns=ct.stage_columns())
+        try:
+            async with conn.transaction():
+                return rowcount(await conn.execute(ct.stage_insert_sql(stage, sub=False))), 0
+        except asyncpg.PostgresError as e:
+            if not is_data_error(e):
+                raise
+        sub = ct.stage_insert_sql(stage, sub=True)
+
+        async def insert(i: int, j: int) -> int:
+            return rowcount(await conn.execute(sub, i, j))
+
+        async def source_row(i: int) -> str | None:
+            return await self.source_pool.fetchval(ct.source_row_sql(), *rows[i]["__key"])
+
+        return await self._bisect(conn, u, len(rows), insert, lambda i: list(rows[i]["__key"]), source_row)
+
+    async def _bisect(self, conn: asyncpg.Connection, u: _Unit, count: int, insert: Callable, key_of: Callable,
+                      source_row: Callable) -> tuple[int, int]:
+        """Insert rows [0, count) by halves, each in a savepoint; single failing rows become rejects."""
+        written = rejected = 0
+        stack = [(0, count)]
+        while stack:
+            i, j = stack.pop()
+            try:
+                async with conn.transaction():
+                    written += await insert(i, j)
+            except asyncpg.PostgresError as e:
+                if not is_data_error(e):
+                    raise
+                if j - i > 1:
+                    mid = (i + j) // 2
+                    stack += [(mid, j), (i, mid)]
+                    continue
+                rejected += 1
+                await conn.execute(
+                    f"""INSERT INTO {ledger.SCHEMA}.rejects (phase, target, source, source_key, sqlstate, message, detail, row, run_id)
+                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9)
+                        ON CONFLICT (phase, target, source_key) DO UPDATE SET sqlstate = EXCLUDED.sqlstate,
+                            message = EXCLUDED.message, detail = EXCLUDED.detail, row = EXCLUDED.row,
+                            run_id = EXCLUDED.run_id, created_at = clock_timestamp()""",
+                    self.phase, str(u.ct.target), str(u.ct.source), key_of(i), e.sqlstate, str(e),
+                    getattr(e, "detail", None), await source_row(i), self.run_id)
+                log.debug("%s: row %s rejected: %s %s", u.ct.target, key_of(i), e.sqlstate, e)
+        return written, rejected
+
+    async def _checkpoint(self, db: asyncpg.Pool | asyncpg.Connection, u: _Unit, part: int, last: list[str] | None,
+                          n: int, written: int, rejected: int, *, done: bool) -> None:
+        await db.execute(
+            f"""UPDATE {ledger.SCHEMA}.checkpoints SET last_key = $4, rows_read = rows_read + $5,
+                    rows_written = rows_written + $6, rejected = rejected + $7, done = $8, updated_at = clock_timestamp()
+                WHERE phase = $1 AND target = $2 AND part = $3""",
+            self.phase, str(u.ct.target), part, last, n, written, rejected, done)
+
+    async def _check_max_rejects(self) -> None:
+        if self.options.max_rejects is None:
+            return
+        total = sum((await ledger.reject_counts(self.target_pool, self.phase)).values())
+        if total > self.options.max_rejects:
+            self._stopped_reason = "too many rejects"
+            self._halt.set()
+            raise MigrationError(
+                f"{total} rows rejected in phase {self.phase}, more than --max-rejects {self.options.max_rejects}",
+                hint="read them with `migrate-data validate` or in migrate_data.rejects; fix the data or the mapping "
+                     "and run again (copied rows are kept and not copied twice)")
+
+    # -- after the copy ----------------------------------------------------------------------------
+    async def _fix_sequences(self, u: _Unit) -> None:
+        """Move serial and identity sequences of the target past the highest copied value."""
+        for column, seq in await sequences(self.target_pool, u.target_table):
+            await self.target_pool.execute(
+                f"SELECT setval($1::regclass, m) FROM (SELECT max({qi(column)}) AS m FROM {qname(u.ct.target)}) x "
+                f"WHERE m > COALESCE(pg_sequence_last_value($1::regclass), 0)", seq)
+
+    async def _check_cycles_allowed(self) -> None:
+        if not any(u.cyclic for u in self.units.values()):
+            return
+        async with self.target_pool.acquire() as conn, conn.transaction():
+            try:
+                await conn.execute("SET LOCAL session_replication_role = replica")
+            except asyncpg.InsufficientPrivilegeError as e:
+                cyc = ", ".join(n for n, u in self.units.items() if u.cyclic)
+                raise MigrationError(
+                    f"the target tables {cyc} reference each other in a cycle, and this role may not defer their "
+                    "foreign keys (session_replication_role needs superuser)",
+                    hint="run this phase as a superuser, or drop one foreign key of the cycle in the phase's revision "
+                         "and add it back (NOT VALID + VALIDATE) in a later one") from e
+
+    async def _check_cycle_orphans(self) -> None:
+        for name, u in self.units.items():
+            if not u.cyclic:
+                continue
+            for fk in u.target_table.foreign_keys:
+                n = await fetch_val(self.target_pool, orphans_sql(u.ct.target, fk))
+                if n:
+                    raise MigrationError(
+                        f"{name}: {n} rows violate foreign key {fk.name} after the cyclic copy",
+                        hint="the rows were copied with the foreign keys deferred; fix the mapping so every "
+                             "reference has its parent, then run again")
+
+
+def fk_cycles(tables: list[tuple[CompiledTable, Table]]) -> list[set[str]]:
+    """Strongly connected groups (size > 1, or a self-reference) among the phase's target tables."""
+    names = {str(ct.target) for ct, _ in tables}
+    edges = {str(ct.target): {str(fk.ref_table) for fk in t.foreign_keys} & names for ct, t in tables}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[set[str]] = []
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges[v]:
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.add(w)
+                if w == v:
+                    break
+            if len(group) > 1 or v in edges[v]:
+                out.append(group)
+
+    for v in sorted(edges):
+        if v not in index:
+            strong(v)
+    return out

@@ -1,0 +1,135 @@
+"""The only place that creates asyncpg pools, plus small query helpers.
+
+Every connection is acquired with ``async with`` and every transaction is a
+``conn.transaction()`` block, so no path returns a connection to the pool inside an
+open transaction (the failure in ``shared/seeds/connection-leak-deploy-guide.md``).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Union
+
+import asyncpg
+
+from .errors import MigrationError
+from .settings import APPLICATION_NAME, asyncpg_dsn, redact, redact_text
+
+log = logging.getLogger(__name__)
+
+Executor = Union[asyncpg.Pool, asyncpg.Connection]
+
+
+@asynccontextmanager
+async def open_pool(
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 4,
+    statement_timeout: str | None = None,
+    lock_timeout: str | None = None,
+) -> AsyncIterator[asyncpg.Pool]:
+    """Open one pool for one database and close it on every path."""
+    server_settings = {"application_name": APPLICATION_NAME}
+    if statement_timeout:
+        server_settings["statement_timeout"] = statement_timeout
+    if lock_timeout:
+        server_settings["lock_timeout"] = lock_timeout
+    try:
+        pool = await asyncpg.create_pool(
+            asyncpg_dsn(url),
+            min_size=min(min_size, max_size),
+            max_size=max_size,
+            server_settings=server_settings,
+            command_timeout=None,
+        )
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as e:
+        raise MigrationError(
+            f"cannot connect to {redact(url)}",
+            detail=redact_text(str(e), url),
+            hint="check DATABASE_URL / --database-url and that the server is running",
+        ) from e
+    log.debug("pool opened on %s (max %d)", redact(url), max_size)
+    try:
+        yield pool
+    finally:
+        try:
+            await asyncio.wait_for(pool.close(), timeout=30)
+        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - closing must not mask the real error
+            pool.terminate()
+        log.debug("pool closed on %s", redact(url))
+
+
+async def fetch_one(db: Executor, sql: str, *args: Any) -> asyncpg.Record | None:
+    """Return the first row of ``sql`` or None."""
+    return await db.fetchrow(sql, *args)
+
+
+async def fetch_all(db: Executor, sql: str, *args: Any) -> list[asyncpg.Record]:
+    """Return every row of ``sql``."""
+    return await db.fetch(sql, *args)
+
+
+async def fetch_val(db: Executor, sql: str, *args: Any) -> Any:
+    """Return the first column of the first row of ``sql``."""
+    return await db.fetchval(sql, *args)
+
+
+async def execute(db: Executor, sql: str, *args: Any) -> str:
+    """Run a statement and return its status tag (``INSERT 0 5``)."""
+    return await db.execute(sql, *args)
+
+
+async def execute_returning(db: Executor, sql: str, *args: Any) -> asyncpg.Record | None:
+    """Run a statement with RETURNING and return the first returned row."""
+    return await db.fetchrow(sql, *args)
+
+
+async def execute_script(db: Executor, statements: Sequence[str]) -> None:
+    """Run several statements in one transaction."""
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn:
+            await execute_script(conn, statements)
+        return
+    async with db.transaction():
+        for sql in statements:
+            await db.execute(sql)
+
+
+def rowcount(status: str) -> int:
+    """Return the row count of a status tag such as ``INSERT 0 42`` or ``DELETE 3``."""
+    try:
+        return int(status.rsplit(" ", 1)[-1])
+    except ValueError:
+        return 0
+
+
+def is_data_error(e: BaseException) -> bool:
+    """True for errors caused by a row's values (SQLSTATE classes 22 and 23)."""
+    state = getattr(e, "sqlstate", None) or ""
+    return state[:2] in ("22", "23")
+
+
+def is_transient_error(e: BaseException) -> bool:
+    """True for errors worth a retry: lost connections, lock timeouts, serialization, deadlocks."""
+    if isinstance(e, (OSError, asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.exceptions.InterfaceError)):
+        return True
+    state = getattr(e, "sqlstate", None) or ""
+    return state in ("55P03", "40001", "40P01", "57P01", "57P02", "57P03") or state[:2] == "08"
+
+
+@asynccontextmanager
+async def rolled_back(db: Executor) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction (a savepoint when nested) that is always rolled back: for checks and previews."""
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn, rolled_back(conn) as inner:
+            yield inner
+        return
+    tr = db.transaction()
+    await tr.start()
+    try:
+        yield db
+    finally:
+        await tr.rollback()

@@ -1,0 +1,363 @@
+"""Phase files (``mappings/<phase>.yaml``) -> frozen dataclasses, with ``file:line path`` errors.
+
+No database access here: the loader only checks what can be checked from the file itself; the
+pre-flight (``preflight.py``) checks the mapping against the live catalogs.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from .errors import MappingError
+
+PHASE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+CAST_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .,()\[\]\"]*$")
+MAX_IDENTIFIER = 63
+
+
+@dataclass(frozen=True)
+class QualifiedName:
+    """A ``[schema.]name`` as written in the mapping; ``schema`` None means the search_path."""
+
+    name: str
+    schema: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> QualifiedName:
+        if "." in text:
+            schema, name = text.split(".", 1)
+            return cls(name=name, schema=schema)
+        return cls(name=text)
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}" if self.schema else self.name
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """``LEFT JOIN table ON table.key = source.on`` and take ``table.column``."""
+
+    table: QualifiedName
+    on: tuple[str, ...]
+    key: tuple[str, ...]
+    column: str
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """What goes into one target column: a base (column, value, lookup or sql) and its modifiers."""
+
+    target: str
+    kind: str  # "column" | "value" | "lookup" | "sql"
+    line: int
+    column: str | None = None
+    value: Any = None
+    lookup: Lookup | None = None
+    sql: str | None = None
+    map: tuple[tuple[str, Any], ...] = ()
+    has_else: bool = False
+    else_value: Any = None
+    has_default: bool = False
+    default: Any = None
+    cast: str | None = None
+
+    @property
+    def is_plain_column(self) -> bool:
+        return self.kind == "column" and not (self.map or self.has_else or self.has_default or self.cast)
+
+
+@dataclass(frozen=True)
+class TableMapping:
+    """One source table copied into one target table."""
+
+    source: QualifiedName
+    target: QualifiedName
+    columns: tuple[ColumnSpec, ...]
+    line: int
+    where: str | None = None
+    key: tuple[str, ...] | None = None
+    batch_by: tuple[str, ...] | None = None
+    on_conflict: str = "nothing"
+
+    def column(self, target: str) -> ColumnSpec | None:
+        return next((c for c in self.columns if c.target == target), None)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One night's work: its schema revision, the tables it copies, what it needs first."""
+
+    name: str
+    path: Path
+    description: str = ""
+    requires: tuple[str, ...] = ()
+    revision: str | None = None
+    backup: tuple[QualifiedName, ...] = ()
+    tables: tuple[TableMapping, ...] = field(default_factory=tuple)
+
+    def table(self, target: str) -> TableMapping | None:
+        return next((t for t in self.tables if str(t.target) == target or t.target.name == target), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Node walking with positions
+
+class _Ctx:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.constructor = yaml.constructor.SafeConstructor()
+
+    def display(self) -> str:
+        try:
+            rel = os.path.relpath(self.path)
+            return rel if not rel.startswith("..") else str(self.path)
+        except ValueError:
+            return str(self.path)
+
+    def error(self, node: Node | None, where: str, message: str) -> MappingError:
+        line = node.start_mark.line + 1 if node is not None else 1
+        prefix = f"{self.display()}:{line}"
+        return MappingError(f"{prefix} {where}: {message}" if where else f"{prefix}: {message}")
+
+    def value(self, node: Node) -> Any:
+        value = self.constructor.construct_object(node, deep=True)
+        return value
+
+    def mapping(self, node: Node, where: str, allowed: tuple[str, ...]) -> dict[str, tuple[Node, Node]]:
+        if not isinstance(node, MappingNode):
+            raise self.error(node, where, f"expected a mapping with keys {', '.join(allowed)}")
+        out: dict[str, tuple[Node, Node]] = {}
+        for k, v in node.value:
+            if not isinstance(k, ScalarNode):
+                raise self.error(k, where, "keys must be plain names")
+            name = k.value
+            if name in out:
+                raise self.error(k, f"{where}.{name}" if where else name, "given twice")
+            if allowed and name not in allowed:
+                raise self.error(k, where or name, f"unknown key {name!r} (expected one of: {', '.join(allowed)})")
+            out[name] = (k, v)
+        return out
+
+    def string(self, node: Node, where: str, *, identifier: bool = False) -> str:
+        if not isinstance(node, ScalarNode) or node.tag == "tag:yaml.org,2002:null":
+            raise self.error(node, where, "expected a string")
+        text = str(node.value) if identifier else str(self.value(node))
+        if not text.strip():
+            raise self.error(node, where, "must not be empty")
+        if identifier:
+            for part in text.split("."):
+                if len(part) > MAX_IDENTIFIER:
+                    raise self.error(node, where, f"identifier {part!r} is longer than {MAX_IDENTIFIER} characters")
+        return text
+
+    def names(self, node: Node, where: str) -> tuple[str, ...]:
+        if isinstance(node, ScalarNode):
+            return (self.string(node, where, identifier=True),)
+        if isinstance(node, SequenceNode) and node.value:
+            out = tuple(self.string(n, f"{where}[{i}]", identifier=True) for i, n in enumerate(node.value))
+            if len(set(out)) != len(out):
+                raise self.error(node, where, "a name is listed twice")
+            return out
+        raise self.error(node, where, "expected a name or a non-empty list of names")
+
+
+def text_form(value: Any) -> str | None:
+    """Return the text PostgreSQL would show for a YAML scalar (None for null)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (dt.date, dt.datetime)):
+        return value.isoformat()
+    return str(value)
+
+
+BASES = ("column", "value", "lookup", "sql")
+MODIFIERS = ("map", "else", "default", "cast")
+
+
+def _column(ctx: _Ctx, target: str, node: Node, where: str) -> ColumnSpec:
+    line = node.start_mark.line + 1
+    if isinstance(node, ScalarNode):
+        return ColumnSpec(target=target, kind="column", column=ctx.string(node, where, identifier=True), line=line)
+    keys = ctx.mapping(node, where, BASES + MODIFIERS)
+    bases = [b for b in BASES if b in keys]
+    if len(bases) != 1:
+        raise ctx.error(node, where, f"give exactly one of {', '.join(BASES)} (got {', '.join(bases) or 'none'})")
+    kind = bases[0]
+    vnode = keys[kind][1]
+    spec: dict[str, Any] = {"target": target, "kind": kind, "line": line}
+    if kind == "column":
+        spec["column"] = ctx.string(vnode, f"{where}.column", identifier=True)
+    elif kind == "value":
+        if not isinstance(vnode, ScalarNode):
+            spec["value"] = ctx.value(vnode)  # a list or mapping becomes JSON text
+        else:
+            spec["value"] = ctx.value(vnode)
+    elif kind == "sql":
+        spec["sql"] = ctx.string(vnode, f"{where}.sql")
+    else:
+        lk = ctx.mapping(vnode, f"{where}.lookup", ("table", "on", "key", "column"))
+        for required in ("table", "on", "key", "column"):
+            if required not in lk:
+                raise ctx.error(vnode, f"{where}.lookup", f"missing {required!r} (a lookup needs table, on, key and column)")
+        on = ctx.names(lk["on"][1], f"{where}.lookup.on")
+        key = ctx.names(lk["key"][1], f"{where}.lookup.key")
+        if len(on) != len(key):
+            raise ctx.error(vnode, f"{where}.lookup", f"'on' has {len(on)} columns but 'key' has {len(key)}")
+        spec["lookup"] = Lookup(
+            table=QualifiedName.parse(ctx.string(lk["table"][1], f"{where}.lookup.table", identifier=True)),
+            on=on, key=key,
+            column=ctx.string(lk["column"][1], f"{where}.lookup.column", identifier=True),
+        )
+    if "map" in keys:
+        mnode = keys["map"][1]
+        if not isinstance(mnode, MappingNode) or not mnode.value:
+            raise ctx.error(mnode, f"{where}.map", "expected a non-empty mapping of old value: new value")
+        pairs: list[tuple[str, Any]] = []
+        seen: set[str] = set()
+        for k, v in mnode.value:
+            if not isinstance(k, ScalarNode) or not isinstance(v, ScalarNode):
+                raise ctx.error(k, f"{where}.map", "keys and values must be scalars")
+            if k.value in seen:
+                raise ctx.error(k, f"{where}.map.{k.value}", "given twice")
+            seen.add(k.value)
+            pairs.append((k.value, text_form(ctx.value(v))))
+        spec["map"] = tuple(pairs)
+    if "else" in keys:
+        spec["has_else"], spec["else_value"] = True, ctx.value(keys["else"][1])
+        if "map" not in keys:
+            raise ctx.error(keys["else"][0], f"{where}.else", "'else' only makes sense with 'map'")
+    if "default" in keys:
+        spec["has_default"], spec["default"] = True, ctx.value(keys["default"][1])
+    if "cast" in keys:
+        cast = ctx.string(keys["cast"][1], f"{where}.cast")
+        if not CAST_TYPE.match(cast):
+            raise ctx.error(keys["cast"][1], f"{where}.cast", f"{cast!r} is not a type name")
+        spec["cast"] = cast
+    return ColumnSpec(**spec)
+
+
+def _table(ctx: _Ctx, node: Node, where: str) -> TableMapping:
+    keys = ctx.mapping(node, where, ("source", "target", "where", "key", "batch_by", "on_conflict", "columns"))
+    for required in ("source", "target", "columns"):
+        if required not in keys:
+            raise ctx.error(node, where, f"missing {required!r}")
+    cnode = keys["columns"][1]
+    cols = ctx.mapping(cnode, f"{where}.columns", ())
+    if not cols:
+        raise ctx.error(cnode, f"{where}.columns", "no columns: map at least one target column")
+    columns = tuple(
+        _column(ctx, ctx.string(k, f"{where}.columns", identifier=True), v, f"{where}.columns.{name}")
+        for name, (k, v) in cols.items()
+    )
+    on_conflict = "nothing"
+    if "on_conflict" in keys:
+        on_conflict = ctx.string(keys["on_conflict"][1], f"{where}.on_conflict")
+        if on_conflict not in ("nothing", "update"):
+            raise ctx.error(keys["on_conflict"][1], f"{where}.on_conflict", f"{on_conflict!r}: expected nothing or update")
+    return TableMapping(
+        source=QualifiedName.parse(ctx.string(keys["source"][1], f"{where}.source", identifier=True)),
+        target=QualifiedName.parse(ctx.string(keys["target"][1], f"{where}.target", identifier=True)),
+        columns=columns,
+        line=node.start_mark.line + 1,
+        where=ctx.string(keys["where"][1], f"{where}.where") if "where" in keys else None,
+        key=ctx.names(keys["key"][1], f"{where}.key") if "key" in keys else None,
+        batch_by=ctx.names(keys["batch_by"][1], f"{where}.batch_by") if "batch_by" in keys else None,
+        on_conflict=on_conflict,
+    )
+
+
+def load_phase(path: str | Path) -> Phase:
+    """Load one phase file; raise MappingError naming file, line and path on any problem."""
+    path = Path(path)
+    ctx = _Ctx(path)
+    name = path.stem
+    if not PHASE_NAME.match(name):
+        raise ctx.error(None, "", f"phase name {name!r} must start with a letter and use letters, digits, - and _")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise MappingError(f"{ctx.display()}: cannot read: {e.strerror}") from e
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else 1
+        problem = getattr(e, "problem", None) or str(e)
+        raise MappingError(f"{ctx.display()}:{line}: invalid YAML: {problem}") from e
+    if root is None:
+        raise ctx.error(None, "", "the file is empty")
+    top = ctx.mapping(root, "", ("description", "requires", "revision", "backup", "tables"))
+    tables: tuple[TableMapping, ...] = ()
+    if "tables" in top:
+        tnode = top["tables"][1]
+        if isinstance(tnode, ScalarNode) and tnode.tag == "tag:yaml.org,2002:null":
+            tnode = SequenceNode("tag:yaml.org,2002:seq", [])
+        if not isinstance(tnode, SequenceNode):
+            raise ctx.error(tnode, "tables", "expected a list of table mappings")
+        tables = tuple(_table(ctx, n, f"tables[{i}]") for i, n in enumerate(tnode.value))
+        seen: dict[str, int] = {}
+        for i, t in enumerate(tables):
+            if str(t.target) in seen:
+                raise ctx.error(tnode.value[i], f"tables[{i}].target",
+                                f"{t.target} is already the target of tables[{seen[str(t.target)]}]")
+            seen[str(t.target)] = i
+    return Phase(
+        name=name,
+        path=path,
+        description=ctx.string(top["description"][1], "description") if "description" in top else "",
+        requires=ctx.names(top["requires"][1], "requires") if "requires" in top else (),
+        revision=ctx.string(top["revision"][1], "revision", identifier=True) if "revision" in top else None,
+        backup=tuple(QualifiedName.parse(n) for n in ctx.names(top["backup"][1], "backup")) if "backup" in top else (),
+        tables=tables,
+    )
+
+
+def load_phases(mappings_dir: str | Path) -> dict[str, Phase]:
+    """Load every ``*.yaml`` of ``mappings_dir``; check that ``requires`` names phases that exist, without cycles."""
+    d = Path(mappings_dir)
+    if not d.is_dir():
+        raise MappingError(f"{d}: no mappings directory", hint="run inside a project or pass --project DIR")
+    phases = {p.name: p for p in (load_phase(f) for f in sorted(d.glob("*.yaml")))}
+    for p in phases.values():
+        for r in p.requires:
+            if r not in phases:
+                raise MappingError(f"{p.path}: requires unknown phase {r!r}", hint=f"phases here: {', '.join(phases)}")
+    order = phase_order(phases)  # raises on a cycle
+    return {name: phases[name] for name in order}
+
+
+def phase_order(phases: dict[str, Phase]) -> list[str]:
+    """Return phase names so that every phase comes after what it requires (file order otherwise)."""
+    out: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            raise MappingError(f"phases require each other in a cycle: {' -> '.join(chain + (name,))}")
+        state[name] = 1
+        for r in phases[name].requires:
+            visit(r, chain + (name,))
+        state[name] = 2
+        out.append(name)
+
+    for name in sorted(phases, key=_natural):
+        visit(name, ())
+    return out
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]

@@ -1,0 +1,209 @@
+"""Compile a phase against the live catalogs and check it before a single row moves."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from .catalog import Table, read_table
+from .compile import CompiledTable, compile_table, coverage_sql, preview_sql, unmapped_values_sql
+from .copier import fk_cycles
+from .db import Executor, fetch_all, fetch_one, rolled_back
+from .errors import PreflightError
+from .mapping import Phase, TableMapping
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "error" | "warning" | "info"
+    table: str | None
+    message: str
+    count: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.table}: " if self.table else ""
+        return f"{self.level.upper()}: {where}{self.message}"
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """A compiled phase: its tables in foreign-key order, what the pre-flight found, a preview."""
+
+    phase: Phase
+    tables: tuple[tuple[CompiledTable, Table], ...]
+    findings: tuple[Finding, ...] = ()
+    previews: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    def raise_for_errors(self) -> None:
+        errs = self.errors
+        if errs:
+            raise PreflightError(
+                f"pre-flight of {self.phase.name} failed: {len(errs)} error{'s' if len(errs) > 1 else ''}",
+                detail="\n".join(str(e) for e in errs),
+                hint=f"see `migrate-data plan {self.phase.name}`; nothing was written")
+
+
+def fk_order(tables: list[tuple[CompiledTable, Table]]) -> list[tuple[CompiledTable, Table]]:
+    """Parents first (tables of a cycle together), otherwise in the mapping's order."""
+    by_name = {str(ct.target): (ct, t) for ct, t in tables}
+    out: list[str] = []
+
+    def visit(name: str, seen: tuple[str, ...]) -> None:
+        if name in out or name in seen:
+            return
+        for fk in by_name[name][1].foreign_keys:
+            ref = str(fk.ref_table)
+            if ref in by_name:
+                visit(ref, seen + (name,))
+        out.append(name)
+
+    for name in by_name:
+        visit(name, ())
+    return [by_name[n] for n in out]
+
+
+async def _prepare(db: Executor, sql: str, *, setup: str | None = None) -> str | None:
+    """PREPARE ``sql`` (after ``setup``) in a rolled-back transaction; return the error or None."""
+    try:
+        async with rolled_back(db) as conn:
+            if setup:
+                await conn.execute(setup)
+            await conn.prepare(sql)
+    except asyncpg.PostgresError as e:
+        return f"{e.sqlstate}: {e}"
+    return None
+
+
+async def compile_phase(phase: Phase, *, source: Executor, target: Executor) -> tuple[list[tuple[CompiledTable, Table]], list[Finding]]:
+    """Read the catalogs and compile each table mapping; what cannot compile becomes an error finding."""
+    compiled: list[tuple[CompiledTable, Table]] = []
+    findings: list[Finding] = []
+    for tm in phase.tables:
+        name = str(tm.target)
+        src = await read_table(source, tm.source)
+        tgt = await read_table(target, tm.target)
+        if src is None:
+            findings.append(Finding("error", name, f"source table {tm.source} does not exist (mappings line {tm.line})"))
+        if tgt is None:
+            findings.append(Finding("error", name, f"target table {tm.target} does not exist (mappings line {tm.line})"))
+        if src is None or tgt is None:
+            continue
+        try:
+            compiled.append((compile_table(tm, src, tgt), tgt))
+        except PreflightError as e:
+            findings.append(Finding("error", name, e.message + (f" ({e.hint})" if e.hint else "")))
+    return fk_order(compiled), findings
+
+
+async def preflight(phase: Phase, *, source: Executor, target: Executor, same_db: bool,
+                    coverage: bool = True, preview_rows: int = 0) -> PhasePlan:
+    """Compile ``phase`` and check it against the live databases; never writes."""
+    tables, findings = await compile_phase(phase, source=source, target=target)
+    previews: dict[str, Any] = {}
+    for ct, tgt in tables:
+        findings += await _check_table(ct, tgt, source=source, target=target, same_db=same_db)
+    if coverage:
+        for ct, _ in tables:
+            findings += await _coverage(ct, source)
+    for group in fk_cycles(tables):
+        findings.append(Finding("warning", None, f"target tables reference each other in a cycle: {', '.join(sorted(group))}; "
+                                "they are copied with foreign keys deferred and checked for orphans afterwards"))
+    if preview_rows:
+        for ct, _ in tables:
+            previews[str(ct.target)] = await _preview(ct, source, preview_rows)
+    return PhasePlan(phase=phase, tables=tuple(tables), findings=tuple(findings), previews=previews)
+
+
+async def _check_table(ct: CompiledTable, tgt: Table, *, source: Executor, target: Executor, same_db: bool) -> list[Finding]:
+    tm: TableMapping = ct.mapping
+    name = str(tm.target)
+    out: list[Finding] = []
+    if not tgt.has_exact_unique(ct.key):
+        out.append(Finding("error", name, f"key ({', '.join(ct.key)}) is not a primary key or unique constraint of {tgt.name}; "
+                           "ON CONFLICT needs one (give `key:` or add the constraint in the phase's revision)"))
+    src = await read_table(source, tm.source)
+    assert src is not None
+    if not src.is_unique(ct.batch_by):
+        out.append(Finding("error", name, f"batch_by ({', '.join(ct.batch_by)}) is not unique in {src.name}; "
+                           "keyset batches would skip rows (give unique columns, e.g. the primary key)"))
+    for b in ct.batch_by:
+        col = src.column(b)
+        if col is not None and not col.not_null:
+            out.append(Finding("error", name, f"batch_by column {src.name}.{b} is nullable; rows with NULL would be skipped"))
+    for la, lk in ct.lookups:
+        lt = await read_table(source, lk.table)
+        if lt is None:
+            out.append(Finding("error", name, f"lookup table {lk.table} does not exist"))
+            continue
+        missing = [c for c in (*lk.key, lk.column) if lt.column(c) is None]
+        if missing:
+            out.append(Finding("error", name, f"lookup columns {', '.join(missing)} do not exist in {lk.table}"))
+            continue
+        if not lt.is_unique(lk.key):
+            out.append(Finding("error", name, f"lookup key {lk.table}({', '.join(lk.key)}) is not unique: "
+                               "rows would multiply (give a unique key, or use `sql:` with a subquery)"))
+    mapped = {c.target for c in ct.columns}
+    for col in tgt.columns:
+        if col.not_null and not col.has_default and not col.identity and not col.generated and col.name not in mapped:
+            out.append(Finding("error", name, f"{tgt.name}.{col.name} is NOT NULL without a default and gets no value"))
+    if same_db:
+        err = await _prepare(target, ct.insert_sql(lower=True, upper=True))
+    else:
+        err = await _prepare(source, ct.source_text_sql(lower=True, upper=True))
+        if err is None:
+            stage = "migrate_data_preflight"
+            err = await _prepare(target, ct.stage_insert_sql(stage, sub=False), setup=ct.stage_table_sql(stage))
+    if err:
+        out.append(Finding("error", name, f"the copy statement does not prepare: {err}"))
+    return out
+
+
+async def _coverage(ct: CompiledTable, source: Executor) -> list[Finding]:
+    name = str(ct.target)
+    out: list[Finding] = []
+    for c in ct.columns:
+        if c.spec.map and not c.spec.has_else:
+            try:
+                rows = await fetch_all(source, unmapped_values_sql(ct, c))
+            except asyncpg.PostgresError as e:
+                out.append(Finding("warning", name, f"{c.target}: coverage not checked: {e}"))
+                continue
+            for r in rows:
+                out.append(Finding("warning", name, f"{c.target}: value {r['value']!r} is not in the map ({r['n']} rows); "
+                                   "it passes through unchanged", r["n"]))
+    cov = coverage_sql(ct)
+    if cov is not None:
+        sql, labels = cov
+        try:
+            row = await fetch_one(source, sql)
+        except asyncpg.PostgresError as e:
+            return out + [Finding("warning", name, f"coverage not checked: {e}")]
+        assert row is not None
+        for label, n in zip(labels, row):
+            if not n:
+                continue
+            kind, what = label.split(":", 1)
+            if kind == "default":
+                out.append(Finding("info", name, f"{what}: the default applies to {n} rows (NULL in the source)", n))
+            else:
+                out.append(Finding("warning", name, f"lookup in {what} finds nothing for {n} rows (the value is NULL)", n))
+    return out
+
+
+async def _preview(ct: CompiledTable, source: Executor, rows: int) -> dict[str, Any]:
+    """The first transformed rows, computed in a transaction that is rolled back."""
+    columns = [c.target for c in ct.columns]
+    try:
+        async with rolled_back(source) as conn:
+            recs = await conn.fetch(preview_sql(ct, rows))
+    except asyncpg.PostgresError as e:
+        return {"columns": columns, "rows": [], "error": f"{e.sqlstate}: {e}"}
+    return {"columns": columns, "rows": [dict(r.items()) for r in recs]}

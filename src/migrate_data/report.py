@@ -1,0 +1,152 @@
+"""Validation results -> JSON, Markdown, HTML (one self-contained file), plain text."""
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from .validate import ValidationResult
+
+
+def to_json(result: ValidationResult) -> str:
+    return json.dumps(result.to_dict(), indent=2, default=str, ensure_ascii=False)
+
+
+def to_text(result: ValidationResult) -> str:
+    rows = [("source", "target", "source rows", "target rows", "rejected", "status")]
+    rows += [(t.source, t.target, f"{t.source_rows:,}", f"{t.target_rows:,}", f"{t.rejected:,}", t.status.upper())
+             for t in result.tables]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 2 or i == 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for t in result.tables:
+        lines += [f"  {t.target}: {p}" for p in t.problems]
+        for s in t.samples:
+            cols = ", ".join(c["column"] for c in s.get("columns", []))
+            lines.append(f"    {s['kind']} key {', '.join(s['key'])}" + (f" (column {cols})" if cols else ""))
+    failed = [c for c in result.checks if not c.ok]
+    lines += [f"  {c.target}: {c.message}" for c in failed]
+    verdict = "PASSED" if result.ok else "FAILED"
+    lines.append(f"validation of {result.phase} {verdict}" + (" (deep)" if result.deep else "") +
+                 f": {len(result.tables)} tables, {len(result.checks)} integrity checks, {len(failed)} failed")
+    return "\n".join(lines)
+
+
+def to_markdown(result: ValidationResult) -> str:
+    out = [f"# Validation of `{result.phase}`: {'PASSED' if result.ok else 'FAILED'}", "",
+           f"- database: `{result.database}`", f"- revision: `{result.revision or '-'}`",
+           f"- run by: {result.operator or '-'} on {result.host or '-'}, {result.started_at}, {result.seconds:.1f}s",
+           f"- checksums: {'yes' if result.deep else 'no (counts only)'}", "",
+           "| source | target | source rows | target rows | rejected | status |", "|---|---|--:|--:|--:|---|"]
+    out += [f"| {t.source} | {t.target} | {t.source_rows:,} | {t.target_rows:,} | {t.rejected:,} | {t.status} |"
+            for t in result.tables]
+    problems = [(t.target, p) for t in result.tables for p in t.problems]
+    problems += [(c.target, c.message) for c in result.checks if not c.ok]
+    if problems:
+        out += ["", "## Differences", ""] + [f"- **{t}**: {p}" for t, p in problems]
+    if result.rejects:
+        out += ["", "## Rejected rows", "", "| target | source key | SQLSTATE | message |", "|---|---|---|---|"]
+        out += [f"| {r['target']} | {', '.join(r['source_key'])} | {r['sqlstate']} | {_md(r['message'])} |"
+                for r in result.rejects]
+    return "\n".join(out) + "\n"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2rem;color:#1d2433;max-width:1100px}
+h1{font-size:1.5rem;margin:0 0 .5rem} h2{font-size:1.1rem;margin-top:2rem}
+.verdict{display:inline-block;padding:.2rem .7rem;border-radius:4px;color:#fff;font-weight:600}
+.ok{background:#1f7a3e}.failed{background:#b42318}
+table{border-collapse:collapse;width:100%;margin-top:.5rem} th,td{border-bottom:1px solid #e3e6ec;padding:.35rem .5rem;text-align:left}
+td.n{text-align:right;font-variant-numeric:tabular-nums} dl{display:grid;grid-template-columns:max-content 1fr;gap:.2rem 1rem}
+dt{color:#5a6478} .bar{height:10px;background:#3b6fd8;border-radius:2px;margin:2px 0}.bar.t{background:#2e9e5b}
+.bar.r{background:#d98e04} .legend span{display:inline-block;width:10px;height:10px;margin:0 .3rem 0 1rem;border-radius:2px}
+code{background:#f2f4f7;padding:0 .25rem;border-radius:3px}
+"""
+
+
+def to_html(result: ValidationResult) -> str:
+    e = html.escape
+    biggest = max([max(t.source_rows, t.target_rows) for t in result.tables] + [1])
+    bars = []
+    for t in result.tables:
+        w = lambda n: f"{100 * n / biggest:.2f}%"  # noqa: E731
+        bars.append(
+            f"<tr><td>{e(t.target)}</td><td style='width:60%'>"
+            f"<div class='bar' style='width:{w(t.source_rows)}' title='source {t.source_rows:,}'></div>"
+            f"<div class='bar t' style='width:{w(t.target_rows)}' title='target {t.target_rows:,}'></div>"
+            + (f"<div class='bar r' style='width:{w(t.rejected)}' title='rejected {t.rejected:,}'></div>" if t.rejected else "")
+            + f"</td><td class='n'>{t.source_rows:,} → {t.target_rows:,}</td></tr>")
+    rows = "".join(
+        f"<tr><td>{e(t.source)}</td><td>{e(t.target)}</td><td class='n'>{t.source_rows:,}</td>"
+        f"<td class='n'>{t.target_rows:,}</td><td class='n'>{t.rejected:,}</td>"
+        f"<td><span class='verdict {'ok' if t.status == 'ok' else 'failed'}'>{e(t.status)}</span></td></tr>"
+        for t in result.tables)
+    problems = [(t.target, p) for t in result.tables for p in t.problems] + \
+               [(c.target, c.message) for c in result.checks if not c.ok]
+    diff_items = "".join(f"<li><b>{e(t)}</b>: {e(p)}</li>" for t, p in problems) or "<li>none</li>"
+    samples = "".join(
+        f"<tr><td>{e(t.target)}</td><td>{e(s['kind'])}</td><td><code>{e(', '.join(s['key']))}</code></td>"
+        f"<td>{e(', '.join(c['column'] for c in s.get('columns', [])))}</td></tr>"
+        for t in result.tables for s in t.samples)
+    rejects = "".join(
+        f"<tr><td>{e(r['target'])}</td><td><code>{e(', '.join(r['source_key']))}</code></td>"
+        f"<td>{e(r['sqlstate'])}</td><td>{e(r['message'])}</td></tr>" for r in result.rejects)
+    checks = "".join(f"<tr><td>{e(c.target)}</td><td>{e(c.name)}</td><td>{'✔' if c.ok else '✘'}</td><td>{e(c.message)}</td></tr>"
+                     for c in result.checks)
+    verdict = "PASSED" if result.ok else "FAILED"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{e(result.phase)} validation: {verdict}</title>
+<style>{CSS}</style></head><body>
+<h1>Validation of <code>{e(result.phase)}</code> <span class="verdict {'ok' if result.ok else 'failed'}">{verdict}</span></h1>
+<dl><dt>database</dt><dd><code>{e(result.database)}</code></dd><dt>revision</dt><dd>{e(result.revision or '-')}</dd>
+<dt>run by</dt><dd>{e(result.operator or '-')} on {e(result.host or '-')}</dd><dt>when</dt><dd>{e(result.started_at)}</dd>
+<dt>took</dt><dd>{result.seconds:.1f} s</dd><dt>checksums</dt><dd>{'yes' if result.deep else 'no (counts only)'}</dd></dl>
+<h2>Rows per table</h2>
+<div class="legend"><span style="background:#3b6fd8"></span>source<span style="background:#2e9e5b"></span>target<span style="background:#d98e04"></span>rejected</div>
+<table>{''.join(bars)}</table>
+<table><tr><th>source</th><th>target</th><th>source rows</th><th>target rows</th><th>rejected</th><th>status</th></tr>{rows}</table>
+<h2>Differences</h2><ul>{diff_items}</ul>
+{f"<table><tr><th>table</th><th>kind</th><th>key</th><th>columns that differ</th></tr>{samples}</table>" if samples else ""}
+<h2>Integrity checks</h2><table><tr><th>table</th><th>check</th><th>ok</th><th>result</th></tr>{checks}</table>
+<h2>Rejected rows</h2>
+{f"<table><tr><th>target</th><th>source key</th><th>SQLSTATE</th><th>message</th></tr>{rejects}</table>" if rejects else "<p>none</p>"}
+</body></html>
+"""
+
+
+RENDERERS = {"json": to_json, "markdown": to_markdown, "html": to_html, "text": to_text}
+
+
+def render(result: ValidationResult, fmt: str) -> str:
+    return RENDERERS[fmt](result)
+
+
+def save(result: ValidationResult, directory: Path) -> dict[str, Path]:
+    """Write ``<phase>-<UTC timestamp>.json`` and ``.html`` under ``directory``; return their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    out: dict[str, Path] = {}
+    for fmt, ext in (("json", "json"), ("html", "html")):
+        path = directory / f"{result.phase}-{stamp}.{ext}"
+        path.write_text(render(result, fmt), encoding="utf-8")
+        out[fmt] = path
+    return out
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """A plain table of dict rows (status, history)."""
+    if not rows:
+        return "(nothing)"
+    cols = list(rows[0])
+    cells = [[str(r.get(c, "") if r.get(c) is not None else "") for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""The bridge to Alembic: upgrade and downgrade on a connection migrate-data owns."""
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+from .db import Executor, fetch_val
+from .errors import BadInput, MigrationError
+from .settings import APPLICATION_NAME, Settings, redact, redact_text, sqlalchemy_url
+
+log = logging.getLogger(__name__)
+
+
+def alembic_config(settings: Settings, *, buffer: io.StringIO | None = None) -> Config:
+    ini = settings.project_dir / "alembic.ini"
+    if not ini.is_file():
+        raise BadInput(f"{ini}: no alembic.ini in the project", hint="run `migrate-data init DIR` or pass --project DIR")
+    cfg = Config(str(ini), output_buffer=buffer)
+    cfg.set_main_option("script_location", str(settings.project_dir / "alembic"))
+    return cfg
+
+
+def script_directory(settings: Settings) -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config(settings))
+
+
+def predecessor(settings: Settings, revision: str) -> str:
+    """The revision a downgrade of ``revision`` goes back to (``base`` for the first one)."""
+    rev = script_directory(settings).get_revision(revision)
+    if rev is None:
+        raise BadInput(f"Alembic revision {revision!r} does not exist in {settings.project_dir / 'alembic' / 'versions'}")
+    down = rev.down_revision
+    if isinstance(down, tuple):
+        raise BadInput(f"revision {revision} merges several branches; roll it back with alembic by hand")
+    return down or "base"
+
+
+def check_revision(settings: Settings, revision: str) -> None:
+    predecessor(settings, revision)
+
+
+async def current_revision(db: Executor) -> str | None:
+    if not await fetch_val(db, "SELECT to_regclass('alembic_version') IS NOT NULL"):
+        return None
+    return await fetch_val(db, "SELECT version_num FROM alembic_version LIMIT 1")
+
+
+def _engine(settings: Settings) -> Any:
+    server_settings = {"application_name": APPLICATION_NAME}
+    if settings.lock_timeout:
+        server_settings["lock_timeout"] = settings.lock_timeout
+    if settings.statement_timeout:
+        server_settings["statement_timeout"] = settings.statement_timeout
+    return create_async_engine(sqlalchemy_url(settings.database_url), poolclass=NullPool,
+                               connect_args={"server_settings": server_settings})
+
+
+def _run(connection: Connection, cfg: Config, verb: str, revision: str) -> None:
+    cfg.attributes["connection"] = connection
+    getattr(command, verb)(cfg, revision)
+
+
+@asynccontextmanager
+async def schema_transaction(settings: Settings, *, upgrade_to: str | None = None, downgrade_to: str | None = None,
+                             commit: bool) -> AsyncIterator[asyncpg.Connection]:
+    """Open one transaction, run the Alembic step in it, yield its asyncpg connection; commit or roll back.
+
+    Checks run inside the block see the new schema; with ``commit=False`` nothing is kept.
+    """
+    cfg = alembic_config(settings)
+    engine = _engine(settings)
+    try:
+        async with engine.connect() as sa_conn:
+            trans = await sa_conn.begin()
+            try:
+                if upgrade_to:
+                    log.info("alembic upgrade %s", upgrade_to)
+                    await sa_conn.run_sync(_run, cfg, "upgrade", upgrade_to)
+                if downgrade_to:
+                    log.info("alembic downgrade %s", downgrade_to)
+                    await sa_conn.run_sync(_run, cfg, "downgrade", downgrade_to)
+                raw = await sa_conn.get_raw_connection()
+                yield raw.driver_connection  # type: ignore[misc]
+            except BaseException:
+                await trans.rollback()
+                raise
+            if commit:
+                await trans.commit()
+            else:
+                await trans.rollback()
+    except (OSError, asyncpg.PostgresError) as e:
+        raise MigrationError(f"schema step failed on {redact(settings.database_url)}",
+                             detail=redact_text(str(e), settings.database_url)) from e
+    finally:
+        await engine.dispose()
+
+
+def offline_sql(settings: Settings, revision: str) -> str:
+    """The DDL of ``revision`` as a script (Alembic offline mode), for review."""
+    buf = io.StringIO()
+    cfg = alembic_config(settings, buffer=buf)
+    cfg.set_main_option("sqlalchemy.url", "postgresql://offline/review")
+    start = predecessor(settings, revision)
+    command.upgrade(cfg, f"{start}:{revision}" if start != "base" else revision, sql=True)
+    return buf.getvalue()
+
+
+def revision_file(settings: Settings, revision: str) -> Path | None:
+    rev = script_directory(settings).get_revision(revision)
+    return Path(rev.path) if rev is not None and rev.path else None

@@ -1,0 +1,163 @@
+"""Compare what a phase should have produced with what the target holds."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import asyncpg
+
+from . import ledger
+from .catalog import Table, sequences
+from .compile import CompiledTable, orphans_sql
+from .db import fetch_all, fetch_one, fetch_val
+from .sql import qi, qname
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TableValidation:
+    source: str
+    target: str
+    source_rows: int
+    target_rows: int
+    rejected: int
+    status: str  # "ok" | "failed"
+    problems: tuple[str, ...] = ()
+    missing: int = 0
+    extra: int = 0
+    differs: int = 0
+    samples: tuple[dict[str, Any], ...] = ()  # {"kind", "key", "columns"}
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str  # "foreign_key" | "not_valid" | "sequence" | "lookup"
+    target: str
+    ok: bool
+    message: str
+    count: int = 0
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    phase: str
+    ok: bool
+    tables: tuple[TableValidation, ...]
+    checks: tuple[Check, ...]
+    deep: bool
+    started_at: str
+    seconds: float
+    database: str = ""
+    revision: str | None = None
+    operator: str = ""
+    host: str = ""
+    rejects: tuple[dict[str, Any], ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def validate_phase(
+    phase: str,
+    tables: list[tuple[CompiledTable, Table]],
+    *,
+    target: asyncpg.Pool,
+    source: asyncpg.Pool,
+    deep: bool = False,
+    sample: int = 10,
+    allow_rejects: bool = True,
+    pre_counts: dict[str, int] | None = None,
+) -> ValidationResult:
+    """Count (and with ``deep`` hash) every table of the phase; check its target's integrity."""
+    started = time.monotonic()
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    has_ledger = await ledger.exists(target)
+    rejected = await ledger.reject_counts(target, phase) if has_ledger else {}
+    results: list[TableValidation] = []
+    checks: list[Check] = []
+    same_db = source is target
+    for ct, tgt in tables:
+        name = str(ct.target)
+        problems: list[str] = []
+        src_rows = await fetch_val(source, ct.count_sql())
+        tgt_rows = await fetch_val(target, ct.target_count_sql())
+        rej = rejected.get(name, 0)
+        pre = (pre_counts or {}).get(name, 0)
+        if ct.lookups:
+            joined = await fetch_val(source, ct.count_joined_sql())
+            if joined != src_rows:
+                problems.append(f"a lookup multiplies rows: {src_rows} source rows become {joined} when joined "
+                                f"({', '.join(str(lk.table) for _, lk in ct.lookups)}: key not unique)")
+        if tgt_rows - pre != src_rows - rej:
+            problems.append(f"{src_rows} source rows - {rej} rejected = {src_rows - rej}, "
+                            f"but {tgt_rows - pre} rows in {name}" + (f" (beyond {pre} there before)" if pre else ""))
+        if rej and not allow_rejects:
+            problems.append(f"{rej} rows rejected and rejects are not allowed")
+        missing = extra = differs = 0
+        samples: list[dict[str, Any]] = []
+        if deep and same_db:
+            missing, extra, differs, samples = await _deep(ct, target, sample)
+            # rejected rows are expected to be missing
+            if missing - rej > 0:
+                problems.append(f"{missing} keys missing from {name}" + (f" ({rej} of them rejected)" if rej else ""))
+            if extra:
+                problems.append(f"{extra} keys in {name} that no source row produces")
+            if differs:
+                problems.append(f"{differs} rows of {name} differ from what the mapping produces")
+        results.append(TableValidation(str(ct.source), name, src_rows, tgt_rows, rej,
+                                       "failed" if problems else "ok", tuple(problems), missing, extra, differs,
+                                       tuple(samples)))
+        checks += await integrity(ct, tgt, target)
+    if deep and not same_db:
+        checks.append(Check("deep", "*", True, "--deep compares one database only; the source is in another database "
+                            "(counts and integrity were checked)"))
+    reject_rows = [dict(r) for r in await ledger.rejects(target, phase, limit=50)] if has_ledger else []
+    ok = all(t.status == "ok" for t in results) and all(c.ok for c in checks)
+    return ValidationResult(phase=phase, ok=ok, tables=tuple(results), checks=tuple(checks), deep=deep,
+                            started_at=started_at, seconds=round(time.monotonic() - started, 3),
+                            rejects=tuple(reject_rows))
+
+
+async def _deep(ct: CompiledTable, db: asyncpg.Pool, sample: int) -> tuple[int, int, int, list[dict[str, Any]]]:
+    rows = await fetch_all(db, ct.diff_sql(), sample)
+    totals = {r["kind"]: r["total"] for r in rows}
+    samples: list[dict[str, Any]] = []
+    for r in rows:
+        item: dict[str, Any] = {"kind": r["kind"], "key": list(r["key"])}
+        if r["kind"] == "differs":
+            exp = await fetch_val(db, ct.expected_row_sql(), *r["key"])
+            act = await fetch_val(db, ct.actual_row_sql(), *r["key"])
+            item["columns"] = [
+                {"column": c.target, "expected": e, "actual": a}
+                for c, e, a in zip(ct.columns, exp or [], act or []) if e != a
+            ]
+        samples.append(item)
+    return totals.get("missing", 0), totals.get("extra", 0), totals.get("differs", 0), samples
+
+
+async def integrity(ct: CompiledTable, tgt: Table, db: asyncpg.Pool) -> list[Check]:
+    """Orphans of every foreign key, constraints left NOT VALID, sequences behind their column's max."""
+    name = str(ct.target)
+    out: list[Check] = []
+    for fk in tgt.foreign_keys:
+        n = await fetch_val(db, orphans_sql(ct.target, fk))
+        out.append(Check("foreign_key", name, n == 0,
+                         f"{fk.name}: {n} rows reference no row of {fk.ref_table}" if n else f"{fk.name}: no orphans", n))
+    for r in await fetch_all(db, "SELECT conname, contype::text FROM pg_constraint WHERE conrelid = to_regclass($1) "
+                                 "AND NOT convalidated", qname(ct.target)):
+        out.append(Check("not_valid", name, False, f"constraint {r['conname']} is NOT VALID: existing rows were never "
+                         f"checked (ALTER TABLE … VALIDATE CONSTRAINT {r['conname']})"))
+    for column, seq in await sequences(db, tgt):
+        row = await fetch_one(db, f"SELECT (SELECT max({qi(column)}) FROM {qname(ct.target)}) AS m, "
+                                  f"pg_sequence_last_value($1::regclass) AS v", seq)
+        assert row is not None
+        behind = row["m"] is not None and (row["v"] or 0) < row["m"]
+        out.append(Check("sequence", name, not behind,
+                         f"{seq} is at {row['v']} but max({column}) is {row['m']}: new rows would collide"
+                         if behind else f"{seq} is past max({column})"))
+    return out
