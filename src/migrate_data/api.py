@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -29,6 +30,24 @@ from .sql import qname
 from .validate import ValidationResult, validate_phase
 
 log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def database_errors(fn: F) -> F:
+    """Turn a driver error escaping a verb into a MigrationError that carries SQLSTATE, detail and hint."""
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except asyncpg.PostgresError as e:
+            raise MigrationError(f"{fn.__name__}: {e.__class__.__name__}: {e}",
+                                 detail=f"SQLSTATE {e.sqlstate}" + (f"; {e.detail}" if getattr(e, "detail", None) else ""),
+                                 hint=getattr(e, "hint", None)) from e
+        except (OSError, asyncpg.InterfaceError) as e:
+            raise MigrationError(f"{fn.__name__}: lost the database: {e}",
+                                 hint="every batch is checkpointed; run the same command again") from e
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -156,6 +175,7 @@ def later_applied(phases: dict[str, Phase], states: dict[str, asyncpg.Record], n
 
 
 # -- plan -----------------------------------------------------------------------------------------
+@database_errors
 async def plan(settings: Settings, name: str, *, sql: bool = False, preview_rows: int = 5) -> PlanResult:
     """Pre-flight a phase and render what it would run; never writes (DDL is applied and rolled back)."""
     phases, phase = get_phase(settings, name)
@@ -180,6 +200,7 @@ async def _preflight(settings: Settings, phase: Phase, target: asyncpg.Pool, sou
 
 
 # -- run ------------------------------------------------------------------------------------------
+@database_errors
 async def run_phase(settings: Settings, name: str, options: RunOptions = RunOptions(), *,
                     on_event: Callable[[CopyEvent], None] | None = None,
                     stop: asyncio.Event | None = None) -> RunResult:
@@ -301,7 +322,7 @@ async def _backup(settings: Settings, phase: Phase, target: asyncpg.Pool) -> str
             tables.append(t)
     if not settings.same_database and phase.tables:
         log.info("source tables live in another database; backing up the target tables only")
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     path = settings.backups_dir / f"{phase.name}-{stamp}.dump"
     if not tables:
         return ""
@@ -319,6 +340,7 @@ async def _check_all_data_phases_valid(settings: Settings, target: asyncpg.Pool,
 
 
 # -- validate -------------------------------------------------------------------------------------
+@database_errors
 async def validate(settings: Settings, name: str, *, deep: bool = False, sample: int = 10,
                    allow_rejects: bool = True) -> ValidationResult:
     """Validate a phase's tables now; record the result in the ledger when there is one."""
@@ -341,6 +363,7 @@ async def validate(settings: Settings, name: str, *, deep: bool = False, sample:
 
 
 # -- rollback -------------------------------------------------------------------------------------
+@database_errors
 async def rollback(settings: Settings, name: str, *, force: bool = False, batch_size: int = 5000) -> RollbackResult:
     """Undo a phase: delete what it wrote (children first), downgrade its revision, restore what it dropped."""
     started = time.monotonic()
@@ -441,6 +464,7 @@ async def _delete_copied(ct: CompiledTable, target: asyncpg.Pool, source: asyncp
 
 
 # -- status and history ---------------------------------------------------------------------------
+@database_errors
 async def status(settings: Settings) -> list[PhaseStatus]:
     """One line per phase: applied / partial (with the resume point) / rolled back / pending."""
     phases = project_phases(settings)
@@ -472,6 +496,7 @@ async def status(settings: Settings) -> list[PhaseStatus]:
         return out
 
 
+@database_errors
 async def history(settings: Settings, *, phase: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
     async with connect(settings) as (target, _):
         if not await ledger.exists(target):

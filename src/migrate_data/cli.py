@@ -78,8 +78,8 @@ class PhaseGroup(click.Group):
     """Built-in commands plus one command per phase file in ``mappings/``."""
 
     def _phases(self, ctx: click.Context) -> list[str]:
-        obj = ctx.find_object(Context)
-        project = obj.project_dir() if obj else find_project(Path.cwd())
+        given = ctx.params.get("project")  # parsed before the group's callback runs
+        project = Path(given).resolve() if given else find_project(Path.cwd())
         mappings = project / "mappings"
         return sorted(p.stem for p in mappings.glob("*.yaml")) if mappings.is_dir() else []
 

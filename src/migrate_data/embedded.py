@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,9 @@ log = logging.getLogger(__name__)
 def embedded_server(data_dir: Path | None = None, *, keep: bool = False) -> Iterator[tuple[str, Path]]:
     """Start an embedded PostgreSQL; yield ``(url, data_dir)``; stop it (and delete it unless ``keep``)."""
     try:
-        import pgserver  # type: ignore[import-untyped]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+            import pgserver  # type: ignore[import-untyped]
     except ImportError as e:
         raise BadInput("the embedded PostgreSQL is not installed",
                        hint="pip install 'migrate-data[embedded]', or give a server with DATABASE_URL") from e
@@ -24,7 +27,9 @@ def embedded_server(data_dir: Path | None = None, *, keep: bool = False) -> Iter
     if data_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="migrate-data-pg-")
         data_dir = Path(tmp.name)
-    server = pgserver.get_server(str(data_dir), cleanup_mode="stop" if keep else "delete")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        server = pgserver.get_server(str(data_dir), cleanup_mode="stop" if keep else "delete")
     try:
         url = server.get_uri()
         log.info("embedded PostgreSQL in %s", data_dir)

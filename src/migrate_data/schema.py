@@ -79,7 +79,7 @@ async def schema_transaction(settings: Settings, *, upgrade_to: str | None = Non
 
     Checks run inside the block see the new schema; with ``commit=False`` nothing is kept.
     """
-    cfg = alembic_config(settings)
+    cfg = alembic_config(settings) if (upgrade_to or downgrade_to) else None
     engine = _engine(settings)
     try:
         async with engine.connect() as sa_conn:

@@ -65,6 +65,7 @@ class Settings:
     project_dir: Path = field(default_factory=Path.cwd)
     statement_timeout: str | None = None
     lock_timeout: str | None = "10s"
+    output_dir: Path | None = None  # where reports/ and backups/ go (default: the project)
 
     @property
     def same_database(self) -> bool:
@@ -80,11 +81,11 @@ class Settings:
 
     @property
     def reports_dir(self) -> Path:
-        return self.project_dir / "reports"
+        return (self.output_dir or self.project_dir) / "reports"
 
     @property
     def backups_dir(self) -> Path:
-        return self.project_dir / "backups"
+        return (self.output_dir or self.project_dir) / "backups"
 
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -112,6 +113,7 @@ def load_settings(
         project_dir=Path(project_dir).resolve() if project_dir else find_project(Path.cwd()),
         statement_timeout=statement_timeout or os.environ.get("MIGRATE_DATA_STATEMENT_TIMEOUT"),
         lock_timeout=lock_timeout or os.environ.get("MIGRATE_DATA_LOCK_TIMEOUT") or "10s",
+        output_dir=Path(os.environ["MIGRATE_DATA_OUTPUT_DIR"]) if os.environ.get("MIGRATE_DATA_OUTPUT_DIR") else None,
     )
 
 

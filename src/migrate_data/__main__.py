@@ -1,0 +1,3 @@
+from migrate_data.cli import main
+
+main()

@@ -1,0 +1,138 @@
+"""Real PostgreSQL for every test: TEST_DATABASE_URL when set, else an embedded server.
+
+Every test that writes gets a database of its own, dropped afterwards.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from migrate_data.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_seed():
+    spec = importlib.util.spec_from_file_location("seed_legacy", ROOT / "scripts" / "seed_legacy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+seed_legacy = _load_seed()
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    url = os.environ.get("TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    from migrate_data.embedded import embedded_server
+
+    with embedded_server() as (url, _):
+        yield url
+
+
+def sql(url: str, query: str, *args):
+    """Run one query on ``url`` and return its rows (a fresh connection, closed after)."""
+    async def go():
+        conn = await asyncpg.connect(url)
+        try:
+            if not args and ";" in query.strip().rstrip(";"):
+                await conn.execute(query)  # a script of several statements
+                return []
+            return await conn.fetch(query, *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def scalar(url: str, query: str, *args):
+    rows = sql(url, query, *args)
+    return rows[0][0] if rows else None
+
+
+def _create_database(server: str) -> tuple[str, str]:
+    name = f"md_test_{uuid.uuid4().hex[:12]}"
+    sql(with_database(server, "postgres"), f'CREATE DATABASE "{name}"')
+    return name, with_database(server, name)
+
+
+def _drop_database(server: str, name: str) -> None:
+    sql(with_database(server, "postgres"), f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def make_db(server_url: str) -> Iterator:
+    """A factory of fresh empty databases, all dropped at the end of the test."""
+    created: list[str] = []
+
+    def make() -> str:
+        name, url = _create_database(server_url)
+        created.append(name)
+        return url
+
+    yield make
+    for name in created:
+        _drop_database(server_url, name)
+
+
+@pytest.fixture
+def db_url(make_db) -> str:
+    return make_db()
+
+
+@pytest.fixture
+def legacy_url(db_url: str) -> str:
+    """A fresh database with the legacy schema seeded at a small scale."""
+    async def go():
+        conn = await asyncpg.connect(db_url)
+        try:
+            await seed_legacy.seed(conn, 0.001)
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+    return db_url
+
+
+@pytest.fixture
+def settings_for(tmp_path: Path):
+    """Settings for a database URL, with the repository's project and reports/backups under tmp_path."""
+    def make(url: str, project: Path = ROOT, **kw) -> Settings:
+        return Settings(database_url=url, project_dir=project, output_dir=tmp_path, **kw)
+
+    return make
+
+
+def run_cli(*args: str, url: str | None = None, cwd: Path = ROOT, env: dict | None = None,
+            input: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run the real ``migrate-data`` command; stdin is not a terminal."""
+    e = dict(os.environ)
+    e.pop("DATABASE_URL", None)
+    if url:
+        e["DATABASE_URL"] = url
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "migrate_data", *args], cwd=cwd, env=e, capture_output=True,
+                          text=True, input=input if input is not None else "", timeout=timeout)
+
+
+def run(coro):
+    return asyncio.run(coro)
