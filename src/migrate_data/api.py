@@ -60,6 +60,7 @@ class RunOptions:
     backup: bool = True
     deep: bool = False
     dry_run: bool = False
+    split_rows: int = 200_000  # tables with more source rows are copied in `jobs` concurrent key ranges
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,8 @@ async def _run(settings: Settings, phase: Phase, options: RunOptions, target: as
         await ledger.clear_rejects(target, name)
     copier = Copier(phase=name, tables=list(the_plan.tables), target_pool=target, source_pool=source, run_id=run_id,
                     options=CopyOptions(batch_size=options.batch_size, jobs=options.jobs, recheck=options.recheck,
-                                        max_rejects=options.max_rejects, deadline=options.deadline),
+                                        max_rejects=options.max_rejects, deadline=options.deadline,
+                                        split_rows=options.split_rows),
                     stop=stop, on_event=on_event)
     tables = await copier.run()
     states = await ledger.phase_states(target)

@@ -1,0 +1,217 @@
+"""The batch copier: crash safety, idempotency, quarantine, order, sequences, locking, the window."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+from conftest import ROOT, run, run_cli, scalar, sql
+
+from migrate_data import api, ledger
+from migrate_data.errors import LockHeld
+from migrate_data.settings import Settings
+
+BIG = """
+CREATE TABLE big (id int PRIMARY KEY, v text NOT NULL);
+INSERT INTO big SELECT i, 'v' || i FROM generate_series(1, 20000) i;
+CREATE TABLE grande (id int PRIMARY KEY, valor text NOT NULL);
+"""
+BIG_MAPPING = """
+tables:
+  - source: big
+    target: grande
+    columns: {id: id, valor: {sql: "upper(big.v)"}}
+"""
+
+
+def project(tmp_path: Path, **phases: str) -> Path:
+    (tmp_path / "mappings").mkdir(exist_ok=True)
+    for name, text in phases.items():
+        (tmp_path / "mappings" / f"{name}.yaml").write_text(textwrap.dedent(text))
+    return tmp_path
+
+
+def start_cli(args: list[str], url: str, cwd: Path) -> subprocess.Popen:
+    env = dict(os.environ, DATABASE_URL=url)
+    return subprocess.Popen([sys.executable, "-m", "migrate_data", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_progress(url: str, proc: subprocess.Popen, minimum: int = 1000) -> int:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            n = scalar(url, "SELECT COALESCE(sum(rows_read), 0) FROM migrate_data.checkpoints")
+        except asyncpg.UndefinedTableError:
+            n = 0
+        if n >= minimum:
+            return n
+        time.sleep(0.02)
+    raise AssertionError("no progress")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_stopped_mid_copy_then_rerun_gives_exactly_the_source(db_url, tmp_path, sig):
+    sql(db_url, BIG)
+    proj = project(tmp_path, night=BIG_MAPPING)
+    proc = start_cli(["night", "--yes", "--no-backup", "--batch-size", "50", "--jobs", "1"], db_url, proj)
+    wait_for_progress(db_url, proc)
+    os.kill(proc.pid, sig)
+    out, err = proc.communicate(timeout=60)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 130, err
+        assert "resume with: migrate-data night --yes" in err
+    else:
+        assert proc.returncode == -9
+    copied = scalar(db_url, "SELECT count(*) FROM grande")
+    checkpointed = scalar(db_url, "SELECT sum(rows_written) FROM migrate_data.checkpoints")
+    assert 0 < copied < 20000 and copied == checkpointed  # the checkpoint commits with its batch
+    again = run_cli("night", "--yes", "--no-backup", url=db_url, cwd=proj)
+    assert again.returncode == 0, again.stderr
+    assert scalar(db_url, "SELECT count(*) FROM grande") == 20000
+    assert scalar(db_url, "SELECT count(*) FROM big b JOIN grande g ON g.id = b.id AND g.valor = upper(b.v)") == 20000
+    assert "20,000 read, 20,000 written, 0 rejected" in again.stdout
+
+
+def test_second_run_inserts_nothing(db_url, tmp_path):
+    sql(db_url, BIG)
+    settings = Settings(database_url=db_url, project_dir=project(tmp_path, night=BIG_MAPPING), output_dir=tmp_path)
+    first = run(api.run_phase(settings, "night", api.RunOptions(backup=False)))
+    assert first.tables[0].rows_written == 20000
+    skipped = run(api.run_phase(settings, "night", api.RunOptions(backup=False)))
+    assert skipped.tables[0].skipped and skipped.validation.ok
+    recheck = run(api.run_phase(settings, "night", api.RunOptions(backup=False, recheck=True)))
+    assert not recheck.tables[0].skipped
+    assert recheck.tables[0].rows_read == 20000 and recheck.tables[0].rows_written == 0
+
+
+def test_big_table_is_split_into_concurrent_key_ranges(db_url, tmp_path):
+    sql(db_url, BIG)
+    settings = Settings(database_url=db_url, project_dir=project(tmp_path, night=BIG_MAPPING), output_dir=tmp_path)
+    result = run(api.run_phase(settings, "night", api.RunOptions(backup=False, jobs=3, batch_size=1000,
+                                                                   split_rows=1000)))
+    parts = sql(db_url, "SELECT lo, hi, rows_read, done FROM migrate_data.checkpoints ORDER BY part")
+    assert [(p["lo"], p["hi"]) for p in parts] == [(None, ["6667"]), (["6667"], ["13334"]), (["13334"], None)]
+    assert [p["rows_read"] for p in parts] == [6667, 6667, 6666] and all(p["done"] for p in parts)
+    assert result.tables[0].rows_written == 20000 and result.validation.ok
+
+
+def test_invalid_json_rows_are_quarantined_and_good_rows_arrive(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    run(api.run_phase(settings, "phase1", api.RunOptions(backup=False)))
+    result = run(api.run_phase(settings, "phase2a", api.RunOptions(backup=False, batch_size=100)))
+    rejects = sql(legacy_url, "SELECT target, sqlstate, message, row->>'notes' AS notes FROM migrate_data.rejects")
+    assert len(rejects) == 3
+    assert {(r["target"], r["sqlstate"], r["notes"]) for r in rejects} == {("public.clientes", "22P02", "{not json")}
+    assert all("invalid input syntax for type json" in r["message"] for r in rejects)
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 997
+    assert result.validation.ok and result.validation.tables[1].rejected == 3
+
+
+def test_two_tables_referencing_each_other_copy(db_url, tmp_path):
+    sql(db_url, """
+        CREATE TABLE a (id int PRIMARY KEY, b_id int); CREATE TABLE b (id int PRIMARY KEY, a_id int);
+        INSERT INTO a SELECT i, i FROM generate_series(1, 50) i; INSERT INTO b SELECT i, i FROM generate_series(1, 50) i;
+        CREATE TABLE x (id int PRIMARY KEY, y_id int); CREATE TABLE y (id int PRIMARY KEY, x_id int REFERENCES x);
+        ALTER TABLE x ADD FOREIGN KEY (y_id) REFERENCES y;
+    """)
+    settings = Settings(database_url=db_url, output_dir=tmp_path, project_dir=project(tmp_path, cyc="""
+        tables:
+          - {source: a, target: x, columns: {id: id, y_id: b_id}}
+          - {source: b, target: y, columns: {id: id, x_id: a_id}}
+    """))
+    result = run(api.run_phase(settings, "cyc", api.RunOptions(backup=False, batch_size=7)))
+    assert result.validation.ok
+    assert scalar(db_url, "SELECT count(*) FROM x JOIN y ON y.id = x.y_id AND y.x_id = x.id") == 50
+
+
+def test_identity_and_serial_accept_new_rows_after_the_copy(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    for phase in ("phase1", "phase2a", "phase2b", "phase3"):
+        run(api.run_phase(settings, phase, api.RunOptions(backup=False)))
+    new_msg = scalar(legacy_url, "INSERT INTO mensajes (contenido) VALUES ('new') RETURNING id")
+    assert new_msg > scalar(legacy_url, "SELECT max(id) FROM messages")
+    new_task = scalar(legacy_url, "INSERT INTO tareas_programadas (tipo_tarea) VALUES ('x') RETURNING id")
+    assert new_task == scalar(legacy_url, "SELECT max(id) FROM task_queue") + 1
+
+
+def test_generated_always_identity_is_written_with_overriding(db_url, tmp_path):
+    sql(db_url, """CREATE TABLE s (id int PRIMARY KEY); INSERT INTO s SELECT generate_series(1, 10);
+                   CREATE TABLE t (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, note text)""")
+    settings = Settings(database_url=db_url, output_dir=tmp_path,
+                        project_dir=project(tmp_path, p="tables: [{source: s, target: t, columns: {id: id}}]"))
+    run(api.run_phase(settings, "p", api.RunOptions(backup=False)))
+    assert scalar(db_url, "INSERT INTO t (note) VALUES ('new') RETURNING id") == 11
+
+
+def test_second_runner_fails_fast_naming_the_holder(legacy_url, settings_for):
+    async def hold():
+        conn = await asyncpg.connect(legacy_url)
+        await ledger.ensure(conn)
+        await conn.execute("SELECT pg_advisory_lock($1)", ledger.LOCK_KEY)
+        await ledger.start_run(conn, kind="run", phase="phase2a")
+        return conn
+
+    async def scenario():
+        holder = await hold()
+        try:
+            started = time.monotonic()
+            with pytest.raises(LockHeld) as e:
+                await api.run_phase(settings_for(legacy_url), "phase1", api.RunOptions(backup=False))
+            assert time.monotonic() - started < 5
+            return e.value
+        finally:
+            await holder.close()
+
+    err = run(scenario())
+    assert "another migrate-data run holds the lock" in err.message
+    assert "held by run phase2a of user postgres" in err.detail
+
+
+def test_concurrent_cli_runs_never_both_copy(db_url, tmp_path):
+    sql(db_url, BIG)
+    proj = project(tmp_path, night=BIG_MAPPING)
+    a = start_cli(["night", "--yes", "--no-backup", "--batch-size", "20", "--jobs", "1"], db_url, proj)
+    wait_for_progress(db_url, a, minimum=20)
+    b = run_cli("night", "--yes", "--no-backup", url=db_url, cwd=proj)
+    a.communicate(timeout=120)
+    assert a.returncode == 0
+    assert b.returncode == 1 and "another migrate-data run holds the lock" in b.stderr
+    assert "held by run night" in b.stderr
+    assert scalar(db_url, "SELECT count(*) FROM grande") == 20000
+
+
+def test_until_in_the_past_stops_before_the_first_batch(legacy_url, settings_for):
+    run(api.run_phase(settings_for(legacy_url), "phase1", api.RunOptions(backup=False)))
+    past = (dt.datetime.now() - dt.timedelta(minutes=1)).strftime("%H:%M")
+    out = run_cli("phase2a", "--yes", "--no-backup", "--until", past, url=legacy_url)
+    assert out.returncode == 130, out.stderr
+    assert "(--until) before the next batch could finish" in out.stderr
+    assert f"resume with: migrate-data phase2a --yes --until {past}" in out.stderr
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 0
+
+
+def test_cross_database_copy_gives_the_same_rows_and_rejects(legacy_url, make_db, settings_for):
+    target_url = make_db()
+    settings = settings_for(target_url).with_(source_url=legacy_url)
+    run(api.run_phase(settings_for(target_url), "phase1", api.RunOptions(backup=False)))
+    result = run(api.run_phase(settings, "phase2a", api.RunOptions(backup=False, batch_size=128)))
+    assert result.validation.ok
+    assert scalar(target_url, "SELECT count(*) FROM clientes") == 997
+    assert scalar(target_url, "SELECT count(*) FROM migrate_data.rejects WHERE sqlstate = '22P02'") == 3
+    same = make_db()
+    sql(same, open(ROOT / "alembic" / "sql" / "legacy_schema.sql").read())
+    # the transformed values equal those of the one-database path
+    one_db = settings_for(legacy_url)
+    run(api.run_phase(one_db, "phase1", api.RunOptions(backup=False)))
+    run(api.run_phase(one_db, "phase2a", api.RunOptions(backup=False)))
+    fingerprint = "SELECT md5(string_agg(c::text, ',' ORDER BY id)) FROM clientes c"
+    assert scalar(target_url, fingerprint) == scalar(legacy_url, fingerprint)
