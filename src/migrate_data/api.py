@@ -24,7 +24,7 @@ from .copier import Copier, CopyEvent, CopyOptions, TableResult
 from .db import Executor, fetch_all, fetch_val, open_pool, rowcount
 from .errors import BadInput, MigrationError, RefusedError, Stopped
 from .mapping import Phase, QualifiedName, load_phases
-from .preflight import Finding, PhasePlan, preflight
+from .preflight import Finding, PhasePlan, compile_phase, preflight
 from .settings import Settings, redact
 from .sql import qname
 from .validate import ValidationResult, validate_phase
@@ -348,15 +348,14 @@ async def validate(settings: Settings, name: str, *, deep: bool = False, sample:
     """Validate a phase's tables now; record the result in the ledger when there is one."""
     phases, phase = get_phase(settings, name)
     async with connect(settings) as (target, source):
-        the_plan = await _preflight(settings, phase, target, source, coverage=False)
-        the_plan.raise_for_errors()
+        tables, findings = await compile_phase(phase, source=source, target=target)
+        PhasePlan(phase, tuple(tables), tuple(findings)).raise_for_errors()
         pre_counts: dict[str, int] = {}
         if await ledger.exists(target):
             st = (await ledger.phase_states(target)).get(name)
             if st is not None and st["pre_state"]:
                 pre_counts = json.loads(st["pre_state"]).get("counts", {})
-        result = await validate_phase(name, list(the_plan.tables), target=target, source=source, deep=deep,
-                                      sample=sample, allow_rejects=allow_rejects, pre_counts=pre_counts)
+        result = await validate_phase(name, tables, target=target, source=source, deep=deep, sample=sample, allow_rejects=allow_rejects, pre_counts=pre_counts)
         result = await _describe(settings, target, result, phase)
         if await ledger.exists(target):
             run_id = await ledger.start_run(target, kind="validate", phase=name)

@@ -13,6 +13,8 @@ from .errors import PreflightError
 from .mapping import ColumnSpec, Lookup, QualifiedName, TableMapping
 from .sql import qcols, qi, ql, qname
 
+LEDGER_SCHEMA = "migrate_data"  # the copier's rejects live in this schema of the target (see ledger.py)
+
 
 @dataclass(frozen=True)
 class CompiledColumn:
@@ -165,24 +167,36 @@ class CompiledTable:
     def key_columns(self) -> tuple[CompiledColumn, ...]:
         return tuple(next(c for c in self.columns if c.target == k) for k in self.key)
 
-    def expected_sql(self) -> str:
-        """Per source row: the expected target key and a hash of the expected target values."""
+    def expected_sql(self, *, with_hash: bool = True, skip_rejected: bool = False) -> str:
+        """Per source row: the expected target key and (``with_hash``) a hash of the expected target values.
+
+        ``skip_rejected`` leaves out the source rows the copier quarantined (``$2`` = phase, ``$3`` = target):
+        their values do not convert, which is why they were rejected.
+        """
         keys = ", ".join(f"{c.expr} AS {qi('k_' + c.target)}" for c in self.key_columns)
-        row = ", ".join(c.expr for c in self.columns)
-        where = self._where([f"({self.mapping.where})"] if self.mapping.where else [])
-        return f"SELECT {keys}, md5(ROW({row})::text) AS h FROM {self.from_}{where}"
+        row = f"ROW({', '.join(c.expr for c in self.columns)})::text"
+        conds = [f"({self.mapping.where})"] if self.mapping.where else []
+        if skip_rejected:
+            # A hashed NOT IN, and the row built only inside CASE: PostgreSQL may evaluate the select list
+            # before a join filter, and a rejected row's values are exactly those that fail to convert.
+            ok = (f"{self._key_text_array(self.alias)} NOT IN (SELECT r.source_key FROM {qi(LEDGER_SCHEMA)}.rejects AS r "
+                  f"WHERE r.phase = $2 AND r.target = $3)")
+            conds.append(ok)
+            row = f"CASE WHEN {ok} THEN {row} END"
+        hashed = f", md5({row}) AS h" if with_hash else ""
+        return f"SELECT {keys}{hashed} FROM {self.from_}{self._where(conds)}"
 
     def actual_sql(self) -> str:
         keys = ", ".join(f"t.{qi(k)} AS {qi('k_' + k)}" for k in self.key)
         row = ", ".join(f"t.{qi(c.target)}" for c in self.columns)
         return f"SELECT {keys}, md5(ROW({row})::text) AS h FROM {self.tgt} AS t"
 
-    def diff_sql(self) -> str:
+    def diff_sql(self, *, skip_rejected: bool = False) -> str:
         """Missing, extra and differing target keys: kind, key (text[]), total of that kind; ``$1`` = first N."""
         on = " AND ".join(f"e.{qi('k_' + k)} = a.{qi('k_' + k)}" for k in self.key)
         first = qi("k_" + self.key[0])
         key = "ARRAY[" + ", ".join(f"COALESCE(e.{qi('k_' + k)}, a.{qi('k_' + k)})::text" for k in self.key) + "]"
-        return (f"WITH e AS ({self.expected_sql()}), a AS ({self.actual_sql()}), "
+        return (f"WITH e AS ({self.expected_sql(skip_rejected=skip_rejected)}), a AS ({self.actual_sql()}), "
                 f"d AS (SELECT CASE WHEN a.{first} IS NULL THEN 'missing' WHEN e.{first} IS NULL THEN 'extra' "
                 f"ELSE 'differs' END AS kind, {key} AS key FROM e FULL JOIN a ON {on} WHERE e.h IS DISTINCT FROM a.h) "
                 f"SELECT kind, key, total FROM (SELECT kind, key, count(*) OVER (PARTITION BY kind) AS total, "
@@ -211,12 +225,13 @@ class CompiledTable:
         """Target rows whose key no source row produces (written by someone else), as jsonb."""
         on = " AND ".join(f"e.{qi('k_' + k)} = t.{qi(k)}" for k in self.key)
         return (f"SELECT to_jsonb(t) AS row FROM {self.tgt} AS t WHERE NOT EXISTS "
-                f"(SELECT 1 FROM ({self.expected_sql()}) e WHERE {on})")
+                f"(SELECT 1 FROM ({self.expected_sql(with_hash=False)}) e WHERE {on})")
 
     def delete_extra_sql(self) -> str:
         """Delete the target rows whose key no source row produces."""
         on = " AND ".join(f"e.{qi('k_' + k)} = t.{qi(k)}" for k in self.key)
-        return f"DELETE FROM {self.tgt} AS t WHERE NOT EXISTS (SELECT 1 FROM ({self.expected_sql()}) e WHERE {on})"
+        return (f"DELETE FROM {self.tgt} AS t WHERE NOT EXISTS "
+                f"(SELECT 1 FROM ({self.expected_sql(with_hash=False)}) e WHERE {on})")
 
     # -- rollback ------------------------------------------------------------------------------
     def expected_keys_sql(self, *, lower: bool) -> str:

@@ -13,12 +13,12 @@ from typing import Any
 
 import asyncpg
 
+from .compile import LEDGER_SCHEMA as SCHEMA
 from .db import Executor, execute, fetch_all, fetch_one, fetch_val
 from .errors import LockHeld
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "migrate_data"
 LOCK_KEY = 0x6D69677261746564  # "migrated"
 DDL = f"""
 CREATE SCHEMA IF NOT EXISTS {SCHEMA};

@@ -1,0 +1,141 @@
+"""Validation: counts that know the mapping, checksums, integrity, reports and exit codes."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import textwrap
+
+import pytest
+from conftest import run, run_cli, scalar, sql
+
+from migrate_data import api
+from migrate_data.settings import Settings
+
+
+@pytest.fixture
+def phase2a(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    run(api.run_phase(settings, "phase1", api.RunOptions(backup=False)))
+    run(api.run_phase(settings, "phase2a", api.RunOptions(backup=False)))
+    return legacy_url
+
+
+def validate(url: str, *args: str) -> tuple[int, dict]:
+    out = run_cli("validate", "phase2a", "--format", "json", *args, url=url)
+    return out.returncode, json.loads(out.stdout)
+
+
+def test_clean_phase_validates_with_exit_0(phase2a):
+    code, report = validate(phase2a, "--deep")
+    assert code == 0 and report["ok"] is True
+    clientes = next(t for t in report["tables"] if t["target"] == "public.clientes")
+    assert (clientes["source_rows"], clientes["target_rows"], clientes["rejected"], clientes["status"]) == \
+        (1000, 997, 3, "ok")
+    assert {"phase", "ok", "tables", "checks"} <= set(report)
+
+
+def test_deleted_target_row_fails_the_count_naming_the_table(phase2a):
+    sql(phase2a, "DELETE FROM clientes WHERE id = (SELECT id FROM clientes ORDER BY id LIMIT 1)")
+    code, report = validate(phase2a)
+    assert code == 3 and report["ok"] is False
+    failed = [t for t in report["tables"] if t["status"] == "failed"]
+    assert [t["target"] for t in failed] == ["public.clientes"]
+    assert "997, but 996 rows in public.clientes" in failed[0]["problems"][0]
+
+
+def test_changed_value_is_found_by_deep_with_key_and_column(phase2a):
+    key = scalar(phase2a, "SELECT id::text FROM clientes ORDER BY id LIMIT 1")
+    sql(phase2a, "UPDATE clientes SET ciudad = 'Atlantis' WHERE id = $1::uuid", key)
+    code, _ = validate(phase2a)
+    assert code == 0  # counts alone cannot see it
+    code, report = validate(phase2a, "--deep")
+    assert code == 3
+    clientes = next(t for t in report["tables"] if t["target"] == "public.clientes")
+    assert clientes["differs"] == 1
+    sample = clientes["samples"][0]
+    assert sample["kind"] == "differs" and sample["key"] == [key]
+    assert [c["column"] for c in sample["columns"]] == ["ciudad"]
+    assert sample["columns"][0]["actual"] == "Atlantis"
+
+
+def test_lookup_to_a_non_unique_key_fails(db_url, tmp_path):
+    sql(db_url, """CREATE TABLE s (id int PRIMARY KEY, u int); INSERT INTO s VALUES (1, 1), (2, 2);
+                   CREATE TABLE u (id int, phone text); INSERT INTO u VALUES (1, 'a'), (2, 'b');
+                   CREATE TABLE t (id int PRIMARY KEY, phone text)""")
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "mappings" / "p.yaml").write_text(textwrap.dedent("""
+        tables:
+          - source: s
+            target: t
+            columns: {id: id, phone: {lookup: {table: u, on: u, key: id, column: phone}}}
+    """))
+    settings = Settings(database_url=db_url, project_dir=tmp_path, output_dir=tmp_path)
+    sql(db_url, "INSERT INTO t VALUES (1, 'a'), (2, 'b')")
+    assert run(api.validate(settings, "p")).ok
+    sql(db_url, "INSERT INTO u VALUES (1, 'again')")  # u.id has no unique key: now a row multiplies
+    result = run(api.validate(settings, "p"))
+    assert not result.ok
+    assert "a lookup multiplies rows: 2 source rows become 3 when joined" in result.tables[0].problems[0]
+
+
+def test_orphan_foreign_key_fails(phase2a, settings_for):
+    settings = settings_for(phase2a)
+    run(api.run_phase(settings, "phase2b", api.RunOptions(backup=False)))
+    sql(phase2a, "ALTER TABLE servicios_proveedor DISABLE TRIGGER ALL")
+    sql(phase2a, "UPDATE servicios_proveedor SET profesion_id = gen_random_uuid() WHERE id = (SELECT min(id) FROM servicios_proveedor)")
+    sql(phase2a, "ALTER TABLE servicios_proveedor ENABLE TRIGGER ALL")
+    out = run_cli("validate", "phase2b", url=phase2a)
+    assert out.returncode == 3
+    assert "servicios_proveedor_profesion_id_fkey: 1 rows reference no row of public.profesiones" in out.stdout
+
+
+def test_sequence_behind_its_column_fails(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    for p in ("phase1", "phase2a", "phase2b", "phase3"):
+        run(api.run_phase(settings, p, api.RunOptions(backup=False)))
+    sql(legacy_url, "SELECT setval(pg_get_serial_sequence('tareas_programadas', 'id'), 1)")
+    result = run(api.validate(settings, "phase3"))
+    assert not result.ok
+    assert any(c.name == "sequence" and not c.ok and "new rows would collide" in c.message for c in result.checks)
+
+
+def test_reports_render_in_every_format(phase2a, tmp_path):
+    for fmt, marker in (("markdown", "| public.customers | public.clientes | 1,000 | 997 | 3 | ok |"),
+                        ("html", "<!doctype html>"), ("text", "validation of phase2a PASSED")):
+        out = run_cli("validate", "phase2a", "--format", fmt, url=phase2a)
+        assert out.returncode == 0 and marker in out.stdout, out.stdout
+    target = tmp_path / "r.html"
+    out = run_cli("validate", "phase2a", "--format", "html", "--output", str(target), url=phase2a)
+    assert out.returncode == 0 and "22P02" in target.read_text() and "***" not in target.read_text()
+
+
+def test_phase_run_saves_json_and_html_reports(phase2a, tmp_path):
+    reports = sorted((tmp_path / "reports").glob("phase2a-*"))
+    assert {p.suffix for p in reports} == {".json", ".html"}
+    data = json.loads(next(p for p in reports if p.suffix == ".json").read_text())
+    assert data["phase"] == "phase2a" and data["ok"] and data["operator"] == "postgres"
+
+
+def test_history_lists_runs_with_operator(phase2a):
+    out = run_cli("history", "--format", "json", url=phase2a)
+    rows = json.loads(out.stdout)
+    assert [r["phase"] for r in rows[:2]] == ["phase2a", "phase1"]
+    assert rows[0]["kind"] == "run" and rows[0]["status"] == "done" and rows[0]["operator"].startswith("postgres@")
+    assert rows[0]["rows"] == 1037 and rows[0]["rejects"] == 3
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="chromium is not installed (apt-get install chromium)")
+def test_html_report_renders_in_a_real_browser(phase2a, tmp_path):
+    page = tmp_path / "report.html"
+    run_cli("validate", "phase2a", "--format", "html", "--output", str(page), url=phase2a)
+    shot = tmp_path / "report.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,900",
+                    page.as_uri()], capture_output=True, timeout=60)
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          f"--user-data-dir={tmp_path / 'profile2'}", page.as_uri()],
+                         capture_output=True, text=True, timeout=60).stdout
+    assert "Validation of <code>phase2a</code>" in dom and "public.clientes" in dom
