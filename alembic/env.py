@@ -13,7 +13,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import async_engine_from_config
+from sqlalchemy.ext.asyncio import AsyncEngine, async_engine_from_config
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("connection") is None:
@@ -42,19 +42,22 @@ def do_run_migrations(connection: Connection) -> None:
         context.run_migrations()
 
 
-async def run_async_migrations() -> None:
-    section = config.get_section(config.config_ini_section, {})
-    section["sqlalchemy.url"] = database_url()
-    connectable = async_engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)
-    async with connectable.connect() as connection:
+async def run_async_migrations(engine: AsyncEngine | None) -> None:
+    owned = engine is None
+    if engine is None:
+        section = config.get_section(config.config_ini_section, {})
+        section["sqlalchemy.url"] = database_url()
+        engine = async_engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)
+    async with engine.begin() as connection:
         await connection.run_sync(do_run_migrations)
-    await connectable.dispose()
+    if owned:
+        await engine.dispose()
 
 
 def run_migrations_online() -> None:
-    connection = config.attributes.get("connection")
-    if connection is None:
-        asyncio.run(run_async_migrations())
+    connection = config.attributes.get("connection")  # a Connection (migrate-data) or an AsyncEngine (tests)
+    if connection is None or isinstance(connection, AsyncEngine):
+        asyncio.run(run_async_migrations(connection))
     else:
         do_run_migrations(connection)
 

@@ -136,3 +136,24 @@ def run_cli(*args: str, url: str | None = None, cwd: Path = ROOT, env: dict | No
 
 def run(coro):
     return asyncio.run(coro)
+
+
+@pytest.fixture
+def alembic_config():
+    """pytest-alembic: the project's own Alembic environment."""
+    return {"file": str(ROOT / "alembic.ini"), "script_location": str(ROOT / "alembic")}
+
+
+@pytest.fixture
+def alembic_engine(db_url):
+    """pytest-alembic: an async engine on a fresh database (our env.py is the async template)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
+    from migrate_data.settings import sqlalchemy_url
+
+    # phase5's downgrade recreates the legacy tables, so the database starts with them, as production does
+    sql(db_url, (ROOT / "alembic" / "sql" / "legacy_schema.sql").read_text())
+    engine = create_async_engine(sqlalchemy_url(db_url), poolclass=NullPool)
+    yield engine
+    asyncio.run(engine.dispose())

@@ -27,4 +27,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute((Path(__file__).resolve().parents[1] / "sql" / "legacy_schema.sql").read_text())
+    ddl = (Path(__file__).resolve().parents[1] / "sql" / "legacy_schema.sql").read_text()
+    for statement in ddl.split(";\n"):  # one statement at a time: the asyncpg driver prepares each
+        if statement.strip():
+            op.execute(statement)

@@ -18,7 +18,7 @@ import asyncpg
 
 from . import backup as backups
 from . import ledger, report, schema
-from .catalog import Table, sequences
+from .catalog import Table, parents_first, read_table, sequences
 from .compile import CompiledTable
 from .copier import Copier, CopyEvent, CopyOptions, TableResult
 from .db import Executor, fetch_all, fetch_val, open_pool, rowcount
@@ -442,8 +442,10 @@ async def _rollback(settings: Settings, phase: Phase, st: asyncpg.Record, target
     if phase.backup:
         if not st["backup_path"]:
             raise MigrationError(f"{name} has no backup to restore the dropped tables from")
+        recreated = [t for t in [await read_table(target, name) for name in phase.backup] if t is not None]
         await backups.restore_data(settings.database_url, Path(st["backup_path"]),
-                                   list(phase.backup), server_major=await _server_major(target))
+                                   [t.qualified for t in parents_first(recreated)],
+                                   server_major=await _server_major(target))
         restored = tuple(str(t) for t in phase.backup)
     return RollbackResult(name, deleted, dump_path, downgraded, restored, 0.0)
 

@@ -91,10 +91,26 @@ async def dump(url: str, tables: list[QualifiedName], path: Path, *, server_majo
 
 
 async def restore_data(url: str, path: Path, tables: list[QualifiedName], *, server_major: int) -> None:
-    """Restore the rows of ``tables`` from a backup into the (empty, recreated) tables."""
+    """Restore the rows of ``tables``, in the order given (parents first), and the dump's sequence values."""
     pg_restore = await find_tool("pg_restore", server_major)
     dsn, env = _libpq(url)
-    args = [pg_restore, "--data-only", "--single-transaction", "--exit-on-error", "--dbname", dsn]
-    for t in tables:
-        args += ["-t", t.name]
-    await _run([*args, str(path)], url, env)
+    listing = await _run([pg_restore, "--list", str(path)], url, env)
+    data: dict[str, str] = {}
+    sequences: list[str] = []
+    for line in listing.splitlines():
+        m = re.search(r" TABLE DATA \S+ (\S+) ", line)
+        if m:
+            data[m.group(1)] = line
+        elif " SEQUENCE SET " in line:
+            sequences.append(line)
+    missing = [t.name for t in tables if t.name not in data]
+    if missing:
+        raise MigrationError(f"backup {path} has no data for {', '.join(missing)}")
+    keep = [data[t.name] for t in tables] + sequences  # pg_restore -L restores in the file's order
+    list_file = path.with_suffix(".restore-list")
+    list_file.write_text("\n".join(keep) + "\n")
+    try:
+        await _run([pg_restore, "--data-only", "--single-transaction", "--exit-on-error", "--dbname", dsn,
+                    "-L", str(list_file), str(path)], url, env)
+    finally:
+        list_file.unlink(missing_ok=True)

@@ -121,3 +121,21 @@ async def sequences(db: Executor, table: Table) -> list[tuple[str, str]]:
 
 async def table_exists(db: Executor, name: QualifiedName) -> bool:
     return await fetch_one(db, "SELECT 1 FROM pg_class WHERE oid = to_regclass($1)", qname(name)) is not None
+
+
+def parents_first(tables: list[Table]) -> list[Table]:
+    """Order ``tables`` so that a table comes after the tables its foreign keys reference (cycles: as given)."""
+    by_name = {str(t.qualified): t for t in tables}
+    out: list[str] = []
+
+    def visit(name: str, seen: tuple[str, ...]) -> None:
+        if name in out or name in seen:
+            return
+        for fk in by_name[name].foreign_keys:
+            if str(fk.ref_table) in by_name:
+                visit(str(fk.ref_table), seen + (name,))
+        out.append(name)
+
+    for name in by_name:
+        visit(name, ())
+    return [by_name[n] for n in out]

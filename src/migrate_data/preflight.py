@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 
-from .catalog import Table, read_table
+from .catalog import Table, parents_first, read_table
 from .compile import CompiledTable, compile_table, coverage_sql, preview_sql, unmapped_values_sql
 from .copier import fk_cycles
 from .db import Executor, fetch_all, fetch_one, rolled_back
@@ -53,21 +53,8 @@ class PhasePlan:
 
 def fk_order(tables: list[tuple[CompiledTable, Table]]) -> list[tuple[CompiledTable, Table]]:
     """Parents first (tables of a cycle together), otherwise in the mapping's order."""
-    by_name = {str(ct.target): (ct, t) for ct, t in tables}
-    out: list[str] = []
-
-    def visit(name: str, seen: tuple[str, ...]) -> None:
-        if name in out or name in seen:
-            return
-        for fk in by_name[name][1].foreign_keys:
-            ref = str(fk.ref_table)
-            if ref in by_name:
-                visit(ref, seen + (name,))
-        out.append(name)
-
-    for name in by_name:
-        visit(name, ())
-    return [by_name[n] for n in out]
+    by_table = {str(t.qualified): (ct, t) for ct, t in tables}
+    return [by_table[str(t.qualified)] for t in parents_first([t for _, t in tables])]
 
 
 async def _prepare(db: Executor, sql: str, *, setup: str | None = None) -> str | None:

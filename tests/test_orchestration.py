@@ -1,0 +1,149 @@
+"""A phase from end to end: run, rollback, backups, status, refusals."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from conftest import run, run_cli, scalar, sql
+
+from migrate_data import api
+from migrate_data.backup import find_tool
+from migrate_data.errors import RefusedError
+
+DATA_PHASES = ("phase1", "phase2a", "phase2b", "phase3")
+
+
+def snapshot(url: str) -> dict:
+    """Tables, a fingerprint of every row, and sequence values of the application's schema."""
+    tables = [r[0] for r in sql(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                                     "AND tablename <> 'alembic_version' ORDER BY 1")]
+    rows = {t: scalar(url, f'SELECT md5(COALESCE(string_agg(x::text, \'|\' ORDER BY x::text), \'\')) FROM "{t}" x')
+            for t in tables}
+    seqs = {r[0]: (r[1], r[2]) for r in sql(url, "SELECT sequencename, last_value, start_value FROM pg_sequences "
+                                                 "WHERE schemaname = 'public' ORDER BY 1")}
+    return {"tables": tables, "rows": rows, "sequences": seqs}
+
+
+def run_all(settings, phases=DATA_PHASES, **opts):
+    return [run(api.run_phase(settings, p, api.RunOptions(**opts))) for p in phases]
+
+
+def test_whole_plan_then_rollbacks_leave_the_database_as_it_was(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    before = snapshot(legacy_url)
+    results = run_all(settings, backup=False)
+    assert all(r.validation.ok for r in results)
+    after_run = snapshot(legacy_url)
+    assert "clientes" in after_run["tables"] and after_run["rows"]["customers"] == before["rows"]["customers"]
+    for phase in reversed(DATA_PHASES):
+        run(api.rollback(settings, phase))
+    assert snapshot(legacy_url) == before
+    status = {s.phase: s.state for s in run(api.status(settings))}
+    assert status == {"phase1": "rolled_back", "phase2a": "rolled_back", "phase2b": "rolled_back",
+                      "phase3": "rolled_back", "phase5": "pending"}
+
+
+def test_rollback_refuses_while_a_later_phase_is_applied(legacy_url, settings_for):
+    run_all(settings_for(legacy_url), backup=False)
+    before = snapshot(legacy_url)
+    out = run_cli("rollback", "phase2a", "--yes", url=legacy_url)
+    assert out.returncode == 2
+    assert "phase2b, phase3 is applied after phase2a" in out.stderr and "HINT: roll back phase3 first" in out.stderr
+    assert snapshot(legacy_url) == before
+
+
+def test_rollback_refuses_rows_written_by_the_application_and_force_keeps_them(legacy_url, settings_for, tmp_path):
+    settings = settings_for(legacy_url)
+    run_all(settings, ("phase1", "phase2a"), backup=False)
+    sql(legacy_url, "INSERT INTO clientes (telefono, nombre_completo) VALUES ('+593000', 'Nueva Clienta')")
+    out = run_cli("rollback", "phase2a", "--yes", url=legacy_url, env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)})
+    assert out.returncode == 2
+    assert "hold rows that did not come from the source (public.clientes: 1 rows)" in out.stderr
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 998
+    out = run_cli("rollback", "phase2a", "--yes", "--force", url=legacy_url,
+                  env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    dumps = list((tmp_path / "backups").glob("phase2a-rollback-foreign-rows-*.jsonl"))
+    assert len(dumps) == 1
+    kept = [json.loads(line) for line in dumps[0].read_text().splitlines()]
+    assert [(k["table"], k["row"]["nombre_completo"]) for k in kept] == [("public.clientes", "Nueva Clienta")]
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 0
+
+
+def test_without_a_terminal_and_without_yes_nothing_runs(legacy_url):
+    out = run_cli("phase1", url=legacy_url)
+    assert out.returncode == 2 and "refusing to run phase1 without confirmation: no terminal" in out.stderr
+    assert scalar(legacy_url, "SELECT to_regclass('clientes') IS NULL") is True
+    out = run_cli("rollback", "phase1", url=legacy_url)
+    assert out.returncode == 2 and "without confirmation" in out.stderr
+
+
+def test_dry_run_changes_nothing(legacy_url):
+    out = run_cli("phase1", "--dry-run", url=legacy_url)
+    assert out.returncode == 0 and "dry run of phase1: pre-flight passed" in out.stdout
+    assert scalar(legacy_url, "SELECT to_regclass('clientes') IS NULL") is True
+
+
+def test_requires_refuses_to_skip_a_phase(legacy_url):
+    out = run_cli("phase2b", "--yes", url=legacy_url)
+    assert out.returncode == 2 and "phase2b requires phase2a, which is pending" in out.stderr
+
+
+def test_backups_are_taken_and_readable(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    run_all(settings, ("phase1", "phase2a"))
+    dumps = list(settings.backups_dir.glob("phase2a-*.dump"))
+    assert len(dumps) == 1
+    major = int(scalar(legacy_url, "SHOW server_version_num")) // 10000
+    pg_restore = run(find_tool("pg_restore", major))
+    listing = subprocess.run([pg_restore, "--list", str(dumps[0])], capture_output=True, text=True, check=True).stdout
+    for table in ("customers", "professions", "clientes", "profesiones"):
+        assert f"TABLE DATA public {table} " in listing
+    history = run(api.history(settings, phase="phase2a"))
+    assert history[0]["status"] == "done"
+
+
+def test_status_shows_partial_with_resume_point(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    run_all(settings, ("phase1",), backup=False)
+    with pytest.raises(Exception):
+        run(api.run_phase(settings, "phase2a", api.RunOptions(backup=False, batch_size=100, max_rejects=0)))
+    out = run_cli("status", "--format", "json", url=legacy_url)
+    rows = {r["phase"]: r for r in json.loads(out.stdout)}
+    assert rows["phase1"]["state"] == "applied"
+    assert rows["phase2a"]["state"] == "partial" and "resumes at" in rows["phase2a"]["resume"]
+    assert rows["phase3"]["state"] == "pending"
+
+
+def test_phase5_drops_legacy_tables_and_its_rollback_restores_them(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    run_all(settings, backup=False)
+    legacy = snapshot(legacy_url)
+    with pytest.raises(RefusedError, match="needs a verified backup"):
+        run(api.run_phase(settings, "phase5", api.RunOptions(backup=False)))
+    result = run(api.run_phase(settings, "phase5"))
+    assert result.backup_path and result.status == "done"
+    assert scalar(legacy_url, "SELECT to_regclass('customers') IS NULL") is True
+    out = run_cli("rollback", "phase3", "--yes", url=legacy_url)
+    assert out.returncode == 2 and "phase5 is applied after phase3" in out.stderr
+    rb = run(api.rollback(settings, "phase5"))
+    assert rb.downgraded_to == "phase1" and "customers" in rb.restored
+    assert snapshot(legacy_url) == legacy
+
+
+def test_alembic_changed_by_hand_is_refused(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    run_all(settings, ("phase1",), backup=False)
+    sql(legacy_url, "UPDATE alembic_version SET version_num = 'phase5'")
+    with pytest.raises(RefusedError, match="Alembic revision is phase5 but the ledger says phase1"):
+        run(api.run_phase(settings, "phase2a", api.RunOptions(backup=False)))
+
+
+def test_demo_runs_on_the_embedded_server(tmp_path):
+    pytest.importorskip("pgserver")
+    out = run_cli("demo", env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "$ migrate-data rollback phase3 --yes" in out.stdout
+    assert out.stdout.count("validation passed") == 5
+    assert "password" not in out.stdout
