@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from .embedded import bundled_bin_dir
 from .errors import MigrationError
 from .mapping import QualifiedName
 from .settings import APPLICATION_NAME, asyncpg_dsn, redact_text
@@ -21,12 +22,9 @@ log = logging.getLogger(__name__)
 def _candidates(tool: str) -> list[str]:
     found = [shutil.which(tool) or ""]
     found += sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"))
-    try:
-        import pgserver  # type: ignore[import-untyped]
-
-        found.append(str(Path(pgserver.__file__).parent / "pginstall" / "bin" / tool))
-    except ImportError:
-        pass
+    bundled = bundled_bin_dir()
+    if bundled is not None:
+        found.append(str(bundled / tool))
     return [f for f in dict.fromkeys(found) if f and os.access(f, os.X_OK)]
 
 

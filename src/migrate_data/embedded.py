@@ -13,13 +13,26 @@ from .errors import BadInput
 log = logging.getLogger(__name__)
 
 
+def _import_pgserver():  # type: ignore[no-untyped-def]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        import pgserver  # type: ignore[import-untyped]
+    return pgserver
+
+
+def bundled_bin_dir() -> Path | None:
+    """The bin/ of the embedded PostgreSQL (pg_dump, pg_restore, psql), when it is installed."""
+    try:
+        return Path(_import_pgserver().__file__).parent / "pginstall" / "bin"
+    except ImportError:
+        return None
+
+
 @contextmanager
 def embedded_server(data_dir: Path | None = None, *, keep: bool = False) -> Iterator[tuple[str, Path]]:
     """Start an embedded PostgreSQL; yield ``(url, data_dir)``; stop it (and delete it unless ``keep``)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-            import pgserver  # type: ignore[import-untyped]
+        pgserver = _import_pgserver()
     except ImportError as e:
         raise BadInput("the embedded PostgreSQL is not installed",
                        hint="pip install 'migrate-data[embedded]', or give a server with DATABASE_URL") from e
