@@ -6,6 +6,7 @@ import textwrap
 from conftest import ROOT, run, run_cli, scalar, sql
 
 from migrate_data import api, schema
+from migrate_data.db import open_pool
 from migrate_data.settings import Settings
 
 SPANISH = ("clientes", "profesiones", "proveedores", "proveedor_profesiones", "servicios_proveedor",
@@ -20,7 +21,7 @@ def test_phase1_up_and_down_leaves_no_spanish_table(db_url):
     settings = Settings(database_url=db_url, project_dir=ROOT)
 
     async def step(**kw):
-        async with schema.schema_transaction(settings, commit=True, **kw):
+        async with open_pool(db_url) as pool, schema.schema_transaction(settings, pool, commit=True, **kw):
             pass
 
     run(step(upgrade_to="phase1"))
@@ -50,7 +51,7 @@ def test_alembic_by_hand_uses_database_url(db_url):
     assert "clientes" not in tables(db_url)
 
 
-def test_shipped_env_py_is_the_init_template():
+def test_shipped_alembic_files_are_the_init_templates():
     template = ROOT / "src" / "migrate_data" / "templates"
     assert (ROOT / "alembic" / "env.py").read_text() == (template / "alembic" / "env.py").read_text()
     assert (ROOT / "alembic.ini").read_text() == (template / "alembic.ini").read_text()

@@ -165,8 +165,8 @@ async def check_schema_agrees(settings: Settings, db: Executor, phases: dict[str
         raise RefusedError(
             f"the database's Alembic revision is {current or 'base'} but the ledger says {expected or 'base'}",
             detail="someone changed the schema outside migrate-data (alembic upgrade/downgrade/stamp by hand)",
-            hint=f"bring it back with `alembic upgrade {expected}` / `alembic downgrade {expected or 'base'}`, "
-                 "then run the command again")
+            hint=f"bring the database back to {expected or 'base'} (`alembic upgrade` or `alembic downgrade "
+                 f"{expected or 'base'}`), or see `migrate-data status`, then run the command again")
 
 
 def later_applied(phases: dict[str, Phase], states: dict[str, asyncpg.Record], name: str) -> list[str]:
@@ -195,7 +195,7 @@ async def plan(settings: Settings, name: str, *, sql: bool = False, preview_rows
 
 async def _preflight(settings: Settings, phase: Phase, target: asyncpg.Pool, source: asyncpg.Pool, *,
                      coverage: bool, preview_rows: int = 0) -> PhasePlan:
-    async with schema.schema_transaction(settings, upgrade_to=phase.revision, commit=False) as conn:
+    async with schema.schema_transaction(settings, target, upgrade_to=phase.revision, commit=False) as conn:
         return await preflight(phase, source=conn if settings.same_database else source, target=conn,
                                same_db=settings.same_database, coverage=coverage, preview_rows=preview_rows)
 
@@ -266,7 +266,7 @@ async def _run(settings: Settings, phase: Phase, options: RunOptions, target: as
     if phase.backup:
         await _check_all_data_phases_valid(settings, target, name)
     # The schema step and the ledger's record of it commit together.
-    async with schema.schema_transaction(settings, upgrade_to=phase.revision, commit=True) as conn:
+    async with schema.schema_transaction(settings, target, upgrade_to=phase.revision, commit=True) as conn:
         the_plan = await preflight(phase, source=conn if settings.same_database else source, target=conn,
                                    same_db=settings.same_database, coverage=False)
         the_plan.raise_for_errors()
@@ -436,7 +436,7 @@ async def _rollback(settings: Settings, phase: Phase, st: asyncpg.Record, target
     downgraded = None
     if phase.revision:
         downgraded = schema.predecessor(settings, phase.revision)
-    async with schema.schema_transaction(settings, downgrade_to=downgraded, commit=True) as conn:
+    async with schema.schema_transaction(settings, target, downgrade_to=downgraded, commit=True) as conn:
         await ledger.set_phase(conn, name, state="rolled_back", validated=None)
     restored: tuple[str, ...] = ()
     if phase.backup:

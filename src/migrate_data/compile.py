@@ -134,11 +134,13 @@ class CompiledTable:
                 f"row_number() OVER (ORDER BY {self._order}) AS rn FROM {self.src}{self._where(conds)}) s "
                 f"WHERE rn % $1 = 0 ORDER BY rn")
 
-    # cross-database: the source ships text, the target casts it from a staging table
+    # cross-database: the source ships text (binary COPY), the target casts it from a staging table
     def source_text_sql(self, *, lower: bool, upper: bool) -> str:
+        """The rows of a range as the staging table's columns: ordinal, batch key, each value as text."""
         conds, _ = self._conditions(lower=lower, upper=upper)
         cols = ", ".join(f"({c.pre_cast})::text AS {qi(c.target)}" for c in self.columns)
-        return (f"SELECT {self._key_text_array(self.alias)} AS __key, {cols} FROM {self.from_}"
+        return (f"SELECT (row_number() OVER (ORDER BY {self._order}))::integer AS __n, "
+                f"{self._key_text_array(self.alias)} AS __key, {cols} FROM {self.from_}"
                 f"{self._where(conds)} ORDER BY {self._order}")
 
     def stage_table_sql(self, stage: str) -> str:
@@ -183,13 +185,13 @@ class CompiledTable:
                   f"WHERE r.phase = $2 AND r.target = $3)")
             conds.append(ok)
             row = f"CASE WHEN {ok} THEN {row} END"
-        hashed = f", md5({row}) AS h" if with_hash else ""
+        hashed = f", hashtextextended({row}, 0) AS h" if with_hash else ""
         return f"SELECT {keys}{hashed} FROM {self.from_}{self._where(conds)}"
 
     def actual_sql(self) -> str:
         keys = ", ".join(f"t.{qi(k)} AS {qi('k_' + k)}" for k in self.key)
         row = ", ".join(f"t.{qi(c.target)}" for c in self.columns)
-        return f"SELECT {keys}, md5(ROW({row})::text) AS h FROM {self.tgt} AS t"
+        return f"SELECT {keys}, hashtextextended(ROW({row})::text, 0) AS h FROM {self.tgt} AS t"
 
     def diff_sql(self, *, skip_rejected: bool = False) -> str:
         """Missing, extra and differing target keys: kind, key (text[]), total of that kind; ``$1`` = first N."""

@@ -179,8 +179,10 @@ class Copier:
     async def _parts(self, u: _Unit) -> list[asyncpg.Record]:
         """The table's key ranges: created on the first run, reused by every later one."""
         name = str(u.ct.target)
-        u.total = await fetch_val(self.source_pool, u.ct.count_sql())
         parts = await ledger.checkpoints(self.target_pool, self.phase, name)
+        if parts and all(p["done"] for p in parts) and not self.options.recheck:
+            return parts  # finished before: skipped without reading the source
+        u.total = await fetch_val(self.source_pool, u.ct.count_sql())
         if parts and self.options.recheck:
             await self.target_pool.execute(
                 f"UPDATE {ledger.SCHEMA}.checkpoints SET done = false, last_key = NULL, rows_read = 0, "
@@ -258,16 +260,13 @@ class Copier:
             await self._checkpoint(self.target_pool, u, part, last, 0, 0, 0, done=True)
             return 0, last, 0, 0
         rng = [*(last or []), *new_last]
-        rows = None
-        if not self.same_db:
-            rows = await self.source_pool.fetch(ct.source_text_sql(lower=lower, upper=True), *rng)
         async with self.target_pool.acquire() as conn, conn.transaction():
             if u.cyclic:
                 await conn.execute("SET LOCAL session_replication_role = replica")
             if self.same_db:
                 written, rejected = await self._insert_same_db(conn, u, last, new_last, rng)
             else:
-                written, rejected = await self._insert_staged(conn, u, rows or [])
+                written, rejected = await self._insert_staged(conn, u, lower, rng)
             await self._checkpoint(conn, u, part, new_last, n, written, rejected, done=n < self.options.batch_size)
         return n, new_last, written, rejected
 
@@ -295,27 +294,53 @@ class Copier:
 
         return await self._bisect(conn, u, len(keys), insert, lambda i: keys[i], source_row)
 
-    async def _insert_staged(self, conn: asyncpg.Connection, u: _Unit, rows: list[asyncpg.Record]) -> tuple[int, int]:
+    async def _insert_staged(self, conn: asyncpg.Connection, u: _Unit, lower: bool, rng: list[str]) -> tuple[int, int]:
+        """Pipe the range from the source (binary COPY out) into a staging table (binary COPY in), then insert."""
         ct = u.ct
         stage = f"migrate_data_stage_{abs(hash(str(ct.target))) % 10**8}"
         await conn.execute(ct.stage_table_sql(stage))
-        records = [(i + 1, *tuple(r)) for i, r in enumerate(rows)]
-        await conn.copy_records_to_table(stage, records=records, columns=ct.stage_columns())
+        await self._pipe(ct.source_text_sql(lower=lower, upper=True), rng, conn, stage, ct.stage_columns())
         try:
             async with conn.transaction():
                 return rowcount(await conn.execute(ct.stage_insert_sql(stage, sub=False))), 0
         except asyncpg.PostgresError as e:
             if not is_data_error(e):
                 raise
+        count = await conn.fetchval(f"SELECT count(*) FROM {qi(stage)}")
         sub = ct.stage_insert_sql(stage, sub=True)
+        keys = {r["__n"]: list(r["__key"]) for r in await conn.fetch(f"SELECT __n, __key FROM {qi(stage)}")}
 
         async def insert(i: int, j: int) -> int:
             return rowcount(await conn.execute(sub, i, j))
 
         async def source_row(i: int) -> str | None:
-            return await self.source_pool.fetchval(ct.source_row_sql(), *rows[i]["__key"])
+            return await self.source_pool.fetchval(ct.source_row_sql(), *keys[i + 1])
 
-        return await self._bisect(conn, u, len(rows), insert, lambda i: list(rows[i]["__key"]), source_row)
+        return await self._bisect(conn, u, count, insert, lambda i: keys[i + 1], source_row)
+
+    async def _pipe(self, query: str, args: list[str], conn: asyncpg.Connection, table: str, columns: list[str]) -> None:
+        """Stream ``COPY (query) TO STDOUT`` on the source into ``COPY table FROM STDIN`` on ``conn``, binary."""
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=32)
+
+        async def produce() -> None:
+            async with self.source_pool.acquire() as src:
+                await src.copy_from_query(query, *args, output=queue.put, format="binary")
+            await queue.put(None)
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            while (chunk := await queue.get()) is not None:
+                yield chunk
+
+        producer = asyncio.create_task(produce())
+        consumer = asyncio.create_task(conn.copy_to_table(table, source=chunks(), columns=columns, format="binary"))
+        done, _ = await asyncio.wait({producer, consumer}, return_when=asyncio.FIRST_EXCEPTION)
+        for task in (producer, consumer):
+            if task.done() and task.exception() is not None:
+                for other in (producer, consumer):
+                    other.cancel()
+                await asyncio.gather(producer, consumer, return_exceptions=True)
+                raise task.exception()  # type: ignore[misc]
+        await asyncio.gather(producer, consumer)
 
     async def _bisect(self, conn: asyncpg.Connection, u: _Unit, count: int, insert: Callable, key_of: Callable,
                       source_row: Callable) -> tuple[int, int]:

@@ -8,22 +8,25 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import asyncpg
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
 
 from .db import Executor, fetch_val
 from .errors import BadInput, MigrationError
 from .settings import APPLICATION_NAME, Settings, redact, redact_text, sqlalchemy_url
 
+if TYPE_CHECKING:  # Alembic and SQLAlchemy are imported only when a schema step runs (a quicker start)
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+    from sqlalchemy.engine import Connection
+
 log = logging.getLogger(__name__)
 
 
 def alembic_config(settings: Settings, *, buffer: io.StringIO | None = None) -> Config:
+    from alembic.config import Config
+
     ini = settings.project_dir / "alembic.ini"
     if not ini.is_file():
         raise BadInput(f"{ini}: no alembic.ini in the project", hint="run `migrate-data init DIR` or pass --project DIR")
@@ -33,6 +36,8 @@ def alembic_config(settings: Settings, *, buffer: io.StringIO | None = None) -> 
 
 
 def script_directory(settings: Settings) -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config(settings))
 
 
@@ -58,6 +63,9 @@ async def current_revision(db: Executor) -> str | None:
 
 
 def _engine(settings: Settings) -> Any:
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
     server_settings = {"application_name": APPLICATION_NAME}
     if settings.lock_timeout:
         server_settings["lock_timeout"] = settings.lock_timeout
@@ -68,18 +76,35 @@ def _engine(settings: Settings) -> Any:
 
 
 def _run(connection: Connection, cfg: Config, verb: str, revision: str) -> None:
+    from alembic import command
+
     cfg.attributes["connection"] = connection
     getattr(command, verb)(cfg, revision)
 
 
 @asynccontextmanager
-async def schema_transaction(settings: Settings, *, upgrade_to: str | None = None, downgrade_to: str | None = None,
-                             commit: bool) -> AsyncIterator[asyncpg.Connection]:
+async def schema_transaction(settings: Settings, pool: asyncpg.Pool, *, upgrade_to: str | None = None,
+                             downgrade_to: str | None = None, commit: bool) -> AsyncIterator[asyncpg.Connection]:
     """Open one transaction, run the Alembic step in it, yield its asyncpg connection; commit or roll back.
 
-    Checks run inside the block see the new schema; with ``commit=False`` nothing is kept.
+    Checks run inside the block see the new schema; with ``commit=False`` nothing is kept.  Without an
+    Alembic step it is a plain transaction on a connection of ``pool``.
     """
-    cfg = alembic_config(settings) if (upgrade_to or downgrade_to) else None
+    if not (upgrade_to or downgrade_to):
+        async with pool.acquire() as conn:
+            tr = conn.transaction()
+            await tr.start()
+            try:
+                yield conn
+            except BaseException:
+                await tr.rollback()
+                raise
+            if commit:
+                await tr.commit()
+            else:
+                await tr.rollback()
+        return
+    cfg = alembic_config(settings)
     engine = _engine(settings)
     try:
         async with engine.connect() as sa_conn:
@@ -109,6 +134,8 @@ async def schema_transaction(settings: Settings, *, upgrade_to: str | None = Non
 
 def offline_sql(settings: Settings, revision: str) -> str:
     """The DDL of ``revision`` as a script (Alembic offline mode), for review."""
+    from alembic import command
+
     buf = io.StringIO()
     cfg = alembic_config(settings, buffer=buf)
     cfg.set_main_option("sqlalchemy.url", "postgresql://offline/review")

@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Measure the copier against the physical limits of the same server, in the same run.
+
+For each benchmarked table (customers -> clientes; messages -> mensajes, with its lookup in users):
+  (a) one bare INSERT … SELECT … ON CONFLICT DO NOTHING with the mapping's own expressions (the limit in one db)
+  (b) `migrate-data` copying it, same database
+  (c) psql \\copy (SELECT <same expressions>) TO STDOUT | psql \\copy … FROM STDIN, between two databases
+  (d) `migrate-data` copying it across the two databases
+  (e) `migrate-data` again on the finished table (skipped), and with --recheck (a full idempotent pass)
+and, for validation, `migrate-data validate --deep` against count(*) of both sides plus one full read of each.
+Peak RSS is that of the migrate-data process.  The seed's planted dirt is cleaned first so the bare statement
+of (a) can run at all.  Results are written to BENCHMARKS.md.
+
+    python scripts/bench_copy.py --server postgresql://postgres@127.0.0.1:5432/postgres --scale 1.0
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from seed_legacy import seed  # noqa: E402
+
+from migrate_data import api  # noqa: E402
+from migrate_data.mapping import load_phases  # noqa: E402
+from migrate_data.settings import Settings  # noqa: E402
+from migrate_data.preflight import compile_phase  # noqa: E402
+
+TABLES = {"clientes": "phase2a", "mensajes": "phase3"}
+CLEAN = [
+    "UPDATE customers SET notes = NULL WHERE notes = '{not json'",
+    "UPDATE messages SET metadata = NULL WHERE metadata LIKE '{\"broken%'",
+    "UPDATE messages SET message_type = 'text' WHERE message_type = 'sticker'",
+]
+
+
+def db(server: str, name: str) -> str:
+    return urlunsplit(urlsplit(server)._replace(path="/" + name))
+
+
+async def sql(url: str, *statements: str) -> list:
+    conn = await asyncpg.connect(url)
+    try:
+        out = []
+        for s in statements:
+            out.append(await conn.fetch(s))
+        return out
+    finally:
+        await conn.close()
+
+
+async def timed(url: str, statement: str) -> float:
+    conn = await asyncpg.connect(url)
+    try:
+        t = time.perf_counter()
+        await conn.execute(statement)
+        return time.perf_counter() - t
+    finally:
+        await conn.close()
+
+
+def cli(args: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
+    """Run migrate-data; return (seconds, peak RSS in MB)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "migrate_data", *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    took = time.perf_counter() - t
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"migrate-data {' '.join(args)} failed: {proc.stderr.read().decode()[-2000:]}")
+    return took, usage.ru_maxrss / 1024
+
+
+def bench_project(tmp: Path) -> Path:
+    """The shipped Alembic environment and phase1, plus one phase per benchmarked table from the shipped mappings."""
+    (tmp / "mappings").mkdir(parents=True)
+    shutil.copytree(ROOT / "alembic", tmp / "alembic")
+    shutil.copy(ROOT / "alembic.ini", tmp / "alembic.ini")
+    shutil.copy(ROOT / "mappings" / "phase1.yaml", tmp / "mappings" / "phase1.yaml")
+    shipped = {p: yaml.safe_load((ROOT / "mappings" / f"{p}.yaml").read_text()) for p in set(TABLES.values())}
+    for target, phase in TABLES.items():
+        table = next(t for t in shipped[phase]["tables"] if t["target"] == target)
+        text = yaml.safe_dump({"description": f"bench {target}", "requires": ["phase1"], "tables": [table]},
+                              sort_keys=False)
+        (tmp / "mappings" / f"bench_{target}.yaml").write_text(text.replace("true:", "on:"))
+    return tmp
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--server", default=os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    p.add_argument("--scale", type=float, default=0.1)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=20000)
+    p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    args = p.parse_args()
+    admin = db(args.server, "postgres")
+    src, tgt = db(args.server, "bench_source"), db(args.server, "bench_target")
+    for name in ("bench_source", "bench_target"):
+        await sql(admin, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name}")
+    conn = await asyncpg.connect(src)
+    t = time.perf_counter()
+    rows = await seed(conn, args.scale)
+    seed_s = time.perf_counter() - t
+    await conn.close()
+    await sql(src, *CLEAN, "VACUUM ANALYZE")
+    env = dict(os.environ, DATABASE_URL=src, MIGRATE_DATA_OUTPUT_DIR=tempfile.mkdtemp())
+    env.pop("SOURCE_DATABASE_URL", None)
+    project = bench_project(Path(tempfile.mkdtemp()))
+    cli(["phase1", "--yes", "--no-backup"], env, project)
+    cli(["phase1", "--yes", "--no-backup"], dict(env, DATABASE_URL=tgt), project)
+    phases = load_phases(project / "mappings")
+    conn = await asyncpg.connect(src)
+    compiled = {}
+    for target in TABLES:
+        tables, findings = await compile_phase(phases[f"bench_{target}"], source=conn, target=conn)
+        compiled[target] = tables[0][0]
+    await conn.close()
+    psql = shutil.which("psql") or "psql"
+    startup, _ = cli(["--version"], env, project)
+    results = []
+    common = ["--yes", "--no-backup", "--jobs", str(args.jobs), "--batch-size", str(args.batch_size)]
+    for target, ct in compiled.items():
+        n = (await sql(src, ct.count_sql()))[0][0][0]
+        truncate = f"TRUNCATE {ct.tgt} CASCADE"
+        reset = ("DELETE FROM migrate_data.checkpoints; DELETE FROM migrate_data.rejects; "
+                 "DELETE FROM migrate_data.phases WHERE phase <> 'phase1'")
+        await sql(src, truncate)
+        a = await timed(src, ct.insert_sql(lower=False, upper=False))
+        await sql(src, truncate, reset.split(";")[0], reset.split(";")[1], reset.split(";")[2])
+        b, b_rss = cli([f"bench_{target}", *common], env, project)
+        e_skip, _ = cli([f"bench_{target}", *common], env, project)
+        e_re, e_rss = cli([f"bench_{target}", *common, "--recheck"], env, project)
+        # validation: --deep against two count(*) and one full read of each side
+        base = 0.0
+        for url, q in ((src, ct.count_sql()), (src, ct.target_count_sql()),
+                       (src, f"SELECT sum(length(x::text)) FROM {ct.source.schema}.{ct.source.name} x"),
+                       (src, f"SELECT sum(length(x::text)) FROM {ct.tgt} x")):
+            base += await timed(url, q)
+        t = time.perf_counter()
+        await api.validate(Settings(database_url=src, project_dir=project), f"bench_{target}", deep=True)
+        deep = time.perf_counter() - t
+        # (c) the psql pipe between two databases, with the same expressions
+        await sql(tgt, truncate)
+        select = ct.insert_sql(lower=False, upper=False).split(" SELECT ", 1)[1].split(" ON CONFLICT ")[0]
+        cols = ", ".join(f'"{c.target}"' for c in ct.columns)
+        t = time.perf_counter()
+        pipe = (f'{psql} -q "{src}" -c "\\copy (SELECT {select.replace(chr(34), chr(92) + chr(34))}) TO STDOUT" | '
+                f'{psql} -q "{tgt}" -c "\\copy {ct.tgt} ({cols.replace(chr(34), chr(92) + chr(34))}) FROM STDIN"')
+        subprocess.run(pipe, shell=True, check=True, capture_output=True)
+        c = time.perf_counter() - t
+        await sql(tgt, truncate, reset.split(";")[0], reset.split(";")[1], reset.split(";")[2])
+        d, d_rss = cli([f"bench_{target}", *common], dict(env, DATABASE_URL=tgt, SOURCE_DATABASE_URL=src), project)
+        results.append(dict(target=target, rows=n, a=a, b=b, c=c, d=d, e_skip=e_skip, e_re=e_re, deep=deep,
+                            base=base, rss=max(b_rss, d_rss, e_rss)))
+        print(results[-1], flush=True)
+    write(args, rows, seed_s, results, startup)
+
+
+def write(args, rows, seed_s, results, startup: float) -> None:
+    command = f"python scripts/bench_copy.py --scale {args.scale} --jobs {args.jobs} --batch-size {args.batch_size}"
+    lines = [
+        f"### scale {args.scale} — {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {platform.python_version()}",
+        "",
+        f"`{command}` (server: {urlsplit(args.server).hostname or 'local socket'}; "
+        f"seeding {sum(rows.values()):,} rows took {seed_s:.1f} s; starting the migrate-data process alone takes "
+        f"{startup:.2f} s and is included in (b), (d) and (e); --deep is timed in-process)",
+        "",
+        "| table | rows | (a) INSERT…SELECT | (b) copier, 1 db | (b)/(a) speed | (c) psql \\copy pipe | "
+        "(d) copier, 2 dbs | (d)/(c) speed | (e) re-run skipped | (e) --recheck | --deep | deep / (2 counts + 2 reads) | peak RSS |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['target']} | {r['rows']:,} | {r['a']:.2f} s | {r['b']:.2f} s | {r['a'] / r['b']:.2f} | "
+            f"{r['c']:.2f} s | {r['d']:.2f} s | {r['c'] / r['d']:.2f} | {r['e_skip']:.2f} s "
+            f"({100 * r['e_skip'] / r['b']:.0f}% of b) | {r['e_re']:.2f} s | {r['deep']:.2f} s | "
+            f"{r['deep'] / r['base']:.2f} | {r['rss']:.0f} MB |")
+    section = "\n".join(lines) + "\n"
+    path = Path(args.output)
+    head = path.read_text() if path.exists() else ""
+    marker = "<!-- results -->"
+    if marker not in head:
+        head = (head or "# Benchmarks\n") + f"\n{marker}\n"
+    path.write_text(head.replace(marker, marker + "\n\n" + section, 1))
+    print(section)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
