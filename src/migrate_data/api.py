@@ -226,6 +226,9 @@ async def run_phase(settings: Settings, name: str, options: RunOptions = RunOpti
                 return RunResult(name, "dry-run", findings=the_plan.findings, revision=phase.revision,
                                  seconds=time.monotonic() - started)
             run_id = await ledger.start_run(lock, kind="run", phase=name)
+            predicted = report.predicted_seconds(settings, name)
+            if predicted is not None:
+                await ledger.update_run(lock, run_id, predicted_seconds=predicted)
             try:
                 result = await _run(settings, phase, options, target, source, lock, run_id, states.get(name),
                                     on_event=on_event, stop=stop)
@@ -254,6 +257,7 @@ async def _run(settings: Settings, phase: Phase, options: RunOptions, target: as
                lock: asyncpg.Connection, run_id: int, state: asyncpg.Record | None, *,
                on_event: Callable[[CopyEvent], None] | None, stop: asyncio.Event | None) -> dict[str, Any]:
     name = phase.name
+    started = time.monotonic()
     backup_path = None
     resuming = state is not None and state["state"] in ("partial", "applied")
     if options.backup and not (resuming and state["backup_path"]):
@@ -287,7 +291,8 @@ async def _run(settings: Settings, phase: Phase, options: RunOptions, target: as
     pre_counts = (states[name]["pre_state"] and json.loads(states[name]["pre_state"]).get("counts")) or {}
     validation = await validate_phase(name, list(the_plan.tables), target=target, source=source, deep=options.deep,
                                       pre_counts=pre_counts)
-    validation = await _describe(settings, target, validation, phase)
+    validation = replace(await _describe(settings, target, validation, phase),
+                         run_seconds=round(time.monotonic() - started, 3))
     paths = report.save(validation, settings.reports_dir)
     rows = {t.target: t.rows_written for t in tables}
     await ledger.set_phase(target, name, state="applied", revision=phase.revision, run_id=run_id,

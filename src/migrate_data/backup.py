@@ -112,3 +112,11 @@ async def restore_data(url: str, path: Path, tables: list[QualifiedName], *, ser
                     "-L", str(list_file), str(path)], url, env)
     finally:
         list_file.unlink(missing_ok=True)
+
+
+async def restore_all(url: str, path: Path, *, server_major: int) -> None:
+    """Restore a whole dump (structure and rows) into an empty database."""
+    pg_restore = await find_tool("pg_restore", server_major)
+    dsn, env = _libpq(url)
+    await _run([pg_restore, "--no-owner", "--single-transaction", "--exit-on-error", "--dbname", dsn, str(path)],
+               url, env)

@@ -329,8 +329,41 @@ def status(obj: Context, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2, default=str))
         return
-    click.echo(report.summary([{k: v for k, v in r.items() if k not in ("predicted_seconds", "actual_seconds")}
-                               for r in rows]))
+    show_timing = any(r["predicted_seconds"] is not None for r in rows)
+    click.echo(report.summary([
+        {k: (f"{v:.0f}s" if isinstance(v, float) else v) for k, v in r.items()
+         if show_timing or k not in ("predicted_seconds", "actual_seconds")}
+        for r in rows]))
+
+
+@cli.command()
+@click.argument("phases", nargs=-1)
+@click.option("--staging-url", required=True, help="The staging database to build and rehearse on.")
+@click.option("--window", help="The maintenance window, e.g. 02:00-06:00.")
+@click.option("--tz", help="Time zone of the window, e.g. America/Guayaquil (shown in the report).")
+@click.option("--rebuild", is_flag=True, help="Replace the staging database if it exists.")
+@click.option("--use-existing", is_flag=True, help="Rehearse on the staging database as it is (no copy).")
+@click.option("--jobs", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(1))
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@pass_ctx
+def rehearse(obj: Context, phases: tuple[str, ...], staging_url: str, window: str | None, tz: str | None,
+             rebuild: bool, use_existing: bool, jobs: int, batch_size: int, fmt: str) -> None:
+    """Rehearse phases on a staging copy and predict whether they fit the window."""
+    from .rehearse import rehearse as run_rehearsal
+
+    settings = obj.settings()
+    result = run(lambda stop: run_rehearsal(settings, list(phases), staging_url=staging_url,
+                                            window=f"{window} {tz}".strip() if window and tz else window,
+                                            rebuild=rebuild, use_existing=use_existing, jobs=jobs,
+                                            batch_size=batch_size))
+    if fmt == "json":
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        click.echo(report.rehearsal_markdown(result))
+        click.echo(f"reports: {result.reports.get('html')}")
+    if not result.validations_ok:
+        sys.exit(3)
 
 
 @cli.command()

@@ -169,7 +169,21 @@ class CompiledTable:
     def key_columns(self) -> tuple[CompiledColumn, ...]:
         return tuple(next(c for c in self.columns if c.target == k) for k in self.key)
 
-    def expected_sql(self, *, with_hash: bool = True, skip_rejected: bool = False) -> str:
+    def _key_range(self, prefix: str | None, first: int, *, lower: bool, upper: bool) -> list[str]:
+        """Conditions ``key > $first`` / ``key <= $next`` on the target key (expected side: its expressions)."""
+        if prefix is None:
+            keys = ", ".join(c.expr for c in self.key_columns)
+        else:
+            keys = qcols(self.key, prefix)
+        keys = f"({keys})" if len(self.key) > 1 else keys
+        out, n = [], first
+        for op, on in ((">", lower), ("<=", upper)):
+            if on:
+                out.append(f"{keys} {op} {self._key_params(n)}")
+                n += len(self.key)
+        return out
+
+    def expected_sql(self, *, with_hash: bool = True, skip_rejected: bool = False, key_range: tuple[int, bool, bool] | None = None) -> str:
         """Per source row: the expected target key and (``with_hash``) a hash of the expected target values.
 
         ``skip_rejected`` leaves out the source rows the copier quarantined (``$2`` = phase, ``$3`` = target):
@@ -185,20 +199,29 @@ class CompiledTable:
                   f"WHERE r.phase = $2 AND r.target = $3)")
             conds.append(ok)
             row = f"CASE WHEN {ok} THEN {row} END"
+        if key_range is not None:
+            conds += self._key_range(None, key_range[0], lower=key_range[1], upper=key_range[2])
         hashed = f", hashtextextended({row}, 0) AS h" if with_hash else ""
         return f"SELECT {keys}{hashed} FROM {self.from_}{self._where(conds)}"
 
-    def actual_sql(self) -> str:
+    def actual_sql(self, *, key_range: tuple[int, bool, bool] | None = None) -> str:
         keys = ", ".join(f"t.{qi(k)} AS {qi('k_' + k)}" for k in self.key)
         row = ", ".join(f"t.{qi(c.target)}" for c in self.columns)
-        return f"SELECT {keys}, hashtextextended(ROW({row})::text, 0) AS h FROM {self.tgt} AS t"
+        conds = self._key_range("t", key_range[0], lower=key_range[1], upper=key_range[2]) if key_range else []
+        return f"SELECT {keys}, hashtextextended(ROW({row})::text, 0) AS h FROM {self.tgt} AS t{self._where(conds)}"
 
-    def diff_sql(self, *, skip_rejected: bool = False) -> str:
-        """Missing, extra and differing target keys: kind, key (text[]), total of that kind; ``$1`` = first N."""
+    def diff_sql(self, *, skip_rejected: bool = False, lower: bool = False, upper: bool = False) -> str:
+        """Missing, extra and differing target keys: kind, key (text[]), total of that kind.
+
+        Parameters: ``$1`` = first N; with ``skip_rejected`` ``$2``, ``$3`` = phase, target; then the lower and
+        upper target keys of the range (text), when ``lower`` / ``upper``.
+        """
+        rng = (4 if skip_rejected else 2, lower, upper) if (lower or upper) else None
         on = " AND ".join(f"e.{qi('k_' + k)} = a.{qi('k_' + k)}" for k in self.key)
         first = qi("k_" + self.key[0])
         key = "ARRAY[" + ", ".join(f"COALESCE(e.{qi('k_' + k)}, a.{qi('k_' + k)})::text" for k in self.key) + "]"
-        return (f"WITH e AS ({self.expected_sql(skip_rejected=skip_rejected)}), a AS ({self.actual_sql()}), "
+        return (f"WITH e AS ({self.expected_sql(skip_rejected=skip_rejected, key_range=rng)}), "
+                f"a AS ({self.actual_sql(key_range=rng)}), "
                 f"d AS (SELECT CASE WHEN a.{first} IS NULL THEN 'missing' WHEN e.{first} IS NULL THEN 'extra' "
                 f"ELSE 'differs' END AS kind, {key} AS key FROM e FULL JOIN a ON {on} WHERE e.h IS DISTINCT FROM a.h) "
                 f"SELECT kind, key, total FROM (SELECT kind, key, count(*) OVER (PARTITION BY kind) AS total, "
@@ -228,6 +251,13 @@ class CompiledTable:
         on = " AND ".join(f"e.{qi('k_' + k)} = t.{qi(k)}" for k in self.key)
         return (f"SELECT to_jsonb(t) AS row FROM {self.tgt} AS t WHERE NOT EXISTS "
                 f"(SELECT 1 FROM ({self.expected_sql(with_hash=False)}) e WHERE {on})")
+
+    def key_split_sql(self) -> str:
+        """Every ``$1``-th target key (as text[]): boundaries of ranges compared concurrently."""
+        keys = qcols(self.key, "t")
+        arr = "ARRAY[" + ", ".join(f"t.{qi(k)}::text" for k in self.key) + "]"
+        return (f"SELECT k FROM (SELECT {arr} AS k, row_number() OVER (ORDER BY {keys}) AS rn FROM {self.tgt} AS t) s "
+                f"WHERE rn % $1 = 0 ORDER BY rn")
 
     def delete_extra_sql(self) -> str:
         """Delete the target rows whose key no source row produces."""

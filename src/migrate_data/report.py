@@ -5,9 +5,13 @@ import datetime as dt
 import html
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .settings import Settings, redact
 from .validate import ValidationResult
+
+if TYPE_CHECKING:
+    from .rehearse import RehearsalResult
 
 
 def to_json(result: ValidationResult) -> str:
@@ -38,7 +42,9 @@ def to_text(result: ValidationResult) -> str:
 def to_markdown(result: ValidationResult) -> str:
     out = [f"# Validation of `{result.phase}`: {'PASSED' if result.ok else 'FAILED'}", "",
            f"- database: `{result.database}`", f"- revision: `{result.revision or '-'}`",
-           f"- run by: {result.operator or '-'} on {result.host or '-'}, {result.started_at}, {result.seconds:.1f}s",
+           f"- run by: {result.operator or '-'} on {result.host or '-'}, {result.started_at}; "
+           + (f"phase {result.run_seconds:.1f} s, " if result.run_seconds is not None else "")
+           + f"validation {result.seconds:.1f} s",
            f"- checksums: {'yes' if result.deep else 'no (counts only)'}", "",
            "| source | target | source rows | target rows | rejected | status |", "|---|---|--:|--:|--:|---|"]
     out += [f"| {t.source} | {t.target} | {t.source_rows:,} | {t.target_rows:,} | {t.rejected:,} | {t.status} |"
@@ -107,7 +113,7 @@ def to_html(result: ValidationResult) -> str:
 <h1>Validation of <code>{e(result.phase)}</code> <span class="verdict {'ok' if result.ok else 'failed'}">{verdict}</span></h1>
 <dl><dt>database</dt><dd><code>{e(result.database)}</code></dd><dt>revision</dt><dd>{e(result.revision or '-')}</dd>
 <dt>run by</dt><dd>{e(result.operator or '-')} on {e(result.host or '-')}</dd><dt>when</dt><dd>{e(result.started_at)}</dd>
-<dt>took</dt><dd>{result.seconds:.1f} s</dd><dt>checksums</dt><dd>{'yes' if result.deep else 'no (counts only)'}</dd></dl>
+<dt>took</dt><dd>{f"phase {result.run_seconds:.1f} s, " if result.run_seconds is not None else ""}validation {result.seconds:.1f} s</dd><dt>checksums</dt><dd>{'yes' if result.deep else 'no (counts only)'}</dd></dl>
 <h2>Rows per table</h2>
 <div class="legend"><span style="background:#3b6fd8"></span>source<span style="background:#2e9e5b"></span>target<span style="background:#d98e04"></span>rejected</div>
 <table>{''.join(bars)}</table>
@@ -128,10 +134,14 @@ def render(result: ValidationResult, fmt: str) -> str:
     return RENDERERS[fmt](result)
 
 
+def _stamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+
+
 def save(result: ValidationResult, directory: Path) -> dict[str, Path]:
     """Write ``<phase>-<UTC timestamp>.json`` and ``.html`` under ``directory``; return their paths."""
     directory.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    stamp = _stamp()
     out: dict[str, Path] = {}
     for fmt, ext in (("json", "json"), ("html", "html")):
         path = directory / f"{result.phase}-{stamp}.{ext}"
@@ -150,3 +160,138 @@ def summary(rows: list[dict[str, Any]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+# -- rehearsals -----------------------------------------------------------------------------------
+def _dur(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.1f} s"
+
+
+def rehearsal_markdown(r: RehearsalResult) -> str:
+    out = [f"# Rehearsal of {', '.join(r.phases)}: {'FITS' if r.ok else 'DOES NOT FIT' if r.window else 'done'}", "",
+           f"- production (read only): `{r.production}`", f"- staging: `{r.staging}` (built by {r.built})",
+           f"- window: {r.window or '-'}" + (f" ({_dur(r.window_seconds)})" if r.window_seconds else ""),
+           f"- rehearsed {r.started_at} in {_dur(r.seconds)}; every validation "
+           f"{'passed' if r.validations_ok else 'did NOT pass'}", "",
+           "## Prediction", "", "| phase | staging | predicted | range (±30%) | catch-up (--recheck) | fits |",
+           "|---|--:|--:|--:|--:|---|"]
+    out += [f"| {p.phase} | {_dur(p.staging_seconds)} | {_dur(p.predicted_seconds)} | {_dur(p.low)} – {_dur(p.high)} | "
+            f"{_dur(p.catch_up_seconds)} | {'-' if p.fits is None else 'yes' if p.fits else '**no**'} |"
+            for p in r.predictions]
+    advice = [(p.phase, a) for p in r.predictions for a in p.advice]
+    if advice:
+        out += ["", "What would make it fit:", ""] + [f"- {ph}: {a}" for ph, a in advice]
+    out += ["", "## Tables", "", "| phase | table | staging rows | production rows | rows/s | predicted |",
+            "|---|---|--:|--:|--:|--:|"]
+    out += [f"| {t.phase} | {t.target} | {t.staging_rows:,} | {t.production_rows:,} | {t.rows_per_second:,.0f} | "
+            f"{_dur(t.predicted_seconds)} |" for t in r.tables]
+    out += ["", "## Drift between staging and production", ""]
+    out += [f"- {d.kind}: {d.table}: {d.message}" for d in r.drift] or ["- none found"]
+    out += ["", "## Steps", "", "| phase | step | table | start | took | rows |", "|---|---|---|--:|--:|--:|"]
+    out += [f"| {s.phase} | {s.step} | {s.table or '(phase)'} | {s.start:.1f} s | {s.seconds:.2f} s | {s.rows:,} |"
+            for s in r.steps]
+    return "\n".join(out) + "\n"
+
+
+STEP_COLOURS = {"setup": "#9aa5b8", "run": "#3b6fd8", "rollback": "#d98e04", "rerun": "#2e9e5b", "recheck": "#7a4fd0"}
+
+
+def rehearsal_html(r: RehearsalResult) -> str:
+    e = html.escape
+    total = max([s.start + s.seconds for s in r.steps] + [0.001])
+    rows = sorted({(s.phase, s.table or "(phase)") for s in r.steps}, key=lambda x: min(
+        st.start for st in r.steps if (st.phase, st.table or "(phase)") == x))
+    height, label_w, width = 22, 260, 860
+    bars = []
+    for i, (phase, table) in enumerate(rows):
+        y = 30 + i * height
+        bars.append(f"<text x='0' y='{y + 14}' font-size='12'>{e(phase)} · {e(table)}</text>")
+        for s in r.steps:
+            if (s.phase, s.table or "(phase)") != (phase, table):
+                continue
+            x = label_w + width * s.start / total
+            w = max(width * s.seconds / total, 1.5)
+            bars.append(f"<rect x='{x:.1f}' y='{y}' width='{w:.1f}' height='{height - 6}' fill='{STEP_COLOURS[s.step]}'>"
+                        f"<title>{e(s.step)} {e(table)}: {s.seconds:.2f} s, {s.rows:,} rows</title></rect>")
+    legend = "".join(f"<span style='background:{c}'></span>{k}" for k, c in STEP_COLOURS.items())
+    svg_h = 40 + len(rows) * height
+    timeline = (f"<svg width='{label_w + width + 20}' height='{svg_h}' role='img' aria-label='timeline'>"
+                f"<text x='{label_w}' y='14' font-size='11'>0 s</text>"
+                f"<text x='{label_w + width - 40}' y='14' font-size='11'>{total:.1f} s</text>{''.join(bars)}</svg>")
+    win = r.window_seconds or max([p.high for p in r.predictions] + [1.0])
+    preds = []
+    for p in r.predictions:
+        scale = 100 / max(win, p.high)
+        preds.append(
+            f"<tr><td>{e(p.phase)}</td><td style='width:55%'><div style='position:relative;height:18px;background:#eef1f6'>"
+            f"<div style='position:absolute;left:{p.low * scale:.1f}%;width:{(p.high - p.low) * scale:.1f}%;height:18px;"
+            f"background:{'#2e9e5b' if p.fits is not False else '#b42318'};opacity:.35'></div>"
+            f"<div style='position:absolute;left:{p.predicted_seconds * scale:.1f}%;width:2px;height:18px;background:#1d2433'></div>"
+            + (f"<div style='position:absolute;left:{win * scale:.1f}%;width:2px;height:18px;background:#b42318'></div>"
+               if r.window_seconds else "")
+            + f"</div></td><td class='n'>{_dur(p.predicted_seconds)} ({_dur(p.low)} – {_dur(p.high)})</td>"
+              f"<td>{'-' if p.fits is None else 'fits' if p.fits else 'does not fit'}</td></tr>")
+    advice = "".join(f"<li><b>{e(p.phase)}</b>: {e(a)}</li>" for p in r.predictions for a in p.advice)
+    tables = "".join(f"<tr><td>{e(t.phase)}</td><td>{e(t.target)}</td><td class='n'>{t.staging_rows:,}</td>"
+                     f"<td class='n'>{t.production_rows:,}</td><td class='n'>{t.rows_per_second:,.0f}</td>"
+                     f"<td class='n'>{_dur(t.predicted_seconds)}</td></tr>" for t in r.tables)
+    drift = "".join(f"<li>{e(d.kind)}: <b>{e(d.table)}</b>: {e(d.message)}</li>" for d in r.drift) or "<li>none found</li>"
+    verdict = "FITS" if r.ok else ("DOES NOT FIT" if r.window else "DONE")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Rehearsal: {verdict}</title>
+<style>{CSS}.legend span{{display:inline-block;width:10px;height:10px;margin:0 .3rem 0 1rem}}</style></head><body>
+<h1>Rehearsal of <code>{e(', '.join(r.phases))}</code>
+<span class="verdict {'ok' if r.ok else 'failed'}">{verdict}</span></h1>
+<dl><dt>production (read only)</dt><dd><code>{e(r.production)}</code></dd><dt>staging</dt><dd><code>{e(r.staging)}</code>
+(built by {e(r.built)})</dd><dt>window</dt><dd>{e(r.window or '-')}</dd><dt>when</dt><dd>{e(r.started_at)}, took {_dur(r.seconds)}</dd>
+<dt>validations</dt><dd>{'all passed' if r.validations_ok else 'NOT all passed'}</dd></dl>
+<h2>Prediction against the window</h2>
+<table><tr><th>phase</th><th>predicted (bar: ±30%, line: window end)</th><th>time</th><th></th></tr>{''.join(preds)}</table>
+{f"<h3>What would make it fit</h3><ul>{advice}</ul>" if advice else ""}
+<h2>Timeline of the rehearsal</h2><div class="legend">{legend}</div>{timeline}
+<h2>Tables</h2><table><tr><th>phase</th><th>table</th><th>staging rows</th><th>production rows</th><th>rows/s</th>
+<th>predicted</th></tr>{tables}</table>
+<h2>Drift between staging and production</h2><ul>{drift}</ul>
+</body></html>
+"""
+
+
+def save_rehearsal(result: RehearsalResult, directory: Path) -> dict[str, Path]:
+    """Write ``rehearsal-<UTC>.json``, ``.md`` and ``.html`` under ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = _stamp()
+    out = {}
+    for fmt, text in (("json", json.dumps(result.to_dict(), indent=2, default=str)),
+                      ("markdown", rehearsal_markdown(result)), ("html", rehearsal_html(result))):
+        path = directory / f"rehearsal-{stamp}.{'md' if fmt == 'markdown' else fmt}"
+        path.write_text(text, encoding="utf-8")
+        out[fmt] = path
+    return out
+
+
+PREDICTIONS = "predictions.json"
+
+
+def save_predictions(result: RehearsalResult, directory: Path) -> Path:
+    """Keep the latest prediction per phase, so the real run can record it beside its actual time."""
+    path = directory / PREDICTIONS
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    for p in result.predictions:
+        data[p.phase] = {"predicted_seconds": p.predicted_seconds, "low": p.low, "high": p.high,
+                         "production": result.production, "rehearsed_at": result.started_at}
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def predicted_seconds(settings: Settings, phase: str) -> float | None:
+    """The last rehearsal's prediction for ``phase`` on this database, if any."""
+    path = settings.reports_dir / PREDICTIONS
+    if not path.is_file():
+        return None
+    entry = json.loads(path.read_text()).get(phase)
+    if not entry or entry.get("production") != redact(settings.database_url):
+        return None
+    return float(entry["predicted_seconds"])

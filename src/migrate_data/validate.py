@@ -1,10 +1,12 @@
 """Compare what a phase should have produced with what the target holds."""
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import math
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import asyncpg
@@ -56,7 +58,7 @@ class ValidationResult:
     operator: str = ""
     host: str = ""
     rejects: tuple[dict[str, Any], ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
+    run_seconds: float | None = None  # the whole phase run this validation ended, when there was one
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,25 +124,38 @@ async def validate_phase(
                             rejects=tuple(reject_rows))
 
 
-async def _deep(ct: CompiledTable, db: asyncpg.Pool, sample: int,
-                phase: str | None) -> tuple[int, int, int, list[dict[str, Any]]]:
-    """Compare hashes of expected and actual rows, set-based, in the database; rejected rows are left out."""
-    if phase is None:
-        rows = await fetch_all(db, ct.diff_sql(), sample)
-    else:
-        rows = await fetch_all(db, ct.diff_sql(skip_rejected=True), sample, phase, str(ct.target))
-    totals = {r["kind"]: r["total"] for r in rows}
+async def _deep(ct: CompiledTable, db: asyncpg.Pool, sample: int, phase: str | None, *,
+                jobs: int = 2, split_rows: int = 200_000) -> tuple[int, int, int, list[dict[str, Any]]]:
+    """Compare hashes of expected and actual rows, set-based in the database, in ``jobs`` concurrent key ranges
+    for a big table; rejected rows are left out."""
+    rows_n = await fetch_val(db, ct.target_count_sql())
+    bounds: list[list[str] | None] = [None]
+    if jobs > 1 and rows_n >= split_rows:
+        bounds += [r["k"] for r in await fetch_all(db, ct.key_split_sql(), math.ceil(rows_n / jobs))][: jobs - 1]
+    bounds.append(None)
+    skip = [phase, str(ct.target)] if phase is not None else []
+
+    async def one(lo: list[str] | None, hi: list[str] | None) -> list[asyncpg.Record]:
+        sql = ct.diff_sql(skip_rejected=phase is not None, lower=lo is not None, upper=hi is not None)
+        return await fetch_all(db, sql, sample, *skip, *(lo or []), *(hi or []))
+
+    parts = await asyncio.gather(*(one(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)))
+    totals: dict[str, int] = {}
+    found: list[asyncpg.Record] = []
+    for rows in parts:
+        for kind, total in {r["kind"]: r["total"] for r in rows}.items():
+            totals[kind] = totals.get(kind, 0) + total
+        found += rows
     samples: list[dict[str, Any]] = []
-    for r in rows:
-        item: dict[str, Any] = {"kind": r["kind"], "key": list(r["key"])}
-        if r["kind"] == "differs":
-            exp = await fetch_val(db, ct.expected_row_sql(), *r["key"])
-            act = await fetch_val(db, ct.actual_row_sql(), *r["key"])
-            item["columns"] = [
-                {"column": c.target, "expected": e, "actual": a}
-                for c, e, a in zip(ct.columns, exp or [], act or []) if e != a
-            ]
-        samples.append(item)
+    for kind in ("differs", "extra", "missing"):
+        for r in sorted((r for r in found if r["kind"] == kind), key=lambda r: list(r["key"]))[:sample]:
+            item: dict[str, Any] = {"kind": kind, "key": list(r["key"])}
+            if kind == "differs":
+                exp = await fetch_val(db, ct.expected_row_sql(), *r["key"])
+                act = await fetch_val(db, ct.actual_row_sql(), *r["key"])
+                item["columns"] = [{"column": c.target, "expected": e, "actual": a}
+                                   for c, e, a in zip(ct.columns, exp or [], act or []) if e != a]
+            samples.append(item)
     return totals.get("missing", 0), totals.get("extra", 0), totals.get("differs", 0), samples
 
 
