@@ -3,6 +3,7 @@
 migrate-data runs it through Alembic's API on its own connection; `alembic upgrade head` by hand
 takes the database from DATABASE_URL.
 """
+
 from migrate_data.alembic_env import run
 
 run()

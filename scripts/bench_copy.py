@@ -13,6 +13,7 @@ of (a) can run at all.  Results are written to BENCHMARKS.md.
 
     python scripts/bench_copy.py --server postgresql://postgres@127.0.0.1:5432/postgres --scale 1.0
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,12 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from seed_legacy import seed  # noqa: E402
-
 from migrate_data import api  # noqa: E402
 from migrate_data.mapping import load_phases  # noqa: E402
-from migrate_data.settings import Settings  # noqa: E402
 from migrate_data.preflight import compile_phase  # noqa: E402
+from migrate_data.settings import Settings  # noqa: E402
+from seed_legacy import seed  # noqa: E402
 
 TABLES = {"clientes": "phase2a", "mensajes": "phase3"}
 CLEAN = [
@@ -77,8 +77,13 @@ async def timed(url: str, statement: str) -> float:
 def cli(args: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
     """Run migrate-data; return (seconds, peak RSS in MB)."""
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "migrate_data", *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migrate_data", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     took = time.perf_counter() - t
     if os.waitstatus_to_exitcode(status) != 0:
@@ -95,15 +100,18 @@ def bench_project(tmp: Path) -> Path:
     shipped = {p: yaml.safe_load((ROOT / "mappings" / f"{p}.yaml").read_text()) for p in set(TABLES.values())}
     for target, phase in TABLES.items():
         table = next(t for t in shipped[phase]["tables"] if t["target"] == target)
-        text = yaml.safe_dump({"description": f"bench {target}", "requires": ["phase1"], "tables": [table]},
-                              sort_keys=False)
+        text = yaml.safe_dump(
+            {"description": f"bench {target}", "requires": ["phase1"], "tables": [table]}, sort_keys=False
+        )
         (tmp / "mappings" / f"bench_{target}.yaml").write_text(text.replace("true:", "on:"))
     return tmp
 
 
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--server", default=os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    p.add_argument(
+        "--server", default=os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    )
     p.add_argument("--scale", type=float, default=0.1)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=20000)
@@ -138,8 +146,10 @@ async def main() -> None:
     for target, ct in compiled.items():
         n = (await sql(src, ct.count_sql()))[0][0][0]
         truncate = f"TRUNCATE {ct.tgt} CASCADE"
-        reset = ("DELETE FROM migrate_data.checkpoints; DELETE FROM migrate_data.rejects; "
-                 "DELETE FROM migrate_data.phases WHERE phase <> 'phase1'")
+        reset = (
+            "DELETE FROM migrate_data.checkpoints; DELETE FROM migrate_data.rejects; "
+            "DELETE FROM migrate_data.phases WHERE phase <> 'phase1'"
+        )
         await sql(src, truncate)
         a = await timed(src, ct.insert_sql(lower=False, upper=False))
         await sql(src, truncate, reset.split(";")[0], reset.split(";")[1], reset.split(";")[2])
@@ -148,9 +158,12 @@ async def main() -> None:
         e_re, e_rss = cli([f"bench_{target}", *common, "--recheck"], env, project)
         # validation: --deep against two count(*) and one full read of each side
         base = 0.0
-        for url, q in ((src, ct.count_sql()), (src, ct.target_count_sql()),
-                       (src, f"SELECT sum(length(x::text)) FROM {ct.source.schema}.{ct.source.name} x"),
-                       (src, f"SELECT sum(length(x::text)) FROM {ct.tgt} x")):
+        for url, q in (
+            (src, ct.count_sql()),
+            (src, ct.target_count_sql()),
+            (src, f"SELECT sum(length(x::text)) FROM {ct.source.schema}.{ct.source.name} x"),
+            (src, f"SELECT sum(length(x::text)) FROM {ct.tgt} x"),
+        ):
             base += await timed(url, q)
         t = time.perf_counter()
         await api.validate(Settings(database_url=src, project_dir=project), f"bench_{target}", deep=True)
@@ -160,14 +173,29 @@ async def main() -> None:
         select = ct.insert_sql(lower=False, upper=False).split(" SELECT ", 1)[1].split(" ON CONFLICT ")[0]
         cols = ", ".join(f'"{c.target}"' for c in ct.columns)
         t = time.perf_counter()
-        pipe = (f'{psql} -q "{src}" -c "\\copy (SELECT {select.replace(chr(34), chr(92) + chr(34))}) TO STDOUT" | '
-                f'{psql} -q "{tgt}" -c "\\copy {ct.tgt} ({cols.replace(chr(34), chr(92) + chr(34))}) FROM STDIN"')
+        pipe = (
+            f'{psql} -q "{src}" -c "\\copy (SELECT {select.replace(chr(34), chr(92) + chr(34))}) TO STDOUT" | '
+            f'{psql} -q "{tgt}" -c "\\copy {ct.tgt} ({cols.replace(chr(34), chr(92) + chr(34))}) FROM STDIN"'
+        )
         subprocess.run(pipe, shell=True, check=True, capture_output=True)
         c = time.perf_counter() - t
         await sql(tgt, truncate, reset.split(";")[0], reset.split(";")[1], reset.split(";")[2])
         d, d_rss = cli([f"bench_{target}", *common], dict(env, DATABASE_URL=tgt, SOURCE_DATABASE_URL=src), project)
-        results.append(dict(target=target, rows=n, a=a, b=b, c=c, d=d, e_skip=e_skip, e_re=e_re, deep=deep,
-                            base=base, rss=max(b_rss, d_rss, e_rss)))
+        results.append(
+            dict(
+                target=target,
+                rows=n,
+                a=a,
+                b=b,
+                c=c,
+                d=d,
+                e_skip=e_skip,
+                e_re=e_re,
+                deep=deep,
+                base=base,
+                rss=max(b_rss, d_rss, e_rss),
+            )
+        )
         print(results[-1], flush=True)
     write(args, rows, seed_s, results, startup)
 
@@ -190,7 +218,8 @@ def write(args, rows, seed_s, results, startup: float) -> None:
             f"| {r['target']} | {r['rows']:,} | {r['a']:.2f} s | {r['b']:.2f} s | {r['a'] / r['b']:.2f} | "
             f"{r['c']:.2f} s | {r['d']:.2f} s | {r['c'] / r['d']:.2f} | {r['e_skip']:.2f} s "
             f"({100 * r['e_skip'] / r['b']:.0f}% of b) | {r['e_re']:.2f} s | {r['deep']:.2f} s | "
-            f"{r['deep'] / r['base']:.2f} | {r['rss']:.0f} MB |")
+            f"{r['deep'] / r['base']:.2f} | {r['rss']:.0f} MB |"
+        )
     section = "\n".join(lines) + "\n"
     path = Path(args.output)
     head = path.read_text() if path.exists() else ""

@@ -9,11 +9,13 @@ so scale 1.0 takes about a minute.
 
     python scripts/seed_legacy.py --database-url postgresql://postgres@127.0.0.1/legacy --scale 0.01
 """
+
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,15 +24,12 @@ import asyncpg
 
 HERE = Path(__file__).resolve().parent
 LEGACY_DDL = HERE.parent / "alembic" / "sql" / "legacy_schema.sql"
-LEGACY_TABLES = (
-    "task_queue", "messages", "sessions", "service_requests", "provider_services",
-    "provider_professions", "users", "customers", "professions",
-)
+LEGACY_TABLES = tuple(reversed(re.findall(r"CREATE TABLE (\w+)", LEGACY_DDL.read_text())))  # children first
 PROFESSIONS = 40
 # Fixed numbers of planted problems, whatever the scale, so tests can count them.
-INVALID_JSON_ROWS = 3      # per JSON-as-text column of customers, sessions, messages
+INVALID_JSON_ROWS = 3  # per JSON-as-text column of customers, sessions, messages
 UNMAPPED_STATUS_ROWS = 12  # provider_professions.verification_status = 'on_hold'
-STICKER_ROWS = 5           # messages.message_type = 'sticker' (not in the mapping)
+STICKER_ROWS = 5  # messages.message_type = 'sticker' (not in the mapping)
 
 
 def counts(scale: float) -> dict[str, int]:
@@ -47,20 +46,24 @@ def uid(kind: str, expr: str) -> str:
     return f"md5('{kind}' || ({expr}))::uuid"
 
 
+def bad(total: int) -> str:
+    """The ids of the rows that get invalid JSON: INVALID_JSON_ROWS of them, spread over ``total``."""
+    return ", ".join(str(max(1, total * k // (INVALID_JSON_ROWS + 1))) for k in range(1, INVALID_JSON_ROWS + 1))
+
+
 def statements(scale: float) -> list[str]:
     n = counts(scale)
     nc, nu, nm, nt = n["customers"], n["users"], n["messages"], n["task_queue"]
-    bad = lambda total: ", ".join(str(max(1, total * k // (INVALID_JSON_ROWS + 1))) for k in range(1, INVALID_JSON_ROWS + 1))  # noqa: E731
     ts = "timestamp '2025-01-01' + make_interval(mins => i)"
     return [
         f"""INSERT INTO professions (id, name, specialty, category, is_active, created_at, updated_at)
-            SELECT {uid('profession', 'i')}, 'Profession ' || i,
+            SELECT {uid("profession", "i")}, 'Profession ' || i,
                    CASE WHEN i % 3 = 0 THEN NULL ELSE 'Specialty ' || i END,
                    (ARRAY['home', 'health', 'tech', 'beauty'])[1 + i % 4],
                    i % 10 <> 0, {ts}, {ts}
             FROM generate_series(1, {PROFESSIONS}) AS i""",
         f"""INSERT INTO customers (id, phone_number, full_name, city, city_confirmed_at, notes, created_at, updated_at)
-            SELECT {uid('customer', 'i')}, '+5939' || lpad(i::text, 8, '0'),
+            SELECT {uid("customer", "i")}, '+5939' || lpad(i::text, 8, '0'),
                    CASE WHEN i % 500 = 0 THEN 'O''Brien ' || i ELSE 'Customer ' || i END,
                    CASE WHEN i % 9 = 0 THEN NULL ELSE (ARRAY['Quito', 'Guayaquil', 'Cuenca', 'Loja'])[1 + i % 4] END,
                    CASE WHEN i % 2 = 0 THEN {ts} END,
@@ -71,7 +74,7 @@ def statements(scale: float) -> list[str]:
             FROM generate_series(1, {nc}) AS i""",
         f"""INSERT INTO users (id, phone_number, name, email, user_type, business_name, business_description,
                                address, city, country, latitude, longitude, status, created_at, updated_at)
-            SELECT {uid('user', 'i')},
+            SELECT {uid("user", "i")},
                    CASE WHEN i % 50 = 0 THEN NULL ELSE '+5938' || lpad(i::text, 8, '0') END,
                    CASE WHEN i % 97 = 0 THEN NULL ELSE 'User ' || i END,
                    'user' || i || '@example.com',
@@ -84,7 +87,7 @@ def statements(scale: float) -> list[str]:
             FROM generate_series(1, {nu}) AS i""",
         f"""INSERT INTO provider_professions (provider_id, profession_id, specialty, experience_years, certifications,
                                               is_primary, verification_status, created_at)
-            SELECT {uid('user', 'i')}, {uid('profession', 'p')},
+            SELECT {uid("user", "i")}, {uid("profession", "p")},
                    CASE WHEN i % 5 = 0 THEN NULL ELSE 'Specialty ' || p END,
                    CASE WHEN i % 6 = 0 THEN NULL ELSE i % 30 END,
                    CASE WHEN i % 4 = 0 THEN NULL ELSE '["cert-' || i || '"]' END,
@@ -99,20 +102,20 @@ def statements(scale: float) -> list[str]:
                 SELECT provider_id, profession_id FROM provider_professions
                 ORDER BY provider_id, profession_id LIMIT {UNMAPPED_STATUS_ROWS})""",
         f"""INSERT INTO provider_services (id, provider_id, profession_id, title, description, price, currency, is_active, created_at)
-            SELECT i, {uid('user', 'i')}, {uid('profession', f'1 + i % {PROFESSIONS}')}, 'Service ' || i,
+            SELECT i, {uid("user", "i")}, {uid("profession", f"1 + i % {PROFESSIONS}")}, 'Service ' || i,
                    CASE WHEN i % 3 = 0 THEN NULL ELSE 'Description ' || i END,
                    CASE WHEN i % 11 = 0 THEN NULL ELSE 10 + (i % 90) END,
                    CASE WHEN i % 5 = 0 THEN NULL ELSE 'USD' END, CASE WHEN i % 7 = 0 THEN NULL ELSE true END, {ts}
             FROM generate_series(1, {nu}) AS i WHERE i % 10 < 4""",
         "SELECT setval(pg_get_serial_sequence('provider_services', 'id'), (SELECT max(id) FROM provider_services))",
         f"""INSERT INTO service_requests (id, customer_id, profession_id, description, city, status, requested_at, created_at)
-            SELECT {uid('request', 'i')}, {uid('customer', 'i * 5')}, {uid('profession', f'1 + i % {PROFESSIONS}')},
+            SELECT {uid("request", "i")}, {uid("customer", "i * 5")}, {uid("profession", f"1 + i % {PROFESSIONS}")},
                    'Need help ' || i, CASE WHEN i % 6 = 0 THEN NULL ELSE 'Quito' END,
                    (ARRAY['pending', 'assigned', 'completed', 'cancelled'])[1 + i % 4], {ts}, {ts}
             FROM generate_series(1, {nc // 5}) AS i""",
         f"""INSERT INTO sessions (id, user_id, session_id, status, qr_code, session_data, expires_at, last_activity, created_at)
-            SELECT {uid('session', 'i')},
-                   CASE WHEN i % 97 = 0 THEN {uid('ghost', 'i')} ELSE {uid('user', f'1 + (i * 3) % {nu}')} END,
+            SELECT {uid("session", "i")},
+                   CASE WHEN i % 97 = 0 THEN {uid("ghost", "i")} ELSE {uid("user", f"1 + (i * 3) % {nu}")} END,
                    'sess-' || i, (ARRAY['active', 'expired', 'pending_qr'])[1 + i % 3],
                    CASE WHEN i % 3 = 2 THEN 'qr-' || i END,
                    CASE WHEN i IN ({bad(nu // 3)}) THEN 'nope{{' WHEN i % 5 = 0 THEN NULL
@@ -121,9 +124,9 @@ def statements(scale: float) -> list[str]:
             FROM generate_series(1, {nu // 3}) AS i""",
         f"""INSERT INTO messages (id, conversation_id, user_id, message_type, content, media_url, media_type,
                                   ai_response, processing_status, metadata, "timestamp")
-            SELECT i, {uid('conversation', 'i / 20')},
-                   CASE WHEN i % 10 = 0 THEN NULL WHEN i % 89 = 0 THEN {uid('ghost', 'i')}
-                        ELSE {uid('user', f'1 + i % {nu}')} END,
+            SELECT i, {uid("conversation", "i / 20")},
+                   CASE WHEN i % 10 = 0 THEN NULL WHEN i % 89 = 0 THEN {uid("ghost", "i")}
+                        ELSE {uid("user", f"1 + i % {nu}")} END,
                    CASE WHEN i % 11 = 0 THEN NULL WHEN i % 5 = 1 THEN 'image' WHEN i % 7 = 2 THEN 'audio' ELSE 'text' END,
                    'Message ' || i,
                    CASE WHEN i % 5 = 1 THEN 'https://media.example.com/' || i END,
@@ -181,7 +184,9 @@ async def _main(url: str, scale: float, drop: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"), help="target database (default: $DATABASE_URL)")
+    p.add_argument(
+        "--database-url", default=os.environ.get("DATABASE_URL"), help="target database (default: $DATABASE_URL)"
+    )
     p.add_argument("--scale", type=float, default=0.001, help="1.0 = 1M customers, 300k users, 2M messages")
     p.add_argument("--drop", action="store_true", help="drop the legacy tables first")
     args = p.parse_args(argv)

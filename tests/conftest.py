@@ -2,6 +2,7 @@
 
 Every test that writes gets a database of its own, dropped afterwards.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -51,6 +52,7 @@ def server_url() -> Iterator[str]:
 
 def sql(url: str, query: str, *args):
     """Run one query on ``url`` and return its rows (a fresh connection, closed after)."""
+
     async def go():
         conn = await asyncpg.connect(url)
         try:
@@ -102,6 +104,7 @@ def db_url(make_db) -> str:
 @pytest.fixture
 def legacy_url(db_url: str) -> str:
     """A fresh database with the legacy schema seeded at a small scale."""
+
     async def go():
         conn = await asyncpg.connect(db_url)
         try:
@@ -116,22 +119,47 @@ def legacy_url(db_url: str) -> str:
 @pytest.fixture
 def settings_for(tmp_path: Path):
     """Settings for a database URL, with the repository's project and reports/backups under tmp_path."""
+
     def make(url: str, project: Path = ROOT, **kw) -> Settings:
         return Settings(database_url=url, project_dir=project, output_dir=tmp_path, **kw)
 
     return make
 
 
-def run_cli(*args: str, url: str | None = None, cwd: Path = ROOT, env: dict | None = None,
-            input: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    """Run the real ``migrate-data`` command; stdin is not a terminal."""
+def run_cli_args(*args: str) -> list[str]:
+    return [sys.executable, "-m", "migrate_data", *args]
+
+
+def cli_env(url: str | None = None, output_dir: Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a ``migrate-data`` run: ours, less DATABASE_URL, plus what is given."""
     e = dict(os.environ)
     e.pop("DATABASE_URL", None)
     if url:
         e["DATABASE_URL"] = url
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "migrate_data", *args], cwd=cwd, env=e, capture_output=True,
-                          text=True, input=input if input is not None else "", timeout=timeout)
+    if output_dir:
+        e["MIGRATE_DATA_OUTPUT_DIR"] = str(output_dir)
+    e.update(extra)
+    return e
+
+
+def run_cli(
+    *args: str,
+    url: str | None = None,
+    cwd: Path = ROOT,
+    env: dict | None = None,
+    input: str | None = None,
+    timeout: int = 120,
+) -> subprocess.CompletedProcess:
+    """Run the real ``migrate-data`` command; stdin is not a terminal."""
+    return subprocess.run(
+        run_cli_args(*args),
+        cwd=cwd,
+        env=cli_env(url, **(env or {})),
+        capture_output=True,
+        text=True,
+        input=input if input is not None else "",
+        timeout=timeout,
+    )
 
 
 def run(coro):

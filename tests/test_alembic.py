@@ -1,16 +1,25 @@
 """Alembic owns the schema: revisions, the bridge, offline SQL, and `migrate-data init`."""
+
 from __future__ import annotations
 
 import textwrap
 
 from conftest import ROOT, run, run_cli, scalar, sql
-
-from migrate_data import api, schema
+from migrate_data import schema
 from migrate_data.db import open_pool
 from migrate_data.settings import Settings
 
-SPANISH = ("clientes", "profesiones", "proveedores", "proveedor_profesiones", "servicios_proveedor",
-           "solicitudes_servicio", "mensajes", "sesiones", "tareas_programadas")
+SPANISH = (
+    "clientes",
+    "profesiones",
+    "proveedores",
+    "proveedor_profesiones",
+    "servicios_proveedor",
+    "solicitudes_servicio",
+    "mensajes",
+    "sesiones",
+    "tareas_programadas",
+)
 
 
 def tables(url: str) -> set[str]:
@@ -38,16 +47,18 @@ def test_history_reads_like_the_plan():
 
 
 def test_alembic_by_hand_uses_database_url(db_url):
-    import subprocess
     import os
+    import subprocess
     import sys
 
     env = dict(os.environ, DATABASE_URL=db_url)
-    subprocess.run([sys.executable, "-m", "alembic", "upgrade", "phase1"], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "phase1"], cwd=ROOT, env=env, check=True, capture_output=True
+    )
     assert "clientes" in tables(db_url)
-    subprocess.run([sys.executable, "-m", "alembic", "downgrade", "base"], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "downgrade", "base"], cwd=ROOT, env=env, check=True, capture_output=True
+    )
     assert "clientes" not in tables(db_url)
 
 
@@ -63,7 +74,8 @@ def test_init_project_runs_a_phase_of_its_own_schema_end_to_end(db_url, tmp_path
     assert out.returncode == 0, out.stderr
     assert (project / "alembic" / "env.py").is_file() and (project / "mappings" / "example.yaml.example").is_file()
     assert not list((project / "alembic" / "versions").glob("*.py"))  # nothing of the shipped plan
-    (project / "alembic" / "versions" / "v1.py").write_text(textwrap.dedent('''
+    (project / "alembic" / "versions" / "v1.py").write_text(
+        textwrap.dedent("""
         from alembic import op
         revision = "v1"
         down_revision = None
@@ -75,8 +87,10 @@ def test_init_project_runs_a_phase_of_its_own_schema_end_to_end(db_url, tmp_path
 
         def downgrade():
             op.execute("DROP TABLE artikel")
-    '''))
-    (project / "mappings" / "night1.yaml").write_text(textwrap.dedent("""
+    """)
+    )
+    (project / "mappings" / "night1.yaml").write_text(
+        textwrap.dedent("""
         description: Articles to German
         revision: v1
         tables:
@@ -86,10 +100,14 @@ def test_init_project_runs_a_phase_of_its_own_schema_end_to_end(db_url, tmp_path
               nr: id
               bezeichnung: {column: title, default: unbenannt}
               preis: {column: price_text, cast: 'numeric(8,2)'}
-    """))
-    sql(db_url, "CREATE TABLE items (id int PRIMARY KEY, title text, price_text text); "
-                "INSERT INTO items SELECT i, CASE WHEN i % 3 = 0 THEN NULL ELSE 'item ' || i END, i || '.5' "
-                "FROM generate_series(1, 100) i")
+    """)
+    )
+    sql(
+        db_url,
+        "CREATE TABLE items (id int PRIMARY KEY, title text, price_text text); "
+        "INSERT INTO items SELECT i, CASE WHEN i % 3 = 0 THEN NULL ELSE 'item ' || i END, i || '.5' "
+        "FROM generate_series(1, 100) i",
+    )
     env = {"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)}
     out = run_cli("night1", "--yes", url=db_url, cwd=project, env=env)
     assert out.returncode == 0, out.stderr

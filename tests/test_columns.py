@@ -1,4 +1,5 @@
 """Every column kind, filter and option of the mapping language, inserted and read back on PostgreSQL."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import run, sql
 
+from conftest import run, sql
 from migrate_data import api
 from migrate_data.settings import Settings
 
@@ -111,14 +112,17 @@ def test_where_filters_source_rows(setup):
 
 
 def test_key_and_batch_by_on_other_unique_columns(setup):
-    result, rows = setup("""
+    result, rows = setup(
+        """
         tables:
           - source: Old Orders
             target: Nuevos Pedidos
             key: [order]
             batch_by: [order]
             columns: {id: id, order: order, nombre: name}
-    """, batch_size=1)
+    """,
+        batch_size=1,
+    )
     assert [r["order"] for r in rows] == [10, 20, 30, 40]
     assert result.validation.ok
 
@@ -149,12 +153,15 @@ def test_on_conflict_nothing_keeps_existing_rows(setup, db_url):
 
 def test_composite_batch_key(setup, db_url):
     sql(db_url, 'ALTER TABLE "Old Orders" ALTER region SET NOT NULL, ADD UNIQUE (region, seq)')
-    result, rows = setup("""
+    result, rows = setup(
+        """
         tables:
           - source: Old Orders
             target: Nuevos Pedidos
             batch_by: [region, seq]
             columns: {id: id, nombre: name}
-    """, batch_size=1)
+    """,
+        batch_size=1,
+    )
     assert sorted(r["id"] for r in rows) == [1, 2, 3, 4]
     assert result.tables[0].rows_read == 4

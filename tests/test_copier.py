@@ -1,4 +1,5 @@
 """The batch copier: crash safety, idempotency, quarantine, order, sequences, locking, the window."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from conftest import ROOT, run, run_cli, scalar, sql
 
+from conftest import ROOT, run, run_cli, scalar, sql
 from migrate_data import api, ledger
 from migrate_data.errors import LockHeld
 from migrate_data.settings import Settings
@@ -40,8 +41,14 @@ def project(tmp_path: Path, **phases: str) -> Path:
 
 def start_cli(args: list[str], url: str, cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, DATABASE_URL=url)
-    return subprocess.Popen([sys.executable, "-m", "migrate_data", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "migrate_data", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_progress(url: str, proc: subprocess.Popen, minimum: int = 1000) -> int:
@@ -96,8 +103,9 @@ def test_second_run_inserts_nothing(db_url, tmp_path):
 def test_big_table_is_split_into_concurrent_key_ranges(db_url, tmp_path):
     sql(db_url, BIG)
     settings = Settings(database_url=db_url, project_dir=project(tmp_path, night=BIG_MAPPING), output_dir=tmp_path)
-    result = run(api.run_phase(settings, "night", api.RunOptions(backup=False, jobs=3, batch_size=1000,
-                                                                   split_rows=1000)))
+    result = run(
+        api.run_phase(settings, "night", api.RunOptions(backup=False, jobs=3, batch_size=1000, split_rows=1000))
+    )
     parts = sql(db_url, "SELECT lo, hi, rows_read, done FROM migrate_data.checkpoints ORDER BY part")
     assert [(p["lo"], p["hi"]) for p in parts] == [(None, ["6667"]), (["6667"], ["13334"]), (["13334"], None)]
     assert [p["rows_read"] for p in parts] == [6667, 6667, 6666] and all(p["done"] for p in parts)
@@ -117,17 +125,27 @@ def test_invalid_json_rows_are_quarantined_and_good_rows_arrive(legacy_url, sett
 
 
 def test_two_tables_referencing_each_other_copy(db_url, tmp_path):
-    sql(db_url, """
+    sql(
+        db_url,
+        """
         CREATE TABLE a (id int PRIMARY KEY, b_id int); CREATE TABLE b (id int PRIMARY KEY, a_id int);
         INSERT INTO a SELECT i, i FROM generate_series(1, 50) i; INSERT INTO b SELECT i, i FROM generate_series(1, 50) i;
         CREATE TABLE x (id int PRIMARY KEY, y_id int); CREATE TABLE y (id int PRIMARY KEY, x_id int REFERENCES x);
         ALTER TABLE x ADD FOREIGN KEY (y_id) REFERENCES y;
-    """)
-    settings = Settings(database_url=db_url, output_dir=tmp_path, project_dir=project(tmp_path, cyc="""
+    """,
+    )
+    settings = Settings(
+        database_url=db_url,
+        output_dir=tmp_path,
+        project_dir=project(
+            tmp_path,
+            cyc="""
         tables:
           - {source: a, target: x, columns: {id: id, y_id: b_id}}
           - {source: b, target: y, columns: {id: id, x_id: a_id}}
-    """))
+    """,
+        ),
+    )
     result = run(api.run_phase(settings, "cyc", api.RunOptions(backup=False, batch_size=7)))
     assert result.validation.ok
     assert scalar(db_url, "SELECT count(*) FROM x JOIN y ON y.id = x.y_id AND y.x_id = x.id") == 50
@@ -144,10 +162,16 @@ def test_identity_and_serial_accept_new_rows_after_the_copy(legacy_url, settings
 
 
 def test_generated_always_identity_is_written_with_overriding(db_url, tmp_path):
-    sql(db_url, """CREATE TABLE s (id int PRIMARY KEY); INSERT INTO s SELECT generate_series(1, 10);
-                   CREATE TABLE t (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, note text)""")
-    settings = Settings(database_url=db_url, output_dir=tmp_path,
-                        project_dir=project(tmp_path, p="tables: [{source: s, target: t, columns: {id: id}}]"))
+    sql(
+        db_url,
+        """CREATE TABLE s (id int PRIMARY KEY); INSERT INTO s SELECT generate_series(1, 10);
+                   CREATE TABLE t (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, note text)""",
+    )
+    settings = Settings(
+        database_url=db_url,
+        output_dir=tmp_path,
+        project_dir=project(tmp_path, p="tables: [{source: s, target: t, columns: {id: id}}]"),
+    )
     run(api.run_phase(settings, "p", api.RunOptions(backup=False)))
     assert scalar(db_url, "INSERT INTO t (note) VALUES ('new') RETURNING id") == 11
 

@@ -1,11 +1,12 @@
 """The command line, configuration, redaction and connection hygiene."""
+
 from __future__ import annotations
 
 import asyncio
 
 import pytest
-from conftest import ROOT, run, run_cli, scalar
 
+from conftest import run, run_cli, scalar
 from migrate_data import api
 from migrate_data.cli import cli
 from migrate_data.errors import MigrationError
@@ -50,8 +51,11 @@ def test_missing_database_url_is_bad_input():
 
 
 def _our_sessions(url: str) -> int:
-    return scalar(url, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'migrate-data' "
-                       "AND datname = current_database()")
+    return scalar(
+        url,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'migrate-data' "
+        "AND datname = current_database()",
+    )
 
 
 def test_no_session_left_open_after_runs_that_fail_midway(legacy_url, settings_for):
@@ -68,8 +72,14 @@ def test_no_session_left_open_after_runs_that_fail_midway(legacy_url, settings_f
         run(api.rollback(settings, "phase3"))
     run(api.validate(settings, "phase3"))
     assert _our_sessions(legacy_url) == 0
-    assert scalar(legacy_url, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'migrate-data' "
-                              "AND state LIKE 'idle in transaction%'") == 0
+    assert (
+        scalar(
+            legacy_url,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'migrate-data' "
+            "AND state LIKE 'idle in transaction%'",
+        )
+        == 0
+    )
 
 
 def test_pool_is_closed_when_the_block_raises(db_url):
@@ -88,9 +98,24 @@ def test_pool_is_closed_when_the_block_raises(db_url):
 
 
 def test_seed_script_fills_every_legacy_table(legacy_url):
-    for table in ("professions", "customers", "users", "provider_professions", "provider_services",
-                  "service_requests", "sessions", "messages", "task_queue"):
+    for table in (
+        "professions",
+        "customers",
+        "users",
+        "provider_professions",
+        "provider_services",
+        "service_requests",
+        "sessions",
+        "messages",
+        "task_queue",
+    ):
         assert scalar(legacy_url, f"SELECT count(*) FROM {table}") > 0
     assert scalar(legacy_url, "SELECT count(*) FROM customers WHERE notes = '{not json'") == 3
-    assert scalar(legacy_url, "SELECT count(*) FROM messages m WHERE user_id IS NOT NULL "
-                              "AND NOT EXISTS (SELECT 1 FROM users u WHERE u.id = m.user_id)") > 0
+    assert (
+        scalar(
+            legacy_url,
+            "SELECT count(*) FROM messages m WHERE user_id IS NOT NULL "
+            "AND NOT EXISTS (SELECT 1 FROM users u WHERE u.id = m.user_id)",
+        )
+        > 0
+    )

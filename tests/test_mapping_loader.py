@@ -1,12 +1,13 @@
 """The mapping language: what the loader accepts and how it explains what it does not."""
+
 from __future__ import annotations
 
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
 
+from conftest import ROOT, run_cli
 from migrate_data.errors import MappingError
 from migrate_data.mapping import load_phase, load_phases
 
@@ -32,68 +33,89 @@ def test_shipped_mappings_load():
 
 def test_lookup_on_key_is_not_read_as_a_boolean(tmp_path):
     # YAML 1.1 reads a bare `on` as true; the loader keeps keys as written
-    p = load_phase(write(tmp_path, """
+    p = load_phase(
+        write(
+            tmp_path,
+            """
         tables:
           - source: a
             target: b
             columns:
               x: {lookup: {table: u, on: uid, key: id, column: phone}}
-    """))
+    """,
+        )
+    )
     assert p.tables[0].columns[0].lookup.on == ("uid",)
 
 
 def test_unknown_key_names_file_line_and_path(tmp_path):
-    msg = error_of(tmp_path, """
+    msg = error_of(
+        tmp_path,
+        """
         tables:
           - source: users
             target: proveedores
             columns:
               id: id
               rating: {colum: stars}
-    """)
-    assert msg.startswith("phase9.yaml:7 tables[0].columns.rating: unknown key 'colum'") or \
-        msg.endswith("unknown key 'colum' (expected one of: column, value, lookup, sql, map, else, default, cast)")
+    """,
+    )
+    assert msg.startswith("phase9.yaml:7 tables[0].columns.rating: unknown key 'colum'") or msg.endswith(
+        "unknown key 'colum' (expected one of: column, value, lookup, sql, map, else, default, cast)"
+    )
     assert ":7 " in msg and "tables[0].columns.rating" in msg
 
 
 def test_column_given_twice_is_an_error(tmp_path):
-    msg = error_of(tmp_path, """
+    msg = error_of(
+        tmp_path,
+        """
         tables:
           - source: a
             target: b
             columns:
               id: id
               id: other
-    """)
+    """,
+    )
     assert ":7 tables[0].columns.id: given twice" in msg
 
 
 def test_lookup_without_on_is_an_error(tmp_path):
-    msg = error_of(tmp_path, """
+    msg = error_of(
+        tmp_path,
+        """
         tables:
           - source: a
             target: b
             columns:
               phone: {lookup: {table: users, key: id, column: phone_number}}
-    """)
+    """,
+    )
     assert "tables[0].columns.phone.lookup: missing 'on'" in msg and ":6 " in msg
 
 
 def test_wrong_type_is_an_error(tmp_path):
-    msg = error_of(tmp_path, """
+    msg = error_of(
+        tmp_path,
+        """
         tables:
           - source: a
             target: b
             columns: [id, name]
-    """)
+    """,
+    )
     assert ":5 tables[0].columns: expected a mapping" in msg
 
 
 def test_two_bases_in_one_column_is_an_error(tmp_path):
-    msg = error_of(tmp_path, """
+    msg = error_of(
+        tmp_path,
+        """
         tables:
           - {source: a, target: b, columns: {x: {column: y, value: 3}}}
-    """)
+    """,
+    )
     assert "give exactly one of column, value, lookup, sql (got column, value)" in msg
 
 
@@ -104,10 +126,13 @@ def test_broken_yaml_names_the_line(tmp_path):
 
 
 def test_on_conflict_accepts_only_nothing_or_update(tmp_path):
-    msg = error_of(tmp_path, """
+    msg = error_of(
+        tmp_path,
+        """
         tables:
           - {source: a, target: b, on_conflict: replace, columns: {id: id}}
-    """)
+    """,
+    )
     assert "on_conflict: 'replace': expected nothing or update" in msg
 
 

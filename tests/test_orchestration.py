@@ -1,27 +1,39 @@
 """A phase from end to end: run, rollback, backups, status, refusals."""
+
 from __future__ import annotations
 
 import json
 import subprocess
 
 import pytest
-from conftest import run, run_cli, scalar, sql
 
+from conftest import run, run_cli, scalar, sql
 from migrate_data import api
 from migrate_data.backup import find_tool
-from migrate_data.errors import RefusedError
+from migrate_data.errors import MigrationError, RefusedError
 
 DATA_PHASES = ("phase1", "phase2a", "phase2b", "phase3")
 
 
 def snapshot(url: str) -> dict:
     """Tables, a fingerprint of every row, and sequence values of the application's schema."""
-    tables = [r[0] for r in sql(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
-                                     "AND tablename <> 'alembic_version' ORDER BY 1")]
-    rows = {t: scalar(url, f'SELECT md5(COALESCE(string_agg(x::text, \'|\' ORDER BY x::text), \'\')) FROM "{t}" x')
-            for t in tables}
-    seqs = {r[0]: (r[1], r[2]) for r in sql(url, "SELECT sequencename, last_value, start_value FROM pg_sequences "
-                                                 "WHERE schemaname = 'public' ORDER BY 1")}
+    tables = [
+        r[0]
+        for r in sql(
+            url,
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version' ORDER BY 1",
+        )
+    ]
+    rows = {
+        t: scalar(url, f"SELECT md5(COALESCE(string_agg(x::text, '|' ORDER BY x::text), '')) FROM \"{t}\" x")
+        for t in tables
+    }
+    seqs = {
+        r[0]: (r[1], r[2])
+        for r in sql(
+            url, "SELECT sequencename, last_value, start_value FROM pg_sequences WHERE schemaname = 'public' ORDER BY 1"
+        )
+    }
     return {"tables": tables, "rows": rows, "sequences": seqs}
 
 
@@ -40,8 +52,13 @@ def test_whole_plan_then_rollbacks_leave_the_database_as_it_was(legacy_url, sett
         run(api.rollback(settings, phase))
     assert snapshot(legacy_url) == before
     status = {s.phase: s.state for s in run(api.status(settings))}
-    assert status == {"phase1": "rolled_back", "phase2a": "rolled_back", "phase2b": "rolled_back",
-                      "phase3": "rolled_back", "phase5": "pending"}
+    assert status == {
+        "phase1": "rolled_back",
+        "phase2a": "rolled_back",
+        "phase2b": "rolled_back",
+        "phase3": "rolled_back",
+        "phase5": "pending",
+    }
 
 
 def test_rollback_refuses_while_a_later_phase_is_applied(legacy_url, settings_for):
@@ -61,8 +78,9 @@ def test_rollback_refuses_rows_written_by_the_application_and_force_keeps_them(l
     assert out.returncode == 2
     assert "hold rows that did not come from the source (public.clientes: 1 rows)" in out.stderr
     assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 998
-    out = run_cli("rollback", "phase2a", "--yes", "--force", url=legacy_url,
-                  env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)})
+    out = run_cli(
+        "rollback", "phase2a", "--yes", "--force", url=legacy_url, env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)}
+    )
     assert out.returncode == 0, out.stderr
     dumps = list((tmp_path / "backups").glob("phase2a-rollback-foreign-rows-*.jsonl"))
     assert len(dumps) == 1
@@ -107,7 +125,7 @@ def test_backups_are_taken_and_readable(legacy_url, settings_for):
 def test_status_shows_partial_with_resume_point(legacy_url, settings_for):
     settings = settings_for(legacy_url)
     run_all(settings, ("phase1",), backup=False)
-    with pytest.raises(Exception):
+    with pytest.raises(MigrationError, match="max-rejects"):
         run(api.run_phase(settings, "phase2a", api.RunOptions(backup=False, batch_size=100, max_rejects=0)))
     out = run_cli("status", "--format", "json", url=legacy_url)
     rows = {r["phase"]: r for r in json.loads(out.stdout)}

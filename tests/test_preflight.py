@@ -1,4 +1,5 @@
 """Pre-flight against the live catalogs, and `migrate-data plan`."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import run, run_cli, sql
 
+from conftest import run, run_cli, sql
 from migrate_data import api
 from migrate_data.errors import PreflightError
 from migrate_data.settings import Settings
@@ -26,8 +27,12 @@ CREATE TABLE dst (id int PRIMARY KEY, code text NOT NULL, n int, must text NOT N
 def preflight_error(db_url: str, tmp_path: Path, columns: str, extra: str = "") -> str:
     sql(db_url, SCHEMA)
     (tmp_path / "mappings").mkdir()
-    text = ("tables:\n  - source: src\n    target: dst\n" + textwrap.indent(extra + "\n", "    ")
-            + "    columns:\n" + textwrap.indent(columns, "      "))
+    text = (
+        "tables:\n  - source: src\n    target: dst\n"
+        + textwrap.indent(extra + "\n", "    ")
+        + "    columns:\n"
+        + textwrap.indent(columns, "      ")
+    )
     (tmp_path / "mappings" / "p.yaml").write_text(text)
     settings = Settings(database_url=db_url, project_dir=tmp_path, output_dir=tmp_path)
     with pytest.raises(PreflightError) as e:
@@ -57,8 +62,9 @@ def test_key_without_unique_constraint_is_an_error(db_url, tmp_path):
 
 
 def test_lookup_key_not_unique_is_an_error(db_url, tmp_path):
-    detail = preflight_error(db_url, tmp_path, "id: id\ncode: code\nmust: code\n"
-                                               "val: {lookup: {table: lk, on: ref, key: id, column: val}}\n")
+    detail = preflight_error(
+        db_url, tmp_path, "id: id\ncode: code\nmust: code\nval: {lookup: {table: lk, on: ref, key: id, column: val}}\n"
+    )
     assert "lookup key lk(id) is not unique: rows would multiply" in detail
 
 
@@ -77,13 +83,15 @@ def test_plan_of_phase3_shows_sql_preview_and_coverage_warnings(legacy_url, sett
     out = run_cli("plan", "phase3", url=legacy_url, env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    assert 'INSERT INTO "public"."mensajes"' in text and "ON CONFLICT (\"id\") DO NOTHING" in text
+    assert 'INSERT INTO "public"."mensajes"' in text and 'ON CONFLICT ("id") DO NOTHING' in text
     assert 'LEFT JOIN "users" AS "lookup1" ON "lookup1"."id" = "messages"."user_id"' in text
     assert "preview (first rows, computed and rolled back)" in text
     assert "WARNING: public.mensajes: tipo_mensaje: value 'sticker' is not in the map (5 rows)" in text
     assert "WARNING: public.mensajes: lookup in users finds nothing for" in text
     assert "WARNING: public.sesiones: lookup in users finds nothing for" in text
-    assert "order: public.sesiones -> public.mensajes -> public.solicitudes_servicio -> public.tareas_programadas" in text
+    assert (
+        "order: public.sesiones -> public.mensajes -> public.solicitudes_servicio -> public.tareas_programadas" in text
+    )
     # plan never writes
     assert sql(legacy_url, "SELECT count(*) FROM mensajes")[0][0] == 0
 

@@ -1,4 +1,5 @@
 """Staging rehearsal: build, run / roll back / run again, predict, and leave production alone."""
+
 from __future__ import annotations
 
 import asyncio
@@ -6,18 +7,32 @@ import json
 
 import asyncpg
 
-from conftest import run_cli, scalar, seed_legacy
-from test_orchestration import snapshot
-
+from conftest import cli_env, run_cli, run_cli_args, scalar, seed_legacy
 from migrate_data.rehearse import TablePrediction, advise, parse_window
+from test_orchestration import snapshot
 
 
 def test_rehearsal_on_the_same_server_predicts_and_leaves_production_untouched(legacy_url, make_db, tmp_path):
     staging = make_db()  # exists already: --rebuild replaces it with a TEMPLATE copy of production
     before = snapshot(legacy_url)
-    out = run_cli("rehearse", "phase2a", "phase2b", "phase3", "--staging-url", staging, "--rebuild",
-                  "--window", "02:00-06:00", "--tz", "America/Guayaquil", "--format", "json", url=legacy_url,
-                  env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)}, timeout=300)
+    out = run_cli(
+        "rehearse",
+        "phase2a",
+        "phase2b",
+        "phase3",
+        "--staging-url",
+        staging,
+        "--rebuild",
+        "--window",
+        "02:00-06:00",
+        "--tz",
+        "America/Guayaquil",
+        "--format",
+        "json",
+        url=legacy_url,
+        env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)},
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
     assert r["built"] == "template" and r["ok"] is True and r["validations_ok"] is True
@@ -56,8 +71,18 @@ def test_rehearsal_on_a_smaller_staging_scales_and_reports_drift(legacy_url, mak
             await conn.close()
 
     asyncio.run(seed_small())
-    out = run_cli("rehearse", "phase2a", "--staging-url", staging, "--use-existing", "--format", "json",
-                  url=legacy_url, env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)}, timeout=300)
+    out = run_cli(
+        "rehearse",
+        "phase2a",
+        "--staging-url",
+        staging,
+        "--use-existing",
+        "--format",
+        "json",
+        url=legacy_url,
+        env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)},
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
     assert r["built"] == "existing"
@@ -91,3 +116,28 @@ def test_advice_for_a_phase_that_does_not_fit():
     assert advice[0].startswith("raise --jobs (now 2): mensajes is 90% of the night")
     assert advice[1] == "split the phase over two nights: mensajes first, the rest the night after"
     assert advice[2].endswith("with --recheck inside the window as a catch-up: about 20m00s")
+
+
+def test_busy_production_is_copied_with_pg_dump_instead_of_template(legacy_url, make_db, tmp_path):
+    staging = make_db()
+
+    async def rehearse_while_busy():
+        busy = await asyncpg.connect(legacy_url)  # an application session: TEMPLATE is impossible
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *run_cli_args("rehearse", "phase2b", "--staging-url", staging, "--rebuild", "--format", "json"),
+                env=cli_env(legacy_url, tmp_path),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await proc.communicate()
+            return proc.returncode, out.decode(), err.decode()
+        finally:
+            await busy.close()
+
+    code, out, err = asyncio.run(rehearse_while_busy())
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["built"] == "dump" and r["validations_ok"] is True
+    assert [p["phase"] for p in r["predictions"]] == ["phase2b"]
+    assert {(s["phase"], s["step"]) for s in r["steps"]} >= {("phase1", "setup"), ("phase2a", "setup")}

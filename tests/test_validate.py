@@ -1,4 +1,5 @@
 """Validation: counts that know the mapping, checksums, integrity, reports and exit codes."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ import subprocess
 import textwrap
 
 import pytest
-from conftest import run, run_cli, scalar, sql
 
+from conftest import ROOT, run, run_cli, scalar, sql
 from migrate_data import api
 from migrate_data.settings import Settings
 
@@ -30,8 +31,12 @@ def test_clean_phase_validates_with_exit_0(phase2a):
     code, report = validate(phase2a, "--deep")
     assert code == 0 and report["ok"] is True
     clientes = next(t for t in report["tables"] if t["target"] == "public.clientes")
-    assert (clientes["source_rows"], clientes["target_rows"], clientes["rejected"], clientes["status"]) == \
-        (1000, 997, 3, "ok")
+    assert (clientes["source_rows"], clientes["target_rows"], clientes["rejected"], clientes["status"]) == (
+        1000,
+        997,
+        3,
+        "ok",
+    )
     assert {"phase", "ok", "tables", "checks"} <= set(report)
 
 
@@ -60,16 +65,21 @@ def test_changed_value_is_found_by_deep_with_key_and_column(phase2a):
 
 
 def test_lookup_to_a_non_unique_key_fails(db_url, tmp_path):
-    sql(db_url, """CREATE TABLE s (id int PRIMARY KEY, u int); INSERT INTO s VALUES (1, 1), (2, 2);
+    sql(
+        db_url,
+        """CREATE TABLE s (id int PRIMARY KEY, u int); INSERT INTO s VALUES (1, 1), (2, 2);
                    CREATE TABLE u (id int, phone text); INSERT INTO u VALUES (1, 'a'), (2, 'b');
-                   CREATE TABLE t (id int PRIMARY KEY, phone text)""")
+                   CREATE TABLE t (id int PRIMARY KEY, phone text)""",
+    )
     (tmp_path / "mappings").mkdir()
-    (tmp_path / "mappings" / "p.yaml").write_text(textwrap.dedent("""
+    (tmp_path / "mappings" / "p.yaml").write_text(
+        textwrap.dedent("""
         tables:
           - source: s
             target: t
             columns: {id: id, phone: {lookup: {table: u, on: u, key: id, column: phone}}}
-    """))
+    """)
+    )
     settings = Settings(database_url=db_url, project_dir=tmp_path, output_dir=tmp_path)
     sql(db_url, "INSERT INTO t VALUES (1, 'a'), (2, 'b')")
     assert run(api.validate(settings, "p")).ok
@@ -83,7 +93,10 @@ def test_orphan_foreign_key_fails(phase2a, settings_for):
     settings = settings_for(phase2a)
     run(api.run_phase(settings, "phase2b", api.RunOptions(backup=False)))
     sql(phase2a, "ALTER TABLE servicios_proveedor DISABLE TRIGGER ALL")
-    sql(phase2a, "UPDATE servicios_proveedor SET profesion_id = gen_random_uuid() WHERE id = (SELECT min(id) FROM servicios_proveedor)")
+    sql(
+        phase2a,
+        "UPDATE servicios_proveedor SET profesion_id = gen_random_uuid() WHERE id = (SELECT min(id) FROM servicios_proveedor)",
+    )
     sql(phase2a, "ALTER TABLE servicios_proveedor ENABLE TRIGGER ALL")
     out = run_cli("validate", "phase2b", url=phase2a)
     assert out.returncode == 3
@@ -101,8 +114,11 @@ def test_sequence_behind_its_column_fails(legacy_url, settings_for):
 
 
 def test_reports_render_in_every_format(phase2a, tmp_path):
-    for fmt, marker in (("markdown", "| public.customers | public.clientes | 1,000 | 997 | 3 | ok |"),
-                        ("html", "<!doctype html>"), ("text", "validation of phase2a PASSED")):
+    for fmt, marker in (
+        ("markdown", "| public.customers | public.clientes | 1,000 | 997 | 3 | ok |"),
+        ("html", "<!doctype html>"),
+        ("text", "validation of phase2a PASSED"),
+    ):
         out = run_cli("validate", "phase2a", "--format", fmt, url=phase2a)
         assert out.returncode == 0 and marker in out.stdout, out.stdout
     target = tmp_path / "r.html"
@@ -130,12 +146,79 @@ def test_html_report_renders_in_a_real_browser(phase2a, tmp_path):
     page = tmp_path / "report.html"
     run_cli("validate", "phase2a", "--format", "html", "--output", str(page), url=phase2a)
     shot = tmp_path / "report.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,900",
-                    page.as_uri()], capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,900",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=60,
+    )
     assert shot.is_file() and shot.stat().st_size > 10_000
-    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                          f"--user-data-dir={tmp_path / 'profile2'}", page.as_uri()],
-                         capture_output=True, text=True, timeout=60).stdout
+    dom = subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--dump-dom",
+            f"--user-data-dir={tmp_path / 'profile2'}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     assert "Validation of <code>phase2a</code>" in dom and "public.clientes" in dom
+
+
+def test_phase_whose_rows_vanish_exits_3_and_records_it(db_url, tmp_path):
+    sql(
+        db_url,
+        """CREATE TABLE s (id int PRIMARY KEY); INSERT INTO s SELECT generate_series(1, 100);
+           CREATE TABLE t (id int PRIMARY KEY);
+           CREATE FUNCTION drop_odd() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN IF NEW.id % 2 = 1 THEN RETURN NULL; END IF; RETURN NEW; END $$;
+           CREATE TRIGGER drop_odd BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION drop_odd()""",
+    )
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "mappings" / "p.yaml").write_text("tables: [{source: s, target: t, columns: {id: id}}]\n")
+    out = run_cli("p", "--yes", "--no-backup", url=db_url, cwd=tmp_path)
+    assert out.returncode == 3, out.stderr
+    assert "phase p copied, but validation FAILED" in out.stdout
+    assert "100 source rows - 0 rejected = 100, but 50 rows in public.t" in out.stdout
+    status = run_cli("status", "--format", "json", url=db_url, cwd=tmp_path)
+    assert json.loads(status.stdout)[0]["validation"] == "FAILED"
+
+
+def test_deep_in_concurrent_key_ranges_finds_every_difference(phase2a):
+    from migrate_data.db import open_pool
+    from migrate_data.mapping import load_phases
+    from migrate_data.preflight import compile_phase
+    from migrate_data.validate import validate_phase
+
+    keys = [r[0] for r in sql(phase2a, "SELECT id::text FROM clientes ORDER BY id")]
+    changed = [keys[10], keys[500], keys[990]]  # in different ranges
+    sql(phase2a, "UPDATE clientes SET nombre_completo = 'X' WHERE id = ANY($1::uuid[])", changed)
+    sql(phase2a, "DELETE FROM clientes WHERE id = $1::uuid", keys[700])
+
+    async def go():
+        async with open_pool(phase2a) as pool:
+            phase = load_phases(ROOT / "mappings")["phase2a"]
+            tables, _ = await compile_phase(phase, source=pool, target=pool)
+            return await validate_phase("phase2a", tables, target=pool, source=pool, deep=True, split_rows=100)
+
+    result = run(go())
+    clientes = next(t for t in result.tables if t.target == "public.clientes")
+    assert (clientes.differs, clientes.missing, clientes.extra) == (3, 1, 0)
+    assert sorted(s["key"][0] for s in clientes.samples if s["kind"] == "differs") == sorted(changed)

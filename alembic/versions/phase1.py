@@ -3,6 +3,7 @@
 Revision ID: phase1
 Revises:
 """
+
 from __future__ import annotations
 
 from alembic import op
@@ -139,8 +140,17 @@ INDEXES = (
 )
 # (idx_clientes_telefono of the plan is left out: the UNIQUE constraint on telefono already indexes it.)
 
-DROP_ORDER = ("tareas_programadas", "sesiones", "mensajes", "solicitudes_servicio", "servicios_proveedor",
-              "proveedor_profesiones", "proveedores", "profesiones", "clientes")
+DROP_ORDER = (
+    "tareas_programadas",
+    "sesiones",
+    "mensajes",
+    "solicitudes_servicio",
+    "servicios_proveedor",
+    "proveedor_profesiones",
+    "proveedores",
+    "profesiones",
+    "clientes",
+)
 
 
 def upgrade() -> None:

@@ -1,4 +1,5 @@
 """migrate-data: phased, translated PostgreSQL data migrations."""
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

@@ -4,16 +4,18 @@ When migrate-data runs Alembic it passes its own connection in ``config.attribut
 and the revisions run on it, in migrate-data's transaction.  pytest-alembic passes an AsyncEngine.
 Run by hand (``alembic upgrade head``), the URL comes from ``sqlalchemy.url`` or ``DATABASE_URL``.
 """
+
 from __future__ import annotations
 
 import asyncio
 import os
 from logging.config import fileConfig
 
-from alembic import context
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_engine_from_config
+
+from alembic import context
 
 from .settings import sqlalchemy_url
 
@@ -48,8 +50,9 @@ def run() -> None:
     config = context.config
     shared = config.attributes.get("connection")
     if context.is_offline_mode():
-        context.configure(url=_database_url(), target_metadata=None, literal_binds=True,
-                          dialect_opts={"paramstyle": "named"})
+        context.configure(
+            url=_database_url(), target_metadata=None, literal_binds=True, dialect_opts={"paramstyle": "named"}
+        )
         with context.begin_transaction():
             context.run_migrations()
         return

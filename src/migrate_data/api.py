@@ -1,4 +1,5 @@
 """The verbs of migrate-data as functions: they return results and never print."""
+
 from __future__ import annotations
 
 import asyncio
@@ -35,17 +36,21 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 def database_errors(fn: F) -> F:
     """Turn a driver error escaping a verb into a MigrationError that carries SQLSTATE, detail and hint."""
+
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return await fn(*args, **kwargs)
         except asyncpg.PostgresError as e:
-            raise MigrationError(f"{fn.__name__}: {e.__class__.__name__}: {e}",
-                                 detail=f"SQLSTATE {e.sqlstate}" + (f"; {e.detail}" if getattr(e, "detail", None) else ""),
-                                 hint=getattr(e, "hint", None)) from e
+            raise MigrationError(
+                f"{fn.__name__}: {e.__class__.__name__}: {e}",
+                detail=f"SQLSTATE {e.sqlstate}" + (f"; {e.detail}" if getattr(e, "detail", None) else ""),
+                hint=getattr(e, "hint", None),
+            ) from e
         except (OSError, asyncpg.InterfaceError) as e:
-            raise MigrationError(f"{fn.__name__}: lost the database: {e}",
-                                 hint="every batch is checkpointed; run the same command again") from e
+            raise MigrationError(
+                f"{fn.__name__}: lost the database: {e}", hint="every batch is checkpointed; run the same command again"
+            ) from e
 
     return wrapper  # type: ignore[return-value]
 
@@ -89,10 +94,18 @@ class PlanResult:
             "revision": self.plan.phase.revision,
             "ddl": self.ddl,
             "order": [str(ct.target) for ct, _ in self.plan.tables],
-            "findings": [{"level": f.level, "table": f.table, "message": f.message, "count": f.count}
-                         for f in self.plan.findings],
-            "tables": [{"source": str(ct.source), "target": str(ct.target), **self.statements[str(ct.target)],
-                        "preview": self.plan.previews.get(str(ct.target))} for ct, _ in self.plan.tables],
+            "findings": [
+                {"level": f.level, "table": f.table, "message": f.message, "count": f.count} for f in self.plan.findings
+            ],
+            "tables": [
+                {
+                    "source": str(ct.source),
+                    "target": str(ct.target),
+                    **self.statements[str(ct.target)],
+                    "preview": self.plan.previews.get(str(ct.target)),
+                }
+                for ct, _ in self.plan.tables
+            ],
         }
 
 
@@ -139,12 +152,14 @@ def get_phase(settings: Settings, name: str) -> tuple[dict[str, Phase], Phase]:
 async def connect(settings: Settings, *, jobs: int = 2) -> AsyncIterator[tuple[asyncpg.Pool, asyncpg.Pool]]:
     """One pool for the target and, when the source is another database, one for the source."""
     size = max(2, jobs + 2)
-    opts = dict(statement_timeout=settings.statement_timeout, lock_timeout=settings.lock_timeout)
-    async with open_pool(settings.database_url, max_size=size, **opts) as target:
+    st, lt = settings.statement_timeout, settings.lock_timeout
+    async with open_pool(settings.database_url, max_size=size, statement_timeout=st, lock_timeout=lt) as target:
         if settings.same_database:
             yield target, target
         else:
-            async with open_pool(settings.effective_source_url, max_size=size, **opts) as source:
+            async with open_pool(
+                settings.effective_source_url, max_size=size, statement_timeout=st, lock_timeout=lt
+            ) as source:
                 yield target, source
 
 
@@ -152,8 +167,9 @@ async def _server_major(db: Executor) -> int:
     return int(await fetch_val(db, "SHOW server_version_num")) // 10000
 
 
-async def check_schema_agrees(settings: Settings, db: Executor, phases: dict[str, Phase],
-                              states: dict[str, asyncpg.Record]) -> None:
+async def check_schema_agrees(
+    settings: Settings, db: Executor, phases: dict[str, Phase], states: dict[str, asyncpg.Record]
+) -> None:
     """Refuse when alembic_version is not what the ledger's applied phases imply (Alembic run by hand)."""
     expected = None
     for name, phase in phases.items():
@@ -166,13 +182,17 @@ async def check_schema_agrees(settings: Settings, db: Executor, phases: dict[str
             f"the database's Alembic revision is {current or 'base'} but the ledger says {expected or 'base'}",
             detail="someone changed the schema outside migrate-data (alembic upgrade/downgrade/stamp by hand)",
             hint=f"bring the database back to {expected or 'base'} (`alembic upgrade` or `alembic downgrade "
-                 f"{expected or 'base'}`), or see `migrate-data status`, then run the command again")
+            f"{expected or 'base'}`), or see `migrate-data status`, then run the command again",
+        )
 
 
 def later_applied(phases: dict[str, Phase], states: dict[str, asyncpg.Record], name: str) -> list[str]:
     order = list(phases)
-    return [p for p in order[order.index(name) + 1:]
-            if states.get(p) is not None and states[p]["state"] in ("applied", "partial")]
+    return [
+        p
+        for p in order[order.index(name) + 1 :]
+        if states.get(p) is not None and states[p]["state"] in ("applied", "partial")
+    ]
 
 
 # -- plan -----------------------------------------------------------------------------------------
@@ -185,7 +205,9 @@ async def plan(settings: Settings, name: str, *, sql: bool = False, preview_rows
     ddl = schema.offline_sql(settings, phase.revision) if (sql and phase.revision) else None
     statements = {
         str(ct.target): {
-            "copy": ct.insert_sql(lower=True, upper=True) if settings.same_database else ct.source_text_sql(lower=True, upper=True),
+            "copy": ct.insert_sql(lower=True, upper=True)
+            if settings.same_database
+            else ct.source_text_sql(lower=True, upper=True),
             "count": ct.count_sql(),
         }
         for ct, _ in the_plan.tables
@@ -193,18 +215,36 @@ async def plan(settings: Settings, name: str, *, sql: bool = False, preview_rows
     return PlanResult(the_plan, ddl, statements)
 
 
-async def _preflight(settings: Settings, phase: Phase, target: asyncpg.Pool, source: asyncpg.Pool, *,
-                     coverage: bool, preview_rows: int = 0) -> PhasePlan:
+async def _preflight(
+    settings: Settings,
+    phase: Phase,
+    target: asyncpg.Pool,
+    source: asyncpg.Pool,
+    *,
+    coverage: bool,
+    preview_rows: int = 0,
+) -> PhasePlan:
     async with schema.schema_transaction(settings, target, upgrade_to=phase.revision, commit=False) as conn:
-        return await preflight(phase, source=conn if settings.same_database else source, target=conn,
-                               same_db=settings.same_database, coverage=coverage, preview_rows=preview_rows)
+        return await preflight(
+            phase,
+            source=conn if settings.same_database else source,
+            target=conn,
+            same_db=settings.same_database,
+            coverage=coverage,
+            preview_rows=preview_rows,
+        )
 
 
 # -- run ------------------------------------------------------------------------------------------
 @database_errors
-async def run_phase(settings: Settings, name: str, options: RunOptions = RunOptions(), *,
-                    on_event: Callable[[CopyEvent], None] | None = None,
-                    stop: asyncio.Event | None = None) -> RunResult:
+async def run_phase(
+    settings: Settings,
+    name: str,
+    options: RunOptions = RunOptions(),
+    *,
+    on_event: Callable[[CopyEvent], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> RunResult:
     """Pre-flight, check requirements, back up, upgrade the schema, copy, validate, record."""
     started = time.monotonic()
     phases, phase = get_phase(settings, name)
@@ -216,28 +256,46 @@ async def run_phase(settings: Settings, name: str, options: RunOptions = RunOpti
             _check_requires(phases, phase, states)
             later = later_applied(phases, states, name)
             if later:
-                raise RefusedError(f"{', '.join(later)} is applied after {name}; running {name} again would "
-                                   "not be the state those phases were built on",
-                                   hint=f"roll back {later[-1]} first")
+                raise RefusedError(
+                    f"{', '.join(later)} is applied after {name}; running {name} again would "
+                    "not be the state those phases were built on",
+                    hint=f"roll back {later[-1]} first",
+                )
             await check_schema_agrees(settings, target, phases, states)
             the_plan = await _preflight(settings, phase, target, source, coverage=options.dry_run)
             the_plan.raise_for_errors()
             if options.dry_run:
-                return RunResult(name, "dry-run", findings=the_plan.findings, revision=phase.revision,
-                                 seconds=time.monotonic() - started)
+                return RunResult(
+                    name,
+                    "dry-run",
+                    findings=the_plan.findings,
+                    revision=phase.revision,
+                    seconds=time.monotonic() - started,
+                )
             run_id = await ledger.start_run(lock, kind="run", phase=name)
             predicted = report.predicted_seconds(settings, name)
             if predicted is not None:
                 await ledger.update_run(lock, run_id, predicted_seconds=predicted)
             try:
-                result = await _run(settings, phase, options, target, source, lock, run_id, states.get(name),
-                                    on_event=on_event, stop=stop)
+                result = await _run(
+                    settings,
+                    phase,
+                    options,
+                    target,
+                    source,
+                    lock,
+                    run_id,
+                    states.get(name),
+                    on_event=on_event,
+                    stop=stop,
+                )
             except Stopped as e:
                 await ledger.update_run(target, run_id, status="stopped", error=str(e))
                 raise
             except BaseException as e:
-                await asyncio.shield(ledger.update_run(target, run_id, status="failed",
-                                                       error=redact(str(e)) or type(e).__name__))
+                await asyncio.shield(
+                    ledger.update_run(target, run_id, status="failed", error=redact(str(e)) or type(e).__name__)
+                )
                 raise
             return RunResult(**{**result, "seconds": time.monotonic() - started})
 
@@ -246,69 +304,124 @@ def _check_requires(phases: dict[str, Phase], phase: Phase, states: dict[str, as
     for r in phase.requires:
         st = states.get(r)
         if st is None or st["state"] != "applied":
-            raise RefusedError(f"{phase.name} requires {r}, which is {st['state'] if st else 'pending'}",
-                               hint=f"run `migrate-data {r}` first")
+            raise RefusedError(
+                f"{phase.name} requires {r}, which is {st['state'] if st else 'pending'}",
+                hint=f"run `migrate-data {r}` first",
+            )
         if phases[r].tables and st["validated"] is False:
-            raise RefusedError(f"{phase.name} requires {r}, whose last validation failed",
-                               hint=f"see `migrate-data validate {r}`")
+            raise RefusedError(
+                f"{phase.name} requires {r}, whose last validation failed", hint=f"see `migrate-data validate {r}`"
+            )
 
 
-async def _run(settings: Settings, phase: Phase, options: RunOptions, target: asyncpg.Pool, source: asyncpg.Pool,
-               lock: asyncpg.Connection, run_id: int, state: asyncpg.Record | None, *,
-               on_event: Callable[[CopyEvent], None] | None, stop: asyncio.Event | None) -> dict[str, Any]:
+async def _run(
+    settings: Settings,
+    phase: Phase,
+    options: RunOptions,
+    target: asyncpg.Pool,
+    source: asyncpg.Pool,
+    lock: asyncpg.Connection,
+    run_id: int,
+    state: asyncpg.Record | None,
+    *,
+    on_event: Callable[[CopyEvent], None] | None,
+    stop: asyncio.Event | None,
+) -> dict[str, Any]:
     name = phase.name
     started = time.monotonic()
     backup_path = None
     resuming = state is not None and state["state"] in ("partial", "applied")
-    if options.backup and not (resuming and state["backup_path"]):
+    earlier_backup = state["backup_path"] if (state is not None and resuming) else None
+    if options.backup and not earlier_backup:
         backup_path = str(await _backup(settings, phase, target))
         await ledger.update_run(target, run_id, backup_path=backup_path)
-    elif resuming:
-        backup_path = state["backup_path"]
+    else:
+        backup_path = earlier_backup
     if phase.backup and not backup_path:
         raise RefusedError(f"{name} drops data and needs a verified backup; not running it with --no-backup")
     if phase.backup:
         await _check_all_data_phases_valid(settings, target, name)
     # The schema step and the ledger's record of it commit together.
     async with schema.schema_transaction(settings, target, upgrade_to=phase.revision, commit=True) as conn:
-        the_plan = await preflight(phase, source=conn if settings.same_database else source, target=conn,
-                                   same_db=settings.same_database, coverage=False)
+        the_plan = await preflight(
+            phase,
+            source=conn if settings.same_database else source,
+            target=conn,
+            same_db=settings.same_database,
+            coverage=False,
+        )
         the_plan.raise_for_errors()
         pre_state = None if resuming else await _pre_state(conn, the_plan.tables)
-        await ledger.set_phase(conn, name, state="partial", revision=phase.revision, run_id=run_id,
-                               backup_path=backup_path, pre_state=pre_state)
+        await ledger.set_phase(
+            conn,
+            name,
+            state="partial",
+            revision=phase.revision,
+            run_id=run_id,
+            backup_path=backup_path,
+            pre_state=pre_state,
+        )
     if not resuming:
         await ledger.clear_rejects(target, name)
     if options.recheck:
         await ledger.clear_rejects(target, name)
-    copier = Copier(phase=name, tables=list(the_plan.tables), target_pool=target, source_pool=source, run_id=run_id,
-                    options=CopyOptions(batch_size=options.batch_size, jobs=options.jobs, recheck=options.recheck,
-                                        max_rejects=options.max_rejects, deadline=options.deadline,
-                                        split_rows=options.split_rows),
-                    stop=stop, on_event=on_event)
+    copier = Copier(
+        phase=name,
+        tables=list(the_plan.tables),
+        target_pool=target,
+        source_pool=source,
+        run_id=run_id,
+        options=CopyOptions(
+            batch_size=options.batch_size,
+            jobs=options.jobs,
+            recheck=options.recheck,
+            max_rejects=options.max_rejects,
+            deadline=options.deadline,
+            split_rows=options.split_rows,
+        ),
+        stop=stop,
+        on_event=on_event,
+    )
     tables = await copier.run()
     states = await ledger.phase_states(target)
     pre_counts = (states[name]["pre_state"] and json.loads(states[name]["pre_state"]).get("counts")) or {}
-    validation = await validate_phase(name, list(the_plan.tables), target=target, source=source, deep=options.deep,
-                                      pre_counts=pre_counts)
-    validation = replace(await _describe(settings, target, validation, phase),
-                         run_seconds=round(time.monotonic() - started, 3))
+    validation = await validate_phase(
+        name, list(the_plan.tables), target=target, source=source, deep=options.deep, pre_counts=pre_counts
+    )
+    validation = replace(
+        await _describe(settings, target, validation, phase), run_seconds=round(time.monotonic() - started, 3)
+    )
     paths = report.save(validation, settings.reports_dir)
     rows = {t.target: t.rows_written for t in tables}
-    await ledger.set_phase(target, name, state="applied", revision=phase.revision, run_id=run_id,
-                           validated=validation.ok)
-    await ledger.update_run(target, run_id, status="done" if validation.ok else "invalid", rows=rows,
-                            rejects=sum(t.rejected for t in tables), validation_ok=validation.ok,
-                            report_path=str(paths["html"]))
-    return dict(phase=name, status="done" if validation.ok else "invalid", tables=tuple(tables),
-                validation=validation, reports={k: str(v) for k, v in paths.items()}, backup_path=backup_path,
-                findings=the_plan.findings, revision=phase.revision)
+    await ledger.set_phase(
+        target, name, state="applied", revision=phase.revision, run_id=run_id, validated=validation.ok
+    )
+    await ledger.update_run(
+        target,
+        run_id,
+        status="done" if validation.ok else "invalid",
+        rows=rows,
+        rejects=sum(t.rejected for t in tables),
+        validation_ok=validation.ok,
+        report_path=str(paths["html"]),
+    )
+    return dict(
+        phase=name,
+        status="done" if validation.ok else "invalid",
+        tables=tuple(tables),
+        validation=validation,
+        reports={k: str(v) for k, v in paths.items()},
+        backup_path=backup_path,
+        findings=the_plan.findings,
+        revision=phase.revision,
+    )
 
 
 async def _describe(settings: Settings, db: Executor, v: ValidationResult, phase: Phase) -> ValidationResult:
     who = await fetch_val(db, "SELECT current_user")
-    return replace(v, database=redact(settings.database_url), revision=phase.revision, operator=who,
-                   host=socket.gethostname())
+    return replace(
+        v, database=redact(settings.database_url), revision=phase.revision, operator=who, host=socket.gethostname()
+    )
 
 
 async def _pre_state(conn: asyncpg.Connection, tables: tuple[tuple[CompiledTable, Table], ...]) -> dict[str, Any]:
@@ -339,17 +452,25 @@ async def _backup(settings: Settings, phase: Phase, target: asyncpg.Pool) -> str
 async def _check_all_data_phases_valid(settings: Settings, target: asyncpg.Pool, name: str) -> None:
     phases = project_phases(settings)
     states = await ledger.phase_states(target)
-    bad = [p for p, ph in phases.items() if ph.tables and p != name
-           and (states.get(p) is None or states[p]["state"] != "applied" or not states[p]["validated"])]
+    bad = [
+        p
+        for p, ph in phases.items()
+        if ph.tables
+        and p != name
+        and (states.get(p) is None or states[p]["state"] != "applied" or not states[p]["validated"])
+    ]
     if bad:
-        raise RefusedError(f"{name} drops data; every data phase must be applied and validated first",
-                           detail=f"not applied or not validated: {', '.join(bad)}")
+        raise RefusedError(
+            f"{name} drops data; every data phase must be applied and validated first",
+            detail=f"not applied or not validated: {', '.join(bad)}",
+        )
 
 
 # -- validate -------------------------------------------------------------------------------------
 @database_errors
-async def validate(settings: Settings, name: str, *, deep: bool = False, sample: int = 10,
-                   allow_rejects: bool = True) -> ValidationResult:
+async def validate(
+    settings: Settings, name: str, *, deep: bool = False, sample: int = 10, allow_rejects: bool = True
+) -> ValidationResult:
     """Validate a phase's tables now; record the result in the ledger when there is one."""
     phases, phase = get_phase(settings, name)
     async with connect(settings) as (target, source):
@@ -360,7 +481,16 @@ async def validate(settings: Settings, name: str, *, deep: bool = False, sample:
             st = (await ledger.phase_states(target)).get(name)
             if st is not None and st["pre_state"]:
                 pre_counts = json.loads(st["pre_state"]).get("counts", {})
-        result = await validate_phase(name, tables, target=target, source=source, deep=deep, sample=sample, allow_rejects=allow_rejects, pre_counts=pre_counts)
+        result = await validate_phase(
+            name,
+            tables,
+            target=target,
+            source=source,
+            deep=deep,
+            sample=sample,
+            allow_rejects=allow_rejects,
+            pre_counts=pre_counts,
+        )
         result = await _describe(settings, target, result, phase)
         if await ledger.exists(target):
             run_id = await ledger.start_run(target, kind="validate", phase=name)
@@ -370,7 +500,9 @@ async def validate(settings: Settings, name: str, *, deep: bool = False, sample:
 
 # -- rollback -------------------------------------------------------------------------------------
 @database_errors
-async def rollback(settings: Settings, name: str, *, force: bool = False, batch_size: int = 5000) -> RollbackResult:
+async def rollback(
+    settings: Settings, name: str, *, force: bool = False, batch_size: int = 5000, stop: asyncio.Event | None = None
+) -> RollbackResult:
     """Undo a phase: delete what it wrote (children first), downgrade its revision, restore what it dropped."""
     started = time.monotonic()
     phases, phase = get_phase(settings, name)
@@ -384,12 +516,26 @@ async def rollback(settings: Settings, name: str, *, force: bool = False, batch_
                 raise RefusedError(f"{name} is not applied ({st['state'] if st else 'pending'}); nothing to roll back")
             later = later_applied(phases, states, name)
             if later:
-                raise RefusedError(f"{', '.join(later)} is applied after {name}",
-                                   hint=f"roll back {later[-1]} first (`migrate-data rollback {later[-1]}`)")
+                raise RefusedError(
+                    f"{', '.join(later)} is applied after {name}",
+                    hint=f"roll back {later[-1]} first (`migrate-data rollback {later[-1]}`)",
+                )
             await check_schema_agrees(settings, target, phases, states)
             run_id = await ledger.start_run(lock, kind="rollback", phase=name)
             try:
-                result = await _rollback(settings, phase, st, target, source, force=force, batch_size=batch_size)
+                result = await _rollback(
+                    settings,
+                    phase,
+                    st,
+                    target,
+                    source,
+                    force=force,
+                    batch_size=batch_size,
+                    stop=stop or asyncio.Event(),
+                )
+            except Stopped as e:
+                await ledger.update_run(target, run_id, status="stopped", error=str(e))
+                raise
             except BaseException as e:
                 await asyncio.shield(ledger.update_run(target, run_id, status="failed", error=redact(str(e))))
                 raise
@@ -397,8 +543,17 @@ async def rollback(settings: Settings, name: str, *, force: bool = False, batch_
             return RollbackResult(**{**result.__dict__, "seconds": time.monotonic() - started})
 
 
-async def _rollback(settings: Settings, phase: Phase, st: asyncpg.Record, target: asyncpg.Pool, source: asyncpg.Pool,
-                    *, force: bool, batch_size: int) -> RollbackResult:
+async def _rollback(
+    settings: Settings,
+    phase: Phase,
+    st: asyncpg.Record,
+    target: asyncpg.Pool,
+    source: asyncpg.Pool,
+    *,
+    force: bool,
+    batch_size: int,
+    stop: asyncio.Event,
+) -> RollbackResult:
     name = phase.name
     pre = json.loads(st["pre_state"]) if st["pre_state"] else {"counts": {}, "sequences": {}}
     the_plan = await preflight(phase, source=source, target=target, same_db=settings.same_database, coverage=False)
@@ -410,9 +565,11 @@ async def _rollback(settings: Settings, phase: Phase, st: asyncpg.Record, target
         foreign = {k: v for k, v in foreign.items() if v}
         if foreign and not force:
             what = ", ".join(f"{k}: {len(v)} rows" for k, v in foreign.items())
-            raise RefusedError(f"the target tables of {name} hold rows that did not come from the source ({what})",
-                               detail="the application wrote them after the phase; a rollback would lose them",
-                               hint="pass --force to dump them to a file under backups/ and roll back anyway")
+            raise RefusedError(
+                f"the target tables of {name} hold rows that did not come from the source ({what})",
+                detail="the application wrote them after the phase; a rollback would lose them",
+                hint="pass --force to dump them to a file under backups/ and roll back anyway",
+            )
         if foreign:
             stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
             path = settings.backups_dir / f"{name}-rollback-foreign-rows-{stamp}.jsonl"
@@ -424,15 +581,17 @@ async def _rollback(settings: Settings, phase: Phase, st: asyncpg.Record, target
             dump_path = str(path)
     deleted: dict[str, int] = {}
     for ct, _ in reversed(tables):  # children first
-        deleted[str(ct.target)] = await _delete_copied(ct, target, source, batch_size)
+        deleted[str(ct.target)] = await _delete_copied(ct, target, source, batch_size, stop)
         if dump_path:  # --force: the rows the application wrote are in the dump file; they go too
             deleted[str(ct.target)] += rowcount(await target.execute(ct.delete_extra_sql()))
     for ct, _ in tables:
         now = await fetch_val(target, ct.target_count_sql())
         want = pre.get("counts", {}).get(str(ct.target), 0)
         if now != want:
-            raise MigrationError(f"after deleting what {name} copied, {ct.target} has {now} rows; it had {want} before "
-                                 "the phase", hint="inspect the table; run the rollback again once resolved")
+            raise MigrationError(
+                f"after deleting what {name} copied, {ct.target} has {now} rows; it had {want} before the phase",
+                hint="inspect the table; run the rollback again once resolved",
+            )
     async with target.acquire() as conn, conn.transaction():
         for seq, (value, called) in pre.get("sequences", {}).items():
             await conn.execute("SELECT setval($1::regclass, $2, $3)", seq, value, called)
@@ -448,18 +607,25 @@ async def _rollback(settings: Settings, phase: Phase, st: asyncpg.Record, target
         if not st["backup_path"]:
             raise MigrationError(f"{name} has no backup to restore the dropped tables from")
         recreated = [t for t in [await read_table(target, name) for name in phase.backup] if t is not None]
-        await backups.restore_data(settings.database_url, Path(st["backup_path"]),
-                                   [t.qualified for t in parents_first(recreated)],
-                                   server_major=await _server_major(target))
+        await backups.restore_data(
+            settings.database_url,
+            Path(st["backup_path"]),
+            [t.qualified for t in parents_first(recreated)],
+            server_major=await _server_major(target),
+        )
         restored = tuple(str(t) for t in phase.backup)
     return RollbackResult(name, deleted, dump_path, downgraded, restored, 0.0)
 
 
-async def _delete_copied(ct: CompiledTable, target: asyncpg.Pool, source: asyncpg.Pool, batch_size: int) -> int:
-    """Delete, in batches of source keys, the target rows those source rows produce."""
+async def _delete_copied(
+    ct: CompiledTable, target: asyncpg.Pool, source: asyncpg.Pool, batch_size: int, stop: asyncio.Event
+) -> int:
+    """Delete, in batches of source keys, the target rows those source rows produce (a batch per transaction)."""
     total = 0
     last: list[str] | None = None
     while True:
+        if stop.is_set():
+            raise Stopped(f"rollback stopped cleanly in {ct.target} after {total:,} rows")
         rows = await source.fetch(ct.expected_keys_sql(lower=last is not None), *(last or []), batch_size)
         if not rows:
             return total
@@ -490,8 +656,11 @@ async def status(settings: Settings) -> list[PhaseStatus]:
             resume = None
             if st is not None and st["state"] == "partial":
                 pending = sorted({c["target"] for c in cps if not c["done"]})
-                resume = (f"resumes at {', '.join(pending)} after {sum(c['rows_read'] for c in cps):,} rows read"
-                          if pending else "copy finished; validation pending")
+                resume = (
+                    f"resumes at {', '.join(pending)} after {sum(c['rows_read'] for c in cps):,} rows read"
+                    if pending
+                    else "copy finished; validation pending"
+                )
             last_run = None
             if last is not None:
                 last_run = f"{last['kind']} {last['status']} {last['started_at']:%Y-%m-%d %H:%M}"
@@ -499,8 +668,19 @@ async def status(settings: Settings) -> list[PhaseStatus]:
             actual = None
             if last is not None and last["finished_at"] is not None:
                 actual = (last["finished_at"] - last["started_at"]).total_seconds()
-            out.append(PhaseStatus(p, st["state"] if st else "pending", ph.revision, last_run, rows, validation,
-                                   resume, last["predicted_seconds"] if last else None, actual))
+            out.append(
+                PhaseStatus(
+                    p,
+                    st["state"] if st else "pending",
+                    ph.revision,
+                    last_run,
+                    rows,
+                    validation,
+                    resume,
+                    last["predicted_seconds"] if last else None,
+                    actual,
+                )
+            )
         return out
 
 
@@ -510,10 +690,18 @@ async def history(settings: Settings, *, phase: str | None = None, limit: int = 
         if not await ledger.exists(target):
             return []
         return [
-            {"id": r["id"], "kind": r["kind"], "phase": r["phase"], "status": r["status"],
-             "started": f"{r['started_at']:%Y-%m-%d %H:%M:%S}",
-             "seconds": round((r["finished_at"] - r["started_at"]).total_seconds(), 1) if r["finished_at"] else None,
-             "operator": f"{r['operator']}@{r['host']}", "rows": sum(json.loads(r["rows"]).values()),
-             "rejects": r["rejects"], "valid": r["validation_ok"], "report": r["report_path"]}
+            {
+                "id": r["id"],
+                "kind": r["kind"],
+                "phase": r["phase"],
+                "status": r["status"],
+                "started": f"{r['started_at']:%Y-%m-%d %H:%M:%S}",
+                "seconds": round((r["finished_at"] - r["started_at"]).total_seconds(), 1) if r["finished_at"] else None,
+                "operator": f"{r['operator']}@{r['host']}",
+                "rows": sum(json.loads(r["rows"]).values()),
+                "rejects": r["rejects"],
+                "valid": r["validation_ok"],
+                "report": r["report_path"],
+            }
             for r in await ledger.runs(target, phase=phase, limit=limit)
         ]

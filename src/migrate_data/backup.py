@@ -1,4 +1,5 @@
 """pg_dump before a phase writes; pg_restore when rolling back a phase that dropped tables."""
+
 from __future__ import annotations
 
 import asyncio
@@ -29,8 +30,9 @@ def _candidates(tool: str) -> list[str]:
 
 
 async def _major(path: str) -> int:
-    proc = await asyncio.create_subprocess_exec(path, "--version", stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.DEVNULL)
+    proc = await asyncio.create_subprocess_exec(
+        path, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
     out, _ = await proc.communicate()
     m = re.search(rb"(\d+)(?:\.\d+)?", out)
     return int(m.group(1)) if m else 0
@@ -42,8 +44,11 @@ async def find_tool(tool: str, server_major: int) -> str:
     fit = sorted(v for v in versions if v[0] >= server_major)
     if not fit:
         have = ", ".join(f"{p} ({m})" for m, p in versions) or "none"
-        raise MigrationError(f"no {tool} of major version {server_major} or newer", detail=f"found: {have}",
-                             hint=f"install postgresql-client-{server_major}, or pass --no-backup for a rehearsal")
+        raise MigrationError(
+            f"no {tool} of major version {server_major} or newer",
+            detail=f"found: {have}",
+            hint=f"install postgresql-client-{server_major}, or pass --no-backup for a rehearsal",
+        )
     return fit[0][1]
 
 
@@ -60,12 +65,15 @@ def _libpq(url: str) -> tuple[str, dict[str, str]]:
 
 
 async def _run(args: list[str], url: str, env: dict[str, str]) -> str:
-    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                                                env=env)
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+    )
     out, err = await proc.communicate()
     if proc.returncode != 0:
-        raise MigrationError(f"{Path(args[0]).name} failed (exit {proc.returncode})",
-                             detail=redact_text(err.decode(errors="replace").strip(), url))
+        raise MigrationError(
+            f"{Path(args[0]).name} failed (exit {proc.returncode})",
+            detail=redact_text(err.decode(errors="replace").strip(), url),
+        )
     return out.decode(errors="replace")
 
 
@@ -108,8 +116,21 @@ async def restore_data(url: str, path: Path, tables: list[QualifiedName], *, ser
     list_file = path.with_suffix(".restore-list")
     list_file.write_text("\n".join(keep) + "\n")
     try:
-        await _run([pg_restore, "--data-only", "--single-transaction", "--exit-on-error", "--dbname", dsn,
-                    "-L", str(list_file), str(path)], url, env)
+        await _run(
+            [
+                pg_restore,
+                "--data-only",
+                "--single-transaction",
+                "--exit-on-error",
+                "--dbname",
+                dsn,
+                "-L",
+                str(list_file),
+                str(path),
+            ],
+            url,
+            env,
+        )
     finally:
         list_file.unlink(missing_ok=True)
 
@@ -118,5 +139,6 @@ async def restore_all(url: str, path: Path, *, server_major: int) -> None:
     """Restore a whole dump (structure and rows) into an empty database."""
     pg_restore = await find_tool("pg_restore", server_major)
     dsn, env = _libpq(url)
-    await _run([pg_restore, "--no-owner", "--single-transaction", "--exit-on-error", "--dbname", dsn, str(path)],
-               url, env)
+    await _run(
+        [pg_restore, "--no-owner", "--single-transaction", "--exit-on-error", "--dbname", dsn, str(path)], url, env
+    )

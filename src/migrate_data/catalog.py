@@ -1,4 +1,5 @@
 """Read what a live database has: tables, columns, keys, foreign keys, sequences."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -96,13 +97,20 @@ async def read_table(db: Executor, name: QualifiedName) -> Table | None:
         schema=row["nspname"],
         name=row["relname"],
         columns=tuple(
-            Column(c["attname"], c["type"], c["attnotnull"], c["atthasdef"], c["attidentity"], c["generated"]) for c in cols
+            Column(c["attname"], c["type"], c["attnotnull"], c["atthasdef"], c["attidentity"], c["generated"])
+            for c in cols
         ),
         primary_key=pk,
         unique_keys=tuple(tuple(k["cols"]) for k in keys),
         foreign_keys=tuple(
-            ForeignKey(f["conname"], tuple(f["cols"]), QualifiedName(f["ref_table"], f["ref_schema"]),
-                       tuple(f["ref_cols"]), f["condeferrable"], f["convalidated"])
+            ForeignKey(
+                f["conname"],
+                tuple(f["cols"]),
+                QualifiedName(f["ref_table"], f["ref_schema"]),
+                tuple(f["ref_cols"]),
+                f["condeferrable"],
+                f["convalidated"],
+            )
             for f in fks
         ),
     )

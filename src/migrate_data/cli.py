@@ -1,4 +1,5 @@
 """The ``migrate-data`` command: parse, call ``api``, print.  The only place that decides exit codes."""
+
 from __future__ import annotations
 
 import asyncio
@@ -49,10 +50,13 @@ class Context:
 
                 url, where = self.stack.enter_context(embedded_server())
                 click.echo(f"embedded PostgreSQL: {redact(url)} (data in {where}, removed at exit)", err=True)
-            self._settings = load_settings(database_url=url, source_url=self.opts["source_url"],
-                                           project_dir=self.opts["project"],
-                                           statement_timeout=self.opts["statement_timeout"],
-                                           lock_timeout=self.opts["lock_timeout"])
+            self._settings = load_settings(
+                database_url=url,
+                source_url=self.opts["source_url"],
+                project_dir=self.opts["project"],
+                statement_timeout=self.opts["statement_timeout"],
+                lock_timeout=self.opts["lock_timeout"],
+            )
         return self._settings
 
     def project_dir(self) -> Path:
@@ -61,6 +65,7 @@ class Context:
 
 def run(coro_fn: Callable[[asyncio.Event], Awaitable[T]]) -> T:
     """Run a library coroutine; SIGINT/SIGTERM ask it to stop at the next checkpoint."""
+
     async def main() -> T:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -109,15 +114,21 @@ class PhaseGroup(click.Group):
 def cli(ctx: click.Context, verbose: int, traceback: bool, **opts: Any) -> None:
     """Run a PostgreSQL schema-translation migration, one phase per maintenance window."""
     level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(
+        level=max(level, logging.DEBUG),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     ctx.obj = Context(traceback=traceback, **opts)
     ctx.call_on_close(ctx.obj.stack.close)
     mappings = ctx.obj.project_dir() / "mappings"
     clash = sorted(p.stem for p in mappings.glob("*.yaml") if p.stem in BUILTINS) if mappings.is_dir() else []
     if clash:
-        raise BadInput(f"{mappings / (clash[0] + '.yaml')}: phase name {clash[0]!r} is a built-in command",
-                       hint="rename the phase file")
+        raise BadInput(
+            f"{mappings / (clash[0] + '.yaml')}: phase name {clash[0]!r} is a built-in command",
+            hint="rename the phase file",
+        )
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -149,11 +160,22 @@ class Progress:
         self.bars: Any = None
         self.tasks: dict[str, Any] = {}
         if sys.stderr.isatty():
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn,
-                                       TimeRemainingColumn, TransferSpeedColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as Bars
 
-            self.bars = Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("{task.fields[rate]} rows/s"), TimeRemainingColumn(), transient=False)
+            self.bars = Bars(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} rows/s"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
         else:
             logging.getLogger("migrate_data.copier").setLevel(logging.INFO)
 
@@ -169,8 +191,10 @@ class Progress:
     def __call__(self, e: CopyEvent) -> None:
         if not self.bars:
             if e.kind in ("done", "skip"):
-                click.echo(f"{e.target}: {e.kind} — {e.rows:,} rows read, {e.written:,} written, {e.rejected:,} rejected",
-                           err=True)
+                click.echo(
+                    f"{e.target}: {e.kind} — {e.rows:,} rows read, {e.written:,} written, {e.rejected:,} rejected",
+                    err=True,
+                )
             return
         t = self.tasks.get(e.target)
         if t is None:
@@ -192,8 +216,19 @@ def phase_command(name: str) -> click.Command:
     @click.option("--tz", help="Time zone of --until, e.g. America/Guayaquil (default: local).")
     @click.option("--deep", is_flag=True, help="Validate with checksums, not only counts.")
     @pass_ctx
-    def command(obj: Context, yes: bool, dry_run: bool, no_backup: bool, batch_size: int, jobs: int, recheck: bool,
-                max_rejects: int | None, until: str | None, tz: str | None, deep: bool) -> None:
+    def command(
+        obj: Context,
+        yes: bool,
+        dry_run: bool,
+        no_backup: bool,
+        batch_size: int,
+        jobs: int,
+        recheck: bool,
+        max_rejects: int | None,
+        until: str | None,
+        tz: str | None,
+        deep: bool,
+    ) -> None:
         settings = obj.settings()
         deadline = _until(until, tz)
         phases, phase = api.get_phase(settings, name)
@@ -201,11 +236,21 @@ def phase_command(name: str) -> click.Command:
             if not sys.stdin.isatty():
                 raise BadInput(f"refusing to run {name} without confirmation: no terminal", hint="pass --yes")
             tables = ", ".join(f"{t.source}→{t.target}" for t in phase.tables) or "no tables (schema only)"
-            click.echo(f"phase {name}: {phase.description}\n  database: {redact(settings.database_url)}\n"
-                       f"  revision: {phase.revision or '-'}\n  tables: {tables}\n  backup: {'no' if no_backup else 'yes'}")
+            click.echo(
+                f"phase {name}: {phase.description}\n  database: {redact(settings.database_url)}\n"
+                f"  revision: {phase.revision or '-'}\n  tables: {tables}\n  backup: {'no' if no_backup else 'yes'}"
+            )
             click.confirm("run it?", abort=True)
-        options = api.RunOptions(batch_size=batch_size, jobs=jobs, recheck=recheck, max_rejects=max_rejects,
-                                 deadline=deadline, backup=not no_backup, deep=deep, dry_run=dry_run)
+        options = api.RunOptions(
+            batch_size=batch_size,
+            jobs=jobs,
+            recheck=recheck,
+            max_rejects=max_rejects,
+            deadline=deadline,
+            backup=not no_backup,
+            deep=deep,
+            dry_run=dry_run,
+        )
         with Progress() as progress:
             try:
                 result = run(lambda stop: api.run_phase(settings, name, options, on_event=progress, stop=stop))
@@ -215,21 +260,27 @@ def phase_command(name: str) -> click.Command:
         for f in result.findings:
             click.echo(str(f))
         if result.status == "dry-run":
-            click.echo(f"dry run of {name}: pre-flight passed; would back up, "
-                       f"{'upgrade to ' + phase.revision + ', ' if phase.revision else ''}copy "
-                       f"{len(phase.tables)} tables and validate")
+            click.echo(
+                f"dry run of {name}: pre-flight passed; would back up, "
+                f"{'upgrade to ' + phase.revision + ', ' if phase.revision else ''}copy "
+                f"{len(phase.tables)} tables and validate"
+            )
             return
         for t in result.tables:
             state = "skipped (done before)" if t.skipped else f"{t.seconds:.1f}s"
-            click.echo(f"{t.source} -> {t.target}: {t.rows_read:,} read, {t.rows_written:,} written, "
-                       f"{t.rejected:,} rejected, {state}")
+            click.echo(
+                f"{t.source} -> {t.target}: {t.rows_read:,} read, {t.rows_written:,} written, "
+                f"{t.rejected:,} rejected, {state}"
+            )
         assert result.validation is not None
         click.echo(report.to_text(result.validation))
         if result.backup_path:
             click.echo(f"backup: {result.backup_path}")
         click.echo(f"report: {result.reports.get('html')}")
-        click.echo(f"phase {name} {'done' if result.status == 'done' else 'copied, but validation FAILED'} "
-                   f"in {result.seconds:.1f}s")
+        click.echo(
+            f"phase {name} {'done' if result.status == 'done' else 'copied, but validation FAILED'} "
+            f"in {result.seconds:.1f}s"
+        )
         if result.status != "done":
             sys.exit(3)
 
@@ -258,8 +309,14 @@ def plan(obj: Context, phase: str, fmt: str, sql: bool) -> None:
                 click.echo(f"-- preview failed: {pv['error']}")
             elif pv.get("rows"):
                 click.echo("-- preview (first rows, computed and rolled back):")
-                click.echo("\n".join("--   " + line for line in report.summary(
-                    [{k: _short(v) for k, v in r.items()} for r in pv["rows"]]).splitlines()))
+                click.echo(
+                    "\n".join(
+                        "--   " + line
+                        for line in report.summary(
+                            [{k: _short(v) for k, v in r.items()} for r in pv["rows"]]
+                        ).splitlines()
+                    )
+                )
         click.echo("")
         for f in result.plan.findings:
             click.echo(str(f))
@@ -283,8 +340,9 @@ def _short(v: Any, width: int = 24) -> str:
 @pass_ctx
 def validate(obj: Context, phase: str, deep: bool, sample: int, no_rejects: bool, fmt: str, output: str | None) -> None:
     """Compare a phase's source and target: counts, checksums (--deep), integrity."""
-    result = run(lambda stop: api.validate(obj.settings(), phase, deep=deep, sample=sample,
-                                           allow_rejects=not no_rejects))
+    result = run(
+        lambda stop: api.validate(obj.settings(), phase, deep=deep, sample=sample, allow_rejects=not no_rejects)
+    )
     text = report.render(result, fmt)
     if output:
         Path(output).write_text(text, encoding="utf-8")
@@ -308,7 +366,11 @@ def rollback(obj: Context, phase: str, yes: bool, force: bool) -> None:
         if not sys.stdin.isatty():
             raise BadInput(f"refusing to roll back {phase} without confirmation: no terminal", hint="pass --yes")
         click.confirm(f"roll back {phase} on {redact(settings.database_url)}?", abort=True)
-    result = run(lambda stop: api.rollback(settings, phase, force=force))
+    try:
+        result = run(lambda stop: api.rollback(settings, phase, force=force, stop=stop))
+    except Stopped as e:
+        e.hint = f"resume with: migrate-data rollback {phase} --yes" + (" --force" if force else "")
+        raise
     for table, n in result.deleted.items():
         click.echo(f"{table}: {n:,} rows deleted")
     if result.foreign_rows_dump:
@@ -330,10 +392,18 @@ def status(obj: Context, fmt: str) -> None:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
     show_timing = any(r["predicted_seconds"] is not None for r in rows)
-    click.echo(report.summary([
-        {k: (f"{v:.0f}s" if isinstance(v, float) else v) for k, v in r.items()
-         if show_timing or k not in ("predicted_seconds", "actual_seconds")}
-        for r in rows]))
+    click.echo(
+        report.summary(
+            [
+                {
+                    k: (f"{v:.0f}s" if isinstance(v, float) else v)
+                    for k, v in r.items()
+                    if show_timing or k not in ("predicted_seconds", "actual_seconds")
+                }
+                for r in rows
+            ]
+        )
+    )
 
 
 @cli.command()
@@ -347,16 +417,34 @@ def status(obj: Context, fmt: str) -> None:
 @click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(1))
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @pass_ctx
-def rehearse(obj: Context, phases: tuple[str, ...], staging_url: str, window: str | None, tz: str | None,
-             rebuild: bool, use_existing: bool, jobs: int, batch_size: int, fmt: str) -> None:
+def rehearse(
+    obj: Context,
+    phases: tuple[str, ...],
+    staging_url: str,
+    window: str | None,
+    tz: str | None,
+    rebuild: bool,
+    use_existing: bool,
+    jobs: int,
+    batch_size: int,
+    fmt: str,
+) -> None:
     """Rehearse phases on a staging copy and predict whether they fit the window."""
     from .rehearse import rehearse as run_rehearsal
 
     settings = obj.settings()
-    result = run(lambda stop: run_rehearsal(settings, list(phases), staging_url=staging_url,
-                                            window=f"{window} {tz}".strip() if window and tz else window,
-                                            rebuild=rebuild, use_existing=use_existing, jobs=jobs,
-                                            batch_size=batch_size))
+    result = run(
+        lambda stop: run_rehearsal(
+            settings,
+            list(phases),
+            staging_url=staging_url,
+            window=f"{window} {tz}".strip() if window and tz else window,
+            rebuild=rebuild,
+            use_existing=use_existing,
+            jobs=jobs,
+            batch_size=batch_size,
+        )
+    )
     if fmt == "json":
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
     else:

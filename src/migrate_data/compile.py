@@ -4,6 +4,7 @@ Every statement a phase runs is rendered here, from quoted identifiers (``sql.qi
 literals (``sql.ql``); values that change per batch are bind parameters.  ``where:`` and ``sql:``
 are the DBA's own SQL and are pasted as written, in parentheses.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -105,11 +106,15 @@ class CompiledTable:
     def bound_sql(self, *, lower: bool, upper: bool = False) -> str:
         """Count the next batch and return its last key: params = [lower key...], [upper key...], limit."""
         conds, n = self._conditions(lower=lower, upper=upper)
-        inner = (f"SELECT {qcols(self.batch_by, self.alias)} FROM {self.src}{self._where(conds)} "
-                 f"ORDER BY {self._order} LIMIT ${n}")
+        inner = (
+            f"SELECT {qcols(self.batch_by, self.alias)} FROM {self.src}{self._where(conds)} "
+            f"ORDER BY {self._order} LIMIT ${n}"
+        )
         desc = ", ".join(f"b.{qi(k)} DESC" for k in self.batch_by)
-        return (f"WITH b AS ({inner}) SELECT count(*) AS n, "
-                f"(SELECT {self._key_text_array('b')} FROM b ORDER BY {desc} LIMIT 1) AS last FROM b")
+        return (
+            f"WITH b AS ({inner}) SELECT count(*) AS n, "
+            f"(SELECT {self._key_text_array('b')} FROM b ORDER BY {desc} LIMIT 1) AS last FROM b"
+        )
 
     def insert_sql(self, *, lower: bool, upper: bool) -> str:
         """INSERT … SELECT … ON CONFLICT for the source rows with lower < key <= upper."""
@@ -120,8 +125,9 @@ class CompiledTable:
     def keys_sql(self, *, lower: bool, upper: bool) -> str:
         """The batch keys (as text arrays, in order) of the source rows in a range."""
         conds, _ = self._conditions(lower=lower, upper=upper)
-        return (f"SELECT {self._key_text_array(self.alias)} AS k FROM {self.src}{self._where(conds)} "
-                f"ORDER BY {self._order}")
+        return (
+            f"SELECT {self._key_text_array(self.alias)} AS k FROM {self.src}{self._where(conds)} ORDER BY {self._order}"
+        )
 
     def source_row_sql(self) -> str:
         """The whole source row, as jsonb, of one batch key."""
@@ -130,18 +136,22 @@ class CompiledTable:
     def split_sql(self) -> str:
         """Every ``$1``-th batch key: the boundaries of parts copied concurrently."""
         conds, n = self._conditions(lower=False, upper=False)
-        return (f"SELECT k FROM (SELECT {self._key_text_array(self.alias)} AS k, "
-                f"row_number() OVER (ORDER BY {self._order}) AS rn FROM {self.src}{self._where(conds)}) s "
-                f"WHERE rn % $1 = 0 ORDER BY rn")
+        return (
+            f"SELECT k FROM (SELECT {self._key_text_array(self.alias)} AS k, "
+            f"row_number() OVER (ORDER BY {self._order}) AS rn FROM {self.src}{self._where(conds)}) s "
+            f"WHERE rn % $1 = 0 ORDER BY rn"
+        )
 
     # cross-database: the source ships text (binary COPY), the target casts it from a staging table
     def source_text_sql(self, *, lower: bool, upper: bool) -> str:
         """The rows of a range as the staging table's columns: ordinal, batch key, each value as text."""
         conds, _ = self._conditions(lower=lower, upper=upper)
         cols = ", ".join(f"({c.pre_cast})::text AS {qi(c.target)}" for c in self.columns)
-        return (f"SELECT (row_number() OVER (ORDER BY {self._order}))::integer AS __n, "
-                f"{self._key_text_array(self.alias)} AS __key, {cols} FROM {self.from_}"
-                f"{self._where(conds)} ORDER BY {self._order}")
+        return (
+            f"SELECT (row_number() OVER (ORDER BY {self._order}))::integer AS __n, "
+            f"{self._key_text_array(self.alias)} AS __key, {cols} FROM {self.from_}"
+            f"{self._where(conds)} ORDER BY {self._order}"
+        )
 
     def stage_table_sql(self, stage: str) -> str:
         cols = ", ".join(f"{qi(c.target)} text" for c in self.columns)
@@ -157,10 +167,14 @@ class CompiledTable:
 
     # -- validation -----------------------------------------------------------------------------
     def count_sql(self) -> str:
-        return f"SELECT count(*) FROM {self.src}{self._where([f'({self.mapping.where})'] if self.mapping.where else [])}"
+        return (
+            f"SELECT count(*) FROM {self.src}{self._where([f'({self.mapping.where})'] if self.mapping.where else [])}"
+        )
 
     def count_joined_sql(self) -> str:
-        return f"SELECT count(*) FROM {self.from_}{self._where([f'({self.mapping.where})'] if self.mapping.where else [])}"
+        return (
+            f"SELECT count(*) FROM {self.from_}{self._where([f'({self.mapping.where})'] if self.mapping.where else [])}"
+        )
 
     def target_count_sql(self) -> str:
         return f"SELECT count(*) FROM {self.tgt}"
@@ -183,7 +197,9 @@ class CompiledTable:
                 n += len(self.key)
         return out
 
-    def expected_sql(self, *, with_hash: bool = True, skip_rejected: bool = False, key_range: tuple[int, bool, bool] | None = None) -> str:
+    def expected_sql(
+        self, *, with_hash: bool = True, skip_rejected: bool = False, key_range: tuple[int, bool, bool] | None = None
+    ) -> str:
         """Per source row: the expected target key and (``with_hash``) a hash of the expected target values.
 
         ``skip_rejected`` leaves out the source rows the copier quarantined (``$2`` = phase, ``$3`` = target):
@@ -195,8 +211,10 @@ class CompiledTable:
         if skip_rejected:
             # A hashed NOT IN, and the row built only inside CASE: PostgreSQL may evaluate the select list
             # before a join filter, and a rejected row's values are exactly those that fail to convert.
-            ok = (f"{self._key_text_array(self.alias)} NOT IN (SELECT r.source_key FROM {qi(LEDGER_SCHEMA)}.rejects AS r "
-                  f"WHERE r.phase = $2 AND r.target = $3)")
+            ok = (
+                f"{self._key_text_array(self.alias)} NOT IN (SELECT r.source_key FROM {qi(LEDGER_SCHEMA)}.rejects AS r "
+                f"WHERE r.phase = $2 AND r.target = $3)"
+            )
             conds.append(ok)
             row = f"CASE WHEN {ok} THEN {row} END"
         if key_range is not None:
@@ -220,12 +238,14 @@ class CompiledTable:
         on = " AND ".join(f"e.{qi('k_' + k)} = a.{qi('k_' + k)}" for k in self.key)
         first = qi("k_" + self.key[0])
         key = "ARRAY[" + ", ".join(f"COALESCE(e.{qi('k_' + k)}, a.{qi('k_' + k)})::text" for k in self.key) + "]"
-        return (f"WITH e AS ({self.expected_sql(skip_rejected=skip_rejected, key_range=rng)}), "
-                f"a AS ({self.actual_sql(key_range=rng)}), "
-                f"d AS (SELECT CASE WHEN a.{first} IS NULL THEN 'missing' WHEN e.{first} IS NULL THEN 'extra' "
-                f"ELSE 'differs' END AS kind, {key} AS key FROM e FULL JOIN a ON {on} WHERE e.h IS DISTINCT FROM a.h) "
-                f"SELECT kind, key, total FROM (SELECT kind, key, count(*) OVER (PARTITION BY kind) AS total, "
-                f"row_number() OVER (PARTITION BY kind ORDER BY key) AS rn FROM d) x WHERE rn <= $1 ORDER BY kind, key")
+        return (
+            f"WITH e AS ({self.expected_sql(skip_rejected=skip_rejected, key_range=rng)}), "
+            f"a AS ({self.actual_sql(key_range=rng)}), "
+            f"d AS (SELECT CASE WHEN a.{first} IS NULL THEN 'missing' WHEN e.{first} IS NULL THEN 'extra' "
+            f"ELSE 'differs' END AS kind, {key} AS key FROM e FULL JOIN a ON {on} WHERE e.h IS DISTINCT FROM a.h) "
+            f"SELECT kind, key, total FROM (SELECT kind, key, count(*) OVER (PARTITION BY kind) AS total, "
+            f"row_number() OVER (PARTITION BY kind ORDER BY key) AS rn FROM d) x WHERE rn <= $1 ORDER BY kind, key"
+        )
 
     def _key_params(self, first: int = 1) -> str:
         ps = [f"CAST(${first + i}::text AS {c.target_type})" for i, c in enumerate(self.key_columns)]
@@ -249,36 +269,49 @@ class CompiledTable:
     def extra_rows_sql(self) -> str:
         """Target rows whose key no source row produces (written by someone else), as jsonb."""
         on = " AND ".join(f"e.{qi('k_' + k)} = t.{qi(k)}" for k in self.key)
-        return (f"SELECT to_jsonb(t) AS row FROM {self.tgt} AS t WHERE NOT EXISTS "
-                f"(SELECT 1 FROM ({self.expected_sql(with_hash=False)}) e WHERE {on})")
+        return (
+            f"SELECT to_jsonb(t) AS row FROM {self.tgt} AS t WHERE NOT EXISTS "
+            f"(SELECT 1 FROM ({self.expected_sql(with_hash=False)}) e WHERE {on})"
+        )
 
     def key_split_sql(self) -> str:
-        """Every ``$1``-th target key (as text[]): boundaries of ranges compared concurrently."""
+        """``$1 - 1`` target keys (text[]) cutting the table into about equal ranges, from a ``$2`` % block sample:
+        boundaries of ranges compared concurrently (approximate is enough, and a sample costs no full scan)."""
         keys = qcols(self.key, "t")
         arr = "ARRAY[" + ", ".join(f"t.{qi(k)}::text" for k in self.key) + "]"
-        return (f"SELECT k FROM (SELECT {arr} AS k, row_number() OVER (ORDER BY {keys}) AS rn FROM {self.tgt} AS t) s "
-                f"WHERE rn % $1 = 0 ORDER BY rn")
+        order = ", ".join(f"{qi('o_' + k)} DESC" for k in self.key)
+        cols = ", ".join(f"t.{qi(k)} AS {qi('o_' + k)}" for k in self.key)
+        return (
+            f"SELECT DISTINCT ON (part) k FROM (SELECT {arr} AS k, {cols}, ntile($1::integer) OVER (ORDER BY {keys}) "
+            f"AS part FROM {self.tgt} AS t TABLESAMPLE SYSTEM ($2)) s WHERE part < $1::integer ORDER BY part, {order}"
+        )
 
     def delete_extra_sql(self) -> str:
         """Delete the target rows whose key no source row produces."""
         on = " AND ".join(f"e.{qi('k_' + k)} = t.{qi(k)}" for k in self.key)
-        return (f"DELETE FROM {self.tgt} AS t WHERE NOT EXISTS "
-                f"(SELECT 1 FROM ({self.expected_sql(with_hash=False)}) e WHERE {on})")
+        return (
+            f"DELETE FROM {self.tgt} AS t WHERE NOT EXISTS "
+            f"(SELECT 1 FROM ({self.expected_sql(with_hash=False)}) e WHERE {on})"
+        )
 
     # -- rollback ------------------------------------------------------------------------------
     def expected_keys_sql(self, *, lower: bool) -> str:
         """A page of source rows: the batch key and the target key each produces (text arrays)."""
         conds, n = self._conditions(lower=lower, upper=False)
         tk = "ARRAY[" + ", ".join(f"({c.expr})::text" for c in self.key_columns) + "]"
-        return (f"SELECT {self._key_text_array(self.alias)} AS bk, {tk} AS tk FROM {self.from_}"
-                f"{self._where(conds)} ORDER BY {self._order} LIMIT ${n}")
+        return (
+            f"SELECT {self._key_text_array(self.alias)} AS bk, {tk} AS tk FROM {self.from_}"
+            f"{self._where(conds)} ORDER BY {self._order} LIMIT ${n}"
+        )
 
     def delete_keys_sql(self) -> str:
         """Delete the target rows whose keys are given as ``$1`` (text[][] flattened per key column)."""
         cols = ", ".join(f"${i + 1}::text[]" for i in range(len(self.key)))
         names = ", ".join(qi(f"k{i}") for i in range(len(self.key)))
-        on = " AND ".join(f"t.{qi(k)} = CAST(u.{qi(f'k{i}')} AS {c.target_type})"
-                          for i, (k, c) in enumerate(zip(self.key, self.key_columns)))
+        on = " AND ".join(
+            f"t.{qi(k)} = CAST(u.{qi(f'k{i}')} AS {c.target_type})"
+            for i, (k, c) in enumerate(zip(self.key, self.key_columns, strict=True))
+        )
         return f"DELETE FROM {self.tgt} AS t USING unnest({cols}) AS u({names}) WHERE {on}"
 
 
@@ -306,8 +339,10 @@ def compile_table(
     for spec in mapping.columns:
         tcol = target.column(spec.target)
         if tcol is None:
-            raise PreflightError(f"{where}: target column {target.name}.{spec.target} does not exist",
-                                 hint=f"columns of {target.name}: {', '.join(c.name for c in target.columns)}")
+            raise PreflightError(
+                f"{where}: target column {target.name}.{spec.target} does not exist",
+                hint=f"columns of {target.name}: {', '.join(c.name for c in target.columns)}",
+            )
         if tcol.generated:
             raise PreflightError(f"{where}: {target.name}.{spec.target} is a generated column and cannot be written")
         if spec.kind == "column":
@@ -316,7 +351,8 @@ def compile_table(
             if scol is None:
                 raise PreflightError(
                     f"{where}: columns.{spec.target}: source column {source.name}.{spec.column} does not exist",
-                    hint=f"columns of {source.name}: {', '.join(c.name for c in source.columns)}")
+                    hint=f"columns of {source.name}: {', '.join(c.name for c in source.columns)}",
+                )
             base = f"{qi(alias)}.{qi(spec.column)}"
             base_type: str | None = scol.type
         elif spec.kind == "value":
@@ -328,12 +364,16 @@ def compile_table(
             assert lk is not None
             for on in lk.on:
                 if source.column(on) is None:
-                    raise PreflightError(f"{where}: columns.{spec.target}: lookup.on column {source.name}.{on} does not exist")
+                    raise PreflightError(
+                        f"{where}: columns.{spec.target}: lookup.on column {source.name}.{on} does not exist"
+                    )
             sig = (lk.table, lk.on, lk.key)
             la = lookup_aliases.get(sig)
             if la is None:
                 la = lookup_aliases[sig] = f"lookup{len(lookup_aliases) + 1}"
-                cond = " AND ".join(f"{qi(la)}.{qi(k)} = {qi(alias)}.{qi(o)}" for o, k in zip(lk.on, lk.key))
+                cond = " AND ".join(
+                    f"{qi(la)}.{qi(k)} = {qi(alias)}.{qi(o)}" for o, k in zip(lk.on, lk.key, strict=True)
+                )
                 joins.append(f"LEFT JOIN {qname(lk.table)} AS {qi(la)} ON {cond}")
                 lookups.append((la, lk))
             base, base_type = f"{qi(la)}.{qi(lk.column)}", None
@@ -364,7 +404,8 @@ def compile_table(
             raise PreflightError(
                 f"{where}: key column {target.name}.{k} gets no value from the mapping",
                 detail="without it a re-run cannot recognise rows it already copied",
-                hint=f"map {k} from the source, or name another unique key with `key:`")
+                hint=f"map {k} from the source, or name another unique key with `key:`",
+            )
     if mapping.batch_by:
         batch_by = mapping.batch_by
     elif source.primary_key:
@@ -419,8 +460,10 @@ def unmapped_values_sql(ct: CompiledTable, column: CompiledColumn) -> str:
     keys = ", ".join(ql(k) for k, _ in column.spec.map)
     conds = [f"({ct.mapping.where})"] if ct.mapping.where else []
     conds += [f"({column.base}) IS NOT NULL", f"({column.base})::text NOT IN ({keys})"]
-    return (f"SELECT ({column.base})::text AS value, count(*) AS n FROM {ct.from_} WHERE {' AND '.join(conds)} "
-            f"GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 20")
+    return (
+        f"SELECT ({column.base})::text AS value, count(*) AS n FROM {ct.from_} WHERE {' AND '.join(conds)} "
+        f"GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 20"
+    )
 
 
 def preview_sql(ct: CompiledTable, limit: int = 5) -> str:
@@ -432,6 +475,8 @@ def preview_sql(ct: CompiledTable, limit: int = 5) -> str:
 def orphans_sql(table: QualifiedName, fk: ForeignKey) -> str:
     """Count rows of ``table`` whose foreign key ``fk`` points at no parent row."""
     notnull = " AND ".join(f"c.{qi(col)} IS NOT NULL" for col in fk.columns)
-    match = " AND ".join(f"p.{qi(r)} = c.{qi(col)}" for col, r in zip(fk.columns, fk.ref_columns))
-    return (f"SELECT count(*) FROM {qname(table)} AS c WHERE {notnull} "
-            f"AND NOT EXISTS (SELECT 1 FROM {qname(fk.ref_table)} AS p WHERE {match})")
+    match = " AND ".join(f"p.{qi(r)} = c.{qi(col)}" for col, r in zip(fk.columns, fk.ref_columns, strict=True))
+    return (
+        f"SELECT count(*) FROM {qname(table)} AS c WHERE {notnull} "
+        f"AND NOT EXISTS (SELECT 1 FROM {qname(fk.ref_table)} AS p WHERE {match})"
+    )

@@ -7,6 +7,7 @@ the checkpoint row is updated in the batch's own transaction, so a kill -9 at an
 doubles nothing.  A batch that fails for a data reason is bisected until the bad rows are isolated;
 they go to ``migrate_data.rejects`` and the rest is copied.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -138,7 +139,9 @@ class Copier:
             return self._stopped_reason or "another table stopped"
         d = self.options.deadline
         if d is not None and dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=estimate) > d:
-            return f"the window closes at {d.isoformat(timespec='minutes')} (--until) before the next batch could finish"
+            return (
+                f"the window closes at {d.isoformat(timespec='minutes')} (--until) before the next batch could finish"
+            )
         return None
 
     async def _table(self, u: _Unit) -> None:
@@ -186,7 +189,10 @@ class Copier:
         if parts and self.options.recheck:
             await self.target_pool.execute(
                 f"UPDATE {ledger.SCHEMA}.checkpoints SET done = false, last_key = NULL, rows_read = 0, "
-                f"rows_written = 0, rejected = 0, seconds = 0 WHERE phase = $1 AND target = $2", self.phase, name)
+                f"rows_written = 0, rejected = 0, seconds = 0 WHERE phase = $1 AND target = $2",
+                self.phase,
+                name,
+            )
             parts = await ledger.checkpoints(self.target_pool, self.phase, name)
         if parts:
             return parts
@@ -200,7 +206,9 @@ class Copier:
         async with self.target_pool.acquire() as conn, conn.transaction():
             await conn.executemany(
                 f"INSERT INTO {ledger.SCHEMA}.checkpoints (phase, target, part, lo, hi) VALUES ($1, $2, $3, $4, $5) "
-                f"ON CONFLICT DO NOTHING", [(self.phase, name, i, lo, hi) for i, lo, hi in rows])
+                f"ON CONFLICT DO NOTHING",
+                [(self.phase, name, i, lo, hi) for i, lo, hi in rows],
+            )
         return await ledger.checkpoints(self.target_pool, self.phase, name)
 
     # -- one key range ---------------------------------------------------------------------------
@@ -223,22 +231,31 @@ class Copier:
             u.rows += n
             u.written += written
             u.rejected += rejected
-            log.info("%s part %d: %d rows read, %d written, %d rejected in %.2fs (last key %s)",
-                     name, part["part"], n, written, rejected, took, new_last)
+            log.info(
+                "%s part %d: %d rows read, %d written, %d rejected in %.2fs (last key %s)",
+                name,
+                part["part"],
+                n,
+                written,
+                rejected,
+                took,
+                new_last,
+            )
             self.on_event(CopyEvent("batch", name, u.rows, u.total, u.written, u.rejected, took))
             await self._check_max_rejects()
             if n < self.options.batch_size:
                 return
             last = new_last
 
-    async def _batch_with_retries(self, u: _Unit, part: int, last: list[str] | None,
-                                  hi: list[str] | None) -> tuple[int, list[str] | None, int, int]:
+    async def _batch_with_retries(
+        self, u: _Unit, part: int, last: list[str] | None, hi: list[str] | None
+    ) -> tuple[int, list[str] | None, int, int]:
         for attempt in range(self.options.retries + 1):
             try:
                 return await self._batch(u, part, last, hi)
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
                 if is_transient_error(e) and attempt < self.options.retries:
-                    wait = 2 ** attempt
+                    wait = 2**attempt
                     log.warning("%s: %s; retrying the batch in %ds", u.ct.target, e, wait)
                     await asyncio.sleep(wait)
                     continue
@@ -249,8 +266,9 @@ class Copier:
                 ) from e
         raise AssertionError("unreachable")
 
-    async def _batch(self, u: _Unit, part: int, last: list[str] | None,
-                     hi: list[str] | None) -> tuple[int, list[str] | None, int, int]:
+    async def _batch(
+        self, u: _Unit, part: int, last: list[str] | None, hi: list[str] | None
+    ) -> tuple[int, list[str] | None, int, int]:
         ct = u.ct
         lower, upper = last is not None, hi is not None
         bound_args = [*(last or []), *(hi or []), self.options.batch_size]
@@ -270,8 +288,9 @@ class Copier:
             await self._checkpoint(conn, u, part, new_last, n, written, rejected, done=n < self.options.batch_size)
         return n, new_last, written, rejected
 
-    async def _insert_same_db(self, conn: asyncpg.Connection, u: _Unit, last: list[str] | None,
-                              new_last: list[str], rng: list[str]) -> tuple[int, int]:
+    async def _insert_same_db(
+        self, conn: asyncpg.Connection, u: _Unit, last: list[str] | None, new_last: list[str], rng: list[str]
+    ) -> tuple[int, int]:
         ct = u.ct
         lower = last is not None
         try:
@@ -318,7 +337,9 @@ class Copier:
 
         return await self._bisect(conn, u, count, insert, lambda i: keys[i + 1], source_row)
 
-    async def _pipe(self, query: str, args: list[str], conn: asyncpg.Connection, table: str, columns: list[str]) -> None:
+    async def _pipe(
+        self, query: str, args: list[str], conn: asyncpg.Connection, table: str, columns: list[str]
+    ) -> None:
         """Stream ``COPY (query) TO STDOUT`` on the source into ``COPY table FROM STDIN`` on ``conn``, binary."""
         queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=32)
 
@@ -342,8 +363,9 @@ class Copier:
                 raise task.exception()  # type: ignore[misc]
         await asyncio.gather(producer, consumer)
 
-    async def _bisect(self, conn: asyncpg.Connection, u: _Unit, count: int, insert: Callable, key_of: Callable,
-                      source_row: Callable) -> tuple[int, int]:
+    async def _bisect(
+        self, conn: asyncpg.Connection, u: _Unit, count: int, insert: Callable, key_of: Callable, source_row: Callable
+    ) -> tuple[int, int]:
         """Insert rows [0, count) by halves, each in a savepoint; single failing rows become rejects."""
         written = rejected = 0
         stack = [(0, count)]
@@ -366,18 +388,44 @@ class Copier:
                         ON CONFLICT (phase, target, source_key) DO UPDATE SET sqlstate = EXCLUDED.sqlstate,
                             message = EXCLUDED.message, detail = EXCLUDED.detail, row = EXCLUDED.row,
                             run_id = EXCLUDED.run_id, created_at = clock_timestamp()""",
-                    self.phase, str(u.ct.target), str(u.ct.source), key_of(i), e.sqlstate, str(e),
-                    getattr(e, "detail", None), await source_row(i), self.run_id)
+                    self.phase,
+                    str(u.ct.target),
+                    str(u.ct.source),
+                    key_of(i),
+                    e.sqlstate,
+                    str(e),
+                    getattr(e, "detail", None),
+                    await source_row(i),
+                    self.run_id,
+                )
                 log.debug("%s: row %s rejected: %s %s", u.ct.target, key_of(i), e.sqlstate, e)
         return written, rejected
 
-    async def _checkpoint(self, db: asyncpg.Pool | asyncpg.Connection, u: _Unit, part: int, last: list[str] | None,
-                          n: int, written: int, rejected: int, *, done: bool) -> None:
+    async def _checkpoint(
+        self,
+        db: asyncpg.Pool | asyncpg.Connection,
+        u: _Unit,
+        part: int,
+        last: list[str] | None,
+        n: int,
+        written: int,
+        rejected: int,
+        *,
+        done: bool,
+    ) -> None:
         await db.execute(
             f"""UPDATE {ledger.SCHEMA}.checkpoints SET last_key = $4, rows_read = rows_read + $5,
                     rows_written = rows_written + $6, rejected = rejected + $7, done = $8, updated_at = clock_timestamp()
                 WHERE phase = $1 AND target = $2 AND part = $3""",
-            self.phase, str(u.ct.target), part, last, n, written, rejected, done)
+            self.phase,
+            str(u.ct.target),
+            part,
+            last,
+            n,
+            written,
+            rejected,
+            done,
+        )
 
     async def _check_max_rejects(self) -> None:
         if self.options.max_rejects is None:
@@ -389,7 +437,8 @@ class Copier:
             raise MigrationError(
                 f"{total} rows rejected in phase {self.phase}, more than --max-rejects {self.options.max_rejects}",
                 hint="read them with `migrate-data validate` or in migrate_data.rejects; fix the data or the mapping "
-                     "and run again (copied rows are kept and not copied twice)")
+                "and run again (copied rows are kept and not copied twice)",
+            )
 
     # -- after the copy ----------------------------------------------------------------------------
     async def _fix_sequences(self, u: _Unit) -> None:
@@ -397,7 +446,9 @@ class Copier:
         for column, seq in await sequences(self.target_pool, u.target_table):
             await self.target_pool.execute(
                 f"SELECT setval($1::regclass, m) FROM (SELECT max({qi(column)}) AS m FROM {qname(u.ct.target)}) x "
-                f"WHERE m > COALESCE(pg_sequence_last_value($1::regclass), 0)", seq)
+                f"WHERE m > COALESCE(pg_sequence_last_value($1::regclass), 0)",
+                seq,
+            )
 
     async def _check_cycles_allowed(self) -> None:
         if not any(u.cyclic for u in self.units.values()):
@@ -411,7 +462,8 @@ class Copier:
                     f"the target tables {cyc} reference each other in a cycle, and this role may not defer their "
                     "foreign keys (session_replication_role needs superuser)",
                     hint="run this phase as a superuser, or drop one foreign key of the cycle in the phase's revision "
-                         "and add it back (NOT VALID + VALIDATE) in a later one") from e
+                    "and add it back (NOT VALID + VALIDATE) in a later one",
+                ) from e
 
     async def _check_cycle_orphans(self) -> None:
         for name, u in self.units.items():
@@ -423,7 +475,8 @@ class Copier:
                     raise MigrationError(
                         f"{name}: {n} rows violate foreign key {fk.name} after the cyclic copy",
                         hint="the rows were copied with the foreign keys deferred; fix the mapping so every "
-                             "reference has its parent, then run again")
+                        "reference has its parent, then run again",
+                    )
 
 
 def fk_cycles(tables: list[tuple[CompiledTable, Table]]) -> list[set[str]]:

@@ -4,6 +4,7 @@ Every connection is acquired with ``async with`` and every transaction is a
 ``conn.transaction()`` block, so no path returns a connection to the pool inside an
 open transaction (the failure in ``shared/seeds/connection-leak-deploy-guide.md``).
 """
+
 from __future__ import annotations
 
 import asyncio

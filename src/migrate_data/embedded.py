@@ -1,4 +1,5 @@
 """A throwaway local PostgreSQL (the ``pgserver`` package) for people with no server at hand."""
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,10 @@ def embedded_server(data_dir: Path | None = None, *, keep: bool = False) -> Iter
     try:
         pgserver = _import_pgserver()
     except ImportError as e:
-        raise BadInput("the embedded PostgreSQL is not installed",
-                       hint="pip install 'migrate-data[embedded]', or give a server with DATABASE_URL") from e
+        raise BadInput(
+            "the embedded PostgreSQL is not installed",
+            hint="pip install 'migrate-data[embedded]', or give a server with DATABASE_URL",
+        ) from e
     tmp = None
     if data_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="migrate-data-pg-")

@@ -3,6 +3,7 @@
 Each class maps to one exit code, decided in ``cli.py``.  ``detail`` and ``hint``
 are printed like psql prints them.
 """
+
 from __future__ import annotations
 
 

@@ -2,6 +2,7 @@
 
 Also the advisory lock that lets one migrate-data run at a time write to a database.
 """
+
 from __future__ import annotations
 
 import json
@@ -132,14 +133,21 @@ async def holder_of_lock(db: Executor) -> str:
         return "the holder has just gone; try again"
     what = f"{row['kind']} {row['phase'] or ''}".strip() if row["kind"] else "a run"
     since = row["started_at"] or row["backend_start"]
-    return (f"held by {what} of user {row['usename']} from {row['host'] or row['client']} "
-            f"(backend pid {row['pid']}) since {since:%Y-%m-%d %H:%M:%S %Z}")
+    return (
+        f"held by {what} of user {row['usename']} from {row['host'] or row['client']} "
+        f"(backend pid {row['pid']}) since {since:%Y-%m-%d %H:%M:%S %Z}"
+    )
 
 
 # -- runs -----------------------------------------------------------------------------------
 async def start_run(db: Executor, *, kind: str, phase: str | None) -> int:
-    return await fetch_val(db, f"INSERT INTO {SCHEMA}.runs (kind, phase, host) VALUES ($1, $2, $3) RETURNING id",
-                           kind, phase, socket.gethostname())
+    return await fetch_val(
+        db,
+        f"INSERT INTO {SCHEMA}.runs (kind, phase, host) VALUES ($1, $2, $3) RETURNING id",
+        kind,
+        phase,
+        socket.gethostname(),
+    )
 
 
 RUN_FIELDS = ("rows", "rejects", "validation_ok", "report_path", "backup_path", "error", "predicted_seconds")
@@ -163,14 +171,18 @@ async def update_run(db: Executor, run_id: int, *, status: str | None = None, **
 
 async def runs(db: Executor, *, phase: str | None = None, limit: int = 50) -> list[asyncpg.Record]:
     return await fetch_all(
-        db, f"SELECT * FROM {SCHEMA}.runs WHERE $1::text IS NULL OR phase = $1 ORDER BY id DESC LIMIT $2", phase, limit)
+        db, f"SELECT * FROM {SCHEMA}.runs WHERE $1::text IS NULL OR phase = $1 ORDER BY id DESC LIMIT $2", phase, limit
+    )
 
 
 async def close_abandoned_runs(db: Executor) -> None:
     """Mark runs left 'running' by a process that died (its backend is gone) as 'interrupted'."""
-    await execute(db, f"""UPDATE {SCHEMA}.runs SET status = 'interrupted', finished_at = clock_timestamp()
+    await execute(
+        db,
+        f"""UPDATE {SCHEMA}.runs SET status = 'interrupted', finished_at = clock_timestamp()
                           WHERE status = 'running' AND pid <> pg_backend_pid()
-                            AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = runs.pid)""")
+                            AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = runs.pid)""",
+    )
 
 
 # -- phases ---------------------------------------------------------------------------------
@@ -178,9 +190,17 @@ async def phase_states(db: Executor) -> dict[str, asyncpg.Record]:
     return {r["phase"]: r for r in await fetch_all(db, f"SELECT * FROM {SCHEMA}.phases")}
 
 
-async def set_phase(db: Executor, phase: str, *, state: str, revision: str | None = None, run_id: int | None = None,
-                    validated: bool | None = None, backup_path: str | None = None,
-                    pre_state: dict[str, Any] | None = None) -> None:
+async def set_phase(
+    db: Executor,
+    phase: str,
+    *,
+    state: str,
+    revision: str | None = None,
+    run_id: int | None = None,
+    validated: bool | None = None,
+    backup_path: str | None = None,
+    pre_state: dict[str, Any] | None = None,
+) -> None:
     await execute(
         db,
         f"""INSERT INTO {SCHEMA}.phases AS p (phase, state, revision, run_id, validated, backup_path, pre_state)
@@ -189,15 +209,24 @@ async def set_phase(db: Executor, phase: str, *, state: str, revision: str | Non
                 revision = COALESCE(EXCLUDED.revision, p.revision), run_id = COALESCE(EXCLUDED.run_id, p.run_id),
                 validated = EXCLUDED.validated, backup_path = COALESCE(EXCLUDED.backup_path, p.backup_path),
                 pre_state = COALESCE(EXCLUDED.pre_state, p.pre_state), updated_at = clock_timestamp()""",
-        phase, state, revision, run_id, validated, backup_path, json.dumps(pre_state) if pre_state is not None else None,
+        phase,
+        state,
+        revision,
+        run_id,
+        validated,
+        backup_path,
+        json.dumps(pre_state) if pre_state is not None else None,
     )
 
 
 # -- checkpoints and rejects ------------------------------------------------------------------
 async def checkpoints(db: Executor, phase: str, target: str | None = None) -> list[asyncpg.Record]:
     return await fetch_all(
-        db, f"SELECT * FROM {SCHEMA}.checkpoints WHERE phase = $1 AND ($2::text IS NULL OR target = $2) ORDER BY target, part",
-        phase, target)
+        db,
+        f"SELECT * FROM {SCHEMA}.checkpoints WHERE phase = $1 AND ($2::text IS NULL OR target = $2) ORDER BY target, part",
+        phase,
+        target,
+    )
 
 
 async def reset_checkpoints(db: Executor, phase: str) -> None:
@@ -205,14 +234,20 @@ async def reset_checkpoints(db: Executor, phase: str) -> None:
 
 
 async def reject_counts(db: Executor, phase: str) -> dict[str, int]:
-    rows = await fetch_all(db, f"SELECT target, count(*) AS n FROM {SCHEMA}.rejects WHERE phase = $1 GROUP BY target", phase)
+    rows = await fetch_all(
+        db, f"SELECT target, count(*) AS n FROM {SCHEMA}.rejects WHERE phase = $1 GROUP BY target", phase
+    )
     return {r["target"]: r["n"] for r in rows}
 
 
 async def rejects(db: Executor, phase: str, *, limit: int = 100) -> list[asyncpg.Record]:
     return await fetch_all(
-        db, f"SELECT target, source, source_key, sqlstate, message, detail, row FROM {SCHEMA}.rejects "
-            f"WHERE phase = $1 ORDER BY target, id LIMIT $2", phase, limit)
+        db,
+        f"SELECT target, source, source_key, sqlstate, message, detail, row FROM {SCHEMA}.rejects "
+        f"WHERE phase = $1 ORDER BY target, id LIMIT $2",
+        phase,
+        limit,
+    )
 
 
 async def clear_rejects(db: Executor, phase: str) -> None:

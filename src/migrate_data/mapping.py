@@ -3,6 +3,7 @@
 No database access here: the loader only checks what can be checked from the file itself; the
 pre-flight (``preflight.py``) checks the mapping against the live catalogs.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -110,6 +111,7 @@ class Phase:
 # ---------------------------------------------------------------------------------------------
 # Node walking with positions
 
+
 class _Ctx:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -210,14 +212,17 @@ def _column(ctx: _Ctx, target: str, node: Node, where: str) -> ColumnSpec:
         lk = ctx.mapping(vnode, f"{where}.lookup", ("table", "on", "key", "column"))
         for required in ("table", "on", "key", "column"):
             if required not in lk:
-                raise ctx.error(vnode, f"{where}.lookup", f"missing {required!r} (a lookup needs table, on, key and column)")
+                raise ctx.error(
+                    vnode, f"{where}.lookup", f"missing {required!r} (a lookup needs table, on, key and column)"
+                )
         on = ctx.names(lk["on"][1], f"{where}.lookup.on")
         key = ctx.names(lk["key"][1], f"{where}.lookup.key")
         if len(on) != len(key):
             raise ctx.error(vnode, f"{where}.lookup", f"'on' has {len(on)} columns but 'key' has {len(key)}")
         spec["lookup"] = Lookup(
             table=QualifiedName.parse(ctx.string(lk["table"][1], f"{where}.lookup.table", identifier=True)),
-            on=on, key=key,
+            on=on,
+            key=key,
             column=ctx.string(lk["column"][1], f"{where}.lookup.column", identifier=True),
         )
     if "map" in keys:
@@ -265,7 +270,9 @@ def _table(ctx: _Ctx, node: Node, where: str) -> TableMapping:
     if "on_conflict" in keys:
         on_conflict = ctx.string(keys["on_conflict"][1], f"{where}.on_conflict")
         if on_conflict not in ("nothing", "update"):
-            raise ctx.error(keys["on_conflict"][1], f"{where}.on_conflict", f"{on_conflict!r}: expected nothing or update")
+            raise ctx.error(
+                keys["on_conflict"][1], f"{where}.on_conflict", f"{on_conflict!r}: expected nothing or update"
+            )
     return TableMapping(
         source=QualifiedName.parse(ctx.string(keys["source"][1], f"{where}.source", identifier=True)),
         target=QualifiedName.parse(ctx.string(keys["target"][1], f"{where}.target", identifier=True)),
@@ -310,8 +317,11 @@ def load_phase(path: str | Path) -> Phase:
         seen: dict[str, int] = {}
         for i, t in enumerate(tables):
             if str(t.target) in seen:
-                raise ctx.error(tnode.value[i], f"tables[{i}].target",
-                                f"{t.target} is already the target of tables[{seen[str(t.target)]}]")
+                raise ctx.error(
+                    tnode.value[i],
+                    f"tables[{i}].target",
+                    f"{t.target} is already the target of tables[{seen[str(t.target)]}]",
+                )
             seen[str(t.target)] = i
     return Phase(
         name=name,

@@ -1,4 +1,5 @@
 """Compile a phase against the live catalogs and check it before a single row moves."""
+
 from __future__ import annotations
 
 import logging
@@ -48,7 +49,8 @@ class PhasePlan:
             raise PreflightError(
                 f"pre-flight of {self.phase.name} failed: {len(errs)} error{'s' if len(errs) > 1 else ''}",
                 detail="\n".join(str(e) for e in errs),
-                hint=f"see `migrate-data plan {self.phase.name}`; nothing was written")
+                hint=f"see `migrate-data plan {self.phase.name}`; nothing was written",
+            )
 
 
 def fk_order(tables: list[tuple[CompiledTable, Table]]) -> list[tuple[CompiledTable, Table]]:
@@ -69,7 +71,9 @@ async def _prepare(db: Executor, sql: str, *, setup: str | None = None) -> str |
     return None
 
 
-async def compile_phase(phase: Phase, *, source: Executor, target: Executor) -> tuple[list[tuple[CompiledTable, Table]], list[Finding]]:
+async def compile_phase(
+    phase: Phase, *, source: Executor, target: Executor
+) -> tuple[list[tuple[CompiledTable, Table]], list[Finding]]:
     """Read the catalogs and compile each table mapping; what cannot compile becomes an error finding."""
     compiled: list[tuple[CompiledTable, Table]] = []
     findings: list[Finding] = []
@@ -78,9 +82,13 @@ async def compile_phase(phase: Phase, *, source: Executor, target: Executor) -> 
         src = await read_table(source, tm.source)
         tgt = await read_table(target, tm.target)
         if src is None:
-            findings.append(Finding("error", name, f"source table {tm.source} does not exist (mappings line {tm.line})"))
+            findings.append(
+                Finding("error", name, f"source table {tm.source} does not exist (mappings line {tm.line})")
+            )
         if tgt is None:
-            findings.append(Finding("error", name, f"target table {tm.target} does not exist (mappings line {tm.line})"))
+            findings.append(
+                Finding("error", name, f"target table {tm.target} does not exist (mappings line {tm.line})")
+            )
         if src is None or tgt is None:
             continue
         try:
@@ -90,8 +98,9 @@ async def compile_phase(phase: Phase, *, source: Executor, target: Executor) -> 
     return fk_order(compiled), findings
 
 
-async def preflight(phase: Phase, *, source: Executor, target: Executor, same_db: bool,
-                    coverage: bool = True, preview_rows: int = 0) -> PhasePlan:
+async def preflight(
+    phase: Phase, *, source: Executor, target: Executor, same_db: bool, coverage: bool = True, preview_rows: int = 0
+) -> PhasePlan:
     """Compile ``phase`` and check it against the live databases; never writes."""
     tables, findings = await compile_phase(phase, source=source, target=target)
     previews: dict[str, Any] = {}
@@ -101,31 +110,53 @@ async def preflight(phase: Phase, *, source: Executor, target: Executor, same_db
         for ct, _ in tables:
             findings += await _coverage(ct, source)
     for group in fk_cycles(tables):
-        findings.append(Finding("warning", None, f"target tables reference each other in a cycle: {', '.join(sorted(group))}; "
-                                "they are copied with foreign keys deferred and checked for orphans afterwards"))
+        findings.append(
+            Finding(
+                "warning",
+                None,
+                f"target tables reference each other in a cycle: {', '.join(sorted(group))}; "
+                "they are copied with foreign keys deferred and checked for orphans afterwards",
+            )
+        )
     if preview_rows:
         for ct, _ in tables:
             previews[str(ct.target)] = await _preview(ct, source, preview_rows)
     return PhasePlan(phase=phase, tables=tuple(tables), findings=tuple(findings), previews=previews)
 
 
-async def _check_table(ct: CompiledTable, tgt: Table, *, source: Executor, target: Executor, same_db: bool) -> list[Finding]:
+async def _check_table(
+    ct: CompiledTable, tgt: Table, *, source: Executor, target: Executor, same_db: bool
+) -> list[Finding]:
     tm: TableMapping = ct.mapping
     name = str(tm.target)
     out: list[Finding] = []
     if not tgt.has_exact_unique(ct.key):
-        out.append(Finding("error", name, f"key ({', '.join(ct.key)}) is not a primary key or unique constraint of {tgt.name}; "
-                           "ON CONFLICT needs one (give `key:` or add the constraint in the phase's revision)"))
+        out.append(
+            Finding(
+                "error",
+                name,
+                f"key ({', '.join(ct.key)}) is not a primary key or unique constraint of {tgt.name}; "
+                "ON CONFLICT needs one (give `key:` or add the constraint in the phase's revision)",
+            )
+        )
     src = await read_table(source, tm.source)
     assert src is not None
     if not src.is_unique(ct.batch_by):
-        out.append(Finding("error", name, f"batch_by ({', '.join(ct.batch_by)}) is not unique in {src.name}; "
-                           "keyset batches would skip rows (give unique columns, e.g. the primary key)"))
+        out.append(
+            Finding(
+                "error",
+                name,
+                f"batch_by ({', '.join(ct.batch_by)}) is not unique in {src.name}; "
+                "keyset batches would skip rows (give unique columns, e.g. the primary key)",
+            )
+        )
     for b in ct.batch_by:
         col = src.column(b)
         if col is not None and not col.not_null:
-            out.append(Finding("error", name, f"batch_by column {src.name}.{b} is nullable; rows with NULL would be skipped"))
-    for la, lk in ct.lookups:
+            out.append(
+                Finding("error", name, f"batch_by column {src.name}.{b} is nullable; rows with NULL would be skipped")
+            )
+    for _, lk in ct.lookups:
         lt = await read_table(source, lk.table)
         if lt is None:
             out.append(Finding("error", name, f"lookup table {lk.table} does not exist"))
@@ -135,8 +166,14 @@ async def _check_table(ct: CompiledTable, tgt: Table, *, source: Executor, targe
             out.append(Finding("error", name, f"lookup columns {', '.join(missing)} do not exist in {lk.table}"))
             continue
         if not lt.is_unique(lk.key):
-            out.append(Finding("error", name, f"lookup key {lk.table}({', '.join(lk.key)}) is not unique: "
-                               "rows would multiply (give a unique key, or use `sql:` with a subquery)"))
+            out.append(
+                Finding(
+                    "error",
+                    name,
+                    f"lookup key {lk.table}({', '.join(lk.key)}) is not unique: "
+                    "rows would multiply (give a unique key, or use `sql:` with a subquery)",
+                )
+            )
     mapped = {c.target for c in ct.columns}
     for col in tgt.columns:
         if col.not_null and not col.has_default and not col.identity and not col.generated and col.name not in mapped:
@@ -164,8 +201,15 @@ async def _coverage(ct: CompiledTable, source: Executor) -> list[Finding]:
                 out.append(Finding("warning", name, f"{c.target}: coverage not checked: {e}"))
                 continue
             for r in rows:
-                out.append(Finding("warning", name, f"{c.target}: value {r['value']!r} is not in the map ({r['n']} rows); "
-                                   "it passes through unchanged", r["n"]))
+                out.append(
+                    Finding(
+                        "warning",
+                        name,
+                        f"{c.target}: value {r['value']!r} is not in the map ({r['n']} rows); "
+                        "it passes through unchanged",
+                        r["n"],
+                    )
+                )
     cov = coverage_sql(ct)
     if cov is not None:
         sql, labels = cov
@@ -174,14 +218,16 @@ async def _coverage(ct: CompiledTable, source: Executor) -> list[Finding]:
         except asyncpg.PostgresError as e:
             return out + [Finding("warning", name, f"coverage not checked: {e}")]
         assert row is not None
-        for label, n in zip(labels, row):
+        for label, n in zip(labels, row, strict=True):
             if not n:
                 continue
             kind, what = label.split(":", 1)
             if kind == "default":
                 out.append(Finding("info", name, f"{what}: the default applies to {n} rows (NULL in the source)", n))
             else:
-                out.append(Finding("warning", name, f"lookup in {what} finds nothing for {n} rows (the value is NULL)", n))
+                out.append(
+                    Finding("warning", name, f"lookup in {what} finds nothing for {n} rows (the value is NULL)", n)
+                )
     return out
 
 

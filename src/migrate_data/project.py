@@ -1,11 +1,11 @@
 """Project-level helpers: scaffold a new migration project; the demo of the shipped example."""
+
 from __future__ import annotations
 
 import importlib.util
 import logging
 import shutil
 from collections.abc import Callable
-
 from pathlib import Path
 
 from . import api, report
@@ -39,8 +39,10 @@ def init_project(directory: Path) -> list[Path]:
 def _seed_module(project: Path):  # type: ignore[no-untyped-def]
     path = project / "scripts" / "seed_legacy.py"
     if not path.is_file():
-        raise BadInput(f"{path}: the demo needs the project's sample-data script",
-                       hint="run the demo from the migrate-data repository, or pass --project pointing at it")
+        raise BadInput(
+            f"{path}: the demo needs the project's sample-data script",
+            hint="run the demo from the migrate-data repository, or pass --project pointing at it",
+        )
     spec = importlib.util.spec_from_file_location("seed_legacy", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -53,8 +55,10 @@ async def demo(settings: api.Settings, *, scale: float, say: Callable[[str], Non
     seed = _seed_module(settings.project_dir)
     async with open_pool(settings.database_url, max_size=1) as pool, pool.acquire() as conn:
         if await conn.fetchval("SELECT to_regclass('customers') IS NOT NULL"):
-            raise BadInput("the demo database already has a customers table; the demo wants an empty database",
-                           hint="run `migrate-data demo` without DATABASE_URL to use a throwaway embedded server")
+            raise BadInput(
+                "the demo database already has a customers table; the demo wants an empty database",
+                hint="run `migrate-data demo` without DATABASE_URL to use a throwaway embedded server",
+            )
         rows = await seed.seed(conn, scale)
     say(f"seeded the legacy database at scale {scale}: " + ", ".join(f"{t} {n:,}" for t, n in rows.items()))
     phases = [p for p, ph in api.project_phases(settings).items() if not ph.backup]
@@ -68,24 +72,32 @@ async def demo(settings: api.Settings, *, scale: float, say: Callable[[str], Non
         ok = ok and result.validation.ok
         copied = sum(t.rows_written for t in result.tables)
         rejected = sum(t.rejected for t in result.tables)
-        say(f"\n$ migrate-data {name} --yes\n"
+        say(
+            f"\n$ migrate-data {name} --yes\n"
             f"{copied:,} rows copied, {rejected:,} rejected, validation "
-            f"{'passed' if result.validation.ok else 'FAILED'} in {result.seconds:.1f}s; report {result.reports['html']}")
+            f"{'passed' if result.validation.ok else 'FAILED'} in {result.seconds:.1f}s; report {result.reports['html']}"
+        )
         say(report.to_text(result.validation))
 
     for name in phases:
         await run(name)
     say("\n$ migrate-data status")
-    say(report.summary([{"phase": s.phase, "state": s.state, "rows": s.rows, "validation": s.validation}
-                        for s in await api.status(settings)]))
+    say(
+        report.summary(
+            [
+                {"phase": s.phase, "state": s.state, "rows": s.rows, "validation": s.validation}
+                for s in await api.status(settings)
+            ]
+        )
+    )
     if phases:
         last = phases[-1]
         rb = await api.rollback(settings, last)
-        say(f"\n$ migrate-data rollback {last} --yes\n"
-            + ", ".join(f"{t} {n:,} deleted" for t, n in rb.deleted.items()) + f" in {rb.seconds:.1f}s")
+        say(
+            f"\n$ migrate-data rollback {last} --yes\n"
+            + ", ".join(f"{t} {n:,} deleted" for t, n in rb.deleted.items())
+            + f" in {rb.seconds:.1f}s"
+        )
         await run(last)
     say(f"\nreports are in {settings.reports_dir}")
     return 0 if ok else 3
-
-
-

@@ -1,18 +1,19 @@
 """Rehearse phases on a staging copy, time every step, and predict the production night."""
+
 from __future__ import annotations
 
 import datetime as dt
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
 
 from . import api, backup, ledger, report
-from .catalog import read_table
+from .catalog import Table, parents_first, read_table
 from .compile import CompiledTable
 from .copier import CopyEvent
 from .db import fetch_all, fetch_val, open_pool
@@ -114,8 +115,9 @@ def _maintenance_url(url: str) -> str:
     return urlunsplit(urlsplit(asyncpg_dsn(url))._replace(path="/postgres"))
 
 
-async def build_staging(production: Settings, staging_url: str, tables: list[QualifiedName], *,
-                        rebuild: bool, use_existing: bool) -> str:
+async def build_staging(
+    production: Settings, staging_url: str, tables: list[QualifiedName], *, rebuild: bool, use_existing: bool
+) -> str:
     """Create the staging database: TEMPLATE on the same server, else pg_dump | pg_restore of ``tables``."""
     prod_server, stag_server = _server(production.database_url), _server(staging_url)
     if prod_server == stag_server:
@@ -126,8 +128,10 @@ async def build_staging(production: Settings, staging_url: str, tables: list[Qua
     async with open_pool(_maintenance_url(staging_url), max_size=1) as admin:
         if await fetch_val(admin, "SELECT 1 FROM pg_database WHERE datname = $1", name):
             if not rebuild:
-                raise BadInput(f"the staging database {name} exists",
-                               hint="pass --rebuild to replace it, or --use-existing to rehearse on it as it is")
+                raise BadInput(
+                    f"the staging database {name} exists",
+                    hint="pass --rebuild to replace it, or --use-existing to rehearse on it as it is",
+                )
             await admin.execute(f"DROP DATABASE {qi(name)} WITH (FORCE)")
         if prod_server[:2] == stag_server[:2]:
             try:
@@ -148,14 +152,20 @@ async def build_staging(production: Settings, staging_url: str, tables: list[Qua
 
 
 async def _source_tables(phases: list[Phase], db: asyncpg.Pool) -> list[QualifiedName]:
-    names: list[QualifiedName] = []
-    for phase in phases:
-        for tm in phase.tables:
-            for c in [tm.source, *(c.lookup.table for c in tm.columns if c.lookup)]:
-                t = await read_table(db, c)
-                if t is not None and t.qualified not in names:
-                    names.append(t.qualified)
-    return names
+    """Every table the phases read (sources, lookups), and what their foreign keys need, parents first."""
+    found: dict[str, Table] = {}
+    todo = [
+        n
+        for phase in phases
+        for tm in phase.tables
+        for n in (tm.source, *(c.lookup.table for c in tm.columns if c.lookup))
+    ]
+    while todo:
+        t = await read_table(db, todo.pop())
+        if t is not None and str(t.qualified) not in found:
+            found[str(t.qualified)] = t
+            todo += [fk.ref_table for fk in t.foreign_keys]
+    return [t.qualified for t in parents_first(list(found.values()))]
 
 
 async def _estimate_rows(db: asyncpg.Pool, table: QualifiedName) -> float:
@@ -178,8 +188,14 @@ async def drift(compiled: list[CompiledTable], staging: asyncpg.Pool, production
         pcols = {c.name: c.type for c in p.columns}
         for name in sorted(set(scols) | set(pcols)):
             if scols.get(name) != pcols.get(name):
-                out.append(Drift("schema", str(ct.source), f"column {name}: staging {scols.get(name) or 'absent'}, "
-                                                           f"production {pcols.get(name) or 'absent'}"))
+                out.append(
+                    Drift(
+                        "schema",
+                        str(ct.source),
+                        f"column {name}: staging {scols.get(name) or 'absent'}, "
+                        f"production {pcols.get(name) or 'absent'}",
+                    )
+                )
         for c in ct.columns:
             if c.spec.kind not in ("column", "lookup"):
                 continue
@@ -190,14 +206,27 @@ async def drift(compiled: list[CompiledTable], staging: asyncpg.Pool, production
             pvals = {r["v"] for r in await fetch_all(production, q)}
             new = sorted(v for v in pvals - svals if v is not None)
             if new and len(pvals) <= 1000:
-                out.append(Drift("values", f"{ct.target}.{c.target}",
-                                 f"values in production but not in staging: {', '.join(map(repr, new[:10]))}"))
+                out.append(
+                    Drift(
+                        "values",
+                        f"{ct.target}.{c.target}",
+                        f"values in production but not in staging: {', '.join(map(repr, new[:10]))}",
+                    )
+                )
     return out
 
 
-async def rehearse(production: Settings, names: list[str], *, staging_url: str, window: str | None = None,
-                   rebuild: bool = False, use_existing: bool = False, jobs: int = 2,
-                   batch_size: int = 5000) -> RehearsalResult:
+async def rehearse(
+    production: Settings,
+    names: list[str],
+    *,
+    staging_url: str,
+    window: str | None = None,
+    rebuild: bool = False,
+    use_existing: bool = False,
+    jobs: int = 2,
+    batch_size: int = 5000,
+) -> RehearsalResult:
     """Build staging, run each phase there (run, rollback, run again, recheck), predict production."""
     phases_all = api.project_phases(production)
     wanted = names or [p for p, ph in phases_all.items() if ph.tables]
@@ -209,7 +238,7 @@ async def rehearse(production: Settings, names: list[str], *, staging_url: str, 
     started = time.monotonic()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     async with open_pool(production.database_url, max_size=1) as prod:
-        sources = await _source_tables([phases_all[n] for n in wanted], prod)
+        sources = await _source_tables([phases_all[n] for n in list(phases_all)[: last + 1]], prod)
     # no session of ours on production while it serves as a TEMPLATE
     built = await build_staging(production, staging_url, sources, rebuild=rebuild, use_existing=use_existing)
     async with open_pool(production.database_url, max_size=2) as prod:
@@ -223,38 +252,70 @@ async def rehearse(production: Settings, names: list[str], *, staging_url: str, 
             states = await ledger.phase_states(stag) if await ledger.exists(stag) else {}
             for name in list(phases_all)[: last + 1]:
                 applied = states.get(name) is not None and states[name]["state"] == "applied"
+                options = api.RunOptions(backup=False, jobs=jobs, batch_size=batch_size)
                 if name not in wanted:
                     if not applied and not phases_all[name].backup:
-                        await _timed_run(staging, name, "setup", steps, started, jobs, batch_size)
+                        await _timed_run(staging, name, "setup", steps, started, options)
                     continue
-                run1 = await _timed_run(staging, name, "run", steps, started, jobs, batch_size)
+                # Production splits tables above split_rows into concurrent key ranges: so does the rehearsal,
+                # at the same tables, whatever the size of staging.
+                ratio = await _size_ratio(phases_all[name], stag, prod)
+                options = replace(options, split_rows=max(1, int(options.split_rows / ratio)))
+                run1 = await _timed_run(staging, name, "run", steps, started, options)
                 t = time.monotonic()
                 rb = await api.rollback(staging, name)
-                steps.append(Step(name, "rollback", None, t - started, time.monotonic() - t,
-                                  sum(rb.deleted.values())))
-                run2 = await _timed_run(staging, name, "rerun", steps, started, jobs, batch_size)
-                recheck = await _timed_run(staging, name, "recheck", steps, started, jobs, batch_size, recheck=True)
+                steps.append(Step(name, "rollback", None, t - started, time.monotonic() - t, sum(rb.deleted.values())))
+                run2 = await _timed_run(staging, name, "rerun", steps, started, options)
+                recheck = await _timed_run(staging, name, "recheck", steps, started, replace(options, recheck=True))
                 valid = valid and all(r.validation is not None and r.validation.ok for r in (run1, run2, recheck))
                 phase_tables, pred = await _predict(name, run1, recheck, steps, stag, prod, window_seconds, jobs)
                 tables += phase_tables
                 predictions.append(pred)
                 compiled, _ = await compile_phase(phases_all[name], source=stag, target=stag)
                 drifts += await drift([ct for ct, _ in compiled], stag, prod)
-                drifts += [Drift("rows", t.target, f"production has {t.production_rows / t.staging_rows:.1f}× the "
-                                                    f"rows of staging ({t.production_rows:,} vs {t.staging_rows:,})")
-                           for t in phase_tables if t.staging_rows and abs(t.production_rows / t.staging_rows - 1) > 0.05]
+                drifts += [
+                    Drift(
+                        "rows",
+                        t.target,
+                        f"production has {t.production_rows / t.staging_rows:.1f}× the "
+                        f"rows of staging ({t.production_rows:,} vs {t.staging_rows:,})",
+                    )
+                    for t in phase_tables
+                    if t.staging_rows and abs(t.production_rows / t.staging_rows - 1) > 0.05
+                ]
     result = RehearsalResult(
-        phases=tuple(wanted), staging=redact(staging_url), production=redact(production.database_url), built=built,
-        steps=tuple(steps), tables=tuple(tables), predictions=tuple(predictions), drift=tuple(drifts), window=window,
-        window_seconds=window_seconds, started_at=started_at, seconds=round(time.monotonic() - started, 3),
-        validations_ok=valid)
+        phases=tuple(wanted),
+        staging=redact(staging_url),
+        production=redact(production.database_url),
+        built=built,
+        steps=tuple(steps),
+        tables=tuple(tables),
+        predictions=tuple(predictions),
+        drift=tuple(drifts),
+        window=window,
+        window_seconds=window_seconds,
+        started_at=started_at,
+        seconds=round(time.monotonic() - started, 3),
+        validations_ok=valid,
+    )
     paths = report.save_rehearsal(result, production.reports_dir)
     report.save_predictions(result, production.reports_dir)
     return RehearsalResult(**{**result.__dict__, "reports": {k: str(v) for k, v in paths.items()}})
 
 
-async def _timed_run(settings: Settings, name: str, step: str, steps: list[Step], t0: float, jobs: int,
-                     batch_size: int, *, recheck: bool = False) -> api.RunResult:
+async def _size_ratio(phase: Phase, stag: asyncpg.Pool, prod: asyncpg.Pool) -> float:
+    """How many times larger production is than staging, for the phase's biggest source table."""
+    best, ratio = -1.0, 1.0
+    for tm in phase.tables:
+        s = await _estimate_rows(stag, tm.source)
+        if s > best:
+            best, ratio = s, await _estimate_rows(prod, tm.source) / max(s, 1.0)
+    return max(ratio, 1e-6)
+
+
+async def _timed_run(
+    settings: Settings, name: str, step: str, steps: list[Step], t0: float, options: api.RunOptions
+) -> api.RunResult:
     began: dict[str, float] = {}
     before = len(steps)
 
@@ -267,15 +328,22 @@ async def _timed_run(settings: Settings, name: str, step: str, steps: list[Step]
             steps.append(Step(name, step, e.target, start - t0, now - start, e.rows))
 
     t = time.monotonic()
-    result = await api.run_phase(settings, name, api.RunOptions(backup=False, jobs=jobs, batch_size=batch_size,
-                                                                  recheck=recheck), on_event=on_event)
+    result = await api.run_phase(settings, name, options, on_event=on_event)
     if len(steps) == before:  # a schema-only phase: one bar for the whole step
         steps.append(Step(name, step, None, t - t0, time.monotonic() - t))
     return result
 
 
-async def _predict(name: str, run1: api.RunResult, recheck: api.RunResult, steps: list[Step], stag: asyncpg.Pool,
-                   prod: asyncpg.Pool, window_seconds: float | None, jobs: int) -> tuple[list[TablePrediction], PhasePrediction]:
+async def _predict(
+    name: str,
+    run1: api.RunResult,
+    recheck: api.RunResult,
+    steps: list[Step],
+    stag: asyncpg.Pool,
+    prod: asyncpg.Pool,
+    window_seconds: float | None,
+    jobs: int,
+) -> tuple[list[TablePrediction], PhasePrediction]:
     """Scale what staging measured to production's row counts; fixed costs are not scaled."""
     copy_steps = [s for s in steps if s.phase == name and s.step == "run" and s.table]
     out: list[TablePrediction] = []
@@ -286,8 +354,18 @@ async def _predict(name: str, run1: api.RunResult, recheck: api.RunResult, steps
         ratio = await _estimate_rows(prod, src) / max(await _estimate_rows(stag, src), 1.0)
         prod_rows = int(round(t.rows_read * ratio))
         rate = t.rows_read / seconds if seconds > 0 else float("inf")
-        out.append(TablePrediction(name, t.target, t.source, t.rows_read, prod_rows, round(seconds, 3),
-                                   round(rate, 1), round(prod_rows / rate if rate else 0.0, 3)))
+        out.append(
+            TablePrediction(
+                name,
+                t.target,
+                t.source,
+                t.rows_read,
+                prod_rows,
+                round(seconds, 3),
+                round(rate, 1),
+                round(prod_rows / rate if rate else 0.0, 3),
+            )
+        )
     copy_wall = (max(s.start + s.seconds for s in copy_steps) - min(s.start for s in copy_steps)) if copy_steps else 0.0
     staged_copy = sum(t.staging_seconds for t in out)
     scale = (sum(t.predicted_seconds for t in out) / staged_copy) if staged_copy else 1.0
@@ -298,8 +376,16 @@ async def _predict(name: str, run1: api.RunResult, recheck: api.RunResult, steps
     low, high = predicted * (1 - MARGIN), predicted * (1 + MARGIN)
     fits = None if window_seconds is None else high <= window_seconds
     advice = advise(out, predicted, catch_up, jobs) if fits is False else []
-    return out, PhasePrediction(name, round(run1.seconds, 3), round(predicted, 3), round(low, 3), round(high, 3),
-                                round(catch_up, 3), fits, tuple(advice))
+    return out, PhasePrediction(
+        name,
+        round(run1.seconds, 3),
+        round(predicted, 3),
+        round(low, 3),
+        round(high, 3),
+        round(catch_up, 3),
+        fits,
+        tuple(advice),
+    )
 
 
 def advise(tables: list[TablePrediction], predicted: float, catch_up: float, jobs: int) -> list[str]:
@@ -307,8 +393,10 @@ def advise(tables: list[TablePrediction], predicted: float, catch_up: float, job
     advice: list[str] = []
     biggest = max(tables, key=lambda t: t.predicted_seconds) if tables else None
     if biggest and predicted and biggest.predicted_seconds > 0.5 * predicted:
-        advice.append(f"raise --jobs (now {jobs}): {biggest.target} is {biggest.predicted_seconds / predicted:.0%} "
-                      "of the night and a big table is copied in --jobs concurrent key ranges")
+        advice.append(
+            f"raise --jobs (now {jobs}): {biggest.target} is {biggest.predicted_seconds / predicted:.0%} "
+            "of the night and a big table is copied in --jobs concurrent key ranges"
+        )
     if len(tables) > 1:
         first: list[str] = []
         acc = 0.0
@@ -318,11 +406,15 @@ def advise(tables: list[TablePrediction], predicted: float, catch_up: float, job
                 acc += t.predicted_seconds
         if len(first) < len(tables):
             advice.append(f"split the phase over two nights: {', '.join(first)} first, the rest the night after")
-    advice.append(f"copy the bulk ahead of the window (the copy is idempotent and resumable), then run the phase "
-                  f"with --recheck inside the window as a catch-up: about {_hms(catch_up)}")
+    advice.append(
+        f"copy the bulk ahead of the window (the copy is idempotent and resumable), then run the phase "
+        f"with --recheck inside the window as a catch-up: about {_hms(catch_up)}"
+    )
     return advice
 
 
 def _hms(seconds: float) -> str:
     seconds = int(math.ceil(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )

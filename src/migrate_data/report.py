@@ -1,4 +1,5 @@
 """Validation results -> JSON, Markdown, HTML (one self-contained file), plain text."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -20,11 +21,15 @@ def to_json(result: ValidationResult) -> str:
 
 def to_text(result: ValidationResult) -> str:
     rows = [("source", "target", "source rows", "target rows", "rejected", "status")]
-    rows += [(t.source, t.target, f"{t.source_rows:,}", f"{t.target_rows:,}", f"{t.rejected:,}", t.status.upper())
-             for t in result.tables]
+    rows += [
+        (t.source, t.target, f"{t.source_rows:,}", f"{t.target_rows:,}", f"{t.rejected:,}", t.status.upper())
+        for t in result.tables
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i < 2 or i == 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
+    lines = [
+        "  ".join(c.ljust(w) if i < 2 or i == 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     for t in result.tables:
         lines += [f"  {t.target}: {p}" for p in t.problems]
@@ -34,29 +39,42 @@ def to_text(result: ValidationResult) -> str:
     failed = [c for c in result.checks if not c.ok]
     lines += [f"  {c.target}: {c.message}" for c in failed]
     verdict = "PASSED" if result.ok else "FAILED"
-    lines.append(f"validation of {result.phase} {verdict}" + (" (deep)" if result.deep else "") +
-                 f": {len(result.tables)} tables, {len(result.checks)} integrity checks, {len(failed)} failed")
+    lines.append(
+        f"validation of {result.phase} {verdict}"
+        + (" (deep)" if result.deep else "")
+        + f": {len(result.tables)} tables, {len(result.checks)} integrity checks, {len(failed)} failed"
+    )
     return "\n".join(lines)
 
 
 def to_markdown(result: ValidationResult) -> str:
-    out = [f"# Validation of `{result.phase}`: {'PASSED' if result.ok else 'FAILED'}", "",
-           f"- database: `{result.database}`", f"- revision: `{result.revision or '-'}`",
-           f"- run by: {result.operator or '-'} on {result.host or '-'}, {result.started_at}; "
-           + (f"phase {result.run_seconds:.1f} s, " if result.run_seconds is not None else "")
-           + f"validation {result.seconds:.1f} s",
-           f"- checksums: {'yes' if result.deep else 'no (counts only)'}", "",
-           "| source | target | source rows | target rows | rejected | status |", "|---|---|--:|--:|--:|---|"]
-    out += [f"| {t.source} | {t.target} | {t.source_rows:,} | {t.target_rows:,} | {t.rejected:,} | {t.status} |"
-            for t in result.tables]
+    out = [
+        f"# Validation of `{result.phase}`: {'PASSED' if result.ok else 'FAILED'}",
+        "",
+        f"- database: `{result.database}`",
+        f"- revision: `{result.revision or '-'}`",
+        f"- run by: {result.operator or '-'} on {result.host or '-'}, {result.started_at}; "
+        + (f"phase {result.run_seconds:.1f} s, " if result.run_seconds is not None else "")
+        + f"validation {result.seconds:.1f} s",
+        f"- checksums: {'yes' if result.deep else 'no (counts only)'}",
+        "",
+        "| source | target | source rows | target rows | rejected | status |",
+        "|---|---|--:|--:|--:|---|",
+    ]
+    out += [
+        f"| {t.source} | {t.target} | {t.source_rows:,} | {t.target_rows:,} | {t.rejected:,} | {t.status} |"
+        for t in result.tables
+    ]
     problems = [(t.target, p) for t in result.tables for p in t.problems]
     problems += [(c.target, c.message) for c in result.checks if not c.ok]
     if problems:
         out += ["", "## Differences", ""] + [f"- **{t}**: {p}" for t, p in problems]
     if result.rejects:
         out += ["", "## Rejected rows", "", "| target | source key | SQLSTATE | message |", "|---|---|---|---|"]
-        out += [f"| {r['target']} | {', '.join(r['source_key'])} | {r['sqlstate']} | {_md(r['message'])} |"
-                for r in result.rejects]
+        out += [
+            f"| {r['target']} | {', '.join(r['source_key'])} | {r['sqlstate']} | {_md(r['message'])} |"
+            for r in result.rejects
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -87,36 +105,49 @@ def to_html(result: ValidationResult) -> str:
             f"<tr><td>{e(t.target)}</td><td style='width:60%'>"
             f"<div class='bar' style='width:{w(t.source_rows)}' title='source {t.source_rows:,}'></div>"
             f"<div class='bar t' style='width:{w(t.target_rows)}' title='target {t.target_rows:,}'></div>"
-            + (f"<div class='bar r' style='width:{w(t.rejected)}' title='rejected {t.rejected:,}'></div>" if t.rejected else "")
-            + f"</td><td class='n'>{t.source_rows:,} → {t.target_rows:,}</td></tr>")
+            + (
+                f"<div class='bar r' style='width:{w(t.rejected)}' title='rejected {t.rejected:,}'></div>"
+                if t.rejected
+                else ""
+            )
+            + f"</td><td class='n'>{t.source_rows:,} → {t.target_rows:,}</td></tr>"
+        )
     rows = "".join(
         f"<tr><td>{e(t.source)}</td><td>{e(t.target)}</td><td class='n'>{t.source_rows:,}</td>"
         f"<td class='n'>{t.target_rows:,}</td><td class='n'>{t.rejected:,}</td>"
         f"<td><span class='verdict {'ok' if t.status == 'ok' else 'failed'}'>{e(t.status)}</span></td></tr>"
-        for t in result.tables)
-    problems = [(t.target, p) for t in result.tables for p in t.problems] + \
-               [(c.target, c.message) for c in result.checks if not c.ok]
+        for t in result.tables
+    )
+    problems = [(t.target, p) for t in result.tables for p in t.problems] + [
+        (c.target, c.message) for c in result.checks if not c.ok
+    ]
     diff_items = "".join(f"<li><b>{e(t)}</b>: {e(p)}</li>" for t, p in problems) or "<li>none</li>"
     samples = "".join(
         f"<tr><td>{e(t.target)}</td><td>{e(s['kind'])}</td><td><code>{e(', '.join(s['key']))}</code></td>"
         f"<td>{e(', '.join(c['column'] for c in s.get('columns', [])))}</td></tr>"
-        for t in result.tables for s in t.samples)
+        for t in result.tables
+        for s in t.samples
+    )
     rejects = "".join(
         f"<tr><td>{e(r['target'])}</td><td><code>{e(', '.join(r['source_key']))}</code></td>"
-        f"<td>{e(r['sqlstate'])}</td><td>{e(r['message'])}</td></tr>" for r in result.rejects)
-    checks = "".join(f"<tr><td>{e(c.target)}</td><td>{e(c.name)}</td><td>{'✔' if c.ok else '✘'}</td><td>{e(c.message)}</td></tr>"
-                     for c in result.checks)
+        f"<td>{e(r['sqlstate'])}</td><td>{e(r['message'])}</td></tr>"
+        for r in result.rejects
+    )
+    checks = "".join(
+        f"<tr><td>{e(c.target)}</td><td>{e(c.name)}</td><td>{'✔' if c.ok else '✘'}</td><td>{e(c.message)}</td></tr>"
+        for c in result.checks
+    )
     verdict = "PASSED" if result.ok else "FAILED"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(result.phase)} validation: {verdict}</title>
 <style>{CSS}</style></head><body>
-<h1>Validation of <code>{e(result.phase)}</code> <span class="verdict {'ok' if result.ok else 'failed'}">{verdict}</span></h1>
-<dl><dt>database</dt><dd><code>{e(result.database)}</code></dd><dt>revision</dt><dd>{e(result.revision or '-')}</dd>
-<dt>run by</dt><dd>{e(result.operator or '-')} on {e(result.host or '-')}</dd><dt>when</dt><dd>{e(result.started_at)}</dd>
-<dt>took</dt><dd>{f"phase {result.run_seconds:.1f} s, " if result.run_seconds is not None else ""}validation {result.seconds:.1f} s</dd><dt>checksums</dt><dd>{'yes' if result.deep else 'no (counts only)'}</dd></dl>
+<h1>Validation of <code>{e(result.phase)}</code> <span class="verdict {"ok" if result.ok else "failed"}">{verdict}</span></h1>
+<dl><dt>database</dt><dd><code>{e(result.database)}</code></dd><dt>revision</dt><dd>{e(result.revision or "-")}</dd>
+<dt>run by</dt><dd>{e(result.operator or "-")} on {e(result.host or "-")}</dd><dt>when</dt><dd>{e(result.started_at)}</dd>
+<dt>took</dt><dd>{f"phase {result.run_seconds:.1f} s, " if result.run_seconds is not None else ""}validation {result.seconds:.1f} s</dd><dt>checksums</dt><dd>{"yes" if result.deep else "no (counts only)"}</dd></dl>
 <h2>Rows per table</h2>
 <div class="legend"><span style="background:#3b6fd8"></span>source<span style="background:#2e9e5b"></span>target<span style="background:#d98e04"></span>rejected</div>
-<table>{''.join(bars)}</table>
+<table>{"".join(bars)}</table>
 <table><tr><th>source</th><th>target</th><th>source rows</th><th>target rows</th><th>rejected</th><th>status</th></tr>{rows}</table>
 <h2>Differences</h2><ul>{diff_items}</ul>
 {f"<table><tr><th>table</th><th>kind</th><th>key</th><th>columns that differ</th></tr>{samples}</table>" if samples else ""}
@@ -157,8 +188,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
     cols = list(rows[0])
     cells = [[str(r.get(c, "") if r.get(c) is not None else "") for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
 
 
@@ -170,28 +201,47 @@ def _dur(seconds: float) -> str:
 
 
 def rehearsal_markdown(r: RehearsalResult) -> str:
-    out = [f"# Rehearsal of {', '.join(r.phases)}: {'FITS' if r.ok else 'DOES NOT FIT' if r.window else 'done'}", "",
-           f"- production (read only): `{r.production}`", f"- staging: `{r.staging}` (built by {r.built})",
-           f"- window: {r.window or '-'}" + (f" ({_dur(r.window_seconds)})" if r.window_seconds else ""),
-           f"- rehearsed {r.started_at} in {_dur(r.seconds)}; every validation "
-           f"{'passed' if r.validations_ok else 'did NOT pass'}", "",
-           "## Prediction", "", "| phase | staging | predicted | range (±30%) | catch-up (--recheck) | fits |",
-           "|---|--:|--:|--:|--:|---|"]
-    out += [f"| {p.phase} | {_dur(p.staging_seconds)} | {_dur(p.predicted_seconds)} | {_dur(p.low)} – {_dur(p.high)} | "
-            f"{_dur(p.catch_up_seconds)} | {'-' if p.fits is None else 'yes' if p.fits else '**no**'} |"
-            for p in r.predictions]
+    out = [
+        f"# Rehearsal of {', '.join(r.phases)}: {'FITS' if r.ok else 'DOES NOT FIT' if r.window else 'done'}",
+        "",
+        f"- production (read only): `{r.production}`",
+        f"- staging: `{r.staging}` (built by {r.built})",
+        f"- window: {r.window or '-'}" + (f" ({_dur(r.window_seconds)})" if r.window_seconds else ""),
+        f"- rehearsed {r.started_at} in {_dur(r.seconds)}; every validation "
+        f"{'passed' if r.validations_ok else 'did NOT pass'}",
+        "",
+        "## Prediction",
+        "",
+        "| phase | staging | predicted | range (±30%) | catch-up (--recheck) | fits |",
+        "|---|--:|--:|--:|--:|---|",
+    ]
+    out += [
+        f"| {p.phase} | {_dur(p.staging_seconds)} | {_dur(p.predicted_seconds)} | {_dur(p.low)} – {_dur(p.high)} | "
+        f"{_dur(p.catch_up_seconds)} | {'-' if p.fits is None else 'yes' if p.fits else '**no**'} |"
+        for p in r.predictions
+    ]
     advice = [(p.phase, a) for p in r.predictions for a in p.advice]
     if advice:
         out += ["", "What would make it fit:", ""] + [f"- {ph}: {a}" for ph, a in advice]
-    out += ["", "## Tables", "", "| phase | table | staging rows | production rows | rows/s | predicted |",
-            "|---|---|--:|--:|--:|--:|"]
-    out += [f"| {t.phase} | {t.target} | {t.staging_rows:,} | {t.production_rows:,} | {t.rows_per_second:,.0f} | "
-            f"{_dur(t.predicted_seconds)} |" for t in r.tables]
+    out += [
+        "",
+        "## Tables",
+        "",
+        "| phase | table | staging rows | production rows | rows/s | predicted |",
+        "|---|---|--:|--:|--:|--:|",
+    ]
+    out += [
+        f"| {t.phase} | {t.target} | {t.staging_rows:,} | {t.production_rows:,} | {t.rows_per_second:,.0f} | "
+        f"{_dur(t.predicted_seconds)} |"
+        for t in r.tables
+    ]
     out += ["", "## Drift between staging and production", ""]
     out += [f"- {d.kind}: {d.table}: {d.message}" for d in r.drift] or ["- none found"]
     out += ["", "## Steps", "", "| phase | step | table | start | took | rows |", "|---|---|---|--:|--:|--:|"]
-    out += [f"| {s.phase} | {s.step} | {s.table or '(phase)'} | {s.start:.1f} s | {s.seconds:.2f} s | {s.rows:,} |"
-            for s in r.steps]
+    out += [
+        f"| {s.phase} | {s.step} | {s.table or '(phase)'} | {s.start:.1f} s | {s.seconds:.2f} s | {s.rows:,} |"
+        for s in r.steps
+    ]
     return "\n".join(out) + "\n"
 
 
@@ -201,8 +251,10 @@ STEP_COLOURS = {"setup": "#9aa5b8", "run": "#3b6fd8", "rollback": "#d98e04", "re
 def rehearsal_html(r: RehearsalResult) -> str:
     e = html.escape
     total = max([s.start + s.seconds for s in r.steps] + [0.001])
-    rows = sorted({(s.phase, s.table or "(phase)") for s in r.steps}, key=lambda x: min(
-        st.start for st in r.steps if (st.phase, st.table or "(phase)") == x))
+    rows = sorted(
+        {(s.phase, s.table or "(phase)") for s in r.steps},
+        key=lambda x: min(st.start for st in r.steps if (st.phase, st.table or "(phase)") == x),
+    )
     height, label_w, width = 22, 260, 860
     bars = []
     for i, (phase, table) in enumerate(rows):
@@ -213,13 +265,17 @@ def rehearsal_html(r: RehearsalResult) -> str:
                 continue
             x = label_w + width * s.start / total
             w = max(width * s.seconds / total, 1.5)
-            bars.append(f"<rect x='{x:.1f}' y='{y}' width='{w:.1f}' height='{height - 6}' fill='{STEP_COLOURS[s.step]}'>"
-                        f"<title>{e(s.step)} {e(table)}: {s.seconds:.2f} s, {s.rows:,} rows</title></rect>")
+            bars.append(
+                f"<rect x='{x:.1f}' y='{y}' width='{w:.1f}' height='{height - 6}' fill='{STEP_COLOURS[s.step]}'>"
+                f"<title>{e(s.step)} {e(table)}: {s.seconds:.2f} s, {s.rows:,} rows</title></rect>"
+            )
     legend = "".join(f"<span style='background:{c}'></span>{k}" for k, c in STEP_COLOURS.items())
     svg_h = 40 + len(rows) * height
-    timeline = (f"<svg width='{label_w + width + 20}' height='{svg_h}' role='img' aria-label='timeline'>"
-                f"<text x='{label_w}' y='14' font-size='11'>0 s</text>"
-                f"<text x='{label_w + width - 40}' y='14' font-size='11'>{total:.1f} s</text>{''.join(bars)}</svg>")
+    timeline = (
+        f"<svg width='{label_w + width + 20}' height='{svg_h}' role='img' aria-label='timeline'>"
+        f"<text x='{label_w}' y='14' font-size='11'>0 s</text>"
+        f"<text x='{label_w + width - 40}' y='14' font-size='11'>{total:.1f} s</text>{''.join(bars)}</svg>"
+    )
     win = r.window_seconds or max([p.high for p in r.predictions] + [1.0])
     preds = []
     for p in r.predictions:
@@ -229,26 +285,35 @@ def rehearsal_html(r: RehearsalResult) -> str:
             f"<div style='position:absolute;left:{p.low * scale:.1f}%;width:{(p.high - p.low) * scale:.1f}%;height:18px;"
             f"background:{'#2e9e5b' if p.fits is not False else '#b42318'};opacity:.35'></div>"
             f"<div style='position:absolute;left:{p.predicted_seconds * scale:.1f}%;width:2px;height:18px;background:#1d2433'></div>"
-            + (f"<div style='position:absolute;left:{win * scale:.1f}%;width:2px;height:18px;background:#b42318'></div>"
-               if r.window_seconds else "")
+            + (
+                f"<div style='position:absolute;left:{win * scale:.1f}%;width:2px;height:18px;background:#b42318'></div>"
+                if r.window_seconds
+                else ""
+            )
             + f"</div></td><td class='n'>{_dur(p.predicted_seconds)} ({_dur(p.low)} – {_dur(p.high)})</td>"
-              f"<td>{'-' if p.fits is None else 'fits' if p.fits else 'does not fit'}</td></tr>")
+            f"<td>{'-' if p.fits is None else 'fits' if p.fits else 'does not fit'}</td></tr>"
+        )
     advice = "".join(f"<li><b>{e(p.phase)}</b>: {e(a)}</li>" for p in r.predictions for a in p.advice)
-    tables = "".join(f"<tr><td>{e(t.phase)}</td><td>{e(t.target)}</td><td class='n'>{t.staging_rows:,}</td>"
-                     f"<td class='n'>{t.production_rows:,}</td><td class='n'>{t.rows_per_second:,.0f}</td>"
-                     f"<td class='n'>{_dur(t.predicted_seconds)}</td></tr>" for t in r.tables)
-    drift = "".join(f"<li>{e(d.kind)}: <b>{e(d.table)}</b>: {e(d.message)}</li>" for d in r.drift) or "<li>none found</li>"
+    tables = "".join(
+        f"<tr><td>{e(t.phase)}</td><td>{e(t.target)}</td><td class='n'>{t.staging_rows:,}</td>"
+        f"<td class='n'>{t.production_rows:,}</td><td class='n'>{t.rows_per_second:,.0f}</td>"
+        f"<td class='n'>{_dur(t.predicted_seconds)}</td></tr>"
+        for t in r.tables
+    )
+    drift = (
+        "".join(f"<li>{e(d.kind)}: <b>{e(d.table)}</b>: {e(d.message)}</li>" for d in r.drift) or "<li>none found</li>"
+    )
     verdict = "FITS" if r.ok else ("DOES NOT FIT" if r.window else "DONE")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Rehearsal: {verdict}</title>
 <style>{CSS}.legend span{{display:inline-block;width:10px;height:10px;margin:0 .3rem 0 1rem}}</style></head><body>
-<h1>Rehearsal of <code>{e(', '.join(r.phases))}</code>
-<span class="verdict {'ok' if r.ok else 'failed'}">{verdict}</span></h1>
+<h1>Rehearsal of <code>{e(", ".join(r.phases))}</code>
+<span class="verdict {"ok" if r.ok else "failed"}">{verdict}</span></h1>
 <dl><dt>production (read only)</dt><dd><code>{e(r.production)}</code></dd><dt>staging</dt><dd><code>{e(r.staging)}</code>
-(built by {e(r.built)})</dd><dt>window</dt><dd>{e(r.window or '-')}</dd><dt>when</dt><dd>{e(r.started_at)}, took {_dur(r.seconds)}</dd>
-<dt>validations</dt><dd>{'all passed' if r.validations_ok else 'NOT all passed'}</dd></dl>
+(built by {e(r.built)})</dd><dt>window</dt><dd>{e(r.window or "-")}</dd><dt>when</dt><dd>{e(r.started_at)}, took {_dur(r.seconds)}</dd>
+<dt>validations</dt><dd>{"all passed" if r.validations_ok else "NOT all passed"}</dd></dl>
 <h2>Prediction against the window</h2>
-<table><tr><th>phase</th><th>predicted (bar: ±30%, line: window end)</th><th>time</th><th></th></tr>{''.join(preds)}</table>
+<table><tr><th>phase</th><th>predicted (bar: ±30%, line: window end)</th><th>time</th><th></th></tr>{"".join(preds)}</table>
 {f"<h3>What would make it fit</h3><ul>{advice}</ul>" if advice else ""}
 <h2>Timeline of the rehearsal</h2><div class="legend">{legend}</div>{timeline}
 <h2>Tables</h2><table><tr><th>phase</th><th>table</th><th>staging rows</th><th>production rows</th><th>rows/s</th>
@@ -263,8 +328,11 @@ def save_rehearsal(result: RehearsalResult, directory: Path) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     stamp = _stamp()
     out = {}
-    for fmt, text in (("json", json.dumps(result.to_dict(), indent=2, default=str)),
-                      ("markdown", rehearsal_markdown(result)), ("html", rehearsal_html(result))):
+    for fmt, text in (
+        ("json", json.dumps(result.to_dict(), indent=2, default=str)),
+        ("markdown", rehearsal_markdown(result)),
+        ("html", rehearsal_html(result)),
+    ):
         path = directory / f"rehearsal-{stamp}.{'md' if fmt == 'markdown' else fmt}"
         path.write_text(text, encoding="utf-8")
         out[fmt] = path
@@ -279,8 +347,13 @@ def save_predictions(result: RehearsalResult, directory: Path) -> Path:
     path = directory / PREDICTIONS
     data = json.loads(path.read_text()) if path.is_file() else {}
     for p in result.predictions:
-        data[p.phase] = {"predicted_seconds": p.predicted_seconds, "low": p.low, "high": p.high,
-                         "production": result.production, "rehearsed_at": result.started_at}
+        data[p.phase] = {
+            "predicted_seconds": p.predicted_seconds,
+            "low": p.low,
+            "high": p.high,
+            "production": result.production,
+            "rehearsed_at": result.started_at,
+        }
     directory.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
     return path

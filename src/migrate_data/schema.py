@@ -1,4 +1,5 @@
 """The bridge to Alembic: upgrade and downgrade on a connection migrate-data owns."""
+
 from __future__ import annotations
 
 import io
@@ -6,9 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -29,7 +28,9 @@ def alembic_config(settings: Settings, *, buffer: io.StringIO | None = None) -> 
 
     ini = settings.project_dir / "alembic.ini"
     if not ini.is_file():
-        raise BadInput(f"{ini}: no alembic.ini in the project", hint="run `migrate-data init DIR` or pass --project DIR")
+        raise BadInput(
+            f"{ini}: no alembic.ini in the project", hint="run `migrate-data init DIR` or pass --project DIR"
+        )
     cfg = Config(str(ini), output_buffer=buffer)
     cfg.set_main_option("script_location", str(settings.project_dir / "alembic"))
     return cfg
@@ -45,9 +46,11 @@ def predecessor(settings: Settings, revision: str) -> str:
     """The revision a downgrade of ``revision`` goes back to (``base`` for the first one)."""
     rev = script_directory(settings).get_revision(revision)
     if rev is None:
-        raise BadInput(f"Alembic revision {revision!r} does not exist in {settings.project_dir / 'alembic' / 'versions'}")
+        raise BadInput(
+            f"Alembic revision {revision!r} does not exist in {settings.project_dir / 'alembic' / 'versions'}"
+        )
     down = rev.down_revision
-    if isinstance(down, tuple):
+    if isinstance(down, (tuple, list)):
         raise BadInput(f"revision {revision} merges several branches; roll it back with alembic by hand")
     return down or "base"
 
@@ -71,8 +74,9 @@ def _engine(settings: Settings) -> Any:
         server_settings["lock_timeout"] = settings.lock_timeout
     if settings.statement_timeout:
         server_settings["statement_timeout"] = settings.statement_timeout
-    return create_async_engine(sqlalchemy_url(settings.database_url), poolclass=NullPool,
-                               connect_args={"server_settings": server_settings})
+    return create_async_engine(
+        sqlalchemy_url(settings.database_url), poolclass=NullPool, connect_args={"server_settings": server_settings}
+    )
 
 
 def _run(connection: Connection, cfg: Config, verb: str, revision: str) -> None:
@@ -83,8 +87,14 @@ def _run(connection: Connection, cfg: Config, verb: str, revision: str) -> None:
 
 
 @asynccontextmanager
-async def schema_transaction(settings: Settings, pool: asyncpg.Pool, *, upgrade_to: str | None = None,
-                             downgrade_to: str | None = None, commit: bool) -> AsyncIterator[asyncpg.Connection]:
+async def schema_transaction(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    *,
+    upgrade_to: str | None = None,
+    downgrade_to: str | None = None,
+    commit: bool,
+) -> AsyncIterator[asyncpg.Connection]:
     """Open one transaction, run the Alembic step in it, yield its asyncpg connection; commit or roll back.
 
     Checks run inside the block see the new schema; with ``commit=False`` nothing is kept.  Without an
@@ -126,8 +136,9 @@ async def schema_transaction(settings: Settings, pool: asyncpg.Pool, *, upgrade_
             else:
                 await trans.rollback()
     except (OSError, asyncpg.PostgresError) as e:
-        raise MigrationError(f"schema step failed on {redact(settings.database_url)}",
-                             detail=redact_text(str(e), settings.database_url)) from e
+        raise MigrationError(
+            f"schema step failed on {redact(settings.database_url)}", detail=redact_text(str(e), settings.database_url)
+        ) from e
     finally:
         await engine.dispose()
 

@@ -1,4 +1,5 @@
 """Where the databases are and how to talk to them: flags, then environment, then defaults."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Quoting: the one way identifiers and literals become SQL text.  Pure; no I/O."""
+
 from __future__ import annotations
 
 from typing import Any

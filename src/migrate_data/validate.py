@@ -1,9 +1,9 @@
 """Compare what a phase should have produced with what the target holds."""
+
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import math
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -74,6 +74,7 @@ async def validate_phase(
     sample: int = 10,
     allow_rejects: bool = True,
     pre_counts: dict[str, int] | None = None,
+    split_rows: int = 200_000,
 ) -> ValidationResult:
     """Count (and with ``deep`` hash) every table of the phase; check its target's integrity."""
     started = time.monotonic()
@@ -93,45 +94,85 @@ async def validate_phase(
         if ct.lookups:
             joined = await fetch_val(source, ct.count_joined_sql())
             if joined != src_rows:
-                problems.append(f"a lookup multiplies rows: {src_rows} source rows become {joined} when joined "
-                                f"({', '.join(str(lk.table) for _, lk in ct.lookups)}: key not unique)")
+                problems.append(
+                    f"a lookup multiplies rows: {src_rows} source rows become {joined} when joined "
+                    f"({', '.join(str(lk.table) for _, lk in ct.lookups)}: key not unique)"
+                )
         if tgt_rows - pre != src_rows - rej:
-            problems.append(f"{src_rows} source rows - {rej} rejected = {src_rows - rej}, "
-                            f"but {tgt_rows - pre} rows in {name}" + (f" (beyond {pre} there before)" if pre else ""))
+            problems.append(
+                f"{src_rows} source rows - {rej} rejected = {src_rows - rej}, "
+                f"but {tgt_rows - pre} rows in {name}" + (f" (beyond {pre} there before)" if pre else "")
+            )
         if rej and not allow_rejects:
             problems.append(f"{rej} rows rejected and rejects are not allowed")
         missing = extra = differs = 0
         samples: list[dict[str, Any]] = []
         if deep and same_db:
-            missing, extra, differs, samples = await _deep(ct, target, sample, phase if has_ledger else None)
+            missing, extra, differs, samples = await _deep(
+                ct, target, sample, phase if has_ledger else None, tgt_rows, split_rows=split_rows
+            )
             if missing:
                 problems.append(f"{missing} keys missing from {name}" + (f" (besides {rej} rejected)" if rej else ""))
             if extra:
                 problems.append(f"{extra} keys in {name} that no source row produces")
             if differs:
                 problems.append(f"{differs} rows of {name} differ from what the mapping produces")
-        results.append(TableValidation(str(ct.source), name, src_rows, tgt_rows, rej,
-                                       "failed" if problems else "ok", tuple(problems), missing, extra, differs,
-                                       tuple(samples)))
+        results.append(
+            TableValidation(
+                str(ct.source),
+                name,
+                src_rows,
+                tgt_rows,
+                rej,
+                "failed" if problems else "ok",
+                tuple(problems),
+                missing,
+                extra,
+                differs,
+                tuple(samples),
+            )
+        )
         checks += await integrity(ct, tgt, target)
     if deep and not same_db:
-        checks.append(Check("deep", "*", True, "--deep compares one database only; the source is in another database "
-                            "(counts and integrity were checked)"))
+        checks.append(
+            Check(
+                "deep",
+                "*",
+                True,
+                "--deep compares one database only; the source is in another database "
+                "(counts and integrity were checked)",
+            )
+        )
     reject_rows = [dict(r) for r in await ledger.rejects(target, phase, limit=50)] if has_ledger else []
     ok = all(t.status == "ok" for t in results) and all(c.ok for c in checks)
-    return ValidationResult(phase=phase, ok=ok, tables=tuple(results), checks=tuple(checks), deep=deep,
-                            started_at=started_at, seconds=round(time.monotonic() - started, 3),
-                            rejects=tuple(reject_rows))
+    return ValidationResult(
+        phase=phase,
+        ok=ok,
+        tables=tuple(results),
+        checks=tuple(checks),
+        deep=deep,
+        started_at=started_at,
+        seconds=round(time.monotonic() - started, 3),
+        rejects=tuple(reject_rows),
+    )
 
 
-async def _deep(ct: CompiledTable, db: asyncpg.Pool, sample: int, phase: str | None, *,
-                jobs: int = 2, split_rows: int = 200_000) -> tuple[int, int, int, list[dict[str, Any]]]:
+async def _deep(
+    ct: CompiledTable,
+    db: asyncpg.Pool,
+    sample: int,
+    phase: str | None,
+    rows_n: int,
+    *,
+    jobs: int = 2,
+    split_rows: int = 200_000,
+) -> tuple[int, int, int, list[dict[str, Any]]]:
     """Compare hashes of expected and actual rows, set-based in the database, in ``jobs`` concurrent key ranges
     for a big table; rejected rows are left out."""
-    rows_n = await fetch_val(db, ct.target_count_sql())
     bounds: list[list[str] | None] = [None]
     if jobs > 1 and rows_n >= split_rows:
-        bounds += [r["k"] for r in await fetch_all(db, ct.key_split_sql(), math.ceil(rows_n / jobs))][: jobs - 1]
+        percent = min(100.0, 100.0 * 20_000 / rows_n)  # about 20,000 sampled keys
+        bounds += [r["k"] for r in await fetch_all(db, ct.key_split_sql(), jobs, percent)]
     bounds.append(None)
     skip = [phase, str(ct.target)] if phase is not None else []
 
@@ -153,8 +194,13 @@ async def _deep(ct: CompiledTable, db: asyncpg.Pool, sample: int, phase: str | N
             if kind == "differs":
                 exp = await fetch_val(db, ct.expected_row_sql(), *r["key"])
                 act = await fetch_val(db, ct.actual_row_sql(), *r["key"])
-                item["columns"] = [{"column": c.target, "expected": e, "actual": a}
-                                   for c, e, a in zip(ct.columns, exp or [], act or []) if e != a]
+                item["columns"] = [
+                    {"column": c.target, "expected": e, "actual": a}
+                    for c, e, a in zip(
+                        ct.columns, exp or [None] * len(ct.columns), act or [None] * len(ct.columns), strict=True
+                    )
+                    if e != a
+                ]
             samples.append(item)
     return totals.get("missing", 0), totals.get("extra", 0), totals.get("differs", 0), samples
 
@@ -165,18 +211,46 @@ async def integrity(ct: CompiledTable, tgt: Table, db: asyncpg.Pool) -> list[Che
     out: list[Check] = []
     for fk in tgt.foreign_keys:
         n = await fetch_val(db, orphans_sql(ct.target, fk))
-        out.append(Check("foreign_key", name, n == 0,
-                         f"{fk.name}: {n} rows reference no row of {fk.ref_table}" if n else f"{fk.name}: no orphans", n))
-    for r in await fetch_all(db, "SELECT conname, contype::text FROM pg_constraint WHERE conrelid = to_regclass($1) "
-                                 "AND NOT convalidated", qname(ct.target)):
-        out.append(Check("not_valid", name, False, f"constraint {r['conname']} is NOT VALID: existing rows were never "
-                         f"checked (ALTER TABLE … VALIDATE CONSTRAINT {r['conname']})"))
+        out.append(
+            Check(
+                "foreign_key",
+                name,
+                n == 0,
+                f"{fk.name}: {n} rows reference no row of {fk.ref_table}" if n else f"{fk.name}: no orphans",
+                n,
+            )
+        )
+    for r in await fetch_all(
+        db,
+        "SELECT conname, contype::text FROM pg_constraint WHERE conrelid = to_regclass($1) AND NOT convalidated",
+        qname(ct.target),
+    ):
+        out.append(
+            Check(
+                "not_valid",
+                name,
+                False,
+                f"constraint {r['conname']} is NOT VALID: existing rows were never "
+                f"checked (ALTER TABLE … VALIDATE CONSTRAINT {r['conname']})",
+            )
+        )
     for column, seq in await sequences(db, tgt):
-        row = await fetch_one(db, f"SELECT (SELECT max({qi(column)}) FROM {qname(ct.target)}) AS m, "
-                                  f"pg_sequence_last_value($1::regclass) AS v", seq)
+        row = await fetch_one(
+            db,
+            f"SELECT (SELECT max({qi(column)}) FROM {qname(ct.target)}) AS m, "
+            f"pg_sequence_last_value($1::regclass) AS v",
+            seq,
+        )
         assert row is not None
         behind = row["m"] is not None and (row["v"] or 0) < row["m"]
-        out.append(Check("sequence", name, not behind,
-                         f"{seq} is at {row['v']} but max({column}) is {row['m']}: new rows would collide"
-                         if behind else f"{seq} is past max({column})"))
+        out.append(
+            Check(
+                "sequence",
+                name,
+                not behind,
+                f"{seq} is at {row['v']} but max({column}) is {row['m']}: new rows would collide"
+                if behind
+                else f"{seq} is past max({column})",
+            )
+        )
     return out
