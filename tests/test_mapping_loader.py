@@ -26,7 +26,7 @@ def error_of(tmp_path: Path, text: str) -> str:
 
 def test_shipped_mappings_load():
     phases = load_phases(ROOT / "mappings")
-    assert list(phases) == ["phase1", "phase2a", "phase2b", "phase3", "phase5"]
+    assert list(phases) == ["phase1", "phase2a", "phase2b", "phase3", "phase4", "phase5"]
     msg = phases["phase3"].table("mensajes").column("telefono")
     assert msg.kind == "lookup" and msg.lookup.on == ("user_id",) and msg.lookup.key == ("id",)
 

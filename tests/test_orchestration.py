@@ -57,6 +57,7 @@ def test_whole_plan_then_rollbacks_leave_the_database_as_it_was(legacy_url, sett
         "phase2a": "rolled_back",
         "phase2b": "rolled_back",
         "phase3": "rolled_back",
+        "phase4": "pending",
         "phase5": "pending",
     }
 
@@ -136,7 +137,8 @@ def test_status_shows_partial_with_resume_point(legacy_url, settings_for):
 
 def test_phase5_drops_legacy_tables_and_its_rollback_restores_them(legacy_url, settings_for):
     settings = settings_for(legacy_url)
-    run_all(settings, backup=False)
+    run_all(settings, (*DATA_PHASES, "phase4"), backup=False)
+    assert scalar(legacy_url, "SELECT to_regclass('idx_mensajes_telefono') IS NOT NULL") is True
     legacy = snapshot(legacy_url)
     with pytest.raises(RefusedError, match="needs a verified backup"):
         run(api.run_phase(settings, "phase5", api.RunOptions(backup=False)))
@@ -144,9 +146,9 @@ def test_phase5_drops_legacy_tables_and_its_rollback_restores_them(legacy_url, s
     assert result.backup_path and result.status == "done"
     assert scalar(legacy_url, "SELECT to_regclass('customers') IS NULL") is True
     out = run_cli("rollback", "phase3", "--yes", url=legacy_url)
-    assert out.returncode == 2 and "phase5 is applied after phase3" in out.stderr
+    assert out.returncode == 2 and "phase4, phase5 is applied after phase3" in out.stderr
     rb = run(api.rollback(settings, "phase5"))
-    assert rb.downgraded_to == "phase1" and "customers" in rb.restored
+    assert rb.downgraded_to == "phase4" and "customers" in rb.restored
     assert snapshot(legacy_url) == legacy
 
 

@@ -4,7 +4,7 @@ The downgrade recreates their structure from alembic/sql/legacy_schema.sql; `mig
 phase5` then restores their rows from the backup taken before the phase ran.
 
 Revision ID: phase5
-Revises: phase1
+Revises: phase4
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from alembic import op
 
 revision = "phase5"
-down_revision = "phase1"
+down_revision = "phase4"
 branch_labels = None
 depends_on = None
 

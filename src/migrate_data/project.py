@@ -51,7 +51,7 @@ def _seed_module(project: Path):  # type: ignore[no-untyped-def]
 
 
 async def demo(settings: api.Settings, *, scale: float, say: Callable[[str], None]) -> int:
-    """Seed the sample database, run every non-destructive phase, roll the last back and run it again."""
+    """Seed the sample database, run the phases up to the last data phase, roll that back and run it again."""
     seed = _seed_module(settings.project_dir)
     async with open_pool(settings.database_url, max_size=1) as pool, pool.acquire() as conn:
         if await conn.fetchval("SELECT to_regclass('customers') IS NOT NULL"):
@@ -61,7 +61,9 @@ async def demo(settings: api.Settings, *, scale: float, say: Callable[[str], Non
             )
         rows = await seed.seed(conn, scale)
     say(f"seeded the legacy database at scale {scale}: " + ", ".join(f"{t} {n:,}" for t, n in rows.items()))
-    phases = [p for p, ph in api.project_phases(settings).items() if not ph.backup]
+    every = api.project_phases(settings)
+    last_data = max((i for i, ph in enumerate(every.values()) if ph.tables), default=-1)
+    phases = list(every)[: last_data + 1]  # up to the last phase that copies data
     options = api.RunOptions(batch_size=500)
     ok = True
 
