@@ -239,3 +239,17 @@ def test_cross_database_copy_gives_the_same_rows_and_rejects(legacy_url, make_db
     run(api.run_phase(one_db, "phase2a", api.RunOptions(backup=False)))
     fingerprint = "SELECT md5(string_agg(c::text, ',' ORDER BY id)) FROM clientes c"
     assert scalar(target_url, fingerprint) == scalar(legacy_url, fingerprint)
+
+
+def test_cross_database_copy_keeps_rows_already_in_the_target(legacy_url, make_db, settings_for):
+    """The direct COPY meets a conflicting key, falls back to the ON CONFLICT path, and keeps the existing row."""
+    target_url = make_db()
+    run(api.run_phase(settings_for(target_url), "phase1", api.RunOptions(backup=False)))
+    key = scalar(legacy_url, "SELECT id::text FROM professions ORDER BY id LIMIT 1")
+    sql(target_url, "INSERT INTO profesiones (id, nombre) VALUES ($1::uuid, 'ya estaba')", key)
+    settings = settings_for(target_url).with_(source_url=legacy_url)
+    result = run(api.run_phase(settings, "phase2a", api.RunOptions(backup=False)))
+    assert scalar(target_url, "SELECT nombre FROM profesiones WHERE id = $1::uuid", key) == "ya estaba"
+    assert scalar(target_url, "SELECT count(*) FROM profesiones") == 40
+    profesiones = next(t for t in result.tables if t.target == "public.profesiones")
+    assert profesiones.rows_written == 39

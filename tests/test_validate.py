@@ -222,3 +222,21 @@ def test_deep_in_concurrent_key_ranges_finds_every_difference(phase2a):
     clientes = next(t for t in result.tables if t.target == "public.clientes")
     assert (clientes.differs, clientes.missing, clientes.extra) == (3, 1, 0)
     assert sorted(s["key"][0] for s in clientes.samples if s["kind"] == "differs") == sorted(changed)
+
+
+def test_deep_hashes_rows_with_types_that_have_no_hash_function(db_url, tmp_path):
+    sql(
+        db_url,
+        """CREATE TABLE s (id int PRIMARY KEY, doc text, pos text);
+           INSERT INTO s VALUES (1, '{"a": 1}', '(1,2)'), (2, '[]', '(3,4)');
+           CREATE TABLE t (id int PRIMARY KEY, doc json, pos point)""",
+    )
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "mappings" / "p.yaml").write_text("tables: [{source: s, target: t, columns: {id: id, doc: doc, pos: pos}}]\n")
+    out = run_cli("p", "--yes", "--no-backup", "--deep", url=db_url, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    sql(db_url, "UPDATE t SET pos = '(9,9)' WHERE id = 2")
+    out = run_cli("validate", "p", "--deep", "--format", "json", url=db_url, cwd=tmp_path)
+    assert out.returncode == 3
+    table = json.loads(out.stdout)["tables"][0]
+    assert table["differs"] == 1 and table["samples"][0]["columns"][0]["column"] == "pos"

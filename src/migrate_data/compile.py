@@ -45,6 +45,7 @@ class CompiledTable:
     key_types: tuple[str, ...]
     overriding: bool
     lookups: tuple[tuple[str, Lookup], ...]  # (alias, lookup)
+    hash_rows_by: str = "record"  # how --deep hashes rows: "record" (per column) or "text"
 
     # -- pieces --------------------------------------------------------------------------------
     @property
@@ -153,6 +154,18 @@ class CompiledTable:
             f"{self._where(conds)} ORDER BY {self._order}"
         )
 
+    def source_values_sql(self, *, lower: bool, upper: bool) -> str:
+        """The rows of a range as the target's own columns, for a COPY straight into the target."""
+        conds, _ = self._conditions(lower=lower, upper=upper)
+        cols = ", ".join(f"({c.pre_cast})::text AS {qi(c.target)}" for c in self.columns)
+        return f"SELECT {cols} FROM {self.from_}{self._where(conds)} ORDER BY {self._order}"
+
+    @property
+    def direct_copy_ok(self) -> bool:
+        """True when COPY's text input gives what the mapping's casts give: every value goes to its column's
+        own type (no ``cast:`` to another type) and no identity column needs OVERRIDING SYSTEM VALUE."""
+        return not self.overriding and all(c.cast_type == c.target_type for c in self.columns)
+
     def stage_table_sql(self, stage: str) -> str:
         cols = ", ".join(f"{qi(c.target)} text" for c in self.columns)
         return f"CREATE TEMP TABLE {qi(stage)} (__n integer, __key text[], {cols}) ON COMMIT DROP"
@@ -206,7 +219,7 @@ class CompiledTable:
         their values do not convert, which is why they were rejected.
         """
         keys = ", ".join(f"{c.expr} AS {qi('k_' + c.target)}" for c in self.key_columns)
-        row = f"ROW({', '.join(c.expr for c in self.columns)})::text"
+        row = self._row_hash(", ".join(c.expr for c in self.columns))
         conds = [f"({self.mapping.where})"] if self.mapping.where else []
         if skip_rejected:
             # A hashed NOT IN, and the row built only inside CASE: PostgreSQL may evaluate the select list
@@ -219,14 +232,21 @@ class CompiledTable:
             row = f"CASE WHEN {ok} THEN {row} END"
         if key_range is not None:
             conds += self._key_range(None, key_range[0], lower=key_range[1], upper=key_range[2])
-        hashed = f", hashtextextended({row}, 0) AS h" if with_hash else ""
+        hashed = f", {row} AS h" if with_hash else ""
         return f"SELECT {keys}{hashed} FROM {self.from_}{self._where(conds)}"
+
+    def _row_hash(self, values: str) -> str:
+        """A 64-bit hash of a row: per column with the types' own hash functions (no text conversion, PostgreSQL
+        14+), or of the row's text when some column type has no hash function (``hash_rows_by="text"``)."""
+        if self.hash_rows_by == "record":
+            return f"hash_record_extended(ROW({values}), 0)"
+        return f"hashtextextended(ROW({values})::text, 0)"
 
     def actual_sql(self, *, key_range: tuple[int, bool, bool] | None = None) -> str:
         keys = ", ".join(f"t.{qi(k)} AS {qi('k_' + k)}" for k in self.key)
         row = ", ".join(f"t.{qi(c.target)}" for c in self.columns)
         conds = self._key_range("t", key_range[0], lower=key_range[1], upper=key_range[2]) if key_range else []
-        return f"SELECT {keys}, hashtextextended(ROW({row})::text, 0) AS h FROM {self.tgt} AS t{self._where(conds)}"
+        return f"SELECT {keys}, {self._row_hash(row)} AS h FROM {self.tgt} AS t{self._where(conds)}"
 
     def diff_sql(self, *, skip_rejected: bool = False, lower: bool = False, upper: bool = False) -> str:
         """Missing, extra and differing target keys: kind, key (text[]), total of that kind.

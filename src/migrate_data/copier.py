@@ -78,6 +78,7 @@ class _Unit:
     rejected: int = 0
     seconds: float = 0.0
     skipped: bool = False
+    direct: bool = True  # cross-database: try COPY straight into the target (see _insert_direct)
 
 
 class Copier:
@@ -284,7 +285,10 @@ class Copier:
             if self.same_db:
                 written, rejected = await self._insert_same_db(conn, u, last, new_last, rng)
             else:
-                written, rejected = await self._insert_staged(conn, u, lower, rng)
+                direct = await self._insert_direct(conn, u, lower, rng) if u.direct and ct.direct_copy_ok else None
+                written, rejected = (
+                    (direct, 0) if direct is not None else await self._insert_staged(conn, u, lower, rng)
+                )
             await self._checkpoint(conn, u, part, new_last, n, written, rejected, done=n < self.options.batch_size)
         return n, new_last, written, rejected
 
@@ -313,6 +317,36 @@ class Copier:
 
         return await self._bisect(conn, u, len(keys), insert, lambda i: keys[i], source_row)
 
+    async def _insert_direct(self, conn: asyncpg.Connection, u: _Unit, lower: bool, rng: list[str]) -> int | None:
+        """The fast path across databases: text COPY from the source straight into the target, in a savepoint.
+
+        A range past the checkpoint holds none of our rows (each batch commits with its checkpoint), so usually
+        there is nothing to conflict with and ON CONFLICT is not needed.  When there is (a row the application
+        wrote, a key two source rows share) or a row is bad, COPY fails, the savepoint rolls back and the batch
+        takes the staged path, which has ON CONFLICT and the bisection; after a conflict the table stays on it.
+        Only for tables whose every column's value is cast to the target column's own type, where the type's text
+        input and the cast agree (a longer varchar fails here and is truncated by the staged path's cast).
+        """
+        ct = u.ct
+        try:
+            async with conn.transaction():
+                return await self._pipe(
+                    ct.source_values_sql(lower=lower, upper=True),
+                    rng,
+                    conn,
+                    ct.target.name,
+                    [c.target for c in ct.columns],
+                    schema=ct.target.schema,
+                    binary=False,
+                )
+        except asyncpg.PostgresError as e:
+            if not is_data_error(e):
+                raise
+            if isinstance(e, asyncpg.UniqueViolationError):
+                u.direct = False
+            log.debug("%s: direct COPY fell back to the staged path: %s", ct.target, e)
+            return None
+
     async def _insert_staged(self, conn: asyncpg.Connection, u: _Unit, lower: bool, rng: list[str]) -> tuple[int, int]:
         """Pipe the range from the source (binary COPY out) into a staging table (binary COPY in), then insert."""
         ct = u.ct
@@ -338,14 +372,24 @@ class Copier:
         return await self._bisect(conn, u, count, insert, lambda i: keys[i + 1], source_row)
 
     async def _pipe(
-        self, query: str, args: list[str], conn: asyncpg.Connection, table: str, columns: list[str]
-    ) -> None:
-        """Stream ``COPY (query) TO STDOUT`` on the source into ``COPY table FROM STDIN`` on ``conn``, binary."""
+        self,
+        query: str,
+        args: list[str],
+        conn: asyncpg.Connection,
+        table: str,
+        columns: list[str],
+        *,
+        schema: str | None = None,
+        binary: bool = True,
+    ) -> int:
+        """Stream ``COPY (query) TO STDOUT`` on the source into ``COPY table FROM STDIN`` on ``conn``; return the
+        rows copied.  Nothing is decoded in Python: the chunks pass through a small queue."""
+        fmt = "binary" if binary else "text"
         queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=32)
 
         async def produce() -> None:
             async with self.source_pool.acquire() as src:
-                await src.copy_from_query(query, *args, output=queue.put, format="binary")
+                await src.copy_from_query(query, *args, output=queue.put, format=fmt)
             await queue.put(None)
 
         async def chunks():  # type: ignore[no-untyped-def]
@@ -353,7 +397,9 @@ class Copier:
                 yield chunk
 
         producer = asyncio.create_task(produce())
-        consumer = asyncio.create_task(conn.copy_to_table(table, source=chunks(), columns=columns, format="binary"))
+        consumer = asyncio.create_task(
+            conn.copy_to_table(table, source=chunks(), columns=columns, schema_name=schema, format=fmt)
+        )
         done, _ = await asyncio.wait({producer, consumer}, return_when=asyncio.FIRST_EXCEPTION)
         for task in (producer, consumer):
             if task.done() and task.exception() is not None:
@@ -361,7 +407,8 @@ class Copier:
                     other.cancel()
                 await asyncio.gather(producer, consumer, return_exceptions=True)
                 raise task.exception()  # type: ignore[misc]
-        await asyncio.gather(producer, consumer)
+        await producer
+        return rowcount(await consumer)
 
     async def _bisect(
         self, conn: asyncpg.Connection, u: _Unit, count: int, insert: Callable, key_of: Callable, source_row: Callable

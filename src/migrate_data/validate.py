@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import asyncpg
@@ -176,11 +176,18 @@ async def _deep(
     bounds.append(None)
     skip = [phase, str(ct.target)] if phase is not None else []
 
-    async def one(lo: list[str] | None, hi: list[str] | None) -> list[asyncpg.Record]:
-        sql = ct.diff_sql(skip_rejected=phase is not None, lower=lo is not None, upper=hi is not None)
+    async def one(c: CompiledTable, lo: list[str] | None, hi: list[str] | None) -> list[asyncpg.Record]:
+        sql = c.diff_sql(skip_rejected=phase is not None, lower=lo is not None, upper=hi is not None)
         return await fetch_all(db, sql, sample, *skip, *(lo or []), *(hi or []))
 
-    parts = await asyncio.gather(*(one(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)))
+    async def compare(c: CompiledTable) -> list[list[asyncpg.Record]]:
+        return await asyncio.gather(*(one(c, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)))
+
+    try:
+        parts = await compare(ct)
+    except (asyncpg.UndefinedFunctionError, asyncpg.FeatureNotSupportedError):
+        # a column type without a hash function (json, point, ...), or PostgreSQL before 14: hash the row's text
+        parts = await compare(replace(ct, hash_rows_by="text"))
     totals: dict[str, int] = {}
     found: list[asyncpg.Record] = []
     for rows in parts:
