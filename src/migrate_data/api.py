@@ -57,7 +57,7 @@ def database_errors(fn: F) -> F:
 
 @dataclass(frozen=True)
 class RunOptions:
-    batch_size: int = 5000
+    batch_size: int = CopyOptions.batch_size
     jobs: int = 2
     recheck: bool = False
     max_rejects: int | None = None
@@ -501,7 +501,7 @@ async def validate(
 # -- rollback -------------------------------------------------------------------------------------
 @database_errors
 async def rollback(
-    settings: Settings, name: str, *, force: bool = False, batch_size: int = 5000, stop: asyncio.Event | None = None
+    settings: Settings, name: str, *, force: bool = False, batch_size: int = CopyOptions.batch_size, stop: asyncio.Event | None = None
 ) -> RollbackResult:
     """Undo a phase: delete what it wrote (children first), downgrade its revision, restore what it dropped."""
     started = time.monotonic()

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import click
 
 from . import __version__, api, report
-from .copier import CopyEvent
+from .copier import CopyEvent, CopyOptions
 from .errors import BadInput, MigrationError, Stopped
 from .settings import Settings, find_project, load_settings, redact, redact_text
 
@@ -208,7 +208,7 @@ def phase_command(name: str) -> click.Command:
     @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
     @click.option("--dry-run", is_flag=True, help="Stop after the pre-flight; print what would happen.")
     @click.option("--no-backup", is_flag=True, help="Skip pg_dump (rehearsals only).")
-    @click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(1))
+    @click.option("--batch-size", default=CopyOptions.batch_size, show_default=True, type=click.IntRange(1))
     @click.option("--jobs", default=2, show_default=True, type=click.IntRange(1, 64), help="Concurrent batches.")
     @click.option("--recheck", is_flag=True, help="Pass over finished tables again (idempotent).")
     @click.option("--max-rejects", type=click.IntRange(0), help="Fail when more rows than this are rejected.")
@@ -414,7 +414,7 @@ def status(obj: Context, fmt: str) -> None:
 @click.option("--rebuild", is_flag=True, help="Replace the staging database if it exists.")
 @click.option("--use-existing", is_flag=True, help="Rehearse on the staging database as it is (no copy).")
 @click.option("--jobs", default=2, show_default=True, type=click.IntRange(1, 64))
-@click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=CopyOptions.batch_size, show_default=True, type=click.IntRange(1))
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @pass_ctx
 def rehearse(

@@ -135,30 +135,29 @@ class CompiledTable:
         return f"SELECT to_jsonb({qi(self.alias)}) FROM {self.src} WHERE {self._batch_tuple()} = {self._params(1)}"
 
     def split_sql(self) -> str:
-        """Every ``$1``-th batch key: the boundaries of parts copied concurrently."""
-        conds, n = self._conditions(lower=False, upper=False)
-        return (
-            f"SELECT k FROM (SELECT {self._key_text_array(self.alias)} AS k, "
-            f"row_number() OVER (ORDER BY {self._order}) AS rn FROM {self.src}{self._where(conds)}) s "
-            f"WHERE rn % $1 = 0 ORDER BY rn"
-        )
+        """``$1 - 1`` batch keys cutting the source into about equal parts (copied concurrently), from a ``$2`` %
+        block sample: approximate boundaries are enough, and a sample costs no full scan."""
+        where = f" WHERE ({self.mapping.where})" if self.mapping.where else ""
+        sampled = f"{qname(self.source)} AS {qi(self.alias)} TABLESAMPLE SYSTEM ($2){where}"
+        return _sample_split_sql(sampled, self.alias, self.batch_by)
 
     # cross-database: the source ships text (binary COPY), the target casts it from a staging table
     def source_text_sql(self, *, lower: bool, upper: bool) -> str:
         """The rows of a range as the staging table's columns: ordinal, batch key, each value as text."""
         conds, _ = self._conditions(lower=lower, upper=upper)
         cols = ", ".join(f"({c.pre_cast})::text AS {qi(c.target)}" for c in self.columns)
+        # No ORDER BY: a batch is a key range, the order of its rows does not matter (and sorting wide rows
+        # spills to disk); __n only has to number them for the bisection.
         return (
-            f"SELECT (row_number() OVER (ORDER BY {self._order}))::integer AS __n, "
-            f"{self._key_text_array(self.alias)} AS __key, {cols} FROM {self.from_}"
-            f"{self._where(conds)} ORDER BY {self._order}"
+            f"SELECT (row_number() OVER ())::integer AS __n, "
+            f"{self._key_text_array(self.alias)} AS __key, {cols} FROM {self.from_}{self._where(conds)}"
         )
 
     def source_values_sql(self, *, lower: bool, upper: bool) -> str:
         """The rows of a range as the target's own columns, for a COPY straight into the target."""
         conds, _ = self._conditions(lower=lower, upper=upper)
         cols = ", ".join(f"({c.pre_cast})::text AS {qi(c.target)}" for c in self.columns)
-        return f"SELECT {cols} FROM {self.from_}{self._where(conds)} ORDER BY {self._order}"
+        return f"SELECT {cols} FROM {self.from_}{self._where(conds)}"
 
     @property
     def direct_copy_ok(self) -> bool:
@@ -295,16 +294,8 @@ class CompiledTable:
         )
 
     def key_split_sql(self) -> str:
-        """``$1 - 1`` target keys (text[]) cutting the table into about equal ranges, from a ``$2`` % block sample:
-        boundaries of ranges compared concurrently (approximate is enough, and a sample costs no full scan)."""
-        keys = qcols(self.key, "t")
-        arr = "ARRAY[" + ", ".join(f"t.{qi(k)}::text" for k in self.key) + "]"
-        order = ", ".join(f"{qi('o_' + k)} DESC" for k in self.key)
-        cols = ", ".join(f"t.{qi(k)} AS {qi('o_' + k)}" for k in self.key)
-        return (
-            f"SELECT DISTINCT ON (part) k FROM (SELECT {arr} AS k, {cols}, ntile($1::integer) OVER (ORDER BY {keys}) "
-            f"AS part FROM {self.tgt} AS t TABLESAMPLE SYSTEM ($2)) s WHERE part < $1::integer ORDER BY part, {order}"
-        )
+        """Like ``split_sql``, on the target's key: ranges ``--deep`` compares concurrently."""
+        return _sample_split_sql(f"{self.tgt} AS t TABLESAMPLE SYSTEM ($2)", "t", self.key)
 
     def delete_extra_sql(self) -> str:
         """Delete the target rows whose key no source row produces."""
@@ -335,8 +326,16 @@ class CompiledTable:
         return f"DELETE FROM {self.tgt} AS t USING unnest({cols}) AS u({names}) WHERE {on}"
 
 
-def _literal_cast(value: object, type_: str) -> str:
-    return f"CAST({ql(value)} AS {type_})"
+def _sample_split_sql(sampled_from: str, alias: str, keys: tuple[str, ...]) -> str:
+    """The last key (text[]) of each of ``$1`` ntiles of a sample, but the last: range boundaries in key order."""
+    arr = "ARRAY[" + ", ".join(f"{qi(alias)}.{qi(k)}::text" for k in keys) + "]"
+    cols = ", ".join(f"{qi(alias)}.{qi(k)} AS {qi('o_' + k)}" for k in keys)
+    order = ", ".join(f"{qi('o_' + k)} DESC" for k in keys)
+    return (
+        f"SELECT DISTINCT ON (part) k FROM (SELECT {arr} AS k, {cols}, ntile($1::integer) OVER "
+        f"(ORDER BY {qcols(keys, alias)}) AS part FROM {sampled_from}) s WHERE part < $1::integer "
+        f"ORDER BY part, {order}"
+    )
 
 
 def compile_table(

@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CopyOptions:
-    batch_size: int = 5000
+    # 20,000 rows: large enough that a lookup's join (a scan of its table per batch) is amortised, small enough
+    # that a batch takes a fraction of a second and a signal stops the run quickly (BENCHMARKS.md)
+    batch_size: int = 20_000
     jobs: int = 2
     recheck: bool = False
     max_rejects: int | None = None
@@ -200,9 +202,8 @@ class Copier:
         bounds: list[list[str] | None] = [None]
         n = min(self.options.jobs, math.ceil(u.total / max(self.options.batch_size, 1)))
         if n > 1 and u.total >= self.options.split_rows:
-            step = math.ceil(u.total / n)
-            keys = [r["k"] for r in await self.source_pool.fetch(u.ct.split_sql(), step)]
-            bounds += keys[: n - 1]
+            percent = min(100.0, 100.0 * 20_000 / u.total)  # about 20,000 sampled keys
+            bounds += [r["k"] for r in await self.source_pool.fetch(u.ct.split_sql(), n, percent)]
         rows = [(i, bounds[i], bounds[i + 1] if i + 1 < len(bounds) else None) for i in range(len(bounds))]
         async with self.target_pool.acquire() as conn, conn.transaction():
             await conn.executemany(

@@ -15,7 +15,7 @@ import asyncpg
 from . import api, backup, ledger, report
 from .catalog import Table, parents_first, read_table
 from .compile import CompiledTable
-from .copier import CopyEvent
+from .copier import CopyEvent, CopyOptions
 from .db import fetch_all, fetch_val, open_pool
 from .errors import BadInput
 from .mapping import Phase, QualifiedName
@@ -225,7 +225,7 @@ async def rehearse(
     rebuild: bool = False,
     use_existing: bool = False,
     jobs: int = 2,
-    batch_size: int = 5000,
+    batch_size: int = CopyOptions.batch_size,
 ) -> RehearsalResult:
     """Build staging, run each phase there (run, rollback, run again, recheck), predict production."""
     phases_all = api.project_phases(production)

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from . import ledger
-from .catalog import Table, sequences
+from .catalog import Table, read_table, sequences
 from .compile import CompiledTable, orphans_sql
 from .db import fetch_all, fetch_one, fetch_val
 from .sql import qi, qname
@@ -91,7 +91,7 @@ async def validate_phase(
         tgt_rows = await fetch_val(target, ct.target_count_sql())
         rej = rejected.get(name, 0)
         pre = (pre_counts or {}).get(name, 0)
-        if ct.lookups:
+        if not await _lookups_unique(ct, source):  # a unique key cannot multiply rows: no join to count
             joined = await fetch_val(source, ct.count_joined_sql())
             if joined != src_rows:
                 problems.append(
@@ -155,6 +155,15 @@ async def validate_phase(
         seconds=round(time.monotonic() - started, 3),
         rejects=tuple(reject_rows),
     )
+
+
+async def _lookups_unique(ct: CompiledTable, source: asyncpg.Pool) -> bool:
+    """True when every lookup joins on a key its table's catalog declares unique."""
+    for _, lk in ct.lookups:
+        table = await read_table(source, lk.table)
+        if table is None or not table.is_unique(lk.key):
+            return False
+    return True
 
 
 async def _deep(
