@@ -60,8 +60,13 @@ async def main() -> None:
     predicted = {p.phase: p for p in rehearsal.predictions}
     await api.run_phase(settings, "phase1", api.RunOptions(backup=False, jobs=args.jobs))
     rows = []
+    per_table = {t.target: t for t in rehearsal.tables}
     for phase in PHASES:
         result = await api.run_phase(settings, phase, api.RunOptions(backup=False, jobs=args.jobs))
+        for t in result.tables:
+            pt = per_table[t.target]
+            print(f"  {t.target}: predicted {pt.predicted_seconds:.2f} s (staging {pt.staging_seconds:.2f} s, "
+                  f"{pt.staging_rows:,} rows), actual {t.seconds:.2f} s ({t.rows_read:,} rows)", flush=True)
         pr = predicted[phase]
         rows.append(
             (phase, sum(t.rows_read for t in result.tables), pr.predicted_seconds, pr.low, pr.high, result.seconds)

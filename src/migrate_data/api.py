@@ -501,7 +501,12 @@ async def validate(
 # -- rollback -------------------------------------------------------------------------------------
 @database_errors
 async def rollback(
-    settings: Settings, name: str, *, force: bool = False, batch_size: int = CopyOptions.batch_size, stop: asyncio.Event | None = None
+    settings: Settings,
+    name: str,
+    *,
+    force: bool = False,
+    batch_size: int = CopyOptions.batch_size,
+    stop: asyncio.Event | None = None,
 ) -> RollbackResult:
     """Undo a phase: delete what it wrote (children first), downgrade its revision, restore what it dropped."""
     started = time.monotonic()

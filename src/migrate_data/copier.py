@@ -169,6 +169,8 @@ class Copier:
             await asyncio.gather(*(self._part(u, p) for p in parts if not p["done"]))
             u.seconds += time.monotonic() - started
             await self._fix_sequences(u)
+            if u.written:  # the new table has no statistics yet: the application's first queries need them
+                await self.target_pool.execute(f"ANALYZE {qname(u.ct.target)}")
             final = await ledger.checkpoints(self.target_pool, self.phase, name)
             u.rows = sum(p["rows_read"] for p in final)
             u.written = sum(p["rows_written"] for p in final)

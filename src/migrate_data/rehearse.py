@@ -257,10 +257,15 @@ async def rehearse(
                     if not applied and not phases_all[name].backup:
                         await _timed_run(staging, name, "setup", steps, started, options)
                     continue
-                # Production splits tables above split_rows into concurrent key ranges: so does the rehearsal,
-                # at the same tables, whatever the size of staging.
+                # Rehearse the production night in miniature: as many batches as production will run, and the same
+                # tables split into concurrent key ranges, whatever the size of staging.  Per-batch costs (a
+                # lookup's join, the checkpoint) then scale with the rows like the rest.
                 ratio = await _size_ratio(phases_all[name], stag, prod)
-                options = replace(options, split_rows=max(1, int(options.split_rows / ratio)))
+                options = replace(
+                    options,
+                    split_rows=max(1, int(options.split_rows / ratio)),
+                    batch_size=max(100, int(options.batch_size / ratio)),
+                )
                 run1 = await _timed_run(staging, name, "run", steps, started, options)
                 t = time.monotonic()
                 rb = await api.rollback(staging, name)

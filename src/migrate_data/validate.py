@@ -87,8 +87,9 @@ async def validate_phase(
     for ct, tgt in tables:
         name = str(ct.target)
         problems: list[str] = []
-        src_rows = await fetch_val(source, ct.count_sql())
-        tgt_rows = await fetch_val(target, ct.target_count_sql())
+        src_rows, tgt_rows = await asyncio.gather(
+            fetch_val(source, ct.count_sql()), fetch_val(target, ct.target_count_sql())
+        )
         rej = rejected.get(name, 0)
         pre = (pre_counts or {}).get(name, 0)
         if not await _lookups_unique(ct, source):  # a unique key cannot multiply rows: no join to count
