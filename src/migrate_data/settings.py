@@ -21,7 +21,7 @@ def redact(url: str | None) -> str:
         parts = urlsplit(url)
     except ValueError:
         return re.sub(r"(?<=:)[^:@/]*(?=@)", "***", url)
-    if parts.password is None:
+    if not parts.password:  # none, or empty (the embedded server's postgres:@)
         return url
     netloc = parts.netloc.rsplit("@", 1)
     userinfo = netloc[0].split(":", 1)[0] + ":***"
