@@ -107,15 +107,20 @@ def bench_project(tmp: Path) -> Path:
     return tmp
 
 
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark script has: where the server is, where the results go."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    default = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    p.add_argument("--server", default=default, help="a server where the benchmark may create databases")
+    p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    return p
+
+
 async def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--server", default=os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    )
+    p = parser(__doc__)
     p.add_argument("--scale", type=float, default=0.1)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=20000)
-    p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     args = p.parse_args()
     admin = db(args.server, "postgres")
     src, tgt = db(args.server, "bench_source"), db(args.server, "bench_target")
@@ -220,8 +225,12 @@ def write(args, rows, seed_s, results, startup: float) -> None:
             f"({100 * r['e_skip'] / r['b']:.0f}% of b) | {r['e_re']:.2f} s | {r['deep']:.2f} s | "
             f"{r['deep'] / r['base']:.2f} | {r['rss']:.0f} MB |"
         )
-    section = "\n".join(lines) + "\n"
-    path = Path(args.output)
+    write_section(args.output, "\n".join(lines) + "\n")
+
+
+def write_section(output: str, section: str) -> None:
+    """Put ``section`` first under the results marker of BENCHMARKS.md (newest first), and print it."""
+    path = Path(output)
     head = path.read_text() if path.exists() else ""
     marker = "<!-- results -->"
     if marker not in head:

@@ -11,9 +11,7 @@ Uses the bench_source database left by scripts/bench_copy.py (run that first, sa
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_copy import db  # noqa: E402
+from bench_copy import db, parser, write_section  # noqa: E402
 
 INDEXES = {
     "idx_mensajes_conversacion": "CREATE INDEX idx_mensajes_conversacion ON mensajes (conversacion_id, creado_at)",
@@ -35,11 +33,7 @@ COPY = """INSERT INTO mensajes (id, conversacion_id, telefono, contenido, creado
 
 
 async def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--server", default=os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    )
-    p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    p = parser(__doc__)
     args = p.parse_args()
     conn = await asyncpg.connect(db(args.server, "bench_source"))
     try:
@@ -73,9 +67,7 @@ async def main() -> None:
         f"`python scripts/bench_indexes.py` (after `bench_copy.py --scale 1.0`): {line}. "
         "Hence revision phase4 builds them after the data phases.\n"
     )
-    path = Path(args.output)
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n<!-- results -->\n"
-    path.write_text(text.replace("<!-- results -->", "<!-- results -->\n\n" + section, 1))
+    write_section(args.output, section)
 
 
 if __name__ == "__main__":

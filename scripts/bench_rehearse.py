@@ -10,9 +10,7 @@ compares each phase's predicted duration with its actual one.  Results are added
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import sys
 import tempfile
 import time
@@ -24,7 +22,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import asyncpg  # noqa: E402
 
-from bench_copy import db, sql  # noqa: E402
+from bench_copy import db, parser, sql, write_section  # noqa: E402
 from migrate_data import api  # noqa: E402
 from migrate_data.rehearse import rehearse  # noqa: E402
 from migrate_data.settings import Settings  # noqa: E402
@@ -34,14 +32,10 @@ PHASES = ["phase2a", "phase2b", "phase3"]
 
 
 async def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--server", default=os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    )
+    p = parser(__doc__)
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--staging-scale", type=float, default=0.1)
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     args = p.parse_args()
     admin = db(args.server, "postgres")
     prod, stag = db(args.server, "bench_production"), db(args.server, "bench_staging")
@@ -65,8 +59,11 @@ async def main() -> None:
         result = await api.run_phase(settings, phase, api.RunOptions(backup=False, jobs=args.jobs))
         for t in result.tables:
             pt = per_table[t.target]
-            print(f"  {t.target}: predicted {pt.predicted_seconds:.2f} s (staging {pt.staging_seconds:.2f} s, "
-                  f"{pt.staging_rows:,} rows), actual {t.seconds:.2f} s ({t.rows_read:,} rows)", flush=True)
+            print(
+                f"  {t.target}: predicted {pt.predicted_seconds:.2f} s (staging {pt.staging_seconds:.2f} s, "
+                f"{pt.staging_rows:,} rows), actual {t.seconds:.2f} s ({t.rows_read:,} rows)",
+                flush=True,
+            )
         pr = predicted[phase]
         rows.append(
             (phase, sum(t.rows_read for t in result.tables), pr.predicted_seconds, pr.low, pr.high, result.seconds)
@@ -90,10 +87,7 @@ async def main() -> None:
             f"{st.actual_seconds or 0:.0f} s |"
         )
     section = "\n".join(lines) + "\n"
-    path = Path(args.output)
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n<!-- results -->\n"
-    path.write_text(text.replace("<!-- results -->", "<!-- results -->\n\n" + section, 1))
-    print(section)
+    write_section(args.output, section)
 
 
 if __name__ == "__main__":

@@ -60,10 +60,10 @@ def test_unknown_key_names_file_line_and_path(tmp_path):
               rating: {colum: stars}
     """,
     )
-    assert msg.startswith("phase9.yaml:7 tables[0].columns.rating: unknown key 'colum'") or msg.endswith(
-        "unknown key 'colum' (expected one of: column, value, lookup, sql, map, else, default, cast)"
+    assert msg.endswith(
+        "phase9.yaml:7 tables[0].columns.rating: unknown key 'colum' "
+        "(expected one of: column, value, lookup, sql, map, else, default, cast)"
     )
-    assert ":7 " in msg and "tables[0].columns.rating" in msg
 
 
 def test_column_given_twice_is_an_error(tmp_path):
@@ -121,8 +121,7 @@ def test_two_bases_in_one_column_is_an_error(tmp_path):
 
 def test_broken_yaml_names_the_line(tmp_path):
     msg = error_of(tmp_path, "tables:\n  - source: a\n    target: [b\n")
-    assert msg.startswith(f"{tmp_path.name}/phase9.yaml:".lstrip("/")) or "phase9.yaml:" in msg
-    assert "invalid YAML" in msg
+    assert msg.endswith("phase9.yaml:4: invalid YAML: expected ',' or ']', but got '<stream end>'")
 
 
 def test_on_conflict_accepts_only_nothing_or_update(tmp_path):

@@ -232,7 +232,9 @@ def test_deep_hashes_rows_with_types_that_have_no_hash_function(db_url, tmp_path
            CREATE TABLE t (id int PRIMARY KEY, doc json, pos point)""",
     )
     (tmp_path / "mappings").mkdir()
-    (tmp_path / "mappings" / "p.yaml").write_text("tables: [{source: s, target: t, columns: {id: id, doc: doc, pos: pos}}]\n")
+    (tmp_path / "mappings" / "p.yaml").write_text(
+        "tables: [{source: s, target: t, columns: {id: id, doc: doc, pos: pos}}]\n"
+    )
     out = run_cli("p", "--yes", "--no-backup", "--deep", url=db_url, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     sql(db_url, "UPDATE t SET pos = '(9,9)' WHERE id = 2")
