@@ -242,3 +242,26 @@ def test_deep_hashes_rows_with_types_that_have_no_hash_function(db_url, tmp_path
     assert out.returncode == 3
     table = json.loads(out.stdout)["tables"][0]
     assert table["differs"] == 1 and table["samples"][0]["columns"][0]["column"] == "pos"
+
+
+def test_deep_across_two_databases_bisects_to_the_differing_rows(legacy_url, make_db, settings_for, monkeypatch):
+    from migrate_data import validate
+
+    monkeypatch.setattr(validate, "LEAF_ROWS", 40)  # ranges of ~1,000 rows are bisected down to 40
+    target_url = make_db()
+    run(api.run_phase(settings_for(target_url), "phase1", api.RunOptions(backup=False)))
+    settings = settings_for(target_url).with_(source_url=legacy_url)
+    run(api.run_phase(settings, "phase2a", api.RunOptions(backup=False)))
+    clean = run(api.validate(settings, "phase2a", deep=True))
+    assert clean.ok, clean.tables  # the 3 rejected rows are not reported missing
+    keys = [r[0] for r in sql(target_url, "SELECT id::text FROM clientes ORDER BY id")]
+    sql(target_url, "UPDATE clientes SET ciudad = 'Atlantis' WHERE id = $1::uuid", keys[100])
+    sql(target_url, "DELETE FROM clientes WHERE id = $1::uuid", keys[800])
+    sql(target_url, "INSERT INTO clientes (telefono, nombre_completo) VALUES ('+1', 'Extra')")
+    result = run(api.validate(settings, "phase2a", deep=True))
+    clientes = next(t for t in result.tables if t.target == "public.clientes")
+    assert (clientes.differs, clientes.missing, clientes.extra) == (1, 1, 1)
+    differs = next(s for s in clientes.samples if s["kind"] == "differs")
+    assert differs["key"] == [keys[100]] and [c["column"] for c in differs["columns"]] == ["ciudad"]
+    assert next(s for s in clientes.samples if s["kind"] == "missing")["key"] == [keys[800]]
+    assert not result.ok

@@ -210,23 +210,34 @@ class CompiledTable:
         return out
 
     def expected_sql(
-        self, *, with_hash: bool = True, skip_rejected: bool = False, key_range: tuple[int, bool, bool] | None = None
+        self,
+        *,
+        with_hash: bool = True,
+        skip_rejected: bool = False,
+        rejected_param: int | None = None,
+        key_range: tuple[int, bool, bool] | None = None,
     ) -> str:
         """Per source row: the expected target key and (``with_hash``) a hash of the expected target values.
 
-        ``skip_rejected`` leaves out the source rows the copier quarantined (``$2`` = phase, ``$3`` = target):
-        their values do not convert, which is why they were rejected.
+        ``skip_rejected`` leaves out the source rows the copier quarantined, read from the ledger (``$2`` = phase,
+        ``$3`` = target); ``rejected_param`` names a parameter carrying their keys as a jsonb list instead (for a
+        source in another database).  Their values do not convert, which is why they were rejected.
         """
         keys = ", ".join(f"{c.expr} AS {qi('k_' + c.target)}" for c in self.key_columns)
         row = self._row_hash(", ".join(c.expr for c in self.columns))
         conds = [f"({self.mapping.where})"] if self.mapping.where else []
+        rejected = None
         if skip_rejected:
+            rejected = f"SELECT r.source_key FROM {qi(LEDGER_SCHEMA)}.rejects AS r WHERE r.phase = $2 AND r.target = $3"
+        elif rejected_param is not None:
+            rejected = (
+                f"SELECT ARRAY(SELECT jsonb_array_elements_text(r)) "
+                f"FROM jsonb_array_elements(${rejected_param}::jsonb) AS r"
+            )
+        if rejected is not None:
             # A hashed NOT IN, and the row built only inside CASE: PostgreSQL may evaluate the select list
             # before a join filter, and a rejected row's values are exactly those that fail to convert.
-            ok = (
-                f"{self._key_text_array(self.alias)} NOT IN (SELECT r.source_key FROM {qi(LEDGER_SCHEMA)}.rejects AS r "
-                f"WHERE r.phase = $2 AND r.target = $3)"
-            )
+            ok = f"{self._key_text_array(self.alias)} NOT IN ({rejected})"
             conds.append(ok)
             row = f"CASE WHEN {ok} THEN {row} END"
         if key_range is not None:
@@ -265,6 +276,36 @@ class CompiledTable:
             f"SELECT kind, key, total FROM (SELECT kind, key, count(*) OVER (PARTITION BY kind) AS total, "
             f"row_number() OVER (PARTITION BY kind ORDER BY key) AS rn FROM d) x WHERE rn <= $1 ORDER BY kind, key"
         )
+
+    # Two databases: each side summarised per key range, compared, and the ranges that differ bisected.
+    def _side(self, side: str, lower: bool, upper: bool) -> tuple[str, int]:
+        """The expected (source: ``$1`` = rejected keys as jsonb) or actual (target) rows of a key range,
+        and the number of the next free parameter."""
+        if side == "expected":
+            n = 2
+            sql = self.expected_sql(rejected_param=1, key_range=(2, lower, upper) if (lower or upper) else None)
+        else:
+            n = 1
+            sql = self.actual_sql(key_range=(1, lower, upper) if (lower or upper) else None)
+        return sql, n + len(self.key) * (int(lower) + int(upper))
+
+    def range_summary_sql(self, side: str, *, lower: bool, upper: bool) -> str:
+        """Rows and the sum of their hashes in a key range, on one side."""
+        sql, _ = self._side(side, lower, upper)
+        return f"SELECT count(*) AS n, COALESCE(sum(h::numeric), 0) AS s FROM ({sql}) x"
+
+    def range_rows_sql(self, side: str, *, lower: bool, upper: bool) -> str:
+        """Every (key as text[], hash) of a key range, on one side."""
+        sql, _ = self._side(side, lower, upper)
+        key = "ARRAY[" + ", ".join(f"x.{qi('k_' + k)}::text" for k in self.key) + "]"
+        return f"SELECT {key} AS key, x.h FROM ({sql}) x"
+
+    def range_median_sql(self, side: str, *, lower: bool, upper: bool) -> str:
+        """The key (text[]) at position ``$n`` of a key range on one side, ``$n`` being the next parameter."""
+        sql, n = self._side(side, lower, upper)
+        key = "ARRAY[" + ", ".join(f"x.{qi('k_' + k)}::text" for k in self.key) + "]"
+        order = ", ".join(f"x.{qi('k_' + k)}" for k in self.key)
+        return f"SELECT {key} FROM ({sql}) x ORDER BY {order} OFFSET ${n} LIMIT 1"
 
     def _key_params(self, first: int = 1) -> str:
         ps = [f"CAST(${first + i}::text AS {c.target_type})" for i, c in enumerate(self.key_columns)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
@@ -108,10 +109,28 @@ async def validate_phase(
             problems.append(f"{rej} rows rejected and rejects are not allowed")
         missing = extra = differs = 0
         samples: list[dict[str, Any]] = []
-        if deep and same_db:
-            missing, extra, differs, samples = await _deep(
-                ct, target, sample, phase if has_ledger else None, tgt_rows, split_rows=split_rows
-            )
+        if deep:
+            if same_db:
+                missing, extra, differs, samples = await _deep(
+                    ct, target, sample, phase if has_ledger else None, tgt_rows, split_rows=split_rows
+                )
+            else:
+                rejected_keys = (
+                    [
+                        list(r["source_key"])
+                        for r in await fetch_all(
+                            target,
+                            f"SELECT source_key FROM {ledger.SCHEMA}.rejects WHERE phase = $1 AND target = $2",
+                            phase,
+                            name,
+                        )
+                    ]
+                    if has_ledger
+                    else []
+                )
+                missing, extra, differs, samples = await _deep_two_databases(
+                    ct, source, target, sample, rejected_keys, tgt_rows
+                )
             if missing:
                 problems.append(f"{missing} keys missing from {name}" + (f" (besides {rej} rejected)" if rej else ""))
             if extra:
@@ -134,16 +153,6 @@ async def validate_phase(
             )
         )
         checks += await integrity(ct, tgt, target)
-    if deep and not same_db:
-        checks.append(
-            Check(
-                "deep",
-                "*",
-                True,
-                "--deep compares one database only; the source is in another database "
-                "(counts and integrity were checked)",
-            )
-        )
     reject_rows = [dict(r) for r in await ledger.rejects(target, phase, limit=50)] if has_ledger else []
     ok = all(t.status == "ok" for t in results) and all(c.ok for c in checks)
     return ValidationResult(
@@ -211,15 +220,97 @@ async def _deep(
             if kind == "differs":
                 exp = await fetch_val(db, ct.expected_row_sql(), *r["key"])
                 act = await fetch_val(db, ct.actual_row_sql(), *r["key"])
-                item["columns"] = [
-                    {"column": c.target, "expected": e, "actual": a}
-                    for c, e, a in zip(
-                        ct.columns, exp or [None] * len(ct.columns), act or [None] * len(ct.columns), strict=True
-                    )
-                    if e != a
-                ]
+                item["columns"] = _differing_columns(ct, exp, act)
             samples.append(item)
     return totals.get("missing", 0), totals.get("extra", 0), totals.get("differs", 0), samples
+
+
+LEAF_ROWS = 2000  # a differing key range this small is compared row by row
+
+
+async def _deep_two_databases(
+    ct: CompiledTable,
+    source: asyncpg.Pool,
+    target: asyncpg.Pool,
+    sample: int,
+    rejected_keys: list[list[str]],
+    rows_n: int,
+    *,
+    ranges: int = 16,
+) -> tuple[int, int, int, list[dict[str, Any]]]:
+    """Compare a table across two databases without moving it: count and hash-sum each key range on both sides,
+    bisect the ranges that differ until they are small, then compare those row by row (key and hash only)."""
+    rejected = json.dumps(rejected_keys)
+    majors = await asyncio.gather(*(fetch_val(db, "SHOW server_version_num") for db in (source, target)))
+    if int(majors[0]) // 10000 != int(majors[1]) // 10000:
+        ct = replace(ct, hash_rows_by="text")  # per-type hash functions are only known to agree within a version
+    db = {"expected": source, "actual": target}
+    found: dict[str, list[list[str]]] = {"missing": [], "extra": [], "differs": []}
+    gate = asyncio.Semaphore(2)
+
+    def args(side: str, lo: list[str] | None, hi: list[str] | None) -> list[Any]:
+        return ([rejected] if side == "expected" else []) + (lo or []) + (hi or [])
+
+    async def summary(side: str, lo: list[str] | None, hi: list[str] | None) -> tuple[int, Any]:
+        sql = ct.range_summary_sql(side, lower=lo is not None, upper=hi is not None)
+        row = await fetch_one(db[side], sql, *args(side, lo, hi))
+        assert row is not None
+        return row["n"], row["s"]
+
+    async def compare(lo: list[str] | None, hi: list[str] | None) -> None:
+        async with gate:
+            (en, es), (an, as_) = await asyncio.gather(summary("expected", lo, hi), summary("actual", lo, hi))
+        if (en, es) == (an, as_):
+            return
+        if max(en, an) <= LEAF_ROWS:
+            rows = {}
+            for side in ("expected", "actual"):
+                sql = ct.range_rows_sql(side, lower=lo is not None, upper=hi is not None)
+                rows[side] = {tuple(r["key"]): r["h"] for r in await fetch_all(db[side], sql, *args(side, lo, hi))}
+            e, a = rows["expected"], rows["actual"]
+            found["missing"] += [list(k) for k in e.keys() - a.keys()]
+            found["extra"] += [list(k) for k in a.keys() - e.keys()]
+            found["differs"] += [list(k) for k in e.keys() & a.keys() if e[k] != a[k]]
+            return
+        side = "actual" if an >= en else "expected"
+        sql = ct.range_median_sql(side, lower=lo is not None, upper=hi is not None)
+        mid = await fetch_val(db[side], sql, *args(side, lo, hi), max(an, en) // 2)
+        await asyncio.gather(compare(lo, mid), compare(mid, hi))
+
+    bounds: list[list[str] | None] = [None]
+    if rows_n > LEAF_ROWS:
+        percent = min(100.0, 100.0 * 20_000 / rows_n)
+        bounds += [r["k"] for r in await fetch_all(target, ct.key_split_sql(), ranges, percent)]
+    bounds.append(None)
+    try:
+        await asyncio.gather(*(compare(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)))
+    except (asyncpg.UndefinedFunctionError, asyncpg.FeatureNotSupportedError):
+        # a column type without a hash function: compare hashes of the rows' text instead
+        return await _deep_two_databases(
+            replace(ct, hash_rows_by="text"), source, target, sample, rejected_keys, rows_n, ranges=ranges
+        )
+    samples: list[dict[str, Any]] = []
+    for kind in ("differs", "extra", "missing"):
+        for key in sorted(found[kind])[:sample]:
+            item: dict[str, Any] = {"kind": kind, "key": key}
+            if kind == "differs":
+                exp = await fetch_val(source, ct.expected_row_sql(), *key)
+                act = await fetch_val(target, ct.actual_row_sql(), *key)
+                item["columns"] = _differing_columns(ct, exp, act)
+            samples.append(item)
+    return len(found["missing"]), len(found["extra"]), len(found["differs"]), samples
+
+
+def _differing_columns(
+    ct: CompiledTable, expected: list[str | None] | None, actual: list[str | None] | None
+) -> list[dict[str, Any]]:
+    """The columns whose expected and actual text differ (a row that is missing on one side: every column)."""
+    n = len(ct.columns)
+    return [
+        {"column": c.target, "expected": e, "actual": a}
+        for c, e, a in zip(ct.columns, expected or [None] * n, actual or [None] * n, strict=True)
+        if e != a
+    ]
 
 
 async def integrity(ct: CompiledTable, tgt: Table, db: asyncpg.Pool) -> list[Check]:
