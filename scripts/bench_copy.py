@@ -186,6 +186,10 @@ async def main() -> None:
         c = time.perf_counter() - t
         await sql(tgt, truncate, reset.split(";")[0], reset.split(";")[1], reset.split(";")[2])
         d, d_rss = cli([f"bench_{target}", *common], dict(env, DATABASE_URL=tgt, SOURCE_DATABASE_URL=src), project)
+        t = time.perf_counter()
+        two = Settings(database_url=tgt, source_url=src, project_dir=project)
+        await api.validate(two, f"bench_{target}", deep=True)
+        deep2 = time.perf_counter() - t
         results.append(
             dict(
                 target=target,
@@ -197,6 +201,7 @@ async def main() -> None:
                 e_skip=e_skip,
                 e_re=e_re,
                 deep=deep,
+                deep2=deep2,
                 base=base,
                 rss=max(b_rss, d_rss, e_rss),
             )
@@ -215,15 +220,16 @@ def write(args, rows, seed_s, results, startup: float) -> None:
         f"{startup:.2f} s and is included in (b), (d) and (e); --deep is timed in-process)",
         "",
         "| table | rows | (a) INSERT…SELECT | (b) copier, 1 db | (b)/(a) speed | (c) psql \\copy pipe | "
-        "(d) copier, 2 dbs | (d)/(c) speed | (e) re-run skipped | (e) --recheck | --deep | deep / (2 counts + 2 reads) | peak RSS |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "(d) copier, 2 dbs | (d)/(c) speed | (e) re-run skipped | (e) --recheck | --deep | deep / (2 counts + 2 reads) | "
+        "--deep, 2 dbs | peak RSS |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in results:
         lines.append(
             f"| {r['target']} | {r['rows']:,} | {r['a']:.2f} s | {r['b']:.2f} s | {r['a'] / r['b']:.2f} | "
             f"{r['c']:.2f} s | {r['d']:.2f} s | {r['c'] / r['d']:.2f} | {r['e_skip']:.2f} s "
             f"({100 * r['e_skip'] / r['b']:.0f}% of b) | {r['e_re']:.2f} s | {r['deep']:.2f} s | "
-            f"{r['deep'] / r['base']:.2f} | {r['rss']:.0f} MB |"
+            f"{r['deep'] / r['base']:.2f} | {r['deep2']:.2f} s | {r['rss']:.0f} MB |"
         )
     write_section(args.output, "\n".join(lines) + "\n")
 
