@@ -167,3 +167,18 @@ def test_demo_runs_on_the_embedded_server(tmp_path):
     assert "$ migrate-data rollback phase3 --yes" in out.stdout
     assert out.stdout.count("validation passed") == 5
     assert "password" not in out.stdout
+
+
+def test_rollback_across_databases_finds_application_rows_too(legacy_url, make_db, settings_for, tmp_path):
+    target_url = make_db()
+    run(api.run_phase(settings_for(target_url), "phase1", api.RunOptions(backup=False)))
+    settings = settings_for(target_url).with_(source_url=legacy_url)
+    run(api.run_phase(settings, "phase2a", api.RunOptions(backup=False)))
+    sql(target_url, "INSERT INTO clientes (telefono, nombre_completo) VALUES ('+593000', 'Nueva Clienta')")
+    with pytest.raises(RefusedError, match=r"public.clientes: 1 rows"):
+        run(api.rollback(settings, "phase2a"))
+    assert scalar(target_url, "SELECT count(*) FROM clientes") == 998
+    result = run(api.rollback(settings, "phase2a", force=True))
+    kept = [json.loads(line) for line in open(result.foreign_rows_dump).read().splitlines()]
+    assert [k["row"]["nombre_completo"] for k in kept] == ["Nueva Clienta"]
+    assert scalar(target_url, "SELECT count(*) FROM clientes") == 0

@@ -28,7 +28,7 @@ from .mapping import Phase, QualifiedName, load_phases
 from .preflight import Finding, PhasePlan, compile_phase, preflight
 from .settings import Settings, redact
 from .sql import qname
-from .validate import ValidationResult, validate_phase
+from .validate import ValidationResult, extra_keys, validate_phase
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -565,30 +565,34 @@ async def _rollback(
     the_plan.raise_for_errors()
     tables = list(the_plan.tables)
     dump_path = None
-    if settings.same_database and tables:
-        foreign = {str(ct.target): await fetch_all(target, ct.extra_rows_sql()) for ct, _ in tables}
-        foreign = {k: v for k, v in foreign.items() if v}
-        if foreign and not force:
-            what = ", ".join(f"{k}: {len(v)} rows" for k, v in foreign.items())
-            raise RefusedError(
-                f"the target tables of {name} hold rows that did not come from the source ({what})",
-                detail="the application wrote them after the phase; a rollback would lose them",
-                hint="pass --force to dump them to a file under backups/ and roll back anyway",
-            )
-        if foreign:
-            stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-            path = settings.backups_dir / f"{name}-rollback-foreign-rows-{stamp}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("w", encoding="utf-8") as f:
-                for table, rows in foreign.items():
-                    for r in rows:
-                        f.write(json.dumps({"table": table, "row": json.loads(r["row"])}, ensure_ascii=False) + "\n")
-            dump_path = str(path)
+    foreign: dict[str, list[list[str]]] = {}
+    for ct, _ in tables:
+        keys = await extra_keys(ct, source, target, phase=name)
+        if keys:
+            foreign[str(ct.target)] = keys
+    if foreign and not force:
+        what = ", ".join(f"{k}: {len(v)} rows" for k, v in foreign.items())
+        raise RefusedError(
+            f"the target tables of {name} hold rows that did not come from the source ({what})",
+            detail="the application wrote them after the phase; a rollback would lose them",
+            hint="pass --force to dump them to a file under backups/ and roll back anyway",
+        )
+    by_name = {str(ct.target): ct for ct, _ in tables}
+    if foreign:
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        path = settings.backups_dir / f"{name}-rollback-foreign-rows-{stamp}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            for table, keys in foreign.items():
+                for r in await fetch_all(target, by_name[table].rows_by_keys_sql(), *_by_column(keys)):
+                    f.write(json.dumps({"table": table, "row": json.loads(r["row"])}, ensure_ascii=False) + "\n")
+        dump_path = str(path)
     deleted: dict[str, int] = {}
     for ct, _ in reversed(tables):  # children first
         deleted[str(ct.target)] = await _delete_copied(ct, target, source, batch_size, stop)
-        if dump_path:  # --force: the rows the application wrote are in the dump file; they go too
-            deleted[str(ct.target)] += rowcount(await target.execute(ct.delete_extra_sql()))
+        written_by_app = foreign.get(str(ct.target))
+        if written_by_app:  # --force: the rows the application wrote are in the dump file; they go too
+            deleted[str(ct.target)] += rowcount(await target.execute(ct.delete_keys_sql(), *_by_column(written_by_app)))
     for ct, _ in tables:
         now = await fetch_val(target, ct.target_count_sql())
         want = pre.get("counts", {}).get(str(ct.target), 0)
@@ -634,12 +638,16 @@ async def _delete_copied(
         rows = await source.fetch(ct.expected_keys_sql(lower=last is not None), *(last or []), batch_size)
         if not rows:
             return total
-        columns = [[r["tk"][i] for r in rows] for i in range(len(ct.key))]
         async with target.acquire() as conn, conn.transaction():
-            total += rowcount(await conn.execute(ct.delete_keys_sql(), *columns))
+            total += rowcount(await conn.execute(ct.delete_keys_sql(), *_by_column([r["tk"] for r in rows])))
         last = list(rows[-1]["bk"])
         if len(rows) < batch_size:
             return total
+
+
+def _by_column(keys: list[list[str]]) -> list[list[str]]:
+    """Keys as rows (one list per key) -> one list per key column: the parameters of ``unnest``."""
+    return [list(col) for col in zip(*keys, strict=True)] if keys else []
 
 
 # -- status and history ---------------------------------------------------------------------------

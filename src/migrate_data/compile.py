@@ -326,25 +326,18 @@ class CompiledTable:
         keys = f"({keys})" if len(self.key) > 1 else keys
         return f"SELECT {vals} FROM {self.tgt} AS t WHERE {keys} = {self._key_params()}"
 
-    def extra_rows_sql(self) -> str:
-        """Target rows whose key no source row produces (written by someone else), as jsonb."""
+    def extra_keys_sql(self) -> str:
+        """Keys (text[]) of the target rows no source row produces: rows someone else wrote (one database)."""
         on = " AND ".join(f"e.{qi('k_' + k)} = t.{qi(k)}" for k in self.key)
+        arr = "ARRAY[" + ", ".join(f"t.{qi(k)}::text" for k in self.key) + "]"
         return (
-            f"SELECT to_jsonb(t) AS row FROM {self.tgt} AS t WHERE NOT EXISTS "
+            f"SELECT {arr} AS key FROM {self.tgt} AS t WHERE NOT EXISTS "
             f"(SELECT 1 FROM ({self.expected_sql(with_hash=False)}) e WHERE {on})"
         )
 
     def key_split_sql(self) -> str:
         """Like ``split_sql``, on the target's key: ranges ``--deep`` compares concurrently."""
         return _sample_split_sql(f"{self.tgt} AS t TABLESAMPLE SYSTEM ($2)", "t", self.key)
-
-    def delete_extra_sql(self) -> str:
-        """Delete the target rows whose key no source row produces."""
-        on = " AND ".join(f"e.{qi('k_' + k)} = t.{qi(k)}" for k in self.key)
-        return (
-            f"DELETE FROM {self.tgt} AS t WHERE NOT EXISTS "
-            f"(SELECT 1 FROM ({self.expected_sql(with_hash=False)}) e WHERE {on})"
-        )
 
     # -- rollback ------------------------------------------------------------------------------
     def expected_keys_sql(self, *, lower: bool) -> str:
@@ -356,15 +349,25 @@ class CompiledTable:
             f"{self._where(conds)} ORDER BY {self._order} LIMIT ${n}"
         )
 
-    def delete_keys_sql(self) -> str:
-        """Delete the target rows whose keys are given as ``$1`` (text[][] flattened per key column)."""
+    def _unnest_keys(self) -> tuple[str, str]:
+        """``unnest($1::text[], …) AS u(k0, …)`` and the join condition of the target's key on it."""
         cols = ", ".join(f"${i + 1}::text[]" for i in range(len(self.key)))
         names = ", ".join(qi(f"k{i}") for i in range(len(self.key)))
         on = " AND ".join(
             f"t.{qi(k)} = CAST(u.{qi(f'k{i}')} AS {c.target_type})"
             for i, (k, c) in enumerate(zip(self.key, self.key_columns, strict=True))
         )
-        return f"DELETE FROM {self.tgt} AS t USING unnest({cols}) AS u({names}) WHERE {on}"
+        return f"unnest({cols}) AS u({names})", on
+
+    def delete_keys_sql(self) -> str:
+        """Delete the target rows whose keys are given: one text[] parameter per key column."""
+        keys, on = self._unnest_keys()
+        return f"DELETE FROM {self.tgt} AS t USING {keys} WHERE {on}"
+
+    def rows_by_keys_sql(self) -> str:
+        """The target rows (jsonb) whose keys are given: one text[] parameter per key column."""
+        keys, on = self._unnest_keys()
+        return f"SELECT to_jsonb(t) AS row FROM {self.tgt} AS t JOIN {keys} ON {on}"
 
 
 def _sample_split_sql(sampled_from: str, alias: str, keys: tuple[str, ...]) -> str:

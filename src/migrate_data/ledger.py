@@ -250,5 +250,13 @@ async def rejects(db: Executor, phase: str, *, limit: int = 100) -> list[asyncpg
     )
 
 
+async def rejected_keys(db: Executor, phase: str, target: str) -> list[list[str]]:
+    """The source keys of the rows quarantined for one target table."""
+    rows = await fetch_all(
+        db, f"SELECT source_key FROM {SCHEMA}.rejects WHERE phase = $1 AND target = $2", phase, target
+    )
+    return [list(r["source_key"]) for r in rows]
+
+
 async def clear_rejects(db: Executor, phase: str) -> None:
     await execute(db, f"DELETE FROM {SCHEMA}.rejects WHERE phase = $1", phase)

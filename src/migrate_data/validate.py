@@ -208,21 +208,30 @@ async def _deep(
         # a column type without a hash function (json, point, ...), or PostgreSQL before 14: hash the row's text
         parts = await compare(replace(ct, hash_rows_by="text"))
     totals: dict[str, int] = {}
-    found: list[asyncpg.Record] = []
+    found: dict[str, list[list[str]]] = {"missing": [], "extra": [], "differs": []}
     for rows in parts:
         for kind, total in {r["kind"]: r["total"] for r in rows}.items():
             totals[kind] = totals.get(kind, 0) + total
-        found += rows
+        for r in rows:
+            found[r["kind"]].append(list(r["key"]))
+    samples = await _samples(ct, found, sample, db, db)
+    return totals.get("missing", 0), totals.get("extra", 0), totals.get("differs", 0), samples
+
+
+async def _samples(
+    ct: CompiledTable, found: dict[str, list[list[str]]], sample: int, source: asyncpg.Pool, target: asyncpg.Pool
+) -> list[dict[str, Any]]:
+    """The first ``sample`` keys of each kind; for a differing row, the columns that differ."""
     samples: list[dict[str, Any]] = []
     for kind in ("differs", "extra", "missing"):
-        for r in sorted((r for r in found if r["kind"] == kind), key=lambda r: list(r["key"]))[:sample]:
-            item: dict[str, Any] = {"kind": kind, "key": list(r["key"])}
+        for key in sorted(found[kind])[:sample]:
+            item: dict[str, Any] = {"kind": kind, "key": key}
             if kind == "differs":
-                exp = await fetch_val(db, ct.expected_row_sql(), *r["key"])
-                act = await fetch_val(db, ct.actual_row_sql(), *r["key"])
+                exp = await fetch_val(source, ct.expected_row_sql(), *key)
+                act = await fetch_val(target, ct.actual_row_sql(), *key)
                 item["columns"] = _differing_columns(ct, exp, act)
             samples.append(item)
-    return totals.get("missing", 0), totals.get("extra", 0), totals.get("differs", 0), samples
+    return samples
 
 
 LEAF_ROWS = 2000  # a differing key range this small is compared row by row
@@ -235,11 +244,25 @@ async def _deep_two_databases(
     sample: int,
     rejected_keys: list[list[str]],
     rows_n: int,
+) -> tuple[int, int, int, list[dict[str, Any]]]:
+    """``--deep`` across two databases: the keys that differ, and samples with the columns that differ."""
+    found = await compare_two_databases(ct, source, target, rejected_keys, rows_n)
+    samples = await _samples(ct, found, sample, source, target)
+    return len(found["missing"]), len(found["extra"]), len(found["differs"]), samples
+
+
+async def compare_two_databases(
+    ct: CompiledTable,
+    source: asyncpg.Pool,
+    target: asyncpg.Pool,
+    rejected_keys: list[list[str]],
+    rows_n: int,
     *,
     ranges: int = 16,
-) -> tuple[int, int, int, list[dict[str, Any]]]:
+) -> dict[str, list[list[str]]]:
     """Compare a table across two databases without moving it: count and hash-sum each key range on both sides,
-    bisect the ranges that differ until they are small, then compare those row by row (key and hash only)."""
+    bisect the ranges that differ until they are small, then compare those row by row (key and hash only).
+    Returns the missing, extra and differing target keys."""
     rejected = json.dumps(rejected_keys)
     majors = await asyncio.gather(*(fetch_val(db, "SHOW server_version_num") for db in (source, target)))
     if int(majors[0]) // 10000 != int(majors[1]) // 10000:
@@ -286,19 +309,19 @@ async def _deep_two_databases(
         await asyncio.gather(*(compare(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)))
     except (asyncpg.UndefinedFunctionError, asyncpg.FeatureNotSupportedError):
         # a column type without a hash function: compare hashes of the rows' text instead
-        return await _deep_two_databases(
-            replace(ct, hash_rows_by="text"), source, target, sample, rejected_keys, rows_n, ranges=ranges
+        return await compare_two_databases(
+            replace(ct, hash_rows_by="text"), source, target, rejected_keys, rows_n, ranges=ranges
         )
-    samples: list[dict[str, Any]] = []
-    for kind in ("differs", "extra", "missing"):
-        for key in sorted(found[kind])[:sample]:
-            item: dict[str, Any] = {"kind": kind, "key": key}
-            if kind == "differs":
-                exp = await fetch_val(source, ct.expected_row_sql(), *key)
-                act = await fetch_val(target, ct.actual_row_sql(), *key)
-                item["columns"] = _differing_columns(ct, exp, act)
-            samples.append(item)
-    return len(found["missing"]), len(found["extra"]), len(found["differs"]), samples
+    return found
+
+
+async def extra_keys(ct: CompiledTable, source: asyncpg.Pool, target: asyncpg.Pool, *, phase: str) -> list[list[str]]:
+    """Keys of the target rows that no source row produces: rows the application wrote."""
+    if source is target:
+        return [list(r["key"]) for r in await fetch_all(target, ct.extra_keys_sql())]
+    rows_n = await fetch_val(target, ct.target_count_sql())
+    rejected = await ledger.rejected_keys(target, phase, str(ct.target)) if await ledger.exists(target) else []
+    return (await compare_two_databases(ct, source, target, rejected, rows_n))["extra"]
 
 
 def _differing_columns(
