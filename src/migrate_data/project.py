@@ -22,15 +22,14 @@ def init_project(directory: Path) -> list[Path]:
         existing = [p for p in ("alembic.ini", "alembic", "mappings") if (directory / p).exists()]
         if existing:
             raise BadInput(f"{directory} already has {', '.join(existing)}; not overwriting anything")
-    created = []
+    versions = directory / "alembic" / "versions"
+    versions.mkdir(parents=True, exist_ok=True)
+    created = [versions]
     for src in sorted(TEMPLATES.rglob("*")):
-        if src.is_dir():
+        if src.is_dir() or src.name == ".keep":
             continue
         dest = directory / src.relative_to(TEMPLATES)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if src.name == ".keep":
-            created.append(dest.parent)
-            continue
         shutil.copyfile(src, dest)
         created.append(dest)
     return created
