@@ -236,6 +236,42 @@ async def _preflight(
 
 
 # -- run ------------------------------------------------------------------------------------------
+@asynccontextmanager
+async def _exclusive(
+    settings: Settings, phases: dict[str, Phase], name: str, *, what: str, jobs: int = 2
+) -> AsyncIterator[tuple[asyncpg.Pool, asyncpg.Pool, asyncpg.Connection, dict[str, asyncpg.Record]]]:
+    """Connect and hold the database's lock, after the checks every writing verb makes: no later phase is applied,
+    and Alembic's revision is what the ledger says.  Yields the pools, the lock's connection and the phase states."""
+    async with connect(settings, jobs=jobs) as (target, source):
+        await ledger.ensure(target)
+        async with ledger.exclusive(target, what=what) as lock:
+            await ledger.close_abandoned_runs(target)
+            states = await ledger.phase_states(target)
+            later = later_applied(phases, states, name)
+            if later:
+                raise RefusedError(
+                    f"{', '.join(later)} is applied after {name}",
+                    hint=f"roll back {later[-1]} first (`migrate-data rollback {later[-1]}`)",
+                )
+            await check_schema_agrees(settings, target, phases, states)
+            yield target, source, lock, states
+
+
+@asynccontextmanager
+async def _recorded(target: asyncpg.Pool, lock: asyncpg.Connection, *, kind: str, phase: str) -> AsyncIterator[int]:
+    """A run in the ledger: started here, marked stopped or failed when the block raises."""
+    run_id = await ledger.start_run(lock, kind=kind, phase=phase)
+    try:
+        yield run_id
+    except Stopped as e:
+        await ledger.update_run(target, run_id, status="stopped", error=str(e))
+        raise
+    except BaseException as e:
+        error = redact(str(e)) or type(e).__name__
+        await asyncio.shield(ledger.update_run(target, run_id, status="failed", error=error))
+        raise
+
+
 @database_errors
 async def run_phase(
     settings: Settings,
@@ -248,56 +284,27 @@ async def run_phase(
     """Pre-flight, check requirements, back up, upgrade the schema, copy, validate, record."""
     started = time.monotonic()
     phases, phase = get_phase(settings, name)
-    async with connect(settings, jobs=options.jobs) as (target, source):
-        await ledger.ensure(target)
-        async with ledger.exclusive(target, what=f"phase {name}") as lock:
-            await ledger.close_abandoned_runs(target)
-            states = await ledger.phase_states(target)
-            _check_requires(phases, phase, states)
-            later = later_applied(phases, states, name)
-            if later:
-                raise RefusedError(
-                    f"{', '.join(later)} is applied after {name}; running {name} again would "
-                    "not be the state those phases were built on",
-                    hint=f"roll back {later[-1]} first",
-                )
-            await check_schema_agrees(settings, target, phases, states)
-            the_plan = await _preflight(settings, phase, target, source, coverage=options.dry_run)
-            the_plan.raise_for_errors()
-            if options.dry_run:
-                return RunResult(
-                    name,
-                    "dry-run",
-                    findings=the_plan.findings,
-                    revision=phase.revision,
-                    seconds=time.monotonic() - started,
-                )
-            run_id = await ledger.start_run(lock, kind="run", phase=name)
+    async with _exclusive(settings, phases, name, what=f"phase {name}", jobs=options.jobs) as (
+        target,
+        source,
+        lock,
+        states,
+    ):
+        _check_requires(phases, phase, states)
+        the_plan = await _preflight(settings, phase, target, source, coverage=options.dry_run)
+        the_plan.raise_for_errors()
+        if options.dry_run:
+            return RunResult(
+                name, "dry-run", findings=the_plan.findings, revision=phase.revision, seconds=time.monotonic() - started
+            )
+        async with _recorded(target, lock, kind="run", phase=name) as run_id:
             predicted = report.predicted_seconds(settings, name)
             if predicted is not None:
                 await ledger.update_run(lock, run_id, predicted_seconds=predicted)
-            try:
-                result = await _run(
-                    settings,
-                    phase,
-                    options,
-                    target,
-                    source,
-                    lock,
-                    run_id,
-                    states.get(name),
-                    on_event=on_event,
-                    stop=stop,
-                )
-            except Stopped as e:
-                await ledger.update_run(target, run_id, status="stopped", error=str(e))
-                raise
-            except BaseException as e:
-                await asyncio.shield(
-                    ledger.update_run(target, run_id, status="failed", error=redact(str(e)) or type(e).__name__)
-                )
-                raise
-            return RunResult(**{**result, "seconds": time.monotonic() - started})
+            result = await _run(
+                settings, phase, options, target, source, lock, run_id, states.get(name), on_event=on_event, stop=stop
+            )
+        return replace(result, seconds=time.monotonic() - started)
 
 
 def _check_requires(phases: dict[str, Phase], phase: Phase, states: dict[str, asyncpg.Record]) -> None:
@@ -326,7 +333,7 @@ async def _run(
     *,
     on_event: Callable[[CopyEvent], None] | None,
     stop: asyncio.Event | None,
-) -> dict[str, Any]:
+) -> RunResult:
     name = phase.name
     started = time.monotonic()
     backup_path = None
@@ -405,7 +412,7 @@ async def _run(
         validation_ok=validation.ok,
         report_path=str(paths["html"]),
     )
-    return dict(
+    return RunResult(
         phase=name,
         status="done" if validation.ok else "invalid",
         tables=tuple(tables),
@@ -511,41 +518,16 @@ async def rollback(
     """Undo a phase: delete what it wrote (children first), downgrade its revision, restore what it dropped."""
     started = time.monotonic()
     phases, phase = get_phase(settings, name)
-    async with connect(settings) as (target, source):
-        await ledger.ensure(target)
-        async with ledger.exclusive(target, what=f"rollback of {name}") as lock:
-            await ledger.close_abandoned_runs(target)
-            states = await ledger.phase_states(target)
-            st = states.get(name)
-            if st is None or st["state"] not in ("applied", "partial"):
-                raise RefusedError(f"{name} is not applied ({st['state'] if st else 'pending'}); nothing to roll back")
-            later = later_applied(phases, states, name)
-            if later:
-                raise RefusedError(
-                    f"{', '.join(later)} is applied after {name}",
-                    hint=f"roll back {later[-1]} first (`migrate-data rollback {later[-1]}`)",
-                )
-            await check_schema_agrees(settings, target, phases, states)
-            run_id = await ledger.start_run(lock, kind="rollback", phase=name)
-            try:
-                result = await _rollback(
-                    settings,
-                    phase,
-                    st,
-                    target,
-                    source,
-                    force=force,
-                    batch_size=batch_size,
-                    stop=stop or asyncio.Event(),
-                )
-            except Stopped as e:
-                await ledger.update_run(target, run_id, status="stopped", error=str(e))
-                raise
-            except BaseException as e:
-                await asyncio.shield(ledger.update_run(target, run_id, status="failed", error=redact(str(e))))
-                raise
-            await ledger.update_run(target, run_id, status="done", rows={k: -v for k, v in result.deleted.items()})
-            return RollbackResult(**{**result.__dict__, "seconds": time.monotonic() - started})
+    async with _exclusive(settings, phases, name, what=f"rollback of {name}") as (target, source, lock, states):
+        st = states.get(name)
+        if st is None or st["state"] not in ("applied", "partial"):
+            raise RefusedError(f"{name} is not applied ({st['state'] if st else 'pending'}); nothing to roll back")
+        async with _recorded(target, lock, kind="rollback", phase=name) as run_id:
+            result = await _rollback(
+                settings, phase, st, target, source, force=force, batch_size=batch_size, stop=stop or asyncio.Event()
+            )
+        await ledger.update_run(target, run_id, status="done", rows={k: -v for k, v in result.deleted.items()})
+        return replace(result, seconds=time.monotonic() - started)
 
 
 async def _rollback(

@@ -203,6 +203,13 @@ class Progress:
         self.bars.update(t, completed=e.rows, rate=rate)
 
 
+def confirm(action: str, prompt: str) -> None:
+    """Ask on a terminal; without one, refuse (a night's work is never started by a script that forgot --yes)."""
+    if not sys.stdin.isatty():
+        raise BadInput(f"refusing to {action} without confirmation: no terminal", hint="pass --yes")
+    click.confirm(prompt, abort=True)
+
+
 def phase_command(name: str) -> click.Command:
     @click.command(name=name, help=f"Run phase {name}: pre-flight, backup, schema, copy, validate.")
     @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
@@ -233,14 +240,13 @@ def phase_command(name: str) -> click.Command:
         deadline = _until(until, tz)
         phases, phase = api.get_phase(settings, name)
         if not dry_run and not yes:
-            if not sys.stdin.isatty():
-                raise BadInput(f"refusing to run {name} without confirmation: no terminal", hint="pass --yes")
             tables = ", ".join(f"{t.source}→{t.target}" for t in phase.tables) or "no tables (schema only)"
-            click.echo(
+            confirm(
+                f"run {name}",
                 f"phase {name}: {phase.description}\n  database: {redact(settings.database_url)}\n"
-                f"  revision: {phase.revision or '-'}\n  tables: {tables}\n  backup: {'no' if no_backup else 'yes'}"
+                f"  revision: {phase.revision or '-'}\n  tables: {tables}\n  backup: {'no' if no_backup else 'yes'}\n"
+                "run it?",
             )
-            click.confirm("run it?", abort=True)
         options = api.RunOptions(
             batch_size=batch_size,
             jobs=jobs,
@@ -363,9 +369,7 @@ def rollback(obj: Context, phase: str, yes: bool, force: bool) -> None:
     settings = obj.settings()
     api.get_phase(settings, phase)
     if not yes:
-        if not sys.stdin.isatty():
-            raise BadInput(f"refusing to roll back {phase} without confirmation: no terminal", hint="pass --yes")
-        click.confirm(f"roll back {phase} on {redact(settings.database_url)}?", abort=True)
+        confirm(f"roll back {phase}", f"roll back {phase} on {redact(settings.database_url)}?")
     try:
         result = run(lambda stop: api.rollback(settings, phase, force=force, stop=stop))
     except Stopped as e:

@@ -74,8 +74,17 @@ async def _prepare(db: Executor, sql: str, *, setup: str | None = None) -> str |
 async def compile_phase(
     phase: Phase, *, source: Executor, target: Executor
 ) -> tuple[list[tuple[CompiledTable, Table]], list[Finding]]:
-    """Read the catalogs and compile each table mapping; what cannot compile becomes an error finding."""
-    compiled: list[tuple[CompiledTable, Table]] = []
+    """Read the catalogs and compile each table mapping, in foreign-key order; what cannot compile becomes an
+    error finding."""
+    compiled, findings = await _compile(phase, source=source, target=target)
+    return fk_order([(ct, tgt) for ct, _, tgt in compiled]), findings
+
+
+async def _compile(
+    phase: Phase, *, source: Executor, target: Executor
+) -> tuple[list[tuple[CompiledTable, Table, Table]], list[Finding]]:
+    """Each table mapping compiled, with the source and target catalogs it was compiled against."""
+    compiled: list[tuple[CompiledTable, Table, Table]] = []
     findings: list[Finding] = []
     for tm in phase.tables:
         name = str(tm.target)
@@ -92,20 +101,22 @@ async def compile_phase(
         if src is None or tgt is None:
             continue
         try:
-            compiled.append((compile_table(tm, src, tgt), tgt))
+            compiled.append((compile_table(tm, src, tgt), src, tgt))
         except PreflightError as e:
             findings.append(Finding("error", name, e.message + (f" ({e.hint})" if e.hint else "")))
-    return fk_order(compiled), findings
+    return compiled, findings
 
 
 async def preflight(
     phase: Phase, *, source: Executor, target: Executor, same_db: bool, coverage: bool = True, preview_rows: int = 0
 ) -> PhasePlan:
     """Compile ``phase`` and check it against the live databases; never writes."""
-    tables, findings = await compile_phase(phase, source=source, target=target)
+    compiled, findings = await _compile(phase, source=source, target=target)
+    sources = {str(ct.target): src for ct, src, _ in compiled}
+    tables = fk_order([(ct, tgt) for ct, _, tgt in compiled])
     previews: dict[str, Any] = {}
     for ct, tgt in tables:
-        findings += await _check_table(ct, tgt, source=source, target=target, same_db=same_db)
+        findings += await _check_table(ct, sources[str(ct.target)], tgt, source=source, target=target, same_db=same_db)
     if coverage:
         for ct, _ in tables:
             findings += await _coverage(ct, source)
@@ -125,7 +136,7 @@ async def preflight(
 
 
 async def _check_table(
-    ct: CompiledTable, tgt: Table, *, source: Executor, target: Executor, same_db: bool
+    ct: CompiledTable, src: Table, tgt: Table, *, source: Executor, target: Executor, same_db: bool
 ) -> list[Finding]:
     tm: TableMapping = ct.mapping
     name = str(tm.target)
@@ -139,8 +150,6 @@ async def _check_table(
                 "ON CONFLICT needs one (give `key:` or add the constraint in the phase's revision)",
             )
         )
-    src = await read_table(source, tm.source)
-    assert src is not None
     if not src.is_unique(ct.batch_by):
         out.append(
             Finding(

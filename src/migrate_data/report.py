@@ -20,17 +20,19 @@ def to_json(result: ValidationResult) -> str:
 
 
 def to_text(result: ValidationResult) -> str:
-    rows = [("source", "target", "source rows", "target rows", "rejected", "status")]
-    rows += [
-        (t.source, t.target, f"{t.source_rows:,}", f"{t.target_rows:,}", f"{t.rejected:,}", t.status.upper())
+    counts = ("source rows", "target rows", "rejected")
+    rows: list[dict[str, Any]] = [
+        {
+            "source": t.source,
+            "target": t.target,
+            "source rows": f"{t.source_rows:,}",
+            "target rows": f"{t.target_rows:,}",
+            "rejected": f"{t.rejected:,}",
+            "status": t.status.upper(),
+        }
         for t in result.tables
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(c.ljust(w) if i < 2 or i == 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-        for r in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = summary(rows, right=counts).splitlines() if rows else []
     for t in result.tables:
         lines += [f"  {t.target}: {p}" for p in t.problems]
         for s in t.samples:
@@ -181,16 +183,20 @@ def save(result: ValidationResult, directory: Path) -> dict[str, Path]:
     return out
 
 
-def summary(rows: list[dict[str, Any]]) -> str:
-    """A plain table of dict rows (status, history)."""
+def summary(rows: list[dict[str, Any]], *, right: tuple[str, ...] = ()) -> str:
+    """A plain table of dict rows (validation, status, history); the columns named in ``right`` are right-aligned."""
     if not rows:
         return "(nothing)"
     cols = list(rows[0])
     cells = [[str(r.get(c, "") if r.get(c) is not None else "") for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
+
+    def line(values: list[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if c in right else v.ljust(w) for c, v, w in zip(cols, values, widths, strict=True)
+        ).rstrip()
+
+    return "\n".join([line(cols), "  ".join("-" * w for w in widths), *(line(row) for row in cells)])
 
 
 # -- rehearsals -----------------------------------------------------------------------------------

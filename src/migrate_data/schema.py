@@ -87,6 +87,17 @@ def _run(connection: Connection, cfg: Config, verb: str, revision: str) -> None:
 
 
 @asynccontextmanager
+async def _ending(transaction: Any, *, commit: bool) -> AsyncIterator[None]:
+    """End a started transaction (asyncpg's or SQLAlchemy's): rolled back on error, else committed if ``commit``."""
+    try:
+        yield
+    except BaseException:
+        await transaction.rollback()
+        raise
+    await (transaction.commit() if commit else transaction.rollback())
+
+
+@asynccontextmanager
 async def schema_transaction(
     settings: Settings,
     pool: asyncpg.Pool,
@@ -104,22 +115,14 @@ async def schema_transaction(
         async with pool.acquire() as conn:
             tr = conn.transaction()
             await tr.start()
-            try:
+            async with _ending(tr, commit=commit):
                 yield conn
-            except BaseException:
-                await tr.rollback()
-                raise
-            if commit:
-                await tr.commit()
-            else:
-                await tr.rollback()
         return
     cfg = alembic_config(settings)
     engine = _engine(settings)
     try:
         async with engine.connect() as sa_conn:
-            trans = await sa_conn.begin()
-            try:
+            async with _ending(await sa_conn.begin(), commit=commit):
                 if upgrade_to:
                     log.info("alembic upgrade %s", upgrade_to)
                     await sa_conn.run_sync(_run, cfg, "upgrade", upgrade_to)
@@ -127,14 +130,7 @@ async def schema_transaction(
                     log.info("alembic downgrade %s", downgrade_to)
                     await sa_conn.run_sync(_run, cfg, "downgrade", downgrade_to)
                 raw = await sa_conn.get_raw_connection()
-                yield raw.driver_connection  # type: ignore[misc]
-            except BaseException:
-                await trans.rollback()
-                raise
-            if commit:
-                await trans.commit()
-            else:
-                await trans.rollback()
+                yield raw.driver_connection
     except (OSError, asyncpg.PostgresError) as e:
         raise MigrationError(
             f"schema step failed on {redact(settings.database_url)}", detail=redact_text(str(e), settings.database_url)
