@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT, run, run_cli, scalar, sql
 from migrate_data import api, ledger
-from migrate_data.errors import LockHeld
+from migrate_data.errors import LockHeld, Stopped
 from migrate_data.settings import Settings
 
 BIG = """
@@ -213,14 +213,35 @@ def test_concurrent_cli_runs_never_both_copy(db_url, tmp_path):
     assert scalar(db_url, "SELECT count(*) FROM grande") == 20000
 
 
-def test_until_in_the_past_stops_before_the_first_batch(legacy_url, settings_for):
-    run(api.run_phase(settings_for(legacy_url), "phase1", api.RunOptions(backup=False)))
-    past = (dt.datetime.now() - dt.timedelta(minutes=1)).strftime("%H:%M")
-    out = run_cli("phase2a", "--yes", "--no-backup", "--until", past, url=legacy_url)
-    assert out.returncode == 130, out.stderr
-    assert "(--until) before the next batch could finish" in out.stderr
-    assert f"resume with: migrate-data phase2a --yes --until {past}" in out.stderr
-    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 0
+def test_the_copier_stops_at_the_deadline_between_batches_and_the_same_command_resumes(
+    legacy_url, settings_for, monkeypatch
+):
+    from types import SimpleNamespace
+
+    from migrate_data import copier
+
+    settings = settings_for(legacy_url)
+    run(api.run_phase(settings, "phase1", api.RunOptions(backup=False)))
+    calls = {"n": 0}
+
+    class Clock(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):  # the window closes after the copier's third look at the clock
+            calls["n"] += 1
+            return dt.datetime.now(tz) + dt.timedelta(hours=1 if calls["n"] > 3 else 0)
+
+    monkeypatch.setattr(copier, "dt", SimpleNamespace(datetime=Clock, timedelta=dt.timedelta, timezone=dt.timezone))
+    deadline = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=30)
+    options = api.RunOptions(backup=False, batch_size=100, jobs=1, deadline=deadline)
+    with pytest.raises(Stopped, match=r"\(--until\) before the next batch could finish"):
+        run(api.run_phase(settings, "phase2a", options))
+    copied = scalar(legacy_url, "SELECT count(*) FROM clientes")
+    assert 0 < copied < 997 and copied == scalar(
+        legacy_url, "SELECT sum(rows_written) FROM migrate_data.checkpoints WHERE target = 'public.clientes'"
+    )
+    monkeypatch.undo()
+    assert run(api.run_phase(settings, "phase2a", api.RunOptions(backup=False))).validation.ok
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 997
 
 
 def test_cross_database_copy_gives_the_same_rows_and_rejects(legacy_url, make_db, settings_for):

@@ -62,7 +62,7 @@ def test_unknown_key_names_file_line_and_path(tmp_path):
     )
     assert msg.endswith(
         "phase9.yaml:7 tables[0].columns.rating: unknown key 'colum' "
-        "(expected one of: column, value, lookup, sql, map, else, default, cast)"
+        "(expected one of: column, value, lookup, sql, map, else, default, cast, truncate, round, timezone)"
     )
 
 

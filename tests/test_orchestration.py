@@ -77,7 +77,10 @@ def test_rollback_refuses_rows_written_by_the_application_and_force_keeps_them(l
     sql(legacy_url, "INSERT INTO clientes (telefono, nombre_completo) VALUES ('+593000', 'Nueva Clienta')")
     out = run_cli("rollback", "phase2a", "--yes", url=legacy_url, env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)})
     assert out.returncode == 2
-    assert "hold rows that did not come from the source (public.clientes: 1 rows)" in out.stderr
+    assert (
+        "hold rows the phase did not write, or that were changed after it wrote them (public.clientes: 1 rows)"
+        in out.stderr
+    )
     assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 998
     out = run_cli(
         "rollback", "phase2a", "--yes", "--force", url=legacy_url, env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)}

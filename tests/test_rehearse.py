@@ -95,7 +95,7 @@ def test_rehearsal_on_a_smaller_staging_scales_and_reports_drift(legacy_url, mak
 
 def test_staging_url_equal_to_production_is_refused(legacy_url):
     out = run_cli("rehearse", "phase2a", "--staging-url", legacy_url, url=legacy_url)
-    assert out.returncode == 2 and "the staging URL names the production database" in out.stderr
+    assert out.returncode == 2 and "names the production database" in out.stderr
 
 
 def test_existing_staging_database_is_not_replaced_without_rebuild(legacy_url, make_db):

@@ -12,23 +12,24 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 
 from . import backup as backups
 from . import ledger, report, schema
-from .catalog import Table, parents_first, read_table, sequences
+from . import rollback as undo_phase
+from .catalog import Table, read_table, sequences
 from .compile import CompiledTable
 from .copier import Copier, CopyEvent, CopyOptions, TableResult
-from .db import Executor, fetch_all, fetch_val, open_pool, rowcount
+from .db import Executor, fetch_val, open_pool
 from .errors import BadInput, MigrationError, RefusedError, Stopped
 from .mapping import Phase, QualifiedName, load_phases
 from .preflight import Finding, PhasePlan, compile_phase, preflight
+from .rollback import RollbackResult
 from .settings import Settings, redact
 from .sql import qname
-from .validate import ValidationResult, extra_keys, validate_phase
+from .validate import ValidationResult, validate_phase
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -56,16 +57,12 @@ def database_errors(fn: F) -> F:
 
 
 @dataclass(frozen=True)
-class RunOptions:
-    batch_size: int = CopyOptions.batch_size
-    jobs: int = 2
-    recheck: bool = False
-    max_rejects: int | None = None
-    deadline: dt.datetime | None = None
+class RunOptions(CopyOptions):
+    """The copier's options, and what a whole run adds to them."""
+
     backup: bool = True
-    deep: bool = False
+    deep: bool = True  # validate with checksums after the copy (counts only when False)
     dry_run: bool = False
-    split_rows: int = 200_000  # tables with more source rows are copied in `jobs` concurrent key ranges
 
 
 @dataclass(frozen=True)
@@ -110,19 +107,9 @@ class PlanResult:
 
 
 @dataclass(frozen=True)
-class RollbackResult:
-    phase: str
-    deleted: dict[str, int]
-    foreign_rows_dump: str | None
-    downgraded_to: str | None
-    restored: tuple[str, ...]
-    seconds: float
-
-
-@dataclass(frozen=True)
 class PhaseStatus:
     phase: str
-    state: str  # applied | partial | rolled_back | pending
+    state: str  # applied | partial | rolling_back | rolled_back | pending
     revision: str | None
     last_run: str | None
     rows: int
@@ -171,13 +158,16 @@ async def check_schema_agrees(
     settings: Settings, db: Executor, phases: dict[str, Phase], states: dict[str, asyncpg.Record]
 ) -> None:
     """Refuse when alembic_version is not what the ledger's applied phases imply (Alembic run by hand)."""
-    expected = None
+    expected: str | None = None
+    acceptable: set[str | None] = {None}
     for name, phase in phases.items():
         st = states.get(name)
-        if phase.revision and st is not None and st["state"] in ("applied", "partial"):
+        if phase.revision and st is not None and st["state"] in APPLIED:
+            # a rollback stopped midway may or may not have downgraded its revision yet
+            acceptable = {phase.revision, expected} if st["state"] == "rolling_back" else {phase.revision}
             expected = phase.revision
     current = await schema.current_revision(db)
-    if current != expected:
+    if current not in acceptable:
         raise RefusedError(
             f"the database's Alembic revision is {current or 'base'} but the ledger says {expected or 'base'}",
             detail="someone changed the schema outside migrate-data (alembic upgrade/downgrade/stamp by hand)",
@@ -186,13 +176,12 @@ async def check_schema_agrees(
         )
 
 
+APPLIED = ("applied", "partial", "rolling_back")  # states in which a phase's effects are (partly) in the database
+
+
 def later_applied(phases: dict[str, Phase], states: dict[str, asyncpg.Record], name: str) -> list[str]:
     order = list(phases)
-    return [
-        p
-        for p in order[order.index(name) + 1 :]
-        if states.get(p) is not None and states[p]["state"] in ("applied", "partial")
-    ]
+    return [p for p in order[order.index(name) + 1 :] if states.get(p) is not None and states[p]["state"] in APPLIED]
 
 
 # -- plan -----------------------------------------------------------------------------------------
@@ -239,12 +228,13 @@ async def _preflight(
 @asynccontextmanager
 async def _exclusive(
     settings: Settings, phases: dict[str, Phase], name: str, *, what: str, jobs: int = 2
-) -> AsyncIterator[tuple[asyncpg.Pool, asyncpg.Pool, asyncpg.Connection, dict[str, asyncpg.Record]]]:
+) -> AsyncIterator[tuple[asyncpg.Pool, asyncpg.Pool, ledger.LockSession, dict[str, asyncpg.Record]]]:
     """Connect and hold the database's lock, after the checks every writing verb makes: no later phase is applied,
-    and Alembic's revision is what the ledger says.  Yields the pools, the lock's connection and the phase states."""
+    and Alembic's revision is what the ledger says.  Yields the pools, the lock's session and the phase states;
+    every batch that writes calls ``lock.check(conn)`` in its transaction before it commits."""
     async with connect(settings, jobs=jobs) as (target, source):
         await ledger.ensure(target)
-        async with ledger.exclusive(target, what=what) as lock:
+        async with ledger.exclusive(target, url=settings.database_url, what=what) as lock:
             await ledger.close_abandoned_runs(target)
             states = await ledger.phase_states(target)
             later = later_applied(phases, states, name)
@@ -258,7 +248,7 @@ async def _exclusive(
 
 
 @asynccontextmanager
-async def _recorded(target: asyncpg.Pool, lock: asyncpg.Connection, *, kind: str, phase: str) -> AsyncIterator[int]:
+async def _recorded(target: asyncpg.Pool, lock: ledger.LockSession, *, kind: str, phase: str) -> AsyncIterator[int]:
     """A run in the ledger: started here, marked stopped or failed when the block raises."""
     run_id = await ledger.start_run(lock, kind=kind, phase=phase)
     try:
@@ -291,6 +281,11 @@ async def run_phase(
         states,
     ):
         _check_requires(phases, phase, states)
+        if (states.get(name) or {}).get("state") == "rolling_back":
+            raise RefusedError(
+                f"a rollback of {name} was stopped before it finished; not running {name} over it",
+                hint=f"finish it first: `migrate-data rollback {name}`",
+            )
         the_plan = await _preflight(settings, phase, target, source, coverage=options.dry_run)
         the_plan.raise_for_errors()
         if options.dry_run:
@@ -327,7 +322,7 @@ async def _run(
     options: RunOptions,
     target: asyncpg.Pool,
     source: asyncpg.Pool,
-    lock: asyncpg.Connection,
+    lock: ledger.LockSession,
     run_id: int,
     state: asyncpg.Record | None,
     *,
@@ -336,38 +331,44 @@ async def _run(
 ) -> RunResult:
     name = phase.name
     started = time.monotonic()
-    backup_path = None
     resuming = state is not None and state["state"] in ("partial", "applied")
-    earlier_backup = state["backup_path"] if (state is not None and resuming) else None
-    if options.backup and not earlier_backup:
-        backup_path = str(await _backup(settings, phase, target))
-        await ledger.update_run(target, run_id, backup_path=backup_path)
-    else:
-        backup_path = earlier_backup
-    if phase.backup and not backup_path:
+    backup_path = state["backup_path"] if (state is not None and resuming) else None
+    if (d := options.deadline) is not None and d - dt.datetime.now(dt.timezone.utc) < dt.timedelta(minutes=1):
+        # no batch could run: no backup, no schema step (the CLI refuses this too, before its confirmation)
+        zone = getattr(d.tzinfo, "key", None) or d.tzname()
+        raise RefusedError(f"--until: the window closes at {d:%H:%M} {zone}, too soon for a batch; nothing was done")
+    if phase.backup and not options.backup:
         raise RefusedError(f"{name} drops data and needs a verified backup; not running it with --no-backup")
-    if phase.backup:
-        await _check_all_data_phases_valid(settings, target, name)
-    # The schema step and the ledger's record of it commit together.
-    async with schema.schema_transaction(settings, target, upgrade_to=phase.revision, commit=True) as conn:
-        the_plan = await preflight(
-            phase,
-            source=conn if settings.same_database else source,
-            target=conn,
-            same_db=settings.same_database,
-            coverage=False,
-        )
-        the_plan.raise_for_errors()
-        pre_state = None if resuming else await _pre_state(conn, the_plan.tables)
-        await ledger.set_phase(
-            conn,
-            name,
-            state="partial",
-            revision=phase.revision,
-            run_id=run_id,
-            backup_path=backup_path,
-            pre_state=pre_state,
-        )
+    if phase.backup and not resuming:
+        # A phase that drops tables: writes to them blocked, a backup of exactly what is dropped, proof that
+        # every row is in its target, and the drop, all in one transaction.
+        backup_path, the_plan = await _drop_with_proof(settings, phase, target, source, run_id, lock)
+    else:
+        if options.backup and not backup_path:
+            backup_path = str(await _backup(settings, phase, target))
+            await ledger.update_run(target, run_id, backup_path=backup_path)
+        # The schema step and the ledger's record of it commit together.
+        async with schema.schema_transaction(settings, target, upgrade_to=phase.revision, commit=True) as conn:
+            the_plan = await preflight(
+                phase,
+                source=conn if settings.same_database else source,
+                target=conn,
+                same_db=settings.same_database,
+                coverage=False,
+            )
+            the_plan.raise_for_errors()
+            pre_state = None if resuming else await _pre_state(conn, the_plan.tables)
+            await ledger.set_phase(
+                conn,
+                name,
+                state="partial",
+                revision=phase.revision,
+                run_id=run_id,
+                backup_path=backup_path,
+                pre_state=pre_state,
+                start=not resuming,
+            )
+            await lock.check(conn)
     if not resuming:
         await ledger.clear_rejects(target, name)
     if options.recheck:
@@ -378,16 +379,10 @@ async def _run(
         target_pool=target,
         source_pool=source,
         run_id=run_id,
-        options=CopyOptions(
-            batch_size=options.batch_size,
-            jobs=options.jobs,
-            recheck=options.recheck,
-            max_rejects=options.max_rejects,
-            deadline=options.deadline,
-            split_rows=options.split_rows,
-        ),
+        options=options,
         stop=stop,
         on_event=on_event,
+        lock=lock,
     )
     tables = await copier.run()
     states = await ledger.phase_states(target)
@@ -400,9 +395,11 @@ async def _run(
     )
     paths = report.save(validation, settings.reports_dir)
     rows = {t.target: t.rows_written for t in tables}
-    await ledger.set_phase(
-        target, name, state="applied", revision=phase.revision, run_id=run_id, validated=validation.ok
-    )
+    async with target.acquire() as conn, conn.transaction():
+        await ledger.set_phase(
+            conn, name, state="applied", revision=phase.revision, run_id=run_id, validated=validation.ok
+        )
+        await lock.check(conn)
     await ledger.update_run(
         target,
         run_id,
@@ -442,7 +439,7 @@ async def _pre_state(conn: asyncpg.Connection, tables: tuple[tuple[CompiledTable
     return {"counts": counts, "sequences": seqs}
 
 
-async def _backup(settings: Settings, phase: Phase, target: asyncpg.Pool) -> str:
+async def _backup(settings: Settings, phase: Phase, target: asyncpg.Pool, *, snapshot: str | None = None) -> str:
     tables: list[QualifiedName] = []
     for t in [*(tm.source for tm in phase.tables), *(tm.target for tm in phase.tables), *phase.backup]:
         if await fetch_val(target, "SELECT to_regclass($1) IS NOT NULL", qname(t)) and t not in tables:
@@ -453,23 +450,85 @@ async def _backup(settings: Settings, phase: Phase, target: asyncpg.Pool) -> str
     path = settings.backups_dir / f"{phase.name}-{stamp}.dump"
     if not tables:
         return ""
-    return str(await backups.dump(settings.database_url, tables, path, server_major=await _server_major(target)))
+    major = await _server_major(target)
+    need = await backups.estimate_bytes(target, tables)  # refused before pg_dump starts when the disk is short
+    return str(
+        await backups.dump(settings.database_url, tables, path, server_major=major, snapshot=snapshot, need_bytes=need)
+    )
 
 
-async def _check_all_data_phases_valid(settings: Settings, target: asyncpg.Pool, name: str) -> None:
+async def _drop_with_proof(
+    settings: Settings, phase: Phase, target: asyncpg.Pool, source: asyncpg.Pool, run_id: int, lock: ledger.LockSession
+) -> tuple[str, PhasePlan]:
+    """Drop the tables of a phase's ``backup:`` list only with proof that nothing is lost: in the transaction that
+    drops them, writes to them are blocked first (SHARE lock: reads go on), pg_dump takes exactly what is dropped
+    (the transaction's exported snapshot), every data phase that reads them is validated live with checksums, and
+    their row counts are recorded for the restore to check."""
+    tables = [t for t in [await read_table(target, n) for n in phase.backup] if t is not None]
+    holder: dict[str, Any] = {}
+
+    async def prove(conn: asyncpg.Connection) -> None:
+        names = ", ".join(qname(t.qualified) for t in tables)
+        if names:
+            await conn.execute(f"LOCK TABLE {names} IN SHARE MODE")
+        snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
+        holder["backup"] = str(await _backup(settings, phase, target, snapshot=snapshot))
+        await ledger.update_run(target, run_id, backup_path=holder["backup"])
+        await _prove_nothing_lost(settings, phase, {str(t.qualified) for t in tables}, target, source)
+        holder["dropped"] = {
+            str(t.qualified): await conn.fetchval(f"SELECT count(*) FROM {qname(t.qualified)}") for t in tables
+        }
+
+    async with schema.schema_transaction(
+        settings, target, upgrade_to=phase.revision, commit=True, before=prove
+    ) as conn:
+        the_plan = PhasePlan(phase, (), ())
+        await ledger.set_phase(
+            conn,
+            phase.name,
+            state="partial",
+            revision=phase.revision,
+            run_id=run_id,
+            backup_path=holder["backup"],
+            pre_state={"counts": {}, "sequences": {}, "dropped": holder["dropped"]},
+            start=True,
+        )
+        await lock.check(conn)
+    return holder["backup"], the_plan
+
+
+async def _prove_nothing_lost(
+    settings: Settings, phase: Phase, dropped: set[str], target: asyncpg.Pool, source: asyncpg.Pool
+) -> None:
+    """Refuse unless every data phase is applied and, validated now with checksums, has every source row of the
+    dropped tables in its target or quarantined."""
     phases = project_phases(settings)
     states = await ledger.phase_states(target)
-    bad = [
-        p
-        for p, ph in phases.items()
-        if ph.tables
-        and p != name
-        and (states.get(p) is None or states[p]["state"] != "applied" or not states[p]["validated"])
-    ]
-    if bad:
+    pending = [p for p, ph in phases.items() if ph.tables and (states.get(p) or {}).get("state") != "applied"]
+    if pending:
         raise RefusedError(
-            f"{name} drops data; every data phase must be applied and validated first",
-            detail=f"not applied or not validated: {', '.join(bad)}",
+            f"{phase.name} drops data; every data phase must be applied first",
+            detail=f"not applied: {', '.join(pending)}",
+            hint=f"run {pending[0]} first",
+        )
+    problems: list[str] = []
+    for p, ph in phases.items():
+        if not ph.tables or p == phase.name:
+            continue
+        tables, findings = await compile_phase(ph, source=source, target=target)
+        PhasePlan(ph, tuple(tables), tuple(findings)).raise_for_errors()
+        reading = [(ct, t) for ct, t in tables if str(ct.source) in dropped]
+        if not reading:
+            continue
+        pre = json.loads(states[p]["pre_state"] or "{}").get("counts", {})
+        result = await validate_phase(p, reading, target=target, source=source, deep=True, pre_counts=pre)
+        problems += [f"{p}: {t.target}: {'; '.join(t.problems)}" for t in result.tables if t.problems]
+    if problems:
+        raise RefusedError(
+            f"{phase.name} would drop rows that are not in the Spanish tables; nothing was dropped",
+            detail="\n".join(problems),
+            hint="bring the data phases up to date (`migrate-data PHASE --recheck`, or sync), validate them, "
+            "and run again",
         )
 
 
@@ -512,124 +571,41 @@ async def rollback(
     name: str,
     *,
     force: bool = False,
+    dry_run: bool = False,
     batch_size: int = CopyOptions.batch_size,
     stop: asyncio.Event | None = None,
 ) -> RollbackResult:
-    """Undo a phase: delete what it wrote (children first), downgrade its revision, restore what it dropped."""
+    """Undo a phase: delete exactly what it wrote (children first), downgrade its revision, restore what it dropped.
+
+    Refuses, before writing anything, when the phase's tables hold rows it did not write or that were changed
+    since; ``force`` saves those rows to a file and deletes them too.  ``dry_run`` only says what it would do."""
     started = time.monotonic()
     phases, phase = get_phase(settings, name)
-    async with _exclusive(settings, phases, name, what=f"rollback of {name}") as (target, source, lock, states):
+    async with _exclusive(settings, phases, name, what=f"rollback of {name}") as (target, _source, lock, states):
         st = states.get(name)
-        if st is None or st["state"] not in ("applied", "partial"):
+        if st is None or st["state"] not in ("applied", "partial", "rolling_back"):
             raise RefusedError(f"{name} is not applied ({st['state'] if st else 'pending'}); nothing to roll back")
+        plan = await undo_phase.inspect(settings, phase, st, target)
+        if dry_run:
+            return RollbackResult(
+                name, {}, None, plan.downgrade_to, (), time.monotonic() - started, plan=plan, dry_run=True
+            )
+        if plan.at_risk and not force:
+            raise plan.refusal()
         async with _recorded(target, lock, kind="rollback", phase=name) as run_id:
-            result = await _rollback(
-                settings, phase, st, target, source, force=force, batch_size=batch_size, stop=stop or asyncio.Event()
+            result = await undo_phase.execute(
+                settings,
+                phase,
+                st,
+                plan,
+                target,
+                lock=lock,
+                force=force,
+                batch_size=batch_size,
+                stop=stop or asyncio.Event(),
             )
         await ledger.update_run(target, run_id, status="done", rows={k: -v for k, v in result.deleted.items()})
         return replace(result, seconds=time.monotonic() - started)
-
-
-async def _rollback(
-    settings: Settings,
-    phase: Phase,
-    st: asyncpg.Record,
-    target: asyncpg.Pool,
-    source: asyncpg.Pool,
-    *,
-    force: bool,
-    batch_size: int,
-    stop: asyncio.Event,
-) -> RollbackResult:
-    name = phase.name
-    pre = json.loads(st["pre_state"]) if st["pre_state"] else {"counts": {}, "sequences": {}}
-    the_plan = await preflight(phase, source=source, target=target, same_db=settings.same_database, coverage=False)
-    the_plan.raise_for_errors()
-    tables = list(the_plan.tables)
-    dump_path = None
-    foreign: dict[str, list[list[str]]] = {}
-    for ct, _ in tables:
-        keys = await extra_keys(ct, source, target, phase=name)
-        if keys:
-            foreign[str(ct.target)] = keys
-    if foreign and not force:
-        what = ", ".join(f"{k}: {len(v)} rows" for k, v in foreign.items())
-        raise RefusedError(
-            f"the target tables of {name} hold rows that did not come from the source ({what})",
-            detail="the application wrote them after the phase; a rollback would lose them",
-            hint="pass --force to dump them to a file under backups/ and roll back anyway",
-        )
-    by_name = {str(ct.target): ct for ct, _ in tables}
-    if foreign:
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        path = settings.backups_dir / f"{name}-rollback-foreign-rows-{stamp}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as f:
-            for table, keys in foreign.items():
-                for r in await fetch_all(target, by_name[table].rows_by_keys_sql(), *_by_column(keys)):
-                    f.write(json.dumps({"table": table, "row": json.loads(r["row"])}, ensure_ascii=False) + "\n")
-        dump_path = str(path)
-    deleted: dict[str, int] = {}
-    for ct, _ in reversed(tables):  # children first
-        deleted[str(ct.target)] = await _delete_copied(ct, target, source, batch_size, stop)
-        written_by_app = foreign.get(str(ct.target))
-        if written_by_app:  # --force: the rows the application wrote are in the dump file; they go too
-            deleted[str(ct.target)] += rowcount(await target.execute(ct.delete_keys_sql(), *_by_column(written_by_app)))
-    for ct, _ in tables:
-        now = await fetch_val(target, ct.target_count_sql())
-        want = pre.get("counts", {}).get(str(ct.target), 0)
-        if now != want:
-            raise MigrationError(
-                f"after deleting what {name} copied, {ct.target} has {now} rows; it had {want} before the phase",
-                hint="inspect the table; run the rollback again once resolved",
-            )
-    async with target.acquire() as conn, conn.transaction():
-        for seq, (value, called) in pre.get("sequences", {}).items():
-            await conn.execute("SELECT setval($1::regclass, $2, $3)", seq, value, called)
-    await ledger.reset_checkpoints(target, name)
-    await ledger.clear_rejects(target, name)
-    downgraded = None
-    if phase.revision:
-        downgraded = schema.predecessor(settings, phase.revision)
-    async with schema.schema_transaction(settings, target, downgrade_to=downgraded, commit=True) as conn:
-        await ledger.set_phase(conn, name, state="rolled_back", validated=None)
-    restored: tuple[str, ...] = ()
-    if phase.backup:
-        if not st["backup_path"]:
-            raise MigrationError(f"{name} has no backup to restore the dropped tables from")
-        recreated = [t for t in [await read_table(target, name) for name in phase.backup] if t is not None]
-        await backups.restore_data(
-            settings.database_url,
-            Path(st["backup_path"]),
-            [t.qualified for t in parents_first(recreated)],
-            server_major=await _server_major(target),
-        )
-        restored = tuple(str(t) for t in phase.backup)
-    return RollbackResult(name, deleted, dump_path, downgraded, restored, 0.0)
-
-
-async def _delete_copied(
-    ct: CompiledTable, target: asyncpg.Pool, source: asyncpg.Pool, batch_size: int, stop: asyncio.Event
-) -> int:
-    """Delete, in batches of source keys, the target rows those source rows produce (a batch per transaction)."""
-    total = 0
-    last: list[str] | None = None
-    while True:
-        if stop.is_set():
-            raise Stopped(f"rollback stopped cleanly in {ct.target} after {total:,} rows")
-        rows = await source.fetch(ct.expected_keys_sql(lower=last is not None), *(last or []), batch_size)
-        if not rows:
-            return total
-        async with target.acquire() as conn, conn.transaction():
-            total += rowcount(await conn.execute(ct.delete_keys_sql(), *_by_column([r["tk"] for r in rows])))
-        last = list(rows[-1]["bk"])
-        if len(rows) < batch_size:
-            return total
-
-
-def _by_column(keys: list[list[str]]) -> list[list[str]]:
-    """Keys as rows (one list per key) -> one list per key column: the parameters of ``unnest``."""
-    return [list(col) for col in zip(*keys, strict=True)] if keys else []
 
 
 # -- status and history ---------------------------------------------------------------------------
@@ -656,6 +632,8 @@ async def status(settings: Settings) -> list[PhaseStatus]:
                     if pending
                     else "copy finished; validation pending"
                 )
+            if st is not None and st["state"] == "rolling_back":
+                resume = f"a rollback stopped midway; finish it with `migrate-data rollback {p}`"
             last_run = None
             if last is not None:
                 last_run = f"{last['kind']} {last['status']} {last['started_at']:%Y-%m-%d %H:%M}"

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import glob
 import logging
 import os
 import re
 import shutil
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from typing import IO, Any
 
+from . import files
+from .db import Executor, fetch_val
 from .embedded import bundled_bin_dir
-from .errors import MigrationError
+from .errors import MigrationError, RefusedError
 from .mapping import QualifiedName
-from .settings import APPLICATION_NAME, asyncpg_dsn, redact_text
+from .settings import APPLICATION_NAME, DatabaseURL, redact_text
 from .sql import qname
 
 log = logging.getLogger(__name__)
@@ -52,47 +55,140 @@ async def find_tool(tool: str, server_major: int) -> str:
     return fit[0][1]
 
 
-def _libpq(url: str) -> tuple[str, dict[str, str]]:
-    """The URL without its password, and an environment that carries the password instead."""
-    url = asyncpg_dsn(url)
-    parts = urlsplit(url)
-    env = dict(os.environ, PGAPPNAME=APPLICATION_NAME)
-    if parts.password is not None:
-        env["PGPASSWORD"] = parts.password
-        user, host = parts.netloc.rsplit("@", 1)
-        parts = parts._replace(netloc=user.split(":", 1)[0] + "@" + host)
-    return urlunsplit(parts), env
+def _libpq(url: str | DatabaseURL) -> tuple[str, dict[str, str]]:
+    """The URL without its password, and an environment that carries the password (decoded) instead."""
+    dsn, secret = DatabaseURL.parse(url).libpq()
+    return dsn, {**os.environ, "PGAPPNAME": APPLICATION_NAME, **secret}
 
 
-async def _run(args: list[str], url: str, env: dict[str, str]) -> str:
+async def _run(args: list[str], url: str, env: dict[str, str], *, stdout: IO[Any] | None = None) -> str:
+    """Run a client tool; its output is returned, or written to ``stdout`` when given (a file of ours).
+
+    When we are cancelled, the tool is killed: it never goes on writing a file nobody will finish."""
     proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+        *args, stdout=stdout if stdout is not None else asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
     )
-    out, err = await proc.communicate()
+    try:
+        out, err = await proc.communicate()
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await asyncio.shield(proc.wait())
+        raise
     if proc.returncode != 0:
         raise MigrationError(
             f"{Path(args[0]).name} failed (exit {proc.returncode})",
-            detail=redact_text(err.decode(errors="replace").strip(), url),
+            detail=redact_text((err or b"").decode(errors="replace").strip(), url),
         )
-    return out.decode(errors="replace")
+    return (out or b"").decode(errors="replace")
 
 
-async def dump(url: str, tables: list[QualifiedName], path: Path, *, server_major: int) -> Path:
-    """``pg_dump -Fc`` of ``tables`` into ``path``, then check with ``pg_restore --list`` that each is there."""
+# What the dump will need at most: the tables' heap and TOAST, uncompressed (pg_dump writes no index data, and
+# -Fc compresses), so a conservative estimate.
+SIZE_SQL = "SELECT coalesce(sum(pg_table_size(to_regclass(t))), 0)::bigint FROM unnest($1::text[]) AS t"
+
+
+async def estimate_bytes(db: Executor, tables: list[QualifiedName]) -> int:
+    """The size on disk of ``tables`` (without indexes): what their dump can take at most."""
+    return int(await fetch_val(db, SIZE_SQL, [qname(t) for t in tables]))
+
+
+def check_space(directory: Path, need: int) -> None:
+    """Refuse, before anything is written, when ``directory``'s file system has less than ``need`` bytes free."""
+    free = files.free_bytes(directory)
+    if free < need:
+        raise RefusedError(
+            f"not enough disk space for the backup in {directory}",
+            detail=(
+                f"the tables take {files.human_bytes(need)} ({need:,} bytes) without indexes; "
+                f"{files.human_bytes(free)} ({free:,} bytes) are free"
+            ),
+            hint=(
+                f"free at least {files.human_bytes(need - free)} there, or point MIGRATE_DATA_OUTPUT_DIR at a "
+                "larger disk (backups go to its backups/)"
+            ),
+        )
+
+
+def _partial_pattern(path: Path) -> re.Pattern[str]:
+    """``<phase>-<UTC stamp>.partial`` for the phase (or prefix) of ``path``: the partial files of earlier runs."""
+    prefix = path.stem.rsplit("-", 1)[0]
+    return re.compile(rf"{re.escape(prefix)}-[0-9]{{8}}T[0-9]+Z\.partial")
+
+
+def remove_stale_partials(path: Path) -> list[Path]:
+    """Remove the ``.partial`` dumps an earlier, killed run left beside ``path``; return them.
+
+    A dump being written holds an exclusive ``flock`` on its file (so does a pg_dump that outlived a killed
+    migrate-data): such a file is left alone."""
+    pattern = _partial_pattern(path)
+    removed = []
+    for p in sorted(path.parent.iterdir()):
+        if not pattern.fullmatch(p.name) or p.is_symlink() or not p.is_file():
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s is being written by another process; left alone", p)
+            os.close(fd)
+            continue
+        try:
+            p.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+        log.warning("removed %s, the unfinished backup of a run that was killed", p)
+        removed.append(p)
+    return removed
+
+
+async def dump(
+    url: str,
+    tables: list[QualifiedName],
+    path: Path,
+    *,
+    server_major: int,
+    snapshot: str | None = None,
+    need_bytes: int | None = None,
+) -> Path:
+    """``pg_dump -Fc`` of ``tables`` into the new file ``path``, then check with ``pg_restore --list`` that each is
+    there.
+
+    The dump is written to ``<path stem>.partial`` (mode 0600, in a 0700 directory) and takes the name ``path``
+    only once verified; a failed or cancelled dump removes it, and the ``.partial`` of a killed run is removed by
+    the next one.  An existing ``path`` is never overwritten.  With ``need_bytes``, refuses first when the disk
+    has less free space than that."""
     pg_dump = await find_tool("pg_dump", server_major)
     dsn, env = _libpq(url)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    files.private_dir(path.parent)
+    remove_stale_partials(path)
+    if os.path.lexists(path):
+        raise MigrationError(f"backup {path} already exists; not overwriting it", hint="run again for a new name")
+    if need_bytes is not None:
+        check_space(path.parent, need_bytes)
     partial = path.with_suffix(".partial")
-    args = [pg_dump, "-Fc", "--no-owner", "-f", str(partial), "--dbname", dsn]
+    args = [pg_dump, "-Fc", "--no-owner", "--dbname", dsn]  # writes to stdout: our 0600 file
+    if snapshot:  # an exported snapshot: the dump sees exactly what that transaction sees
+        args += ["--snapshot", snapshot]
     for t in tables:
         args += ["-t", qname(t)]
     log.info("backup of %d tables into %s", len(tables), path)
-    await _run(args, url, env)
-    listing = await _run([str(Path(pg_dump).with_name("pg_restore")), "--list", str(partial)], url, env)
-    missing = [str(t) for t in tables if not re.search(rf"TABLE DATA \S+ {re.escape(t.name)} ", listing)]
-    if missing:
-        raise MigrationError(f"backup {path} does not contain the data of {', '.join(missing)}")
-    partial.rename(path)
+    with files.open_private(partial, "wb") as out:
+        try:
+            fcntl.flock(out.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # "being written": see remove_stale_partials
+            await _run(args, url, env, stdout=out)
+            os.fsync(out.fileno())
+            listing = await _run([str(Path(pg_dump).with_name("pg_restore")), "--list", str(partial)], url, env)
+            missing = [str(t) for t in tables if not re.search(rf"TABLE DATA \S+ {re.escape(t.name)} ", listing)]
+            if missing:
+                raise MigrationError(f"backup {path} does not contain the data of {', '.join(missing)}")
+            files.move_no_replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -113,8 +209,9 @@ async def restore_data(url: str, path: Path, tables: list[QualifiedName], *, ser
     if missing:
         raise MigrationError(f"backup {path} has no data for {', '.join(missing)}")
     keep = [data[t.name] for t in tables] + sequences  # pg_restore -L restores in the file's order
-    list_file = path.with_suffix(".restore-list")
-    list_file.write_text("\n".join(keep) + "\n")
+    list_file = path.with_name(f"{path.name}.{os.getpid()}.restore-list")
+    list_file.unlink(missing_ok=True)  # left by a process that was killed: only the table of contents
+    files.write_private(list_file, "\n".join(keep) + "\n")
     try:
         await _run(
             [

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
+import os
+import re
+import shlex
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -20,6 +24,7 @@ import click
 from . import __version__, api, report
 from .copier import CopyEvent, CopyOptions
 from .errors import BadInput, MigrationError, Stopped
+from .files import write_private
 from .settings import Settings, find_project, load_settings, redact, redact_text
 
 T = TypeVar("T")
@@ -135,22 +140,89 @@ pass_ctx = click.make_pass_decorator(Context)
 FORMATS = click.Choice(["text", "json", "markdown", "html"])
 
 
-def _until(until: str | None, tz: str | None) -> dt.datetime | None:
+# --until: a wall-clock time in the user's zone.  The rule for a time that is not in the future: less than
+# PASSED ago, it has passed (05:31 with --until 05:30) and is refused; longer ago, it means the next occurrence
+# (23:00 with --until 05:30 means tomorrow morning).  MIN_LEFT: with less than this left, no batch can run.
+PASSED = dt.timedelta(hours=12)
+MIN_LEFT = dt.timedelta(minutes=1)
+
+
+def _zone(tz: str | None) -> dt.tzinfo:
+    """The zone of --tz, else this machine's (as a named zone when it can be found, so DST is right)."""
+    if tz:
+        try:
+            return ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError) as e:
+            raise BadInput(f"--tz {tz}: unknown time zone", hint="an IANA name, e.g. America/Guayaquil") from e
+    candidates = [os.environ.get("TZ", "").lstrip(":")]
+    with contextlib.suppress(OSError):
+        candidates.append(os.readlink("/etc/localtime").partition("zoneinfo/")[2])
+    for name in filter(None, candidates):
+        with contextlib.suppress(ZoneInfoNotFoundError, ValueError):
+            return ZoneInfo(name)
+    local = dt.datetime.now().astimezone().tzinfo
+    assert local is not None
+    return local
+
+
+def _label(at: dt.datetime) -> str:
+    """``05:30 America/Guayaquil``: a time in the zone the user gave, named."""
+    return f"{at:%H:%M} {getattr(at.tzinfo, 'key', None) or at.tzname()}"
+
+
+def _span(d: dt.timedelta) -> str:
+    s = int(abs(d.total_seconds()))
+    return f"{s // 3600} h {s % 3600 // 60:02d} min" if s >= 3600 else f"{s // 60} min" if s >= 60 else f"{s} s"
+
+
+def _wall(day: dt.date, hh: int, mm: int, zone: dt.tzinfo) -> dt.datetime:
+    """``day`` at ``hh:mm`` on the clocks of ``zone``: the first occurrence when DST repeats the hour, and the end
+    of the jump (the first instant the clocks read at least ``hh:mm``) when DST skips it."""
+    naive = dt.datetime.combine(day, dt.time(hh, mm))
+    a, b = (naive.replace(tzinfo=zone, fold=f).astimezone(dt.timezone.utc) for f in (0, 1))
+    lo, hi = min(a, b), max(a, b)
+    if lo == hi or lo.astimezone(zone).replace(tzinfo=None) == naive:
+        return lo.astimezone(zone)  # one occurrence, or the first of two
+    while hi - lo > dt.timedelta(seconds=1):  # skipped: find the jump between the two readings
+        mid = lo + (hi - lo) / 2
+        if mid.astimezone(zone).replace(tzinfo=None) >= naive:
+            hi = mid
+        else:
+            lo = mid
+    return hi.replace(microsecond=0).astimezone(zone)
+
+
+def _until(until: str | None, tz: str | None, *, now: dt.datetime | None = None) -> dt.datetime | None:
+    """The deadline of ``--until HH:MM`` in ``--tz`` (aware, in that zone), at the clock ``now`` (default: now).
+
+    Refuses (BadInput) a time that has passed (less than 12 h ago) and one too close for any batch."""
     if not until:
         return None
-    try:
-        zone = ZoneInfo(tz) if tz else None
-    except ZoneInfoNotFoundError as e:
-        raise BadInput(f"--tz {tz}: unknown time zone") from e
-    try:
-        hh, mm = (int(x) for x in until.split(":"))
-        now = dt.datetime.now(zone).astimezone(zone) if zone else dt.datetime.now().astimezone()
-        at = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
-    except ValueError as e:
-        raise BadInput(f"--until {until}: expected HH:MM") from e
-    if at < now - dt.timedelta(hours=12):
-        at += dt.timedelta(days=1)  # 05:30 typed at 23:00 means tomorrow morning
-    return at.astimezone(dt.timezone.utc)
+    zone = _zone(tz)
+    m = re.fullmatch(r"([01]?[0-9]|2[0-3]):([0-5][0-9])", until.strip())
+    if not m:
+        raise BadInput(f"--until {until}: expected HH:MM, e.g. 05:30")
+    hh, mm = int(m.group(1)), int(m.group(2))
+    now = dt.datetime.now(dt.timezone.utc) if now is None else now if now.tzinfo else now.replace(tzinfo=zone)
+    now = now.astimezone(dt.timezone.utc)  # instants: the same tzinfo on both sides would compare wall clocks
+    today = now.astimezone(zone).date()
+    at = next(
+        at
+        for at in (_wall(today + dt.timedelta(days=d), hh, mm, zone) for d in (-1, 0, 1, 2))
+        if at > now - PASSED  # aware datetimes in different zones: compared as instants
+    )
+    if at <= now:
+        raise BadInput(
+            f"--until {until}: {_label(at)} has passed ({_span(now - at)} ago); nothing was done",
+            hint=f"a time more than {PASSED.total_seconds() / 3600:.0f} h ago means the next day; "
+            "give the end of the window that is still ahead",
+        )
+    if at - now < MIN_LEFT:
+        raise BadInput(
+            f"--until {until}: the window closes at {_label(at)}, in {_span(at - now)}: too soon for a batch; "
+            "nothing was done (no backup taken)"
+        )
+    return at
 
 
 class Progress:
@@ -203,6 +275,29 @@ class Progress:
         self.bars.update(t, completed=e.rows, rate=rate)
 
 
+class RejectLimit(click.ParamType):
+    """``N`` rows in the phase, or ``N%`` of each table's source rows."""
+
+    name = "N|N%"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[int | None, float | None]:
+        if isinstance(value, tuple):
+            return value
+        text = str(value).strip()
+        try:
+            if text.endswith("%"):
+                share = float(text[:-1]) / 100
+                if not 0 <= share <= 1:
+                    raise ValueError
+                return None, share
+            n = int(text)
+            if n < 0:
+                raise ValueError
+            return n, None
+        except ValueError:
+            self.fail(f"{value!r}: expected a number of rows (100) or a percentage (5%)", param, ctx)
+
+
 def confirm(action: str, prompt: str) -> None:
     """Ask on a terminal; without one, refuse (a night's work is never started by a script that forgot --yes)."""
     if not sys.stdin.isatty():
@@ -218,10 +313,21 @@ def phase_command(name: str) -> click.Command:
     @click.option("--batch-size", default=CopyOptions.batch_size, show_default=True, type=click.IntRange(1))
     @click.option("--jobs", default=2, show_default=True, type=click.IntRange(1, 64), help="Concurrent batches.")
     @click.option("--recheck", is_flag=True, help="Pass over finished tables again (idempotent).")
-    @click.option("--max-rejects", type=click.IntRange(0), help="Fail when more rows than this are rejected.")
+    @click.option(
+        "--max-rejects",
+        type=RejectLimit(),
+        default="10%",
+        show_default=True,
+        help="Fail when more rows are quarantined: a count for the phase (100) or a share of each table (5%).",
+    )
     @click.option("--until", help="Stop cleanly before HH:MM (the end of the window).")
     @click.option("--tz", help="Time zone of --until, e.g. America/Guayaquil (default: local).")
-    @click.option("--deep", is_flag=True, help="Validate with checksums, not only counts.")
+    @click.option(
+        "--deep/--counts-only",
+        default=True,
+        show_default=True,
+        help="Validate with checksums (default) or counts only.",
+    )
     @pass_ctx
     def command(
         obj: Context,
@@ -231,13 +337,19 @@ def phase_command(name: str) -> click.Command:
         batch_size: int,
         jobs: int,
         recheck: bool,
-        max_rejects: int | None,
+        max_rejects: tuple[int | None, float | None],
         until: str | None,
         tz: str | None,
         deep: bool,
     ) -> None:
         settings = obj.settings()
         deadline = _until(until, tz)
+        if deadline is not None:
+            click.echo(
+                f"the window closes at {_label(deadline)} ({deadline:%Y-%m-%d}, in "
+                f"{_span(deadline - dt.datetime.now(dt.timezone.utc))}): no batch starts that would not finish by then",
+                err=True,
+            )
         phases, phase = api.get_phase(settings, name)
         if not dry_run and not yes:
             tables = ", ".join(f"{t.source}→{t.target}" for t in phase.tables) or "no tables (schema only)"
@@ -251,7 +363,8 @@ def phase_command(name: str) -> click.Command:
             batch_size=batch_size,
             jobs=jobs,
             recheck=recheck,
-            max_rejects=max_rejects,
+            max_rejects=max_rejects[0],
+            max_reject_share=max_rejects[1],
             deadline=deadline,
             backup=not no_backup,
             deep=deep,
@@ -261,7 +374,11 @@ def phase_command(name: str) -> click.Command:
             try:
                 result = run(lambda stop: api.run_phase(settings, name, options, on_event=progress, stop=stop))
             except Stopped as e:
-                e.hint = f"resume with: migrate-data {name} --yes" + (f" --until {until}" if until else "")
+                e.hint = f"resume with: migrate-data {name} --yes" + (
+                    f" --until {until}" + (f" --tz {shlex.quote(tz)}" if tz else "") if until else ""
+                )
+                if deadline is not None and not e.detail:
+                    e.detail = f"--until {until}: the window closes at {_label(deadline)}"
                 raise
         for f in result.findings:
             click.echo(str(f))
@@ -351,7 +468,7 @@ def validate(obj: Context, phase: str, deep: bool, sample: int, no_rejects: bool
     )
     text = report.render(result, fmt)
     if output:
-        Path(output).write_text(text, encoding="utf-8")
+        write_private(Path(output), text)
         click.echo(f"report written to {output}")
     else:
         click.echo(text)
@@ -359,26 +476,59 @@ def validate(obj: Context, phase: str, deep: bool, sample: int, no_rejects: bool
         sys.exit(3)
 
 
+def rollback_plan_text(plan: Any) -> str:
+    """What a rollback will do, per table: rows deleted, kept, and at risk."""
+    lines = [
+        f"  {t.table}: {t.ours:,} rows the phase wrote will be deleted"
+        + (f", {t.before:,} there before it are kept" if t.before and not t.dropped else "")
+        + (
+            f", {t.at_risk:,} rows it did not write ({'the table is dropped' if t.dropped else 'refused'})"
+            if t.at_risk
+            else ""
+        )
+        for t in plan.tables
+    ]
+    if plan.downgrade_to:
+        lines.append(f"  schema downgraded to {plan.downgrade_to}")
+    if plan.restore:
+        lines.append(f"  restored from the phase's backup: {', '.join(plan.restore)}")
+    return "\n".join(lines) or "  nothing to delete"
+
+
 @cli.command()
 @click.argument("phase")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--force", is_flag=True, help="Also remove rows the application wrote (dumped to a file first).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also remove rows the phase did not write or that changed since (saved to a file first).",
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted, kept and refused; change nothing.")
 @pass_ctx
-def rollback(obj: Context, phase: str, yes: bool, force: bool) -> None:
-    """Undo a phase: delete what it copied, downgrade its revision, restore what it dropped."""
+def rollback(obj: Context, phase: str, yes: bool, force: bool, dry_run: bool) -> None:
+    """Undo a phase: delete exactly what it wrote, downgrade its revision, restore what it dropped."""
     settings = obj.settings()
     api.get_phase(settings, phase)
-    if not yes:
-        confirm(f"roll back {phase}", f"roll back {phase} on {redact(settings.database_url)}?")
+    if not (yes or dry_run or sys.stdin.isatty()):
+        confirm(f"roll back {phase}", "")  # refuses: no terminal to ask on
+    if dry_run or not yes:
+        plan = run(lambda stop: api.rollback(settings, phase, dry_run=True)).plan
+        assert plan is not None
+        click.echo(f"rollback of {phase} on {redact(settings.database_url)}:\n{rollback_plan_text(plan)}")
+        if dry_run:
+            if plan.at_risk and not force:
+                click.echo("it would refuse: rows it did not write are in the way (see above; --force saves them)")
+            return
+        confirm(f"roll back {phase}", f"roll back {phase}?")
     try:
         result = run(lambda stop: api.rollback(settings, phase, force=force, stop=stop))
     except Stopped as e:
         e.hint = f"resume with: migrate-data rollback {phase} --yes" + (" --force" if force else "")
         raise
     for table, n in result.deleted.items():
-        click.echo(f"{table}: {n:,} rows deleted")
+        click.echo(f"{table}: {n:,} rows deleted" + (f", {result.kept[table]:,} kept" if table in result.kept else ""))
     if result.foreign_rows_dump:
-        click.echo(f"rows written by the application were saved to {result.foreign_rows_dump}")
+        click.echo(f"rows the phase did not write were saved to {result.foreign_rows_dump}")
     if result.downgraded_to:
         click.echo(f"schema downgraded to {result.downgraded_to}")
     if result.restored:

@@ -7,26 +7,297 @@ are the DBA's own SQL and are pasted as written, in parentheses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
+from decimal import Decimal, InvalidOperation
 
 from .catalog import ForeignKey, Table
 from .errors import PreflightError
-from .mapping import ColumnSpec, Lookup, QualifiedName, TableMapping
+from .mapping import ColumnSpec, Lookup, QualifiedName, TableMapping, text_form
 from .sql import qcols, qi, ql, qname
 
 LEDGER_SCHEMA = "migrate_data"  # the copier's rejects live in this schema of the target (see ledger.py)
+
+# The one server-side helper a copy may need: raise an error with a given SQLSTATE from inside an expression (a
+# value that would be cut or rounded becomes a data error, which the copier quarantines).  VOLATILE, so the planner
+# never folds a call with constant arguments at PREPARE time.  Created in the target by the pre-flight, in the
+# transaction of the phase's schema step (rolled back by `plan`), only for a phase that needs it.
+REFUSE = f"{qi(LEDGER_SCHEMA)}.refuse"
+HELPERS_SQL = f"""CREATE SCHEMA IF NOT EXISTS {qi(LEDGER_SCHEMA)};
+CREATE OR REPLACE FUNCTION {REFUSE}(sqlstate text, message text, detail text, hint text, typed anyelement)
+RETURNS anyelement LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    RAISE EXCEPTION USING ERRCODE = sqlstate, MESSAGE = message, DETAIL = COALESCE(detail, ''), HINT = hint;
+END $$"""
+HELPERS_EXIST_SQL = f"SELECT to_regprocedure('{LEDGER_SCHEMA}.refuse(text, text, text, text, anyelement)') IS NOT NULL"
+
+# -- types: what a conversion can silently change ------------------------------------------------------------
+_ALIASES = {
+    "varchar": "varchar",
+    "character varying": "varchar",
+    "char": "char",
+    "character": "char",
+    "bpchar": "char",
+    "int": "int4",
+    "integer": "int4",
+    "int4": "int4",
+    "smallint": "int2",
+    "int2": "int2",
+    "bigint": "int8",
+    "int8": "int8",
+    "decimal": "numeric",
+    "numeric": "numeric",
+    "real": "float4",
+    "float4": "float4",
+    "double precision": "float8",
+    "float8": "float8",
+    "bool": "bool",
+    "boolean": "bool",
+    "text": "text",
+    "uuid": "uuid",
+    "date": "date",
+    "timestamptz": "timestamptz",
+    "timetz": "timetz",
+}
+_TYPE = re.compile(r"^(?P<base>[a-z][a-z0-9_ ]*?)\s*(?:\((?P<mods>[0-9 ,]+)\))?\s*(?P<tz>with(?:out)? time zone)?$")
+_INTEGERS = ("int2", "int4", "int8")
+_DATETIMES = ("timestamp", "timestamptz", "time", "timetz")
+_TEXT_WIDTH = {"bool": 5, "uuid": 36, "int2": 6, "int4": 11, "int8": 20}  # longest text form
+
+
+@dataclass(frozen=True)
+class TypeName:
+    """A type as far as conversions care: a family (``varchar``, ``numeric``, ``timestamptz`` …) and its modifiers."""
+
+    family: str
+    mods: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str | None) -> TypeName | None:
+        """``character varying(20)``, ``varchar(20)``, ``timestamp(0) without time zone``, ``timestamptz`` …;
+        None for None.  A type it does not know keeps its text as its family."""
+        if text is None:
+            return None
+        t = text.strip().lower()
+        m = _TYPE.match(t)
+        if m is None:
+            return cls(t)
+        base, tz = m["base"].strip(), m["tz"]
+        mods = tuple(int(x) for x in m["mods"].split(",")) if m["mods"] else ()
+        if base in ("timestamp", "time"):
+            return cls(base + ("tz" if tz == "with time zone" else ""), mods)
+        return cls(_ALIASES.get(base, base), mods)
+
+    @property
+    def base_sql(self) -> str:
+        """The type without its modifiers, as SQL (for the date/time families)."""
+        return {"timestamp": "timestamp", "timestamptz": "timestamptz", "time": "time", "timetz": "timetz"}.get(
+            self.family, self.family
+        )
+
+
+def change_kind(value_type: str | None, target: str) -> str | None:
+    """How converting a value of ``value_type`` (None: not known) to ``target`` can change it without an error:
+    ``"cut"`` (text longer than a varchar/char), ``"round"`` (a number's scale, a fraction into an integer, a
+    time's precision), or None (it cannot: the value converts exactly, or the conversion fails loudly)."""
+    t, v = TypeName.parse(target), TypeName.parse(value_type)
+    assert t is not None
+    if t.family in ("varchar", "char") and t.mods:
+        n = t.mods[0]
+        if v is not None and v.family in ("varchar", "char") and v.mods and v.mods[0] <= n:
+            return None
+        if v is not None and _TEXT_WIDTH.get(v.family, n + 1) <= n:
+            return None
+        return "cut"
+    if t.family == "numeric" and t.mods:
+        scale = t.mods[1] if len(t.mods) > 1 else 0
+        if v is not None and v.family in _INTEGERS:
+            return None
+        if v is not None and v.family == "numeric" and v.mods and (v.mods[1] if len(v.mods) > 1 else 0) <= scale:
+            return None
+        return "round"
+    if t.family in _INTEGERS:
+        return "round" if v is None or v.family in ("numeric", "float4", "float8") else None
+    if t.family in _DATETIMES and t.mods:
+        if v is not None and v.family == "date":
+            return None
+        if v is not None and v.family in _DATETIMES and v.mods and v.mods[0] <= t.mods[0]:
+            return None
+        return "round"
+    return None
+
+
+def zone_conversion(value_type: str | None, target: str) -> str | None:
+    """``"to_tz"`` when a value without a time zone becomes a ``timestamptz`` (``timestamp``/``date`` ->
+    ``timestamptz``), ``"from_tz"`` for the reverse (``timestamptz`` -> ``timestamp``/``date``/``time``): both mean
+    something only in a time zone.  None otherwise."""
+    t, v = TypeName.parse(target), TypeName.parse(value_type)
+    if v is None or t is None:
+        return None
+    if v.family in ("timestamp", "date") and t.family == "timestamptz":
+        return "to_tz"
+    if v.family == "timestamptz" and t.family in ("timestamp", "date", "time"):
+        return "from_tz"
+    return None
+
+
+def literal_fits(value: object, target: str) -> bool:
+    """Whether a constant of the mapping (``value``, ``default``, ``map``, ``else``) converts to ``target`` unchanged
+    (True when that cannot be told here: the database decides, loudly)."""
+    text = text_form(value)
+    t = TypeName.parse(target)
+    if text is None or t is None:
+        return True
+    if t.family in ("varchar", "char") and t.mods:
+        return len(text.rstrip(" ") if t.family == "char" else text) <= t.mods[0]
+    try:
+        d = Decimal(text.strip())
+        if t.family == "numeric" and t.mods:
+            return d.is_nan() or d == d.quantize(Decimal(1).scaleb(-(t.mods[1] if len(t.mods) > 1 else 0)))
+        if t.family in _INTEGERS:
+            return d == d.to_integral_value()
+    except (InvalidOperation, ValueError):
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Step:
+    """One conversion of a column's value: a cast to ``type``, checked when it could change the value (``check``
+    is ``"cut"`` or ``"round"``) unless the mapping allows that (``allowed``)."""
+
+    type: str
+    check: str | None = None
+    allowed: bool = False
+
+    @property
+    def checked(self) -> bool:
+        return self.check is not None and not self.allowed
+
+    def cast(self, v: str) -> str:
+        """The plain cast (which would cut or round)."""
+        if self.check == "round" and TypeName.parse(self.type).family in _INTEGERS:  # type: ignore[union-attr]
+            v = f"CAST({v} AS numeric)"  # '1.0' (the text form of a numeric) converts to an integer only so
+        return f"CAST({v} AS {self.type})"
+
+    def fits(self, v: str) -> str:
+        """True when the cast keeps the value as it is (NULL included); never raises for a cut or a rounding."""
+        t = TypeName.parse(self.type)
+        assert t is not None
+        if self.check == "cut":
+            text = f"CAST({v} AS text)"
+            cond = f"char_length({'rtrim(' + text + ')' if t.family == 'char' else text}) <= {t.mods[0]}"
+        elif t.family == "numeric":
+            scale = t.mods[1] if len(t.mods) > 1 else 0
+            cond = f"CAST({v} AS numeric) = round(CAST({v} AS numeric), {scale})"
+        elif t.family in _INTEGERS:
+            cond = f"CAST({v} AS numeric) = trunc(CAST({v} AS numeric))"
+        else:
+            cond = f"CAST({v} AS {t.base_sql}) = {self.cast(v)}"
+        return f"(({v}) IS NULL OR {cond})"
+
+    def render(self, v: str, column: str) -> str:
+        """The cast; checked: the cast when the value fits, else an error (22001 cut, 22003 rounded)."""
+        if not self.checked:
+            return self.cast(v)
+        if self.check == "cut":
+            state, what, opt = "22001", "too long for", "truncate: true"
+        else:
+            state, what, opt = "22003", "would be rounded to", "round: true"
+        detail = (
+            f"format('%s would be stored as %s', quote_nullable(left(CAST({v} AS text), 200)), "
+            f"quote_nullable(left(CAST({self.cast(v)} AS text), 200)))"
+        )
+        refuse = (
+            f"{REFUSE}({ql(state)}, {ql(f'value of column {column} {what} {self.type}')}, {detail}, "
+            f"{ql(f'widen the column, or give it `{opt}` in the mapping to accept the change')}, "
+            f"CAST(NULL AS {self.type}))"
+        )
+        return f"CASE WHEN {self.fits(v)} THEN {self.cast(v)} ELSE {refuse} END"
+
+    def expected(self, v: str) -> str:
+        """What the target should hold: the cast when the value fits, else NULL (and the row's flag is false)."""
+        if not self.checked:
+            return self.cast(v)
+        return f"CASE WHEN {self.fits(v)} THEN {self.cast(v)} END"
 
 
 @dataclass(frozen=True)
 class CompiledColumn:
     target: str
     target_type: str
-    expr: str  # the final expression, cast to the target type where needed
+    expr: str  # the final expression, cast to the target type where needed (the copy)
     pre_cast: str  # the expression before the final cast (cross-database: shipped as text)
     cast_type: str  # what the text form is cast to on the target (cross-database)
     base: str  # the value before map/default (coverage checks)
     before_default: str  # the value before `default` replaces NULL (coverage checks)
     spec: ColumnSpec
+    steps: tuple[Step, ...] = ()  # the casts from pre_cast to the target column (none: it has the type already)
+    value_type: str | None = None  # the type of the mapped values before any conversion, when known (a map: text)
+    zone: str | None = None  # the time zone of a timestamp <-> timestamptz conversion applied in pre_cast
+    zone_conversion: str | None = None  # "to_tz" | "from_tz" when the value needs a time zone to convert
+
+    def convert(self, v: str) -> str:
+        """The copy's expression for a pre-cast value ``v`` (a column of the staging table, across databases)."""
+        for step in self.steps:
+            v = step.render(v, self.target)
+        return v
+
+    @property
+    def checked(self) -> bool:
+        """True when a value that would be cut or rounded is refused, row by row."""
+        return any(s.checked for s in self.steps)
+
+    @property
+    def expected(self) -> str:
+        """What the target should hold (validation): like ``expr``, but NULL for a value that does not fit,
+        instead of an error; ``fits`` tells those rows apart.  Needs no helper in the database."""
+        v = self.pre_cast
+        for step in self.steps:
+            v = step.expected(v)
+        return v
+
+    @property
+    def fits(self) -> str | None:
+        """A condition true when every checked cast keeps the value (None when nothing is checked)."""
+        conds, v = [], self.pre_cast
+        for step in self.steps:
+            if step.checked:
+                conds.append(step.fits(v))
+            v = step.cast(v)
+        return " AND ".join(conds) if conds else None
+
+    @property
+    def expected_text(self) -> str:
+        """The expected value as text, the source's own value where it does not fit (differing-column samples)."""
+        if self.fits is None:
+            return f"({self.expr})::text"
+        return f"CASE WHEN {self.fits} THEN ({self.expected})::text ELSE CAST({self.pre_cast} AS text) END"
+
+    @property
+    def direct_text(self) -> str:
+        """The text a COPY straight into the target column gets: the value, or, when it would be cut or rounded, a
+        text that column's input refuses (too long for a varchar, not a number or a time otherwise)."""
+        if self.fits is None:
+            return f"({self.pre_cast})::text"
+        t = TypeName.parse(self.target_type)
+        refused = f"repeat('x', {t.mods[0] + 1})" if t is not None and t.family in ("varchar", "char") else "'?'"
+        return f"CASE WHEN {self.fits} THEN ({self.pre_cast})::text ELSE {refused} END"
+
+    @property
+    def changes(self) -> tuple[Step, ...]:
+        """The casts that can cut or round a value (checked, or allowed by ``truncate``/``round``)."""
+        return tuple(s for s in self.steps if s.check is not None)
+
+    @property
+    def unchanged(self) -> str | None:
+        """A condition true when no cast cuts or rounds the value, allowed or not (None: none can)."""
+        conds, v = [], self.pre_cast
+        for step in self.steps:
+            if step.check is not None:
+                conds.append(step.fits(v))
+            v = step.cast(v)
+        return " AND ".join(conds) if conds else None
 
 
 @dataclass(frozen=True)
@@ -45,6 +316,7 @@ class CompiledTable:
     key_types: tuple[str, ...]
     overriding: bool
     lookups: tuple[tuple[str, Lookup], ...]  # (alias, lookup)
+    key_injective: bool = True  # the key is a plain copy of unique source columns: no two rows share a target key
     hash_rows_by: str = "record"  # how --deep hashes rows: "record" (per column) or "text"
 
     # -- pieces --------------------------------------------------------------------------------
@@ -154,16 +426,20 @@ class CompiledTable:
         )
 
     def source_values_sql(self, *, lower: bool, upper: bool) -> str:
-        """The rows of a range as the target's own columns, for a COPY straight into the target."""
+        """The rows of a range as the target's own columns, for a COPY straight into the target.
+
+        A value that its column would cut or round (a type's text input does so without an error) is sent as a
+        text the column refuses: the COPY fails, and the batch takes the staged path, which quarantines the row."""
         conds, _ = self._conditions(lower=lower, upper=upper)
-        cols = ", ".join(f"({c.pre_cast})::text AS {qi(c.target)}" for c in self.columns)
+        cols = ", ".join(f"{c.direct_text} AS {qi(c.target)}" for c in self.columns)
         return f"SELECT {cols} FROM {self.from_}{self._where(conds)}"
 
     @property
     def direct_copy_ok(self) -> bool:
         """True when COPY's text input gives what the mapping's casts give: every value goes to its column's
-        own type (no ``cast:`` to another type) and no identity column needs OVERRIDING SYSTEM VALUE."""
-        return not self.overriding and all(c.cast_type == c.target_type for c in self.columns)
+        own type (no ``cast:`` to another type) and no identity column needs OVERRIDING SYSTEM VALUE.
+        A value that a checked column would cut or round is sent so that COPY refuses it (``direct_text``)."""
+        return not self.overriding and all(c.cast_type == c.target_type and len(c.steps) <= 1 for c in self.columns)
 
     def stage_table_sql(self, stage: str) -> str:
         cols = ", ".join(f"{qi(c.target)} text" for c in self.columns)
@@ -173,9 +449,45 @@ class CompiledTable:
         return ["__n", "__key", *(c.target for c in self.columns)]
 
     def stage_insert_sql(self, stage: str, *, sub: bool) -> str:
-        exprs = ", ".join(f"CAST(s.{qi(c.target)} AS {c.cast_type})" for c in self.columns)
+        exprs = ", ".join(
+            c.convert(f"s.{qi(c.target)}") if c.steps else f"CAST(s.{qi(c.target)} AS {c.cast_type})"
+            for c in self.columns
+        )
         where = " WHERE s.__n > $1 AND s.__n <= $2" if sub else ""
         return f"{self._insert_head} SELECT {exprs} FROM {qi(stage)} AS s{where}{self._conflict}"
+
+    # -- duplicates: two source rows, one target key ----------------------------------------------
+    def range_count_sql(self, *, lower: bool) -> str:
+        """The source rows of a batch (params: the lower key if ``lower``, the upper key)."""
+        conds, _ = self._conditions(lower=lower, upper=True)
+        return f"SELECT count(*) FROM {self.src}{self._where(conds)}"
+
+    def duplicates_sql(self, *, lower: bool) -> str:
+        """The source rows that share a target key with another source row, for the keys a batch produces:
+        batch key (text[]), target key (text[]), whether the row is in the batch, and its rank among the rows of
+        its key in batch-key order.  Params as ``insert_sql(lower=lower, upper=True)``.  Reads the whole source
+        (the target key is an expression): run only when a batch wrote fewer rows than it read."""
+        conds, _ = self._conditions(lower=lower, upper=True)
+        rng = conds[1:] if self.mapping.where else conds
+        ks = [qi(f"k_{i}") for i in range(len(self.key))]
+        keys = ", ".join(f"{c.expected} AS {k}" for c, k in zip(self.key_columns, ks, strict=True))
+        order = ", ".join(qi(f"o_{i}") for i in range(len(self.batch_by)))
+        ordered = ", ".join(f"{qi(self.alias)}.{qi(b)} AS {qi(f'o_{i}')}" for i, b in enumerate(self.batch_by))
+        tup = f"({', '.join(ks)})"
+        where = f" WHERE ({self.mapping.where})" if self.mapping.where else ""
+        return (
+            f"WITH b AS (SELECT DISTINCT {keys} FROM {self.from_}{self._where(conds)}), "
+            f"s AS (SELECT {self._key_text_array(self.alias)} AS bk, {ordered}, {keys}, "
+            f"COALESCE({' AND '.join(rng)}, false) AS in_batch FROM {self.from_}{where}) "
+            f"SELECT bk, ARRAY[{', '.join(f'{k}::text' for k in ks)}] AS k, in_batch, r FROM "
+            f"(SELECT s.*, count(*) OVER w AS n, row_number() OVER (w ORDER BY {order}) AS r FROM s "
+            f"WHERE {tup} IN (SELECT * FROM b) WINDOW w AS (PARTITION BY {', '.join(ks)})) x WHERE n > 1"
+        )
+
+    def expected_row_by_batch_key_sql(self) -> str:
+        """Expected target values (text) of the source row with one batch key."""
+        vals = "ARRAY[" + ", ".join(c.expected_text for c in self.columns) + "]"
+        return f"SELECT {vals} FROM {self.from_} WHERE {self._batch_tuple()} = {self._params(1)}"
 
     # -- validation -----------------------------------------------------------------------------
     def count_sql(self) -> str:
@@ -198,7 +510,7 @@ class CompiledTable:
     def _key_range(self, prefix: str | None, first: int, *, lower: bool, upper: bool) -> list[str]:
         """Conditions ``key > $first`` / ``key <= $next`` on the target key (expected side: its expressions)."""
         if prefix is None:
-            keys = ", ".join(c.expr for c in self.key_columns)
+            keys = ", ".join(c.expected for c in self.key_columns)
         else:
             keys = qcols(self.key, prefix)
         keys = f"({keys})" if len(self.key) > 1 else keys
@@ -223,8 +535,8 @@ class CompiledTable:
         ``$3`` = target); ``rejected_param`` names a parameter carrying their keys as a jsonb list instead (for a
         source in another database).  Their values do not convert, which is why they were rejected.
         """
-        keys = ", ".join(f"{c.expr} AS {qi('k_' + c.target)}" for c in self.key_columns)
-        row = self._row_hash(", ".join(c.expr for c in self.columns))
+        keys = ", ".join(f"{c.expected} AS {qi('k_' + c.target)}" for c in self.key_columns)
+        row = self._row_hash(", ".join([c.expected for c in self.columns] + self._fits_flag(expected=True)))
         conds = [f"({self.mapping.where})"] if self.mapping.where else []
         rejected = None
         if skip_rejected:
@@ -245,6 +557,15 @@ class CompiledTable:
         hashed = f", {row} AS h" if with_hash else ""
         return f"SELECT {keys}{hashed} FROM {self.from_}{self._where(conds)}"
 
+    def _fits_flag(self, *, expected: bool) -> list[str]:
+        """The last field of a hashed row when some value is checked: on the expected side, whether every value
+        fits its column (a value that would have been cut or rounded then differs from any actual row), on the
+        actual side ``true``."""
+        conds = [c.fits for c in self.columns if c.fits is not None]
+        if not conds:
+            return []
+        return [" AND ".join(f"COALESCE({c}, false)" for c in conds) if expected else "true"]
+
     def _row_hash(self, values: str) -> str:
         """A 64-bit hash of a row: per column with the types' own hash functions (no text conversion, PostgreSQL
         14+), or of the row's text when some column type has no hash function (``hash_rows_by="text"``)."""
@@ -254,7 +575,7 @@ class CompiledTable:
 
     def actual_sql(self, *, key_range: tuple[int, bool, bool] | None = None) -> str:
         keys = ", ".join(f"t.{qi(k)} AS {qi('k_' + k)}" for k in self.key)
-        row = ", ".join(f"t.{qi(c.target)}" for c in self.columns)
+        row = ", ".join([f"t.{qi(c.target)}" for c in self.columns] + self._fits_flag(expected=False))
         conds = self._key_range("t", key_range[0], lower=key_range[1], upper=key_range[2]) if key_range else []
         return f"SELECT {keys}, {self._row_hash(row)} AS h FROM {self.tgt} AS t{self._where(conds)}"
 
@@ -266,12 +587,13 @@ class CompiledTable:
         """
         rng = (4 if skip_rejected else 2, lower, upper) if (lower or upper) else None
         on = " AND ".join(f"e.{qi('k_' + k)} = a.{qi('k_' + k)}" for k in self.key)
-        first = qi("k_" + self.key[0])
         key = "ARRAY[" + ", ".join(f"COALESCE(e.{qi('k_' + k)}, a.{qi('k_' + k)})::text" for k in self.key) + "]"
+        # ``here`` tells a side's row from the NULLs of the outer join: a key may itself be NULL (a nullable unique
+        # key), and such a row matches nothing, on either side
         return (
-            f"WITH e AS ({self.expected_sql(skip_rejected=skip_rejected, key_range=rng)}), "
-            f"a AS ({self.actual_sql(key_range=rng)}), "
-            f"d AS (SELECT CASE WHEN a.{first} IS NULL THEN 'missing' WHEN e.{first} IS NULL THEN 'extra' "
+            f"WITH e AS (SELECT x.*, true AS here FROM ({self.expected_sql(skip_rejected=skip_rejected, key_range=rng)}) x), "
+            f"a AS (SELECT y.*, true AS here FROM ({self.actual_sql(key_range=rng)}) y), "
+            f"d AS (SELECT CASE WHEN a.here IS NULL THEN 'missing' WHEN e.here IS NULL THEN 'extra' "
             f"ELSE 'differs' END AS kind, {key} AS key FROM e FULL JOIN a ON {on} WHERE e.h IS DISTINCT FROM a.h) "
             f"SELECT kind, key, total FROM (SELECT kind, key, count(*) OVER (PARTITION BY kind) AS total, "
             f"row_number() OVER (PARTITION BY kind ORDER BY key) AS rn FROM d) x WHERE rn <= $1 ORDER BY kind, key"
@@ -313,8 +635,8 @@ class CompiledTable:
 
     def expected_row_sql(self) -> str:
         """Expected target values (text) of one target key."""
-        vals = "ARRAY[" + ", ".join(f"({c.expr})::text" for c in self.columns) + "]"
-        keys = ", ".join(c.expr for c in self.key_columns)
+        vals = "ARRAY[" + ", ".join(c.expected_text for c in self.columns) + "]"
+        keys = ", ".join(c.expected for c in self.key_columns)
         keys = f"({keys})" if len(self.key) > 1 else keys
         conds = [f"({self.mapping.where})"] if self.mapping.where else []
         conds.append(f"{keys} = {self._key_params()}")
@@ -343,7 +665,7 @@ class CompiledTable:
     def expected_keys_sql(self, *, lower: bool) -> str:
         """A page of source rows: the batch key and the target key each produces (text arrays)."""
         conds, n = self._conditions(lower=lower, upper=False)
-        tk = "ARRAY[" + ", ".join(f"({c.expr})::text" for c in self.key_columns) + "]"
+        tk = "ARRAY[" + ", ".join(f"({c.expected})::text" for c in self.key_columns) + "]"
         return (
             f"SELECT {self._key_text_array(self.alias)} AS bk, {tk} AS tk FROM {self.from_}"
             f"{self._where(conds)} ORDER BY {self._order} LIMIT ${n}"
@@ -387,11 +709,18 @@ def compile_table(
     source: Table,
     target: Table,
     lookup_tables: dict[QualifiedName, Table] | None = None,
+    *,
+    value_types: dict[str, str] | None = None,
 ) -> CompiledTable:
     """Compile one table mapping against the source and target catalogs.
 
+    ``lookup_tables`` (the catalogs of the lookups' tables) and ``value_types`` (the types the database gives the
+    ``sql:`` expressions, by target column) tell the types of the values, which decide whether a cast can cut or
+    round them and whether a conversion needs a time zone; without them such casts are checked row by row.
+
     Raises PreflightError for what makes SQL impossible to build (a column that does not exist,
-    no key to conflict on); everything else is the pre-flight's job.
+    no key to conflict on, a constant of the mapping that does not fit its column); everything else is the
+    pre-flight's job.
     """
     where = f"{mapping.target} (mappings line {mapping.line})"
     alias = mapping.source.name
@@ -408,6 +737,7 @@ def compile_table(
             )
         if tcol.generated:
             raise PreflightError(f"{where}: {target.name}.{spec.target} is a generated column and cannot be written")
+        value_type: str | None = None  # the type of the base's values, when known
         if spec.kind == "column":
             assert spec.column is not None
             scol = source.column(spec.column)
@@ -418,10 +748,12 @@ def compile_table(
                 )
             base = f"{qi(alias)}.{qi(spec.column)}"
             base_type: str | None = scol.type
+            value_type = scol.type
         elif spec.kind == "value":
             base, base_type = ql(spec.value), None
         elif spec.kind == "sql":
             base, base_type = f"({spec.sql})", None
+            value_type = (value_types or {}).get(spec.target)
         else:
             lk = spec.lookup
             assert lk is not None
@@ -440,11 +772,15 @@ def compile_table(
                 joins.append(f"LEFT JOIN {qname(lk.table)} AS {qi(la)} ON {cond}")
                 lookups.append((la, lk))
             base, base_type = f"{qi(la)}.{qi(lk.column)}", None
+            lcol = (lookup_tables or {}).get(lk.table)
+            value_type = lcol.column(lk.column).type if lcol and lcol.column(lk.column) else None  # type: ignore[union-attr]
         expr = base
+        passes_through = spec.kind != "value"  # a value of the source (not only constants) reaches the cast
         if spec.map:
             if spec.has_else:
                 whens = " ".join(f"WHEN ({base})::text = {ql(k)} THEN {ql(v)}" for k, v in spec.map)
                 expr = f"CASE WHEN ({base}) IS NULL THEN NULL {whens} ELSE {ql(spec.else_value)} END"
+                passes_through = False
             else:
                 whens = " ".join(f"WHEN {ql(k)} THEN {ql(v)}" for k, v in spec.map)
                 expr = f"CASE ({base})::text {whens} ELSE ({base})::text END"
@@ -453,10 +789,55 @@ def compile_table(
         if spec.has_default:
             expr = f"COALESCE({expr}, {ql(spec.default)})"
         cast_type = spec.cast or tcol.type
+        # A timestamp becomes a timestamptz (or back) only in a time zone the mapping names: the server session's
+        # TimeZone would otherwise decide, silently.  Converted here, on the source, so that the text shipped to
+        # another database carries its offset.
+        zone = spec.timezone or mapping.timezone
+        zconv = None if spec.map else zone_conversion(value_type, cast_type)
+        source_type = value_type if not spec.map else "text"
+        if zconv is not None and zone is not None:
+            if zconv == "to_tz":
+                expr = f"(CAST({expr} AS timestamp) AT TIME ZONE {ql(zone)})"
+                value_type = base_type = "timestamp with time zone"
+            else:
+                expr = f"(({expr}) AT TIME ZONE {ql(zone)})"
+                value_type = base_type = "timestamp without time zone"
         pre_cast = expr
+        # The casts, checked where they could cut or round a value of the source; the mapping's own constants
+        # are checked here, once.
+        steps: list[Step] = []
+        vtype = value_type if passes_through else None
         if spec.cast or base_type != tcol.type:
-            expr = f"CAST({expr} AS {cast_type})"
-        columns.append(CompiledColumn(spec.target, tcol.type, expr, pre_cast, cast_type, base, before_default, spec))
+            kind = change_kind(vtype, cast_type) if passes_through else None
+            steps.append(Step(cast_type, kind, _allowed(spec, kind)))
+            if spec.cast and cast_type != tcol.type:
+                kind2 = change_kind(cast_type, tcol.type)
+                if kind2 is not None:
+                    steps.append(Step(tcol.type, kind2, _allowed(spec, kind2)))
+        for what, constant in _constants(spec):
+            for step in steps or [Step(tcol.type)]:
+                if not literal_fits(constant, step.type) and not (spec.truncate or spec.round):
+                    raise PreflightError(
+                        f"{where}: columns.{spec.target}: {what} {text_form(constant)!r} does not fit {step.type}",
+                        detail="it would be cut or rounded in every row that gets it",
+                        hint="change the constant, widen the column, or give the column `truncate: true` / "
+                        "`round: true`",
+                    )
+        column = CompiledColumn(
+            spec.target,
+            tcol.type,
+            expr,
+            pre_cast,
+            cast_type,
+            base,
+            before_default,
+            spec,
+            steps=tuple(steps),
+            value_type=source_type,
+            zone=zone if zconv else None,
+            zone_conversion=zconv,
+        )
+        columns.append(replace(column, expr=column.convert(pre_cast)))
 
     key = mapping.key or target.primary_key
     if not key:
@@ -485,6 +866,14 @@ def compile_table(
             raise PreflightError(f"{where}: batch_by column {source.name}.{b} does not exist")
         batch_types.append(scol.type)
     overriding = any(target.column(c.target).identity == "a" for c in columns)  # type: ignore[union-attr]
+    # Two source rows can produce the same target key only when the key is not a plain copy of unique source
+    # columns; only then does the copier look for such duplicates (see duplicates.py).
+    key_specs = [next(c for c in columns if c.target == k) for k in key]
+    feeding = tuple(c.spec.column or "" for c in key_specs)
+    key_injective = all(
+        c.spec.kind == "column" and not (c.spec.map or c.spec.has_default or c.spec.cast) and not c.steps
+        for c in key_specs
+    ) and source.is_unique(feeding)
     return CompiledTable(
         mapping=mapping,
         source=source.qualified,
@@ -498,7 +887,25 @@ def compile_table(
         key_types=tuple(target.column(k).type for k in key),  # type: ignore[union-attr]
         overriding=overriding,
         lookups=tuple(lookups),
+        key_injective=key_injective,
     )
+
+
+def _allowed(spec: ColumnSpec, kind: str | None) -> bool:
+    return (kind == "cut" and spec.truncate) or (kind == "round" and spec.round)
+
+
+def _constants(spec: ColumnSpec) -> list[tuple[str, object]]:
+    """The mapping's own constants that can reach the column: ``value``, the map's values, ``else``, ``default``."""
+    out: list[tuple[str, object]] = []
+    if spec.kind == "value":
+        out.append(("value", spec.value))
+    out += [(f"map value for {k!r}", v) for k, v in spec.map]
+    if spec.has_else:
+        out.append(("else", spec.else_value))
+    if spec.has_default:
+        out.append(("default", spec.default))
+    return [(w, v) for w, v in out if v is not None]
 
 
 def coverage_sql(ct: CompiledTable) -> tuple[str, list[str]] | None:
@@ -530,7 +937,7 @@ def unmapped_values_sql(ct: CompiledTable, column: CompiledColumn) -> str:
 
 
 def preview_sql(ct: CompiledTable, limit: int = 5) -> str:
-    cols = ", ".join(f"{c.expr} AS {qi(c.target)}" for c in ct.columns)
+    cols = ", ".join(f"{c.expected} AS {qi(c.target)}" for c in ct.columns)  # no helper needed on the source
     where = f" WHERE ({ct.mapping.where})" if ct.mapping.where else ""
     return f"SELECT {cols} FROM {ct.from_}{where} ORDER BY {qcols(ct.batch_by, ct.alias)} LIMIT {int(limit)}"
 
@@ -542,4 +949,66 @@ def orphans_sql(table: QualifiedName, fk: ForeignKey) -> str:
     return (
         f"SELECT count(*) FROM {qname(table)} AS c WHERE {notnull} "
         f"AND NOT EXISTS (SELECT 1 FROM {qname(fk.ref_table)} AS p WHERE {match})"
+    )
+
+
+# -- what the pre-flight counts: rows the target will refuse, values that would change --------------------------
+TARGET_CHECKS_SQL = """SELECT c.conname, pg_get_expr(c.conbin, c.conrelid) AS expr,
+       array(SELECT a.attname FROM pg_attribute a WHERE a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)
+             ORDER BY a.attnum) AS columns
+FROM pg_constraint c WHERE c.conrelid = to_regclass($1) AND c.contype = 'c' ORDER BY c.conname"""
+
+TARGET_DEFAULTS_SQL = """SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS type,
+       pg_get_expr(d.adbin, d.adrelid) AS dflt
+FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped"""
+
+
+def check_violations_sql(
+    ct: CompiledTable, expr: str, columns: list[str], defaults: dict[str, tuple[str, str | None]]
+) -> str:
+    """Count the source rows whose mapped values a target CHECK (``expr``, on ``columns``) refuses: it is FALSE
+    (NULL passes, as in the table).  A column the mapping does not fill gets its DEFAULT (``defaults``: column ->
+    (type, default expression)), or NULL when that calls a sequence, which a count must not advance."""
+    by_target = {c.target: c for c in ct.columns}
+    cols = []
+    for name in columns:
+        c = by_target.get(name)
+        if c is not None:
+            cols.append(f"{c.expected} AS {qi(name)}")
+        else:
+            typ, dflt = defaults.get(name, ("text", None))
+            value = dflt if dflt is not None and "nextval(" not in dflt else "NULL"
+            cols.append(f"CAST({value} AS {typ}) AS {qi(name)}")
+    where = f" WHERE ({ct.mapping.where})" if ct.mapping.where else ""
+    return f"SELECT count(*) FROM (SELECT {', '.join(cols) or '1'} FROM {ct.from_}{where}) AS t WHERE NOT ({expr})"
+
+
+def null_counts_sql(ct: CompiledTable, columns: list[CompiledColumn]) -> str:
+    """Per column, the source rows whose mapped value is NULL (for NOT NULL target columns)."""
+    sel = ", ".join(f"count(*) FILTER (WHERE ({c.pre_cast}) IS NULL)" for c in columns)
+    where = f" WHERE ({ct.mapping.where})" if ct.mapping.where else ""
+    return f"SELECT {sel} FROM {ct.from_}{where}"
+
+
+def change_count_sql(ct: CompiledTable, column: CompiledColumn) -> str:
+    """The source rows whose value of ``column`` a cast would cut or round (refused, or changed where allowed)."""
+    conds = [f"({ct.mapping.where})"] if ct.mapping.where else []
+    conds.append(f"NOT ({column.unchanged})")
+    return f"SELECT count(*) FROM {ct.from_} WHERE {' AND '.join(conds)}"
+
+
+def reject_causes_sql() -> str:
+    """The quarantined rows of a phase (``$1``) grouped by cause: table, SQLSTATE and the message's first line (the
+    copier stores DETAIL after it) with the values of the source masked (``invalid input syntax for type integer: "…"``), with a count and the first example."""
+    cause = (
+        "regexp_replace(regexp_replace(split_part(r.message, E'\\n', 1), ': \".*\"$', ': \"…\"'), "
+        "'value \".*\" is out of range', 'value \"…\" is out of range')"
+    )
+    return (
+        f"SELECT target, sqlstate, cause, n, source_key AS example_key, message, detail FROM "
+        f"(SELECT target, sqlstate, cause, source_key, message, detail, count(*) OVER w AS n, "
+        f"row_number() OVER (w ORDER BY id) AS rn FROM "
+        f"(SELECT r.*, {cause} AS cause FROM {qi(LEDGER_SCHEMA)}.rejects AS r WHERE r.phase = $1) AS r "
+        f"WINDOW w AS (PARTITION BY target, sqlstate, cause)) AS x WHERE rn = 1 ORDER BY target, n DESC, sqlstate, cause"
     )

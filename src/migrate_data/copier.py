@@ -15,12 +15,13 @@ import datetime as dt
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import asyncpg
 
-from . import ledger
+from . import duplicates, ledger
 from .catalog import Table, sequences
 from .compile import CompiledTable, orphans_sql
 from .db import fetch_val, is_data_error, is_transient_error, rowcount
@@ -37,7 +38,8 @@ class CopyOptions:
     batch_size: int = 20_000
     jobs: int = 2
     recheck: bool = False
-    max_rejects: int | None = None
+    max_rejects: int | None = None  # rows quarantined in the phase before it fails
+    max_reject_share: float | None = 0.10  # share of a table's source rows quarantined before the phase fails
     deadline: dt.datetime | None = None
     split_rows: int = 200_000  # a table with more source rows is copied in `jobs` concurrent key ranges
     retries: int = 3
@@ -97,8 +99,10 @@ class Copier:
         options: CopyOptions = CopyOptions(),
         stop: asyncio.Event | None = None,
         on_event: Callable[[CopyEvent], None] | None = None,
+        lock: ledger.LockSession | None = None,
     ) -> None:
         self.phase = phase
+        self.lock = lock  # when given, no batch commits unless this session still holds the lock
         self.target_pool = target_pool
         self.source_pool = source_pool
         self.same_db = source_pool is target_pool
@@ -121,10 +125,14 @@ class Copier:
     # -- scheduling ----------------------------------------------------------------------------
     async def run(self) -> list[TableResult]:
         await self._check_cycles_allowed()
+        if self.lock is not None:
+            self.lock.watch(self._halt)  # a lost lock stops every worker after its batch
         tasks = [asyncio.create_task(self._table(u), name=n) for n, u in self.units.items()]
         results = await asyncio.gather(*tasks, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         failures = [e for e in errors if not isinstance(e, (Stopped, asyncio.CancelledError))]
+        if self.lock is not None and self.lock.lost.is_set():
+            raise self.lock.error() from (failures[0] if failures else None)
         if failures:
             raise failures[0]
         if errors:
@@ -155,7 +163,8 @@ class Copier:
             if self._halt.is_set() or self.stop.is_set():
                 raise Stopped(self._stopped_reason or "stopped")
             parts = await self._parts(u)
-            if all(p["done"] for p in parts) and not self.options.recheck:
+            finished = name in await ledger.finished_tables(self.target_pool, self.phase)
+            if all(p["done"] for p in parts) and finished and not self.options.recheck:
                 u.skipped = True
                 u.rows = sum(p["rows_read"] for p in parts)
                 u.written = sum(p["rows_written"] for p in parts)
@@ -168,9 +177,13 @@ class Copier:
             started = time.monotonic()
             await asyncio.gather(*(self._part(u, p) for p in parts if not p["done"]))
             u.seconds += time.monotonic() - started
-            await self._fix_sequences(u)
-            if u.written:  # the new table has no statistics yet: the application's first queries need them
-                await self.target_pool.execute(f"ANALYZE {qname(u.ct.target)}")
+            # A table is finished only once its sequences are past the copied values: a kill before this line
+            # leaves it unfinished, and the next run sets them without copying again.
+            async with self._locked() as conn:
+                await self._fix_sequences(u, conn)
+                if u.written or not finished:  # a new table has no statistics: the application's queries need them
+                    await conn.execute(f"ANALYZE {qname(u.ct.target)}")
+                await ledger.mark_finished(conn, self.phase, name)
             final = await ledger.checkpoints(self.target_pool, self.phase, name)
             u.rows = sum(p["rows_read"] for p in final)
             u.written = sum(p["rows_written"] for p in final)
@@ -189,15 +202,17 @@ class Copier:
         name = str(u.ct.target)
         parts = await ledger.checkpoints(self.target_pool, self.phase, name)
         if parts and all(p["done"] for p in parts) and not self.options.recheck:
-            return parts  # finished before: skipped without reading the source
+            return parts  # copied before: skipped without reading the source
         u.total = await fetch_val(self.source_pool, u.ct.count_sql())
         if parts and self.options.recheck:
-            await self.target_pool.execute(
-                f"UPDATE {ledger.SCHEMA}.checkpoints SET done = false, last_key = NULL, rows_read = 0, "
-                f"rows_written = 0, rejected = 0, seconds = 0 WHERE phase = $1 AND target = $2",
-                self.phase,
-                name,
-            )
+            async with self._locked() as conn:
+                await ledger.unmark_finished(conn, self.phase, name)
+                await conn.execute(
+                    f"UPDATE {ledger.SCHEMA}.checkpoints SET done = false, last_key = NULL, rows_read = 0, "
+                    f"rows_written = 0, rejected = 0, seconds = 0 WHERE phase = $1 AND target = $2",
+                    self.phase,
+                    name,
+                )
             parts = await ledger.checkpoints(self.target_pool, self.phase, name)
         if parts:
             return parts
@@ -207,7 +222,7 @@ class Copier:
             percent = min(100.0, 100.0 * 20_000 / u.total)  # about 20,000 sampled keys
             bounds += [r["k"] for r in await self.source_pool.fetch(u.ct.split_sql(), n, percent)]
         rows = [(i, bounds[i], bounds[i + 1] if i + 1 < len(bounds) else None) for i in range(len(bounds))]
-        async with self.target_pool.acquire() as conn, conn.transaction():
+        async with self._locked() as conn:
             await conn.executemany(
                 f"INSERT INTO {ledger.SCHEMA}.checkpoints (phase, target, part, lo, hi) VALUES ($1, $2, $3, $4, $5) "
                 f"ON CONFLICT DO NOTHING",
@@ -279,7 +294,8 @@ class Copier:
         bound = await self.source_pool.fetchrow(ct.bound_sql(lower=lower, upper=upper), *bound_args)
         n, new_last = bound["n"], bound["last"]
         if n == 0:
-            await self._checkpoint(self.target_pool, u, part, last, 0, 0, 0, done=True)
+            async with self._locked() as conn:
+                await self._checkpoint(conn, u, part, last, 0, 0, 0, done=True)
             return 0, last, 0, 0
         rng = [*(last or []), *new_last]
         async with self.target_pool.acquire() as conn, conn.transaction():
@@ -293,6 +309,8 @@ class Copier:
                     (direct, 0) if direct is not None else await self._insert_staged(conn, u, lower, rng)
                 )
             await self._checkpoint(conn, u, part, new_last, n, written, rejected, done=n < self.options.batch_size)
+            if self.lock is not None:
+                await self.lock.check(conn)  # last before COMMIT: without the lock the batch rolls back
         return n, new_last, written, rejected
 
     async def _insert_same_db(
@@ -300,12 +318,21 @@ class Copier:
     ) -> tuple[int, int]:
         ct = u.ct
         lower = last is not None
+
+        async def duplicates_of(done: int, read: int | None = None) -> int:
+            """Rows of the range that another source row's target key pushed out (see duplicates.py)."""
+            return await duplicates.quarantine(
+                conn, conn, ct, phase=self.phase, run_id=self.run_id, lower=lower, rng=rng, done=done, read=read
+            )
+
         try:
-            async with conn.transaction():
-                return rowcount(await conn.execute(ct.insert_sql(lower=lower, upper=True), *rng)), 0
+            async with self._writing(conn, u):
+                written = rowcount(await conn.execute(ct.insert_sql(lower=lower, upper=True), *rng))
         except asyncpg.PostgresError as e:
             if not is_data_error(e):
                 raise
+        else:
+            return written, await duplicates_of(written)
         keys = [r["k"] for r in await conn.fetch(ct.keys_sql(lower=lower, upper=True), *rng)]
         sql = ct.insert_sql(lower=True, upper=True)
         sql_first = ct.insert_sql(lower=lower, upper=True)
@@ -318,7 +345,8 @@ class Copier:
         async def source_row(i: int) -> str | None:
             return await conn.fetchval(ct.source_row_sql(), *keys[i])
 
-        return await self._bisect(conn, u, len(keys), insert, lambda i: keys[i], source_row)
+        written, rejected = await self._bisect(conn, u, len(keys), insert, lambda i: keys[i], source_row)
+        return written, rejected + await duplicates_of(written + rejected, len(keys))
 
     async def _insert_direct(self, conn: asyncpg.Connection, u: _Unit, lower: bool, rng: list[str]) -> int | None:
         """The fast path across databases: text COPY from the source straight into the target, in a savepoint.
@@ -332,7 +360,7 @@ class Copier:
         """
         ct = u.ct
         try:
-            async with conn.transaction():
+            async with self._writing(conn, u):
                 return await self._pipe(
                     ct.source_values_sql(lower=lower, upper=True),
                     rng,
@@ -355,13 +383,23 @@ class Copier:
         ct = u.ct
         stage = f"migrate_data_stage_{abs(hash(str(ct.target))) % 10**8}"
         await conn.execute(ct.stage_table_sql(stage))
-        await self._pipe(ct.source_text_sql(lower=lower, upper=True), rng, conn, stage, ct.stage_columns())
+        read = await self._pipe(ct.source_text_sql(lower=lower, upper=True), rng, conn, stage, ct.stage_columns())
+
+        async def duplicates_of(done: int) -> int:
+            """Rows of the range that another source row's target key pushed out (see duplicates.py)."""
+            source = self.source_pool
+            return await duplicates.quarantine(
+                conn, source, ct, phase=self.phase, run_id=self.run_id, lower=lower, rng=rng, done=done, read=read
+            )
+
         try:
-            async with conn.transaction():
-                return rowcount(await conn.execute(ct.stage_insert_sql(stage, sub=False))), 0
+            async with self._writing(conn, u):
+                written = rowcount(await conn.execute(ct.stage_insert_sql(stage, sub=False)))
         except asyncpg.PostgresError as e:
             if not is_data_error(e):
                 raise
+        else:
+            return written, await duplicates_of(written)
         count = await conn.fetchval(f"SELECT count(*) FROM {qi(stage)}")
         sub = ct.stage_insert_sql(stage, sub=True)
         keys = {r["__n"]: list(r["__key"]) for r in await conn.fetch(f"SELECT __n, __key FROM {qi(stage)}")}
@@ -372,7 +410,8 @@ class Copier:
         async def source_row(i: int) -> str | None:
             return await self.source_pool.fetchval(ct.source_row_sql(), *keys[i + 1])
 
-        return await self._bisect(conn, u, count, insert, lambda i: keys[i + 1], source_row)
+        written, rejected = await self._bisect(conn, u, count, insert, lambda i: keys[i + 1], source_row)
+        return written, rejected + await duplicates_of(written + rejected)
 
     async def _pipe(
         self,
@@ -422,7 +461,7 @@ class Copier:
         while stack:
             i, j = stack.pop()
             try:
-                async with conn.transaction():
+                async with self._writing(conn, u):
                     written += await insert(i, j)
             except asyncpg.PostgresError as e:
                 if not is_data_error(e):
@@ -451,6 +490,13 @@ class Copier:
                 log.debug("%s: row %s rejected: %s %s", u.ct.target, key_of(i), e.sqlstate, e)
         return written, rejected
 
+    @asynccontextmanager
+    async def _writing(self, conn: asyncpg.Connection, u: _Unit) -> AsyncIterator[None]:
+        """A savepoint that writes target rows, and records in it that this phase wrote them (see ledger.writes)."""
+        async with conn.transaction():
+            yield
+            await ledger.mark_write(conn, self.phase, str(u.ct.target), self.run_id)
+
     async def _checkpoint(
         self,
         db: asyncpg.Pool | asyncpg.Connection,
@@ -478,23 +524,47 @@ class Copier:
         )
 
     async def _check_max_rejects(self) -> None:
-        if self.options.max_rejects is None:
+        """Fail the run when more rows are quarantined than ``max_rejects`` allows: a count for the phase, or a
+        share of each table's source rows (default 10 %: a mapping that refuses that much is wrong)."""
+        limit, share = self.options.max_rejects, self.options.max_reject_share
+        if limit is None and share is None:
             return
-        total = sum((await ledger.reject_counts(self.target_pool, self.phase)).values())
-        if total > self.options.max_rejects:
+        counts = await ledger.reject_counts(self.target_pool, self.phase)
+        total = sum(counts.values())
+        too_many = None
+        if limit is not None and total > limit:
+            too_many = f"{total:,} rows rejected in phase {self.phase}, more than --max-rejects {limit:,}"
+        elif share is not None:
+            for name, n in counts.items():
+                u = self.units.get(name)
+                if u is not None and u.total and n > share * u.total:
+                    too_many = (
+                        f"{n:,} of the {u.total:,} source rows of {name} rejected ({n / u.total:.1%}), more than "
+                        f"--max-rejects {share:.0%}"
+                    )
+                    break
+        if too_many:
             self._stopped_reason = "too many rejects"
             self._halt.set()
             raise MigrationError(
-                f"{total} rows rejected in phase {self.phase}, more than --max-rejects {self.options.max_rejects}",
+                too_many,
                 hint="read them with `migrate-data validate` or in migrate_data.rejects; fix the data or the mapping "
-                "and run again (copied rows are kept and not copied twice)",
+                "and run again (copied rows are kept and not copied twice); --max-rejects N or N% raises the limit",
             )
 
     # -- after the copy ----------------------------------------------------------------------------
-    async def _fix_sequences(self, u: _Unit) -> None:
+    @asynccontextmanager
+    async def _locked(self) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction on the target that commits only while this run holds the lock."""
+        async with self.target_pool.acquire() as conn, conn.transaction():
+            yield conn
+            if self.lock is not None:
+                await self.lock.check(conn)
+
+    async def _fix_sequences(self, u: _Unit, conn: asyncpg.Connection) -> None:
         """Move serial and identity sequences of the target past the highest copied value."""
-        for column, seq in await sequences(self.target_pool, u.target_table):
-            await self.target_pool.execute(
+        for column, seq in await sequences(conn, u.target_table):
+            await conn.execute(
                 f"SELECT setval($1::regclass, m) FROM (SELECT max({qi(column)}) AS m FROM {qname(u.ct.target)}) x "
                 f"WHERE m > COALESCE(pg_sequence_last_value($1::regclass), 0)",
                 seq,

@@ -16,7 +16,7 @@ from typing import Any, Union
 import asyncpg
 
 from .errors import MigrationError
-from .settings import APPLICATION_NAME, asyncpg_dsn, redact, redact_text
+from .settings import APPLICATION_NAME, DatabaseURL, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ Executor = Union[asyncpg.Pool, asyncpg.Connection]
 
 @asynccontextmanager
 async def open_pool(
-    url: str,
+    url: str | DatabaseURL,
     *,
     min_size: int = 1,
     max_size: int = 4,
@@ -33,6 +33,7 @@ async def open_pool(
     lock_timeout: str | None = None,
 ) -> AsyncIterator[asyncpg.Pool]:
     """Open one pool for one database and close it on every path."""
+    parsed = DatabaseURL.parse(url)
     server_settings = {"application_name": APPLICATION_NAME}
     if statement_timeout:
         server_settings["statement_timeout"] = statement_timeout
@@ -40,19 +41,20 @@ async def open_pool(
         server_settings["lock_timeout"] = lock_timeout
     try:
         pool = await asyncpg.create_pool(
-            asyncpg_dsn(url),
+            **parsed.asyncpg_connect_args(),
             min_size=min(min_size, max_size),
             max_size=max_size,
             server_settings=server_settings,
             command_timeout=None,
+            init=_session_init,
         )
     except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as e:
         raise MigrationError(
-            f"cannot connect to {redact(url)}",
-            detail=redact_text(str(e), url),
+            f"cannot connect to {parsed}",
+            detail=redact_text(str(e), parsed),
             hint="check DATABASE_URL / --database-url and that the server is running",
         ) from e
-    log.debug("pool opened on %s (max %d)", redact(url), max_size)
+    log.debug("pool opened on %s (max %d)", parsed, max_size)
     try:
         yield pool
     finally:
@@ -60,7 +62,15 @@ async def open_pool(
             await asyncio.wait_for(pool.close(), timeout=30)
         except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - closing must not mask the real error
             pool.terminate()
-        log.debug("pool closed on %s", redact(url))
+        log.debug("pool closed on %s", parsed)
+
+
+# A session of ours may sit idle between batches (another table's turn, a long validation query elsewhere): a server
+# or role with idle_session_timeout (PostgreSQL 14+) must not end it under the run.
+async def _session_init(conn: asyncpg.Connection) -> None:
+    await conn.execute("SET idle_in_transaction_session_timeout = 0")
+    if conn.get_server_version() >= (14, 0):
+        await conn.execute("SET idle_session_timeout = 0")
 
 
 async def fetch_one(db: Executor, sql: str, *args: Any) -> asyncpg.Record | None:

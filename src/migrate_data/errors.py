@@ -44,6 +44,11 @@ class LockHeld(MigrationError):
     """Another migrate-data run holds the database's advisory lock."""
 
 
+class LockLost(MigrationError):
+    """The run's advisory lock was lost (its session ended); it stopped at its last checkpoint and the same command
+    resumes."""
+
+
 class ValidationFailed(MigrationError):
     """Rows were copied but the validation found differences."""
 

@@ -5,6 +5,7 @@ Also the advisory lock that lets one migrate-data run at a time write to a datab
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -16,7 +17,8 @@ import asyncpg
 
 from .compile import LEDGER_SCHEMA as SCHEMA
 from .db import Executor, execute, fetch_all, fetch_one, fetch_val
-from .errors import LockHeld
+from .errors import LockHeld, LockLost, MigrationError
+from .settings import APPLICATION_NAME, DatabaseURL, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,33 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.rejects (
     created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     UNIQUE (phase, target, source_key)
 );
+-- What a phase wrote: one row per (sub)transaction that wrote target rows, inserted in that same
+-- (sub)transaction, so the row's own xmin is the xid those target rows carry.  A target row whose xmin is
+-- one of these was written by the phase and has not been changed since (an UPDATE gives it a new xmin).
+CREATE TABLE IF NOT EXISTS {SCHEMA}.writes (
+    phase   text NOT NULL,
+    target  text NOT NULL,
+    run_id  bigint,
+    at      timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS writes_phase_target ON {SCHEMA}.writes (phase, target);
+-- A table is finished only once its sequences are set and it is analyzed, after its last batch.
+CREATE TABLE IF NOT EXISTS {SCHEMA}.finished (
+    phase        text NOT NULL,
+    target       text NOT NULL,
+    finished_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (phase, target)
+);
+ALTER TABLE {SCHEMA}.phases ADD COLUMN IF NOT EXISTS started_snapshot text;
+ALTER TABLE {SCHEMA}.phases ADD COLUMN IF NOT EXISTS rollback_dumps text[] NOT NULL DEFAULT '{{}}';
+-- The 64-bit id of a row's 32-bit xmin (valid for transactions less than 2^32 xids old); the frozen and
+-- bootstrap xids (< 3) are older than anything.
+CREATE OR REPLACE FUNCTION {SCHEMA}.full_xid(x xid) RETURNS xid8 LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN x::text::bigint < 3 THEN '3'::xid8 ELSE
+        ((((c >> 32) - CASE WHEN x::text::bigint > (c & 4294967295) THEN 1 ELSE 0 END) << 32)
+         | x::text::bigint)::text::xid8 END
+    FROM (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS c) s
+$$;
 """
 
 
@@ -98,26 +127,194 @@ async def exists(db: Executor) -> bool:
     return bool(await fetch_val(db, "SELECT to_regclass($1) IS NOT NULL", f"{SCHEMA}.runs"))
 
 
+# -- the lock: one migrate-data run at a time per database -------------------------------------
+# The run's lock lives on a session of its own (LockSession).  Every batch checks, inside its transaction and just
+# before its COMMIT, that this session still holds the lock on this database; the check also takes FENCE_KEY in
+# shared mode until that COMMIT, and a new holder takes FENCE_KEY exclusively once before it starts, so it waits for
+# every batch of an earlier holder that passed its check and has not committed yet.
+FENCE_KEY = LOCK_KEY + 1
+LOCK_SESSION_SETTINGS = {  # applied where the server knows them (idle_session_timeout is PostgreSQL 14+)
+    "idle_session_timeout": "0",
+    "idle_in_transaction_session_timeout": "0",
+    "statement_timeout": "0",
+    "tcp_keepalives_idle": "30",  # the server probes an idle lock session, so no firewall forgets the connection,
+    "tcp_keepalives_interval": "10",  # and a client that vanished releases the lock within about a minute
+    "tcp_keepalives_count": "3",
+}
+FENCE_WAIT = "30s"  # how long a new holder waits for an earlier holder's batches to commit
+WATCH_EVERY = 2.0  # seconds between the watchdog's looks at pg_locks
+
+
+def lock_held_sql(*, fence: bool) -> str:
+    """A query: does backend $2 hold the advisory lock $1 on this database?  With ``fence``, it first takes the
+    fence key $3 shared for the rest of the transaction (the lock is looked up after the fence is granted)."""
+    held = f"""EXISTS (SELECT 1 FROM pg_locks l WHERE {_our_lock("l")} AND l.granted AND l.pid = $2)"""
+    if not fence:
+        return f"SELECT {held}"
+    return f"SELECT {held} FROM (SELECT pg_advisory_xact_lock_shared($3::bigint)) AS fence"
+
+
+def _our_lock(alias: str) -> str:
+    """The condition on pg_locks for the advisory lock whose bigint key is $1, on the current database only."""
+    return (
+        f"{alias}.locktype = 'advisory' AND {alias}.database = "
+        f"(SELECT oid FROM pg_database WHERE datname = current_database()) "
+        f"AND {alias}.classid = ($1::bigint >> 32)::oid AND {alias}.objid = ($1::bigint & 4294967295)::oid "
+        f"AND {alias}.objsubid = 1"
+    )
+
+
+class LockSession(asyncpg.Connection):  # type: ignore[misc]
+    """The session that holds the database's migrate-data lock for one run; ``exclusive()`` opens it.
+
+    It is an ordinary connection (the run's ledger record is written on it, so the holder can be named) that also
+    knows whether the lock is still held:
+
+    - ``await lock.check(conn)``: run it inside each batch's transaction, as its last statement before COMMIT; it
+      raises LockLost (and the transaction rolls back) unless this session still holds the lock on this database;
+    - ``lock.watch(event)``: ``event`` is set as soon as the lock is known lost (at once when the session closes,
+      within ``WATCH_EVERY`` seconds otherwise); then stop between batches and ``lock.raise_if_lost()``;
+    - ``lock.lost`` is that event for this session, ``lock.error()`` the LockLost to raise.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.what = "a run"
+        self.lost = asyncio.Event()
+        self._why = ""
+        self._watchers: list[asyncio.Event] = []
+        self._releasing = False
+
+    @property
+    def pid(self) -> int:
+        """The backend pid of the lock's session (known even after the session died)."""
+        return self.get_server_pid()
+
+    async def check(self, conn: asyncpg.Connection) -> None:
+        """Raise LockLost unless this session still holds the lock; call inside a batch's transaction, last
+        before its COMMIT, on the connection of that transaction."""
+        if self.lost.is_set():
+            raise self.error()
+        if not await conn.fetchval(lock_held_sql(fence=True), LOCK_KEY, self.pid, FENCE_KEY):
+            self._lose("the server no longer lists it as the holder")
+            raise self.error()
+
+    def watch(self, event: asyncio.Event) -> None:
+        """Set ``event`` when the lock is lost (now, if it already is)."""
+        self._watchers.append(event)
+        if self.lost.is_set():
+            event.set()
+
+    def raise_if_lost(self) -> None:
+        if self.lost.is_set():
+            raise self.error()
+
+    def error(self) -> LockLost:
+        return LockLost(
+            f"lost the migrate-data lock on this database during {self.what}; stopped at the last checkpoint",
+            detail=f"the lock's session (backend pid {self.pid}) {self._why or 'is gone'}; "
+            "no batch commits without the lock",
+            hint="run the same command again: it resumes after the last committed batch",
+        )
+
+    def _lose(self, why: str) -> None:
+        if self.lost.is_set() or self._releasing:
+            return
+        self._why = why
+        log.error("the migrate-data lock was lost: its session (backend pid %s) %s", self.pid, why)
+        self.lost.set()
+        for event in self._watchers:
+            event.set()
+
+    def _on_closed(self, _conn: asyncpg.Connection) -> None:
+        self._lose("ended (terminated by a DBA or a timeout, a server restart, or the network)")
+
+    async def _watchdog(self, pool: asyncpg.Pool, every: float) -> None:
+        """Look every ``every`` seconds, from another session, whether this one still holds the lock.  A closed
+        session is noticed at once (``_on_closed``); this finds a session the server ended while its socket
+        looks open here.  When the server cannot be asked, the batches' own checks decide."""
+        while not self.lost.is_set():
+            await asyncio.sleep(every)
+            if self.is_closed():
+                self._on_closed(self)
+                return
+            try:
+                held = await pool.fetchval(lock_held_sql(fence=False), LOCK_KEY, self.pid, timeout=max(every, 5.0))
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as e:
+                log.debug("lock watchdog: cannot ask the server: %s", e)
+                continue
+            if not held:
+                self._lose("no longer holds the lock")
+
+
+async def _open_lock_session(url: str | DatabaseURL) -> LockSession:
+    parsed = DatabaseURL.parse(url)
+    try:
+        session: LockSession = await asyncpg.connect(
+            **parsed.asyncpg_connect_args(),
+            connection_class=LockSession,
+            server_settings={"application_name": APPLICATION_NAME},
+        )
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as e:
+        raise MigrationError(
+            f"cannot connect to {parsed}",
+            detail=redact_text(str(e), parsed),
+            hint="check DATABASE_URL / --database-url and that the server is running",
+        ) from e
+    await session.execute(
+        "SELECT set_config(s.name, v.setting, false) FROM pg_settings s JOIN unnest($1::text[], $2::text[]) "
+        "AS v(name, setting) USING (name)",
+        list(LOCK_SESSION_SETTINGS),
+        list(LOCK_SESSION_SETTINGS.values()),
+    )
+    return session
+
+
 @asynccontextmanager
-async def exclusive(pool: asyncpg.Pool, *, what: str) -> AsyncIterator[asyncpg.Connection]:
-    """Hold the database's migrate-data advisory lock for the block, or raise LockHeld naming the holder."""
-    async with pool.acquire() as conn:
-        got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY)
-        if not got:
-            holder = await holder_of_lock(conn)
+async def exclusive(
+    pool: asyncpg.Pool, *, url: str | DatabaseURL, what: str, watch_every: float = WATCH_EVERY
+) -> AsyncIterator[LockSession]:
+    """Hold the database's migrate-data advisory lock for the block, on a session of its own, or raise LockHeld
+    naming the holder.  ``pool`` (on the same database) is what the watchdog asks from."""
+    session = await _open_lock_session(url)
+    session.what = what
+    try:
+        if not await session.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
             raise LockHeld(
                 f"another migrate-data run holds the lock on this database; not starting {what}",
-                detail=holder,
+                detail=await holder_of_lock(session),
                 hint="wait for it to finish, or check it with `migrate-data status`",
             )
+        async with session.transaction():  # an earlier holder's batches that passed their check commit first
+            await session.execute(f"SET LOCAL lock_timeout = '{FENCE_WAIT}'")
+            try:
+                await session.execute("SELECT pg_advisory_xact_lock($1)", FENCE_KEY)
+            except asyncpg.LockNotAvailableError as e:
+                raise LockHeld(
+                    f"a batch of an earlier migrate-data run is still committing; not starting {what}",
+                    detail=f"it has held the lock fence for more than {FENCE_WAIT}",
+                    hint="find it in pg_locks (advisory, objid "
+                    f"{FENCE_KEY & 0xFFFFFFFF}) and end it, then run the same command again",
+                ) from e
+        session.add_termination_listener(session._on_closed)
+        watchdog = asyncio.create_task(session._watchdog(pool, watch_every), name="migrate-data lock watchdog")
         try:
-            yield conn
+            yield session
         finally:
-            if not conn.is_closed():
-                await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+    finally:
+        session._releasing = True
+        try:
+            if not session.is_closed():  # unlock first: closing returns before the server has ended the session
+                await session.execute("SELECT pg_advisory_unlock_all()")
+            await asyncio.wait_for(session.close(), timeout=10)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError):
+            session.terminate()
 
 
 async def holder_of_lock(db: Executor) -> str:
+    """Who holds the migrate-data lock on this database (the lock of another database is another lock)."""
     row = await fetch_one(
         db,
         f"""SELECT a.pid, a.usename, COALESCE(a.client_hostname, host(a.client_addr), 'local socket') AS client,
@@ -125,8 +322,7 @@ async def holder_of_lock(db: Executor) -> str:
             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
             LEFT JOIN LATERAL (SELECT kind, phase, host, started_at FROM {SCHEMA}.runs
                                WHERE pid = l.pid AND status = 'running' ORDER BY id DESC LIMIT 1) r ON to_regclass('{SCHEMA}.runs') IS NOT NULL
-            WHERE l.locktype = 'advisory' AND l.granted
-              AND l.classid = ($1::bigint >> 32)::oid AND l.objid = ($1::bigint & 4294967295)::oid""",
+            WHERE {_our_lock("l")} AND l.granted""",
         LOCK_KEY,
     )
     if row is None:
@@ -200,15 +396,22 @@ async def set_phase(
     validated: bool | None = None,
     backup_path: str | None = None,
     pre_state: dict[str, Any] | None = None,
+    start: bool = False,
 ) -> None:
+    """Record a phase's state; ``start`` marks a new start: the snapshot taken now tells, at rollback, which target
+    rows were there before the phase (committed before this transaction) from those written after it."""
     await execute(
         db,
-        f"""INSERT INTO {SCHEMA}.phases AS p (phase, state, revision, run_id, validated, backup_path, pre_state)
-            VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+        f"""INSERT INTO {SCHEMA}.phases AS p (phase, state, revision, run_id, validated, backup_path, pre_state,
+                                              started_snapshot)
+            VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, CASE WHEN $8 THEN pg_current_snapshot()::text END)
             ON CONFLICT (phase) DO UPDATE SET state = EXCLUDED.state,
                 revision = COALESCE(EXCLUDED.revision, p.revision), run_id = COALESCE(EXCLUDED.run_id, p.run_id),
                 validated = EXCLUDED.validated, backup_path = COALESCE(EXCLUDED.backup_path, p.backup_path),
-                pre_state = COALESCE(EXCLUDED.pre_state, p.pre_state), updated_at = clock_timestamp()""",
+                pre_state = COALESCE(EXCLUDED.pre_state, p.pre_state),
+                started_snapshot = CASE WHEN $8 THEN EXCLUDED.started_snapshot ELSE p.started_snapshot END,
+                rollback_dumps = CASE WHEN $8 THEN '{{}}' ELSE p.rollback_dumps END,
+                updated_at = clock_timestamp()""",
         phase,
         state,
         revision,
@@ -216,6 +419,7 @@ async def set_phase(
         validated,
         backup_path,
         json.dumps(pre_state) if pre_state is not None else None,
+        start,
     )
 
 
@@ -260,3 +464,40 @@ async def rejected_keys(db: Executor, phase: str, target: str) -> list[list[str]
 
 async def clear_rejects(db: Executor, phase: str) -> None:
     await execute(db, f"DELETE FROM {SCHEMA}.rejects WHERE phase = $1", phase)
+
+
+# -- what a phase wrote ------------------------------------------------------------------------
+async def mark_write(conn: asyncpg.Connection, phase: str, target: str, run_id: int | None) -> None:
+    """Record, inside the (sub)transaction that writes target rows, that this phase wrote them."""
+    await conn.execute(
+        f"INSERT INTO {SCHEMA}.writes (phase, target, run_id) VALUES ($1, $2, $3)", phase, target, run_id
+    )
+
+
+async def finished_tables(db: Executor, phase: str) -> set[str]:
+    return {r["target"] for r in await fetch_all(db, f"SELECT target FROM {SCHEMA}.finished WHERE phase = $1", phase)}
+
+
+async def mark_finished(db: Executor, phase: str, target: str) -> None:
+    await execute(
+        db, f"INSERT INTO {SCHEMA}.finished (phase, target) VALUES ($1, $2) ON CONFLICT DO NOTHING", phase, target
+    )
+
+
+async def unmark_finished(db: Executor, phase: str, target: str) -> None:
+    await execute(db, f"DELETE FROM {SCHEMA}.finished WHERE phase = $1 AND target = $2", phase, target)
+
+
+async def forget_phase_writes(db: Executor, phase: str) -> None:
+    """Once a phase is rolled back: its checkpoints, rejects, write marks and finished tables go."""
+    for table in ("checkpoints", "rejects", "writes", "finished"):
+        await execute(db, f"DELETE FROM {SCHEMA}.{table} WHERE phase = $1", phase)
+
+
+async def add_rollback_dump(db: Executor, phase: str, path: str) -> None:
+    await execute(
+        db,
+        f"UPDATE {SCHEMA}.phases SET rollback_dumps = array_append(rollback_dumps, $2) WHERE phase = $1",
+        phase,
+        path,
+    )

@@ -22,6 +22,7 @@ from .errors import MappingError
 PHASE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 CAST_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .,()\[\]\"]*$")
 MAX_IDENTIFIER = 63
+TIME_ZONE = re.compile(r"^[A-Za-z0-9_+\-/:.]+$")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class ColumnSpec:
     has_default: bool = False
     default: Any = None
     cast: str | None = None
+    truncate: bool = False  # a text value longer than the target type may be cut (otherwise it is quarantined)
+    round: bool = False  # a number (or time) may be rounded to the target type's scale (otherwise quarantined)
+    timezone: str | None = None  # the zone of a timestamp <-> timestamptz conversion (else the phase's)
 
     @property
     def is_plain_column(self) -> bool:
@@ -87,6 +91,7 @@ class TableMapping:
     key: tuple[str, ...] | None = None
     batch_by: tuple[str, ...] | None = None
     on_conflict: str = "nothing"
+    timezone: str | None = None  # the phase's `timezone:`, for columns that give none
 
     def column(self, target: str) -> ColumnSpec | None:
         return next((c for c in self.columns if c.target == target), None)
@@ -103,6 +108,7 @@ class Phase:
     revision: str | None = None
     backup: tuple[QualifiedName, ...] = ()
     tables: tuple[TableMapping, ...] = field(default_factory=tuple)
+    timezone: str | None = None  # the zone of every timestamp <-> timestamptz conversion of the phase
 
     def table(self, target: str) -> TableMapping | None:
         return next((t for t in self.tables if str(t.target) == target or t.target.name == target), None)
@@ -118,11 +124,7 @@ class _Ctx:
         self.constructor = yaml.constructor.SafeConstructor()
 
     def display(self) -> str:
-        try:
-            rel = os.path.relpath(self.path)
-            return rel if not rel.startswith("..") else str(self.path)
-        except ValueError:
-            return str(self.path)
+        return display_path(self.path)
 
     def error(self, node: Node | None, where: str, message: str) -> MappingError:
         line = node.start_mark.line + 1 if node is not None else 1
@@ -160,6 +162,18 @@ class _Ctx:
                     raise self.error(node, where, f"identifier {part!r} is longer than {MAX_IDENTIFIER} characters")
         return text
 
+    def boolean(self, node: Node, where: str) -> bool:
+        value = self.value(node) if isinstance(node, ScalarNode) else None
+        if not isinstance(value, bool):
+            raise self.error(node, where, "expected true or false")
+        return value
+
+    def zone(self, node: Node, where: str) -> str:
+        text = self.string(node, where)
+        if not TIME_ZONE.match(text):
+            raise self.error(node, where, f"{text!r} is not a time zone name (e.g. UTC, America/Guayaquil)")
+        return text
+
     def names(self, node: Node, where: str) -> tuple[str, ...]:
         if isinstance(node, ScalarNode):
             return (self.string(node, where, identifier=True),)
@@ -169,6 +183,15 @@ class _Ctx:
                 raise self.error(node, where, "a name is listed twice")
             return out
         raise self.error(node, where, "expected a name or a non-empty list of names")
+
+
+def display_path(path: Path) -> str:
+    """A phase file's path as errors show it: relative to the working directory when it is below it."""
+    try:
+        rel = os.path.relpath(path)
+        return rel if not rel.startswith("..") else str(path)
+    except ValueError:
+        return str(path)
 
 
 def text_form(value: Any) -> str | None:
@@ -185,7 +208,7 @@ def text_form(value: Any) -> str | None:
 
 
 BASES = ("column", "value", "lookup", "sql")
-MODIFIERS = ("map", "else", "default", "cast")
+MODIFIERS = ("map", "else", "default", "cast", "truncate", "round", "timezone")
 
 
 def _column(ctx: _Ctx, target: str, node: Node, where: str) -> ColumnSpec:
@@ -250,10 +273,15 @@ def _column(ctx: _Ctx, target: str, node: Node, where: str) -> ColumnSpec:
         if not CAST_TYPE.match(cast):
             raise ctx.error(keys["cast"][1], f"{where}.cast", f"{cast!r} is not a type name")
         spec["cast"] = cast
+    for flag in ("truncate", "round"):
+        if flag in keys:
+            spec[flag] = ctx.boolean(keys[flag][1], f"{where}.{flag}")
+    if "timezone" in keys:
+        spec["timezone"] = ctx.zone(keys["timezone"][1], f"{where}.timezone")
     return ColumnSpec(**spec)
 
 
-def _table(ctx: _Ctx, node: Node, where: str) -> TableMapping:
+def _table(ctx: _Ctx, node: Node, where: str, timezone: str | None = None) -> TableMapping:
     keys = ctx.mapping(node, where, ("source", "target", "where", "key", "batch_by", "on_conflict", "columns"))
     for required in ("source", "target", "columns"):
         if required not in keys:
@@ -282,6 +310,7 @@ def _table(ctx: _Ctx, node: Node, where: str) -> TableMapping:
         key=ctx.names(keys["key"][1], f"{where}.key") if "key" in keys else None,
         batch_by=ctx.names(keys["batch_by"][1], f"{where}.batch_by") if "batch_by" in keys else None,
         on_conflict=on_conflict,
+        timezone=timezone,
     )
 
 
@@ -305,7 +334,8 @@ def load_phase(path: str | Path) -> Phase:
         raise MappingError(f"{ctx.display()}:{line}: invalid YAML: {problem}") from e
     if root is None:
         raise ctx.error(None, "", "the file is empty")
-    top = ctx.mapping(root, "", ("description", "requires", "revision", "backup", "tables"))
+    top = ctx.mapping(root, "", ("description", "requires", "revision", "backup", "timezone", "tables"))
+    timezone = ctx.zone(top["timezone"][1], "timezone") if "timezone" in top else None
     tables: tuple[TableMapping, ...] = ()
     if "tables" in top:
         tnode = top["tables"][1]
@@ -313,7 +343,7 @@ def load_phase(path: str | Path) -> Phase:
             tnode = SequenceNode("tag:yaml.org,2002:seq", [])
         if not isinstance(tnode, SequenceNode):
             raise ctx.error(tnode, "tables", "expected a list of table mappings")
-        tables = tuple(_table(ctx, n, f"tables[{i}]") for i, n in enumerate(tnode.value))
+        tables = tuple(_table(ctx, n, f"tables[{i}]", timezone) for i, n in enumerate(tnode.value))
         seen: dict[str, int] = {}
         for i, t in enumerate(tables):
             if str(t.target) in seen:
@@ -331,6 +361,7 @@ def load_phase(path: str | Path) -> Phase:
         revision=ctx.string(top["revision"][1], "revision", identifier=True) if "revision" in top else None,
         backup=tuple(QualifiedName.parse(n) for n in ctx.names(top["backup"][1], "backup")) if "backup" in top else (),
         tables=tables,
+        timezone=timezone,
     )
 
 

@@ -9,11 +9,25 @@ from typing import Any
 import asyncpg
 
 from .catalog import Table, parents_first, read_table
-from .compile import CompiledTable, compile_table, coverage_sql, preview_sql, unmapped_values_sql
+from .compile import (
+    HELPERS_EXIST_SQL,
+    HELPERS_SQL,
+    TARGET_CHECKS_SQL,
+    TARGET_DEFAULTS_SQL,
+    CompiledTable,
+    change_count_sql,
+    check_violations_sql,
+    compile_table,
+    coverage_sql,
+    null_counts_sql,
+    preview_sql,
+    unmapped_values_sql,
+)
 from .copier import fk_cycles
-from .db import Executor, fetch_all, fetch_one, rolled_back
+from .db import Executor, fetch_all, fetch_one, fetch_val, rolled_back
 from .errors import PreflightError
-from .mapping import Phase, TableMapping
+from .mapping import Phase, QualifiedName, TableMapping, display_path
+from .sql import qname
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +100,7 @@ async def _compile(
     """Each table mapping compiled, with the source and target catalogs it was compiled against."""
     compiled: list[tuple[CompiledTable, Table, Table]] = []
     findings: list[Finding] = []
-    for tm in phase.tables:
+    for i, tm in enumerate(phase.tables):
         name = str(tm.target)
         src = await read_table(source, tm.source)
         tgt = await read_table(target, tm.target)
@@ -101,10 +115,46 @@ async def _compile(
         if src is None or tgt is None:
             continue
         try:
-            compiled.append((compile_table(tm, src, tgt), src, tgt))
+            lookups = {lk.table: await read_table(source, lk.table) for lk in _lookups(tm)}
+            known = {k: v for k, v in lookups.items() if v is not None}
+            ct = compile_table(tm, src, tgt, known)
+            types = await _sql_types(ct, source)
+            if types:
+                ct = compile_table(tm, src, tgt, known, value_types=types)
         except PreflightError as e:
             findings.append(Finding("error", name, e.message + (f" ({e.hint})" if e.hint else "")))
+            continue
+        compiled.append((ct, src, tgt))
+        for c in ct.columns:
+            if c.zone_conversion and c.zone is None:
+                findings.append(
+                    Finding(
+                        "error",
+                        name,
+                        f"{display_path(phase.path)}:{c.spec.line} tables[{i}].columns.{c.target}: "
+                        f"{c.value_type} -> {c.cast_type} needs a time zone: the server session's TimeZone would "
+                        "decide the instants; give `timezone:` (e.g. UTC) for the phase or the column",
+                    )
+                )
     return compiled, findings
+
+
+def _lookups(tm: TableMapping) -> list:  # type: ignore[type-arg]
+    return [c.lookup for c in tm.columns if c.lookup is not None]
+
+
+async def _sql_types(ct: CompiledTable, source: Executor) -> dict[str, str]:
+    """The types PostgreSQL gives the mapping's ``sql:`` expressions (by target column); empty when there are none
+    or they do not prepare (the pre-flight reports that)."""
+    cols = [c for c in ct.columns if c.spec.kind == "sql"]
+    if not cols:
+        return {}
+    try:
+        async with rolled_back(source) as conn:
+            stmt = await conn.prepare(f"SELECT {', '.join(c.base for c in cols)} FROM {ct.from_} LIMIT 0")
+            return {c.target: a.type.name for c, a in zip(cols, stmt.get_attributes(), strict=True)}
+    except asyncpg.PostgresError:
+        return {}
 
 
 async def preflight(
@@ -119,7 +169,7 @@ async def preflight(
         findings += await _check_table(ct, sources[str(ct.target)], tgt, source=source, target=target, same_db=same_db)
     if coverage:
         for ct, _ in tables:
-            findings += await _coverage(ct, source)
+            findings += await _coverage(ct, source, target)
     for group in fk_cycles(tables):
         findings.append(
             Finding(
@@ -148,6 +198,17 @@ async def _check_table(
                 name,
                 f"key ({', '.join(ct.key)}) is not a primary key or unique constraint of {tgt.name}; "
                 "ON CONFLICT needs one (give `key:` or add the constraint in the phase's revision)",
+            )
+        )
+    nullable = [k for k in ct.key if (col := tgt.column(k)) is not None and not col.not_null]
+    if nullable:
+        out.append(
+            Finding(
+                "warning",
+                name,
+                f"key column{'s' if len(nullable) > 1 else ''} {', '.join(nullable)} of {tgt.name} "
+                f"{'are' if len(nullable) > 1 else 'is'} nullable: a row with a NULL key conflicts with nothing, "
+                "so every re-run copies it again, and validation cannot match it",
             )
         )
     if not src.is_unique(ct.batch_by):
@@ -187,6 +248,19 @@ async def _check_table(
     for col in tgt.columns:
         if col.not_null and not col.has_default and not col.identity and not col.generated and col.name not in mapped:
             out.append(Finding("error", name, f"{tgt.name}.{col.name} is NOT NULL without a default and gets no value"))
+    for zone in sorted({c.zone for c in ct.columns if c.zone}):
+        try:
+            async with rolled_back(target) as conn:
+                await conn.fetchval("SELECT now() AT TIME ZONE $1", zone)
+        except asyncpg.PostgresError:
+            out.append(Finding("error", name, f"time zone {zone!r} is not known to the server (see pg_timezone_names)"))
+    for c in ct.columns:
+        if c.zone:
+            out.append(
+                Finding("info", name, f"{c.target}: {c.value_type} converted as {c.cast_type}, in time zone {c.zone}")
+            )
+    if any(c.checked for c in ct.columns):
+        await ensure_helpers(target)
     if same_db:
         err = await _prepare(target, ct.insert_sql(lower=True, upper=True))
     else:
@@ -199,9 +273,18 @@ async def _check_table(
     return out
 
 
-async def _coverage(ct: CompiledTable, source: Executor) -> list[Finding]:
+async def ensure_helpers(db: Executor) -> None:
+    """Create the function that lets a copy refuse a value that would be cut or rounded, when it is missing."""
+    if not await fetch_val(db, HELPERS_EXIST_SQL):
+        await db.execute(HELPERS_SQL)
+
+
+async def _coverage(ct: CompiledTable, source: Executor, target: Executor | None = None) -> list[Finding]:
     name = str(ct.target)
     out: list[Finding] = []
+    out += await _changes(ct, source)
+    if target is not None:
+        out += await _refused(ct, source, target)
     for c in ct.columns:
         if c.spec.map and not c.spec.has_else:
             try:
@@ -249,3 +332,99 @@ async def _preview(ct: CompiledTable, source: Executor, rows: int) -> dict[str, 
     except asyncpg.PostgresError as e:
         return {"columns": columns, "rows": [], "error": f"{e.sqlstate}: {e}"}
     return {"columns": columns, "rows": [dict(r.items()) for r in recs]}
+
+
+async def _changes(ct: CompiledTable, source: Executor) -> list[Finding]:
+    """Per column whose cast can cut or round a value: the source rows it would happen to."""
+    name = str(ct.target)
+    out: list[Finding] = []
+    for c in ct.columns:
+        if not c.changes:
+            continue
+        kinds = " or ".join(sorted({"cut" if s.check == "cut" else "rounded" for s in c.changes}))
+        types = ", ".join(s.type for s in c.changes)
+        try:
+            async with rolled_back(source) as conn:
+                n = await conn.fetchval(change_count_sql(ct, c))
+        except asyncpg.PostgresError as e:
+            out.append(Finding("warning", name, f"{c.target}: values may be {kinds} by {types}; not counted: {e}"))
+            continue
+        if not c.checked:
+            allowed = " and ".join(f"`{o}: true`" for o in ("truncate", "round") if getattr(c.spec, o))
+            out.append(
+                Finding(
+                    "warning", name, f"{c.target}: {n} rows have values that will be {kinds} to {types} ({allowed})", n
+                )
+            )
+        elif n:
+            state = "22001" if any(s.check == "cut" for s in c.changes) else "22003"
+            out.append(
+                Finding(
+                    "warning",
+                    name,
+                    f"{c.target}: {n} rows have values that {types} would have {kinds}; they will be quarantined "
+                    f"({state}); give the column `truncate: true` / `round: true` to accept that",
+                    n,
+                )
+            )
+        else:
+            out.append(
+                Finding(
+                    "info",
+                    name,
+                    f"{c.target}: {c.value_type or 'the value'} -> {types} could be {kinds}: no source row is now; "
+                    "a row that would be is quarantined",
+                    0,
+                )
+            )
+    return out
+
+
+async def _refused(ct: CompiledTable, source: Executor, target: Executor) -> list[Finding]:
+    """The source rows whose mapped values the target's CHECK constraints and NOT NULL columns refuse (they will
+    be quarantined), each constraint evaluated on its own so that one that cannot be evaluated here (a function
+    the source lacks, a value that does not convert) does not hide the others."""
+    name = str(ct.target)
+    out: list[Finding] = []
+    table = qname(ct.target)
+    defaults = {r["attname"]: (r["type"], r["dflt"]) for r in await fetch_all(target, TARGET_DEFAULTS_SQL, table)}
+    for chk in await fetch_all(target, TARGET_CHECKS_SQL, table):
+        try:
+            async with rolled_back(source) as conn:
+                n = await conn.fetchval(check_violations_sql(ct, chk["expr"], list(chk["columns"]), defaults))
+        except asyncpg.PostgresError as e:
+            out.append(Finding("warning", name, f"CHECK {chk['conname']} not evaluated on the mapped values: {e}"))
+            continue
+        if n:
+            out.append(
+                Finding(
+                    "warning",
+                    name,
+                    f"CHECK {chk['conname']} refuses {n} rows: they will be quarantined (23514)",
+                    n,
+                )
+            )
+    required = await _not_null_columns(target, ct.target)
+    not_null = [c for c in ct.columns if c.target in required]
+    if not_null:
+        try:
+            async with rolled_back(source) as conn:
+                row = await conn.fetchrow(null_counts_sql(ct, not_null))
+        except asyncpg.PostgresError as e:
+            return out + [Finding("warning", name, f"NOT NULL columns not evaluated on the mapped values: {e}")]
+        for c, n in zip(not_null, row or (), strict=True):
+            if n:
+                out.append(
+                    Finding(
+                        "warning",
+                        name,
+                        f"{c.target}: NULL for {n} rows, and the column is NOT NULL: they will be quarantined (23502)",
+                        n,
+                    )
+                )
+    return out
+
+
+async def _not_null_columns(target: Executor, table: QualifiedName) -> set[str]:
+    t = await read_table(target, table)
+    return {c.name for c in t.columns if c.not_null} if t is not None else set()

@@ -6,9 +6,10 @@ import datetime as dt
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -16,11 +17,11 @@ from . import api, backup, ledger, report
 from .catalog import Table, parents_first, read_table
 from .compile import CompiledTable
 from .copier import CopyEvent, CopyOptions
-from .db import fetch_all, fetch_val, open_pool
-from .errors import BadInput
+from .db import fetch_all, fetch_one, fetch_val, open_pool
+from .errors import BadInput, MigrationError, RefusedError
 from .mapping import Phase, QualifiedName
 from .preflight import compile_phase
-from .settings import Settings, asyncpg_dsn, redact
+from .settings import DatabaseURL, Settings, redact
 from .sql import qi, qname
 
 log = logging.getLogger(__name__)
@@ -105,43 +106,151 @@ def parse_window(text: str) -> tuple[dt.time, dt.time, float]:
     return a, b, length if length > 0 else length + 86400
 
 
-def _server(url: str) -> tuple[str, str, str]:
-    p = urlsplit(asyncpg_dsn(url))
-    host = p.hostname or parse_qs(p.query).get("host", ["localhost"])[0]
-    return host, str(p.port or parse_qs(p.query).get("port", ["5432"])[0]), p.path.lstrip("/")
+@dataclass(frozen=True)
+class ServerIdentity:
+    """What identifies a running PostgreSQL server, whatever the URL that reached it.
+
+    ``system_identifier`` names the cluster (a copy made by pg_basebackup shares it), so the start time, port
+    and data directory must agree as well: two URLs reach the same server only if all that is readable agrees.
+    """
+
+    system_identifier: int | None
+    port: str
+    started: dt.datetime
+    data_directory: str | None
+
+    def same_as(self, other: ServerIdentity) -> bool:
+        known = [(self.port, other.port), (self.started, other.started)]
+        if self.system_identifier is not None and other.system_identifier is not None:
+            known.append((self.system_identifier, other.system_identifier))
+        if self.data_directory is not None and other.data_directory is not None:
+            known.append((self.data_directory, other.data_directory))
+        return all(a == b for a, b in known)
+
+    def describe(self) -> str:
+        parts = [f"system identifier {self.system_identifier}"] if self.system_identifier is not None else []
+        parts += [f"port {self.port}", f"started {self.started.isoformat(sep=' ', timespec='seconds')}"]
+        if self.data_directory:
+            parts.append(f"data directory {self.data_directory}")
+        return ", ".join(parts)
 
 
-def _maintenance_url(url: str) -> str:
-    return urlunsplit(urlsplit(asyncpg_dsn(url))._replace(path="/postgres"))
+@dataclass(frozen=True)
+class DatabaseIdentity:
+    server: ServerIdentity
+    name: str
+    oid: int | None  # None: the database does not exist (yet)
+
+
+async def _optional(db: asyncpg.Pool, query: str) -> Any:
+    """A value only some roles may read (pg_control_system, data_directory): None when refused."""
+    try:
+        return await fetch_val(db, query)
+    except (asyncpg.InsufficientPrivilegeError, asyncpg.UndefinedFunctionError):
+        return None
+
+
+async def server_identity(db: asyncpg.Pool) -> ServerIdentity:
+    """Identify the server ``db`` is connected to (by what it says, not by how it was reached)."""
+    row = await fetch_one(db, "SELECT current_setting('port') AS port, pg_postmaster_start_time() AS started")
+    assert row is not None
+    return ServerIdentity(
+        system_identifier=await _optional(db, "SELECT system_identifier FROM pg_control_system()"),
+        port=row["port"],
+        started=row["started"],
+        data_directory=await _optional(db, "SELECT current_setting('data_directory')"),
+    )
+
+
+async def database_identity(db: asyncpg.Pool) -> DatabaseIdentity:
+    """Identify the database ``db`` is connected to: its server, name and oid."""
+    row = await fetch_one(
+        db, "SELECT current_database() AS name, (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    assert row is not None
+    return DatabaseIdentity(await server_identity(db), row["name"], row["oid"])
+
+
+def _refuse_if_production(
+    staging: DatabaseIdentity, staging_url: DatabaseURL, production: dict[str, DatabaseIdentity]
+) -> None:
+    """Raise RefusedError when the staging database is, or would be, one of production's databases."""
+    for prod_url, prod in production.items():
+        if not staging.server.same_as(prod.server):
+            continue
+        if staging.oid is not None and staging.oid == prod.oid:
+            matched = f"database oid {prod.oid} ({prod.name})"
+        elif staging.name == prod.name:
+            matched = f"database name {prod.name}" + (
+                " (the staging database does not exist yet)" if staging.oid is None else ""
+            )
+        else:
+            continue
+        raise RefusedError(
+            f"refusing to rehearse: the staging URL {staging_url} names the production database {prod_url}",
+            detail=f"both reach the same server ({prod.server.describe()}) and the same {matched}",
+            hint="give --staging-url a database of its own: another name, or another server",
+        )
+
+
+@asynccontextmanager
+async def _maintenance_pool(url: DatabaseURL, staging_name: str) -> AsyncIterator[asyncpg.Pool]:
+    """A one-connection pool on the staging server's maintenance database (postgres, else template1)."""
+    names = [n for n in ("postgres", "template1") if n != staging_name]
+    async with AsyncExitStack() as stack:
+        for name in names:
+            try:
+                pool = await stack.enter_async_context(open_pool(url.maintenance(name), max_size=1))
+            except MigrationError as e:
+                if name == names[-1] or not isinstance(e.__cause__, asyncpg.InvalidCatalogNameError):
+                    raise
+                continue
+            yield pool
+            return
 
 
 async def build_staging(
     production: Settings, staging_url: str, tables: list[QualifiedName], *, rebuild: bool, use_existing: bool
 ) -> str:
-    """Create the staging database: TEMPLATE on the same server, else pg_dump | pg_restore of ``tables``."""
-    prod_server, stag_server = _server(production.database_url), _server(staging_url)
-    if prod_server == stag_server:
-        raise BadInput("the staging URL names the production database", hint="give another database name")
+    """Create the staging database: TEMPLATE on the same server, else pg_dump | pg_restore of ``tables``.
+
+    Whatever the spelling of the URLs, nothing is dropped or written on a database that resolves to production
+    (or to its source database): the servers and databases are compared by what they say they are.
+    """
+    staging = DatabaseURL.parse(staging_url)
+    prods: dict[str, DatabaseIdentity] = {}
+    for url in dict.fromkeys(u for u in (production.database_url, production.source_url) if u):
+        async with open_pool(url, max_size=1) as pool:
+            prods[redact(url)] = await database_identity(pool)
+    prod = prods[redact(production.database_url)]
     if use_existing:
+        async with open_pool(staging, max_size=1) as stag:
+            _refuse_if_production(await database_identity(stag), staging, prods)
         return "existing"
-    name = stag_server[2]
-    async with open_pool(_maintenance_url(staging_url), max_size=1) as admin:
-        if await fetch_val(admin, "SELECT 1 FROM pg_database WHERE datname = $1", name):
+    name = staging.database
+    if not name:
+        raise BadInput(f"the staging URL {staging} names no database", hint="end it with /the_staging_database")
+    async with _maintenance_pool(staging, name) as admin:
+        server = await server_identity(admin)
+        oid = await fetch_val(admin, "SELECT oid FROM pg_database WHERE datname = $1", name)
+        _refuse_if_production(DatabaseIdentity(server, name, oid), staging, prods)
+        if oid is not None:
             if not rebuild:
                 raise BadInput(
                     f"the staging database {name} exists",
                     hint="pass --rebuild to replace it, or --use-existing to rehearse on it as it is",
                 )
+            log.info("dropping the staging database %s (oid %s) on %s", name, oid, staging)
             await admin.execute(f"DROP DATABASE {qi(name)} WITH (FORCE)")
-        if prod_server[:2] == stag_server[:2]:
+        if server.same_as(prod.server):
             try:
-                await admin.execute(f"CREATE DATABASE {qi(name)} TEMPLATE {qi(prod_server[2])}")
+                await admin.execute(f"CREATE DATABASE {qi(name)} TEMPLATE {qi(prod.name)}")
                 return "template"
             except asyncpg.ObjectInUseError:
                 log.info("production is in use; copying its tables with pg_dump instead of TEMPLATE")
         await admin.execute(f"CREATE DATABASE {qi(name)}")
-    async with open_pool(production.database_url, max_size=1) as prod:
-        major = int(await fetch_val(prod, "SHOW server_version_num")) // 10000
+    async with open_pool(production.database_url, max_size=1) as prod_pool:
+        major = int(await fetch_val(prod_pool, "SHOW server_version_num")) // 10000
     dump = production.backups_dir / f"staging-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}.dump"
     await backup.dump(production.database_url, tables, dump, server_major=major)
     try:

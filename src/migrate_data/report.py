@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import files
 from .settings import Settings, redact
 from .validate import ValidationResult
 
@@ -37,16 +38,44 @@ def to_text(result: ValidationResult) -> str:
         lines += [f"  {t.target}: {p}" for p in t.problems]
         for s in t.samples:
             cols = ", ".join(c["column"] for c in s.get("columns", []))
-            lines.append(f"    {s['kind']} key {', '.join(s['key'])}" + (f" (column {cols})" if cols else ""))
+            lines.append(f"    {s['kind']} key {key_text(s['key'])}" + (f" (column {cols})" if cols else ""))
     failed = [c for c in result.checks if not c.ok]
     lines += [f"  {c.target}: {c.message}" for c in failed]
+    if result.reject_causes:
+        lines += _quarantine_text(result)
     verdict = "PASSED" if result.ok else "FAILED"
     lines.append(
         f"validation of {result.phase} {verdict}"
         + (" (deep)" if result.deep else "")
         + f": {len(result.tables)} tables, {len(result.checks)} integrity checks, {len(failed)} failed"
+        + (f"; {result.quarantined:,} rows QUARANTINED, not copied" if result.quarantined else "")
     )
     return "\n".join(lines)
+
+
+def key_text(key: list[str | None] | tuple[str | None, ...]) -> str:
+    """A key for people: its parts joined, NULL shown as NULL."""
+    return ", ".join("NULL" if v is None else str(v) for v in key)
+
+
+def _quarantine_text(result: ValidationResult) -> list[str]:
+    causes = result.reject_causes
+    tables = len({c["target"] for c in causes})
+    rows = [
+        {
+            "target": c["target"],
+            "rows": f"{c['n']:,}",
+            "SQLSTATE": c["sqlstate"],
+            "cause": c["cause"],
+            "example key": key_text(c["example_key"]),
+        }
+        for c in causes
+    ]
+    head = (
+        f"QUARANTINED: {result.quarantined:,} source rows of {tables} table{'s' if tables > 1 else ''} are not in "
+        f"the target but in migrate_data.rejects, by cause:"
+    )
+    return ["", head, *("  " + line for line in summary(rows, right=("rows",)).splitlines()), ""]
 
 
 def to_markdown(result: ValidationResult) -> str:
@@ -71,10 +100,22 @@ def to_markdown(result: ValidationResult) -> str:
     problems += [(c.target, c.message) for c in result.checks if not c.ok]
     if problems:
         out += ["", "## Differences", ""] + [f"- **{t}**: {p}" for t, p in problems]
+    if result.reject_causes:
+        out += [
+            "",
+            f"## Quarantined: {result.quarantined:,} rows not copied",
+            "",
+            "| target | rows | SQLSTATE | cause | example key |",
+            "|---|--:|---|---|---|",
+        ]
+        out += [
+            f"| {c['target']} | {c['n']:,} | {c['sqlstate']} | {_md(c['cause'])} | {_md(key_text(c['example_key']))} |"
+            for c in result.reject_causes
+        ]
     if result.rejects:
         out += ["", "## Rejected rows", "", "| target | source key | SQLSTATE | message |", "|---|---|---|---|"]
         out += [
-            f"| {r['target']} | {', '.join(r['source_key'])} | {r['sqlstate']} | {_md(r['message'])} |"
+            f"| {r['target']} | {_md(key_text(r['source_key']))} | {r['sqlstate']} | {_md(r['message'])} |"
             for r in result.rejects
         ]
     return "\n".join(out) + "\n"
@@ -94,6 +135,8 @@ td.n{text-align:right;font-variant-numeric:tabular-nums} dl{display:grid;grid-te
 dt{color:#5a6478} .bar{height:10px;background:#3b6fd8;border-radius:2px;margin:2px 0}.bar.t{background:#2e9e5b}
 .bar.r{background:#d98e04} .legend span{display:inline-block;width:10px;height:10px;margin:0 .3rem 0 1rem;border-radius:2px}
 code{background:#f2f4f7;padding:0 .25rem;border-radius:3px}
+.quarantine{border:2px solid #d98e04;background:#fff7e6;border-radius:6px;padding:.5rem 1rem;margin:1rem 0}
+.quarantine h2{margin-top:.3rem;color:#8a4b00}
 """
 
 
@@ -125,19 +168,32 @@ def to_html(result: ValidationResult) -> str:
     ]
     diff_items = "".join(f"<li><b>{e(t)}</b>: {e(p)}</li>" for t, p in problems) or "<li>none</li>"
     samples = "".join(
-        f"<tr><td>{e(t.target)}</td><td>{e(s['kind'])}</td><td><code>{e(', '.join(s['key']))}</code></td>"
+        f"<tr><td>{e(t.target)}</td><td>{e(s['kind'])}</td><td><code>{e(key_text(s['key']))}</code></td>"
         f"<td>{e(', '.join(c['column'] for c in s.get('columns', [])))}</td></tr>"
         for t in result.tables
         for s in t.samples
     )
     rejects = "".join(
-        f"<tr><td>{e(r['target'])}</td><td><code>{e(', '.join(r['source_key']))}</code></td>"
+        f"<tr><td>{e(r['target'])}</td><td><code>{e(key_text(r['source_key']))}</code></td>"
         f"<td>{e(r['sqlstate'])}</td><td>{e(r['message'])}</td></tr>"
         for r in result.rejects
     )
     checks = "".join(
         f"<tr><td>{e(c.target)}</td><td>{e(c.name)}</td><td>{'✔' if c.ok else '✘'}</td><td>{e(c.message)}</td></tr>"
         for c in result.checks
+    )
+    causes = "".join(
+        f"<tr><td>{e(c['target'])}</td><td class='n'>{c['n']:,}</td><td>{e(c['sqlstate'])}</td>"
+        f"<td>{e(c['cause'])}</td><td><code>{e(key_text(c['example_key']))}</code></td></tr>"
+        for c in result.reject_causes
+    )
+    quarantine = (
+        f"<div class='quarantine' id='quarantined'><h2>⚠ {result.quarantined:,} rows quarantined, not copied</h2>"
+        "<p>These source rows are not in the target; they are in <code>migrate_data.rejects</code>, by cause:</p>"
+        "<table><tr><th>target</th><th>rows</th><th>SQLSTATE</th><th>cause</th><th>example key</th></tr>"
+        f"{causes}</table></div>"
+        if causes
+        else ""
     )
     verdict = "PASSED" if result.ok else "FAILED"
     return f"""<!doctype html>
@@ -147,6 +203,7 @@ def to_html(result: ValidationResult) -> str:
 <dl><dt>database</dt><dd><code>{e(result.database)}</code></dd><dt>revision</dt><dd>{e(result.revision or "-")}</dd>
 <dt>run by</dt><dd>{e(result.operator or "-")} on {e(result.host or "-")}</dd><dt>when</dt><dd>{e(result.started_at)}</dd>
 <dt>took</dt><dd>{f"phase {result.run_seconds:.1f} s, " if result.run_seconds is not None else ""}validation {result.seconds:.1f} s</dd><dt>checksums</dt><dd>{"yes" if result.deep else "no (counts only)"}</dd></dl>
+{quarantine}
 <h2>Rows per table</h2>
 <div class="legend"><span style="background:#3b6fd8"></span>source<span style="background:#2e9e5b"></span>target<span style="background:#d98e04"></span>rejected</div>
 <table>{"".join(bars)}</table>
@@ -173,13 +230,11 @@ def _stamp() -> str:
 
 def save(result: ValidationResult, directory: Path) -> dict[str, Path]:
     """Write ``<phase>-<UTC timestamp>.json`` and ``.html`` under ``directory``; return their paths."""
-    directory.mkdir(parents=True, exist_ok=True)
+    files.private_dir(directory)  # the reports list rejected rows: customer data, owner-only
     stamp = _stamp()
     out: dict[str, Path] = {}
     for fmt, ext in (("json", "json"), ("html", "html")):
-        path = directory / f"{result.phase}-{stamp}.{ext}"
-        path.write_text(render(result, fmt), encoding="utf-8")
-        out[fmt] = path
+        out[fmt] = files.write_private(directory / f"{result.phase}-{stamp}.{ext}", render(result, fmt))
     return out
 
 
@@ -331,7 +386,7 @@ def rehearsal_html(r: RehearsalResult) -> str:
 
 def save_rehearsal(result: RehearsalResult, directory: Path) -> dict[str, Path]:
     """Write ``rehearsal-<UTC>.json``, ``.md`` and ``.html`` under ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
+    files.private_dir(directory)
     stamp = _stamp()
     out = {}
     for fmt, text in (
@@ -339,9 +394,7 @@ def save_rehearsal(result: RehearsalResult, directory: Path) -> dict[str, Path]:
         ("markdown", rehearsal_markdown(result)),
         ("html", rehearsal_html(result)),
     ):
-        path = directory / f"rehearsal-{stamp}.{'md' if fmt == 'markdown' else fmt}"
-        path.write_text(text, encoding="utf-8")
-        out[fmt] = path
+        out[fmt] = files.write_private(directory / f"rehearsal-{stamp}.{'md' if fmt == 'markdown' else fmt}", text)
     return out
 
 
@@ -360,9 +413,8 @@ def save_predictions(result: RehearsalResult, directory: Path) -> Path:
             "production": result.production,
             "rehearsed_at": result.started_at,
         }
-    directory.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
-    return path
+    files.private_dir(directory)
+    return files.write_private(path, json.dumps(data, indent=2), replace=True)  # the one file that is updated
 
 
 def predicted_seconds(settings: Settings, phase: str) -> float | None:

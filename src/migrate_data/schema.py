@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +13,7 @@ import asyncpg
 
 from .db import Executor, fetch_val
 from .errors import BadInput, MigrationError
-from .settings import APPLICATION_NAME, Settings, redact, redact_text, sqlalchemy_url
+from .settings import APPLICATION_NAME, Settings, redact, redact_text
 
 if TYPE_CHECKING:  # Alembic and SQLAlchemy are imported only when a schema step runs (a quicker start)
     from alembic.config import Config
@@ -74,8 +74,11 @@ def _engine(settings: Settings) -> Any:
         server_settings["lock_timeout"] = settings.lock_timeout
     if settings.statement_timeout:
         server_settings["statement_timeout"] = settings.statement_timeout
+    # asyncpg gets the same DSN and password as open_pool: one parse, whatever the URL's spelling
     return create_async_engine(
-        sqlalchemy_url(settings.database_url), poolclass=NullPool, connect_args={"server_settings": server_settings}
+        "postgresql+asyncpg://",
+        poolclass=NullPool,
+        connect_args={**settings.url.asyncpg_connect_args(), "server_settings": server_settings},
     )
 
 
@@ -105,17 +108,21 @@ async def schema_transaction(
     upgrade_to: str | None = None,
     downgrade_to: str | None = None,
     commit: bool,
+    before: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
 ) -> AsyncIterator[asyncpg.Connection]:
     """Open one transaction, run the Alembic step in it, yield its asyncpg connection; commit or roll back.
 
-    Checks run inside the block see the new schema; with ``commit=False`` nothing is kept.  Without an
-    Alembic step it is a plain transaction on a connection of ``pool``.
+    Checks run inside the block see the new schema; with ``commit=False`` nothing is kept.  ``before`` runs in the
+    same transaction before the Alembic step (e.g. to lock and check what the step drops).  Without an Alembic step
+    it is a plain transaction on a connection of ``pool``.
     """
     if not (upgrade_to or downgrade_to):
         async with pool.acquire() as conn:
             tr = conn.transaction()
             await tr.start()
             async with _ending(tr, commit=commit):
+                if before is not None:
+                    await before(conn)
                 yield conn
         return
     cfg = alembic_config(settings)
@@ -123,6 +130,9 @@ async def schema_transaction(
     try:
         async with engine.connect() as sa_conn:
             async with _ending(await sa_conn.begin(), commit=commit):
+                if before is not None:
+                    await sa_conn.exec_driver_sql("SELECT 1")  # the driver's transaction starts with a statement
+                    await before((await sa_conn.get_raw_connection()).driver_connection)
                 if upgrade_to:
                     log.info("alembic upgrade %s", upgrade_to)
                     await sa_conn.run_sync(_run, cfg, "upgrade", upgrade_to)

@@ -14,7 +14,7 @@ import asyncpg
 
 from . import ledger
 from .catalog import Table, read_table, sequences
-from .compile import CompiledTable, orphans_sql
+from .compile import CompiledTable, orphans_sql, reject_causes_sql
 from .db import fetch_all, fetch_one, fetch_val
 from .sql import qi, qname
 
@@ -58,11 +58,18 @@ class ValidationResult:
     revision: str | None = None
     operator: str = ""
     host: str = ""
-    rejects: tuple[dict[str, Any], ...] = ()
+    rejects: tuple[dict[str, Any], ...] = ()  # the first quarantined rows
+    # every quarantined row counted by cause: {"target", "sqlstate", "cause", "n", "example_key", "message", "detail"}
+    reject_causes: tuple[dict[str, Any], ...] = ()
     run_seconds: float | None = None  # the whole phase run this validation ended, when there was one
 
+    @property
+    def quarantined(self) -> int:
+        """Rows of the phase's sources that are not in its targets but in migrate_data.rejects."""
+        return sum(c["n"] for c in self.reject_causes)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "quarantined": self.quarantined}
 
 
 async def validate_phase(
@@ -137,6 +144,11 @@ async def validate_phase(
                 problems.append(f"{extra} keys in {name} that no source row produces")
             if differs:
                 problems.append(f"{differs} rows of {name} differ from what the mapping produces")
+            if any(None in s["key"] for s in samples):
+                problems.append(
+                    f"rows with a NULL key ({', '.join(ct.key)}) match no row: ON CONFLICT cannot see them either, "
+                    "so a re-run copies them again (make the key NOT NULL, or map a value to it)"
+                )
         results.append(
             TableValidation(
                 str(ct.source),
@@ -154,6 +166,7 @@ async def validate_phase(
         )
         checks += await integrity(ct, tgt, target)
     reject_rows = [dict(r) for r in await ledger.rejects(target, phase, limit=50)] if has_ledger else []
+    causes = [dict(r) for r in await fetch_all(target, reject_causes_sql(), phase)] if has_ledger else []
     ok = all(t.status == "ok" for t in results) and all(c.ok for c in checks)
     return ValidationResult(
         phase=phase,
@@ -164,6 +177,7 @@ async def validate_phase(
         started_at=started_at,
         seconds=round(time.monotonic() - started, 3),
         rejects=tuple(reject_rows),
+        reject_causes=tuple(causes),
     )
 
 
@@ -224,7 +238,7 @@ async def _samples(
     """The first ``sample`` keys of each kind; for a differing row, the columns that differ."""
     samples: list[dict[str, Any]] = []
     for kind in ("differs", "extra", "missing"):
-        for key in sorted(found[kind])[:sample]:
+        for key in sorted(found[kind], key=_key_order)[:sample]:
             item: dict[str, Any] = {"kind": kind, "key": key}
             if kind == "differs":
                 exp = await fetch_val(source, ct.expected_row_sql(), *key)
@@ -232,6 +246,11 @@ async def _samples(
                 item["columns"] = _differing_columns(ct, exp, act)
             samples.append(item)
     return samples
+
+
+def _key_order(key: list[str]) -> list[tuple[bool, str]]:
+    """Keys in text order, a NULL part (a source row that produces no key) last."""
+    return [(v is None, v or "") for v in key]  # asyncpg gives None for a NULL element of the text[]
 
 
 LEAF_ROWS = 2000  # a differing key range this small is compared row by row

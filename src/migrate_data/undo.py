@@ -1,0 +1,73 @@
+"""The SQL a rollback runs, by who wrote a target row.  Pure: no I/O.
+
+A phase's copier records, in every (sub)transaction that writes target rows, a row of ``migrate_data.writes``;
+that row's ``xmin`` is the transaction id the target rows it wrote carry.  So a target row is
+
+- **ours**: its ``xmin`` is one of the phase's write marks; the phase wrote it and nobody changed it since (any
+  ``UPDATE`` gives a row a new ``xmin``);
+- **there before**: its ``xmin`` was committed before the phase started (visible in the snapshot recorded in the
+  transaction that started the phase);
+- **someone else's**: anything else: written, or changed, by somebody else since the phase started.
+
+A rollback deletes only ours; it never touches rows that were there before, and it refuses while someone else's
+rows exist unless told to save them to a file and delete them too.  The comparison is exact as long as fewer than
+2^31 transactions separate the phase from its rollback (transaction ids are 32 bits in a row).
+"""
+
+from __future__ import annotations
+
+from .mapping import QualifiedName
+from .sql import qcols, qi, qname
+
+SCHEMA = "migrate_data"
+
+# Every statement binds the same parameters: $1 phase, $2 target table (text), $3 the phase's start snapshot.
+PARAMS = "WITH p AS (SELECT $1::text AS phase, $2::text AS target, $3::text::pg_snapshot AS snap) "
+OURS = f"t.xmin IN (SELECT w.xmin FROM {qi(SCHEMA)}.writes AS w WHERE w.phase = p.phase AND w.target = p.target)"
+BEFORE = f"COALESCE(pg_visible_in_snapshot({qi(SCHEMA)}.full_xid(t.xmin), p.snap), false)"
+CLASS = {
+    "ours": OURS,
+    "others": f"NOT ({OURS}) AND NOT {BEFORE}",
+    "not_ours": f"NOT ({OURS})",  # a table the downgrade drops: everything that is not ours would be lost
+}
+
+
+def count_sql(table: QualifiedName) -> str:
+    """Rows of ``table`` by class: ours, there before, someone else's."""
+    return (
+        f"{PARAMS}SELECT count(*) FILTER (WHERE {OURS}) AS ours, "
+        f"count(*) FILTER (WHERE NOT ({OURS}) AND {BEFORE}) AS before, "
+        f"count(*) FILTER (WHERE {CLASS['others']}) AS others FROM {qname(table)} AS t, p"
+    )
+
+
+def sample_sql(table: QualifiedName, key: tuple[str, ...], which: str) -> str:
+    """The first keys (as text) of the rows of a class, to name them ($4 = how many)."""
+    cols = ", ".join(f"t.{qi(k)}::text" for k in key) if key else "t::text"
+    order = qcols(key, "t") if key else "1"
+    return (
+        f"{PARAMS}SELECT ARRAY[{cols}] AS key FROM {qname(table)} AS t, p WHERE {CLASS[which]} "
+        f"ORDER BY {order} LIMIT $4"
+    )
+
+
+def rows_sql(table: QualifiedName, which: str) -> str:
+    """Every row of a class as jsonb: what ``--force`` saves before deleting."""
+    return f"{PARAMS}SELECT to_jsonb(t) AS row FROM {qname(table)} AS t, p WHERE {CLASS[which]}"
+
+
+def delete_batch_sql(table: QualifiedName, which: str) -> str:
+    """Delete up to $4 rows of a class.  By ctid, so a row somebody updates meanwhile (new ctid) is not deleted."""
+    return (
+        f"{PARAMS}DELETE FROM {qname(table)} WHERE ctid = ANY (ARRAY(SELECT t.ctid FROM {qname(table)} AS t, p "
+        f"WHERE {CLASS[which]} LIMIT $4))"
+    )
+
+
+def user_tables_sql() -> str:
+    """The ordinary and partitioned tables outside the system schemas and ours (what a downgrade may drop)."""
+    return (
+        "SELECT n.nspname AS schema, c.relname AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        f"WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname NOT IN ('pg_catalog', "
+        f"'information_schema', '{SCHEMA}') AND n.nspname NOT LIKE 'pg\\_%' AND c.relname <> 'alembic_version'"
+    )

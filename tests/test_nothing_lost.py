@@ -1,0 +1,279 @@
+"""Paths that destroy data: a rollback removes exactly what its phase wrote, a rollback or run killed at any named
+step finishes when run again, and a phase that drops tables proves first that nothing is lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run, run_cli, scalar, sql
+from killer import kill_at
+from migrate_data import api
+from migrate_data.errors import RefusedError
+from test_orchestration import snapshot
+
+CLIENTE = "INSERT INTO clientes (id, telefono, nombre_completo) VALUES ({id}, '{tel}', 'Escrita por la aplicación')"
+NEW_KEY = "'00000000-0000-0000-0000-000000000007'::uuid"
+FIRST, LAST = "(SELECT min(id::text)::uuid FROM customers)", "(SELECT max(id::text)::uuid FROM customers)"
+
+
+def apply(settings, *phases, **opts):
+    return [run(api.run_phase(settings, p, api.RunOptions(**{"backup": False, **opts}))) for p in phases]
+
+
+def state(url: str, phase: str) -> str | None:
+    return scalar(url, "SELECT state FROM migrate_data.phases WHERE phase = $1", phase)
+
+
+# -- rollback removes exactly what the phase wrote ---------------------------------------------------------------
+def test_rollback_keeps_rows_that_were_in_the_target_before_the_phase(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1")
+    # one row with a key the source also produces (customer 1), one with a key of its own
+    sql(legacy_url, CLIENTE.format(id=FIRST, tel="+593-before-1") + "; " + CLIENTE.format(id=NEW_KEY, tel="+593-b2"))
+    before = sql(legacy_url, "SELECT * FROM clientes ORDER BY id")
+    apply(settings, "phase2a")
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 998  # 997 copied + the one new key
+    result = run(api.rollback(settings, "phase2a"))
+    assert result.kept == {"public.clientes": 2}
+    assert sql(legacy_url, "SELECT * FROM clientes ORDER BY id") == before
+    assert state(legacy_url, "phase2a") == "rolled_back"
+
+
+def test_rollback_refuses_a_migrated_row_the_application_updated_and_force_saves_it(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1", "phase2a")
+    changed = scalar(legacy_url, f"UPDATE clientes SET ciudad = 'Cuenca (cambiada)' WHERE id = {FIRST} RETURNING id")
+    with pytest.raises(RefusedError, match=r"changed after it wrote them \(public.clientes: 1 rows\)") as e:
+        run(api.rollback(settings, "phase2a"))
+    assert f"first keys: {changed}" in e.value.detail
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 997  # nothing was deleted
+    assert state(legacy_url, "phase2a") == "applied"
+    result = run(api.rollback(settings, "phase2a", force=True))
+    saved = [json.loads(line) for line in Path(result.foreign_rows_dump).read_text().splitlines()]
+    assert [(r["table"], r["row"]["id"], r["row"]["ciudad"]) for r in saved] == [
+        ("public.clientes", str(changed), "Cuenca (cambiada)")
+    ]
+    assert Path(result.foreign_rows_dump).stat().st_mode & 0o777 == 0o600
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 0
+
+
+def test_rollback_keeps_a_row_the_application_wrote_during_the_copy_with_a_key_not_yet_copied(
+    legacy_url, settings_for, tmp_path
+):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1")
+    args = ["phase2a", "--yes", "--no-backup", "--batch-size", "100", "--jobs", "1"]
+    env = {"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)}
+    killed = kill_at("migrate_data.copier:Copier._batch:return", *args, url=legacy_url, cwd=ROOT, nth=3, env=env)
+    assert killed.returncode == -9, killed.stderr
+    # the application writes the last customer's key, which the copy has not reached
+    last = scalar(legacy_url, f"SELECT {LAST}")
+    sql(legacy_url, CLIENTE.format(id=f"'{last}'", tel="+593-app"))
+    again = run_cli(*args, url=legacy_url, env=env)
+    assert again.returncode == 3, again.stderr  # the source's last customer differs from what the target holds
+    with pytest.raises(RefusedError, match=r"public.clientes: 1 rows") as e:
+        run(api.rollback(settings, "phase2a"))
+    assert f"first keys: {last}" in e.value.detail
+    assert scalar(legacy_url, "SELECT nombre_completo FROM clientes WHERE id = $1", last) == "Escrita por la aplicación"
+
+
+def test_rollback_of_a_schema_phase_refuses_to_drop_tables_holding_rows_and_force_saves_them(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1")
+    sql(legacy_url, CLIENTE.format(id=NEW_KEY, tel="+593-app-7"))
+    dry = run(api.rollback(settings, "phase1", dry_run=True))
+    assert dry.dry_run and [(t.table, t.at_risk, t.dropped) for t in dry.plan.at_risk] == [("public.clientes", 1, True)]
+    out = run_cli("rollback", "phase1", "--yes", url=legacy_url)
+    assert out.returncode == 2
+    assert "in a table the downgrade drops (first keys: 00000000-0000-0000-0000-000000000007)" in out.stderr
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 1
+    result = run(api.rollback(settings, "phase1", force=True))
+    saved = [json.loads(line) for line in Path(result.foreign_rows_dump).read_text().splitlines()]
+    assert [(r["table"], r["row"]["id"]) for r in saved] == [
+        ("public.clientes", "00000000-0000-0000-0000-000000000007")
+    ]
+    assert scalar(legacy_url, "SELECT to_regclass('clientes') IS NULL") is True
+
+
+def test_a_phase_mid_rollback_cannot_be_run_until_the_rollback_finishes(legacy_url, settings_for, tmp_path):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1", "phase2a")
+    env = {"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)}
+    killed = kill_at(
+        "migrate_data.rollback:_delete:return", "rollback", "phase2a", "--yes", url=legacy_url, cwd=ROOT, env=env
+    )
+    assert killed.returncode == -9, killed.stderr
+    assert state(legacy_url, "phase2a") == "rolling_back"
+    out = run_cli("phase2a", "--yes", "--no-backup", url=legacy_url, env=env)
+    assert out.returncode == 2 and "finish it first: `migrate-data rollback phase2a`" in out.stderr
+    assert run_cli("rollback", "phase2a", "--yes", url=legacy_url, env=env).returncode == 0
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 0 and state(legacy_url, "phase2a") == "rolled_back"
+
+
+# -- every rollback is resumable; the ledger never runs ahead of the data ------------------------------------------
+@pytest.fixture(scope="module")
+def phase5_template(server_url, tmp_path_factory):
+    """A database with the whole plan applied, phase5 included (its backup under a module tmp dir)."""
+    from conftest import _create_database, _drop_database, seed_legacy
+    from migrate_data.settings import Settings
+
+    name, url = _create_database(server_url)
+
+    async def seed():
+        import asyncpg
+
+        conn = await asyncpg.connect(url)
+        try:
+            await seed_legacy.seed(conn, 0.001)
+        finally:
+            await conn.close()
+
+    run(seed())
+    out = tmp_path_factory.mktemp("phase5")
+    settings = Settings(database_url=url, project_dir=ROOT, output_dir=out)
+    apply(settings, "phase1", "phase2a", "phase2b", "phase3", "phase4")
+    legacy = snapshot(url)
+    run(api.run_phase(settings, "phase5", api.RunOptions()))
+    yield name, legacy, out
+    _drop_database(server_url, name)
+
+
+@pytest.mark.parametrize(
+    "step, nth",
+    [
+        ("migrate_data.rollback:inspect:return", 1),
+        ("migrate_data.schema:_run:return", 2),  # the downgrade ran (the 1st is inspect's, rolled back), not committed
+        ("migrate_data.backup:restore_data:enter", 1),  # the legacy tables are back, empty
+        ("migrate_data.backup:restore_data:return", 1),  # their rows are back, the ledger not told yet
+        ("migrate_data.rollback:_finish:enter", 1),
+        ("migrate_data.ledger:update_run:enter", 1),
+    ],
+)
+def test_rollback_of_phase5_killed_at_each_step_finishes_when_run_again(phase5_template, make_db, step, nth):
+    template, legacy, out = phase5_template
+    url = make_db()
+    sql(url.rsplit("/", 1)[0] + "/postgres", f'DROP DATABASE "{url.rsplit("/", 1)[1]}"')
+    sql(url.rsplit("/", 1)[0] + "/postgres", f'CREATE DATABASE "{url.rsplit("/", 1)[1]}" TEMPLATE "{template}"')
+    env = {"MIGRATE_DATA_OUTPUT_DIR": str(out)}
+    killed = kill_at(step, "rollback", "phase5", "--yes", url=url, cwd=ROOT, env=env, nth=nth)
+    assert killed.returncode == -9, killed.stderr
+    if state(url, "phase5") == "rolled_back":  # only once every legacy row is back
+        assert snapshot(url) == legacy
+    again = run_cli("rollback", "phase5", "--yes", url=url, env=env)
+    if state(url, "phase5") == "rolled_back" and "nothing to roll back" in again.stderr:
+        pass  # killed after the last step
+    else:
+        assert again.returncode == 0, again.stderr
+    assert state(url, "phase5") == "rolled_back"
+    assert snapshot(url) == legacy
+
+
+def test_phase5_refuses_to_drop_when_a_legacy_row_is_not_in_the_spanish_tables(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1", "phase2a", "phase2b", "phase3", "phase4")
+    sql(legacy_url, f"INSERT INTO customers (id, phone_number, full_name) VALUES ({NEW_KEY}, '+593-late', 'Tardía')")
+    with pytest.raises(RefusedError, match="would drop rows that are not in the Spanish tables") as e:
+        run(api.run_phase(settings, "phase5", api.RunOptions()))
+    assert "phase2a: public.clientes" in e.value.detail and "1 keys missing" in e.value.detail
+    assert scalar(legacy_url, f"SELECT count(*) FROM customers WHERE id = {NEW_KEY}") == 1
+    assert state(legacy_url, "phase5") is None
+
+
+# -- a run killed at a named step gives, when run again, what a clean run gives ------------------------------------
+@pytest.mark.parametrize(
+    "step",
+    [
+        "migrate_data.api:_backup:return",
+        "migrate_data.copier:Copier._batch:return",
+        "migrate_data.copier:Copier._fix_sequences:enter",  # the last batch committed, the table not finished
+        "migrate_data.api:validate_phase:enter",
+        "migrate_data.ledger:set_phase:enter",
+    ],
+)
+def test_phase_killed_at_a_step_then_run_again_equals_a_clean_run(legacy_url, make_db, settings_for, tmp_path, step):
+    clean = make_db()
+    sql(clean, "SELECT 1")
+    from conftest import seed_legacy
+
+    async def seed():
+        import asyncpg
+
+        conn = await asyncpg.connect(clean)
+        try:
+            await seed_legacy.seed(conn, 0.001)
+        finally:
+            await conn.close()
+
+    run(seed())
+    apply(settings_for(clean), "phase1", "phase2a")
+    apply(settings_for(legacy_url), "phase1")
+    env = {"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)}
+    args = ["phase2a", "--yes", "--batch-size", "200"]
+    nth = 2 if step.endswith("set_phase:enter") else 1  # the second: the phase marked applied after validation
+    killed = kill_at(step, *args, url=legacy_url, cwd=ROOT, env=env, nth=nth)
+    assert killed.returncode == -9, killed.stderr
+    again = run_cli(*args, url=legacy_url, env=env)
+    assert again.returncode == 0, again.stderr
+    assert snapshot(legacy_url) == snapshot(clean)
+
+
+def test_a_table_is_not_finished_until_its_sequence_is_past_the_copied_ids(db_url, tmp_path):
+    sql(
+        db_url,
+        """CREATE TABLE src (id int PRIMARY KEY, v text); CREATE TABLE dst (id serial PRIMARY KEY, v text);
+           INSERT INTO src SELECT i, 'v' || i FROM generate_series(1, 500) i;""",
+    )
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "mappings" / "night.yaml").write_text(
+        "tables:\n  - {source: src, target: dst, columns: {id: id, v: v}}\n"
+    )
+    args = ["night", "--yes", "--no-backup"]
+    killed = kill_at("migrate_data.copier:Copier._fix_sequences:enter", *args, url=db_url, cwd=tmp_path)
+    assert killed.returncode == -9 and scalar(db_url, "SELECT count(*) FROM dst") == 500
+    assert run_cli(*args, url=db_url, cwd=tmp_path).returncode == 0
+    # the application's next row gets a new id, not one the copy used
+    assert scalar(db_url, "INSERT INTO dst (v) VALUES ('nueva') RETURNING id") == 501
+
+
+# -- validation cannot pass what is wrong --------------------------------------------------------------------------
+def test_a_run_validates_with_checksums_and_fails_on_a_changed_value(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1")
+    first = scalar(legacy_url, f"SELECT {FIRST}")
+    sql(
+        legacy_url,
+        f"""CREATE FUNCTION cambia() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN IF NEW.id = '{first}' THEN NEW.ciudad := 'otra'; END IF; RETURN NEW; END $$;
+           CREATE TRIGGER cambia BEFORE INSERT ON clientes FOR EACH ROW EXECUTE FUNCTION cambia();""",
+    )
+    (result,) = apply(settings, "phase2a")
+    assert result.status == "invalid" and result.validation.deep
+    clientes = next(t for t in result.validation.tables if t.target == "public.clientes")
+    assert clientes.differs == 1 and clientes.samples[0]["key"] == [str(first)]
+    counts_only = run(api.validate(settings, "phase2a"))
+    assert counts_only.ok  # what a count cannot see
+
+
+def test_a_large_share_of_rejects_fails_the_phase(db_url, tmp_path):
+    from migrate_data.errors import MigrationError
+    from migrate_data.settings import Settings
+
+    sql(
+        db_url,
+        """CREATE TABLE src (id int PRIMARY KEY, doc text); CREATE TABLE dst (id int PRIMARY KEY, doc jsonb);
+           INSERT INTO src SELECT i, CASE WHEN i % 5 = 0 THEN 'not json' ELSE '{}' END FROM generate_series(1, 200) i;""",
+    )
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "mappings" / "night.yaml").write_text(
+        "tables:\n  - {source: src, target: dst, columns: {id: id, doc: doc}}\n"
+    )
+    settings = Settings(database_url=db_url, project_dir=tmp_path, output_dir=tmp_path)
+    with pytest.raises(
+        MigrationError, match=r"30 of the 200 source rows of public.dst rejected \(15.0%\), more than --max-rejects 10%"
+    ):
+        run(api.run_phase(settings, "night", api.RunOptions(backup=False, batch_size=50)))
+    ok = run(api.run_phase(settings, "night", api.RunOptions(backup=False, max_reject_share=0.25)))
+    assert ok.status == "done" and ok.validation.tables[0].rejected == 40
