@@ -24,10 +24,9 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_copy import CLEAN, TABLES, bench_project, db, parser, sql, write_section  # noqa: E402
-from seed_legacy import seed  # noqa: E402
-
 from migrate_data import api, ledger  # noqa: E402
 from migrate_data.settings import Settings  # noqa: E402
+from seed_legacy import seed  # noqa: E402
 
 RESET = [
     "DELETE FROM migrate_data.{t} WHERE phase LIKE 'bench_%'".format(t=t)

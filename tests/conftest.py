@@ -71,9 +71,11 @@ def scalar(url: str, query: str, *args):
     return rows[0][0] if rows else None
 
 
-def _create_database(server: str) -> tuple[str, str]:
+def _create_database(server: str, template: str | None = None) -> tuple[str, str]:
     name = f"md_test_{uuid.uuid4().hex[:12]}"
-    sql(with_database(server, "postgres"), f'CREATE DATABASE "{name}"')
+    sql(
+        with_database(server, "postgres"), f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")
+    )
     return name, with_database(server, name)
 
 
@@ -86,8 +88,8 @@ def make_db(server_url: str) -> Iterator:
     """A factory of fresh empty databases, all dropped at the end of the test."""
     created: list[str] = []
 
-    def make() -> str:
-        name, url = _create_database(server_url)
+    def make(template: str | None = None) -> str:
+        name, url = _create_database(server_url, template)
         created.append(name)
         return url
 
@@ -101,19 +103,34 @@ def db_url(make_db) -> str:
     return make_db()
 
 
-@pytest.fixture
-def legacy_url(db_url: str) -> str:
-    """A fresh database with the legacy schema seeded at a small scale."""
+def seed(url: str, scale: float = 0.001) -> None:
+    """Create the legacy schema in ``url`` and fill it (scripts/seed_legacy.py)."""
 
     async def go():
-        conn = await asyncpg.connect(db_url)
+        conn = await asyncpg.connect(url)
         try:
-            await seed_legacy.seed(conn, 0.001)
+            await seed_legacy.seed(conn, scale)
         finally:
             await conn.close()
 
     asyncio.run(go())
-    return db_url
+
+
+@pytest.fixture(scope="session")
+def legacy_template(server_url: str) -> Iterator[str]:
+    """A database seeded once per test session (and xdist worker): the template of every ``legacy_url``."""
+    name, url = _create_database(server_url)
+    seed(url)
+    yield name
+    _drop_database(server_url, name)
+
+
+@pytest.fixture
+def legacy_url(server_url: str, legacy_template: str) -> Iterator[str]:
+    """A fresh database with the legacy schema seeded at a small scale (a copy of the seeded template)."""
+    name, url = _create_database(server_url, template=legacy_template)
+    yield url
+    _drop_database(server_url, name)
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT, run, run_cli, scalar, sql
 from killer import kill_at
+
+from conftest import ROOT, _create_database, _drop_database, run, run_cli, scalar, sql
 from migrate_data import api
 from migrate_data.errors import RefusedError
 from test_orchestration import snapshot
@@ -115,23 +115,11 @@ def test_a_phase_mid_rollback_cannot_be_run_until_the_rollback_finishes(legacy_u
 
 # -- every rollback is resumable; the ledger never runs ahead of the data ------------------------------------------
 @pytest.fixture(scope="module")
-def phase5_template(server_url, tmp_path_factory):
+def phase5_template(server_url, legacy_template, tmp_path_factory):
     """A database with the whole plan applied, phase5 included (its backup under a module tmp dir)."""
-    from conftest import _create_database, _drop_database, seed_legacy
     from migrate_data.settings import Settings
 
-    name, url = _create_database(server_url)
-
-    async def seed():
-        import asyncpg
-
-        conn = await asyncpg.connect(url)
-        try:
-            await seed_legacy.seed(conn, 0.001)
-        finally:
-            await conn.close()
-
-    run(seed())
+    name, url = _create_database(server_url, template=legacy_template)
     out = tmp_path_factory.mktemp("phase5")
     settings = Settings(database_url=url, project_dir=ROOT, output_dir=out)
     apply(settings, "phase1", "phase2a", "phase2b", "phase3", "phase4")
@@ -154,9 +142,7 @@ def phase5_template(server_url, tmp_path_factory):
 )
 def test_rollback_of_phase5_killed_at_each_step_finishes_when_run_again(phase5_template, make_db, step, nth):
     template, legacy, out = phase5_template
-    url = make_db()
-    sql(url.rsplit("/", 1)[0] + "/postgres", f'DROP DATABASE "{url.rsplit("/", 1)[1]}"')
-    sql(url.rsplit("/", 1)[0] + "/postgres", f'CREATE DATABASE "{url.rsplit("/", 1)[1]}" TEMPLATE "{template}"')
+    url = make_db(template=template)
     env = {"MIGRATE_DATA_OUTPUT_DIR": str(out)}
     killed = kill_at(step, "rollback", "phase5", "--yes", url=url, cwd=ROOT, env=env, nth=nth)
     assert killed.returncode == -9, killed.stderr
@@ -193,21 +179,10 @@ def test_phase5_refuses_to_drop_when_a_legacy_row_is_not_in_the_spanish_tables(l
         "migrate_data.ledger:set_phase:enter",
     ],
 )
-def test_phase_killed_at_a_step_then_run_again_equals_a_clean_run(legacy_url, make_db, settings_for, tmp_path, step):
-    clean = make_db()
-    sql(clean, "SELECT 1")
-    from conftest import seed_legacy
-
-    async def seed():
-        import asyncpg
-
-        conn = await asyncpg.connect(clean)
-        try:
-            await seed_legacy.seed(conn, 0.001)
-        finally:
-            await conn.close()
-
-    run(seed())
+def test_phase_killed_at_a_step_then_run_again_equals_a_clean_run(
+    legacy_url, legacy_template, make_db, settings_for, tmp_path, step
+):
+    clean = make_db(template=legacy_template)
     apply(settings_for(clean), "phase1", "phase2a")
     apply(settings_for(legacy_url), "phase1")
     env = {"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)}
