@@ -127,16 +127,21 @@ def test_key_and_batch_by_on_other_unique_columns(setup):
     assert result.validation.ok
 
 
-def test_on_conflict_update_overwrites_non_key_columns(setup, db_url):
-    sql(db_url, """INSERT INTO "Nuevos Pedidos" (id, nombre, estado) VALUES (1, 'stale', 'x')""")
-    _, rows = setup("""
+def test_on_conflict_update_refreshes_rows_the_phase_wrote_and_never_overwrites_others(setup, db_url):
+    sql(db_url, """INSERT INTO "Nuevos Pedidos" (id, nombre, estado) VALUES (1, 'there before', 'x')""")
+    mapping = """
         tables:
           - source: Old Orders
             target: Nuevos Pedidos
             on_conflict: update
             columns: {id: id, nombre: name, estado: {value: nuevo}}
-    """)
-    assert rows[0]["nombre"] == "o'brien" and rows[0]["estado"] == "nuevo"
+    """
+    _, rows = setup(mapping)
+    assert rows[0]["nombre"] == "there before" and rows[1]["nombre"] == "  ana  "
+    sql(db_url, """UPDATE "Old Orders" SET name = 'ana maría' WHERE id = 2""")
+    _, rows = setup(mapping, recheck=True)
+    assert rows[0]["nombre"] == "there before"  # not the phase's: left as it was (validation shows the difference)
+    assert rows[1]["nombre"] == "ana maría" and rows[1]["estado"] == "nuevo"  # the phase's own row, refreshed
 
 
 def test_on_conflict_nothing_keeps_existing_rows(setup, db_url):

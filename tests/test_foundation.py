@@ -76,7 +76,7 @@ def test_no_session_left_open_after_runs_that_fail_midway(legacy_url, settings_f
         scalar(
             legacy_url,
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'migrate-data' "
-            "AND state LIKE 'idle in transaction%'",
+            "AND datname = current_database() AND state LIKE 'idle in transaction%'",
         )
         == 0
     )

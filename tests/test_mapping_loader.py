@@ -61,7 +61,7 @@ def test_unknown_key_names_file_line_and_path(tmp_path):
     """,
     )
     assert msg.endswith(
-        "phase9.yaml:7 tables[0].columns.rating: unknown key 'colum' "
+        "phase9.yaml:7:16 tables[0].columns.rating: unknown key 'colum' "
         "(expected one of: column, value, lookup, sql, map, else, default, cast, truncate, round, timezone)"
     )
 
@@ -78,7 +78,7 @@ def test_column_given_twice_is_an_error(tmp_path):
               id: other
     """,
     )
-    assert ":7 tables[0].columns.id: given twice" in msg
+    assert ":7:7 tables[0].columns.id: given twice" in msg
 
 
 def test_lookup_without_on_is_an_error(tmp_path):
@@ -92,7 +92,7 @@ def test_lookup_without_on_is_an_error(tmp_path):
               phone: {lookup: {table: users, key: id, column: phone_number}}
     """,
     )
-    assert "tables[0].columns.phone.lookup: missing 'on'" in msg and ":6 " in msg
+    assert "tables[0].columns.phone.lookup: missing 'on'" in msg and ":6:23 " in msg
 
 
 def test_wrong_type_is_an_error(tmp_path):
@@ -105,7 +105,7 @@ def test_wrong_type_is_an_error(tmp_path):
             columns: [id, name]
     """,
     )
-    assert ":5 tables[0].columns: expected a mapping" in msg
+    assert ":5:14 tables[0].columns: expected a mapping" in msg
 
 
 def test_two_bases_in_one_column_is_an_error(tmp_path):
@@ -121,7 +121,7 @@ def test_two_bases_in_one_column_is_an_error(tmp_path):
 
 def test_broken_yaml_names_the_line(tmp_path):
     msg = error_of(tmp_path, "tables:\n  - source: a\n    target: [b\n")
-    assert msg.endswith("phase9.yaml:4: invalid YAML: expected ',' or ']', but got '<stream end>'")
+    assert msg.endswith("phase9.yaml:4:1: invalid YAML: expected ',' or ']', but got '<stream end>'")
 
 
 def test_on_conflict_accepts_only_nothing_or_update(tmp_path):
@@ -137,8 +137,9 @@ def test_on_conflict_accepts_only_nothing_or_update(tmp_path):
 
 def test_requires_must_name_an_existing_phase(tmp_path):
     write(tmp_path, "requires: [phase0]\ntables: []\n", "phase1.yaml")
+    assert "requires unknown phase 'phase0'" in load_phases(tmp_path).broken["phase1"].message
     with pytest.raises(MappingError, match="requires unknown phase 'phase0'"):
-        load_phases(tmp_path)
+        load_phases(tmp_path, strict=True)
 
 
 def test_bad_mapping_exits_2_and_touches_nothing(tmp_path):
@@ -146,7 +147,8 @@ def test_bad_mapping_exits_2_and_touches_nothing(tmp_path):
     write(tmp_path / "mappings", "tables:\n  - source: a\n    target: b\n    colums: {}\n", "night1.yaml")
     out = run_cli("--project", str(tmp_path), "night1", "--yes", url="postgresql://nobody@127.0.0.1:1/none")
     assert out.returncode == 2
-    assert "night1.yaml:4 tables[0]: unknown key 'colums'" in out.stderr
+    assert "night1.yaml:4:5 tables[0]: unknown key 'colums'" in out.stderr
+    assert "DETAIL: line 4:     colums: {}\nDETAIL:             ^\n" in out.stderr  # the line, a caret under column 5
 
 
 def test_phase_file_named_like_a_command_is_refused(tmp_path):

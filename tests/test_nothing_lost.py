@@ -123,8 +123,18 @@ def phase5_template(server_url, legacy_template, tmp_path_factory):
     out = tmp_path_factory.mktemp("phase5")
     settings = Settings(database_url=url, project_dir=ROOT, output_dir=out)
     apply(settings, "phase1", "phase2a", "phase2b", "phase3", "phase4")
+    # production has what the revision's DDL does not know: a column and an index of its own
+    sql(
+        url,
+        "ALTER TABLE customers ADD COLUMN vip boolean NOT NULL DEFAULT false; CREATE INDEX customers_vip ON customers (vip);"
+        "UPDATE customers SET vip = true WHERE id IN (SELECT id FROM customers ORDER BY id LIMIT 5)",
+    )
     legacy = snapshot(url)
-    run(api.run_phase(settings, "phase5", api.RunOptions()))
+    with pytest.raises(RefusedError, match="would drop data that no mapping copies") as e:
+        run(api.run_phase(settings, "phase5", api.RunOptions()))
+    assert "public.customers.vip: 1,000 rows with a value, and no mapping reads this column" in e.value.detail
+    assert "public.users: 180 rows that the `where` of phase2b leaves out" in e.value.detail
+    run(api.run_phase(settings, "phase5", api.RunOptions(accept_unmapped=True)))
     yield name, legacy, out
     _drop_database(server_url, name)
 
@@ -134,8 +144,8 @@ def phase5_template(server_url, legacy_template, tmp_path_factory):
     [
         ("migrate_data.rollback:inspect:return", 1),
         ("migrate_data.schema:_run:return", 2),  # the downgrade ran (the 1st is inspect's, rolled back), not committed
-        ("migrate_data.backup:restore_data:enter", 1),  # the legacy tables are back, empty
-        ("migrate_data.backup:restore_data:return", 1),  # their rows are back, the ledger not told yet
+        ("migrate_data.backup:restore_all:enter", 1),  # the recreated legacy tables dropped, not restored yet
+        ("migrate_data.backup:restore_all:return", 1),  # the backup restored, the ledger not told yet
         ("migrate_data.rollback:_finish:enter", 1),
         ("migrate_data.ledger:update_run:enter", 1),
     ],
@@ -162,7 +172,7 @@ def test_phase5_refuses_to_drop_when_a_legacy_row_is_not_in_the_spanish_tables(l
     apply(settings, "phase1", "phase2a", "phase2b", "phase3", "phase4")
     sql(legacy_url, f"INSERT INTO customers (id, phone_number, full_name) VALUES ({NEW_KEY}, '+593-late', 'Tardía')")
     with pytest.raises(RefusedError, match="would drop rows that are not in the Spanish tables") as e:
-        run(api.run_phase(settings, "phase5", api.RunOptions()))
+        run(api.run_phase(settings, "phase5", api.RunOptions(accept_unmapped=True)))
     assert "phase2a: public.clientes" in e.value.detail and "1 keys missing" in e.value.detail
     assert scalar(legacy_url, f"SELECT count(*) FROM customers WHERE id = {NEW_KEY}") == 1
     assert state(legacy_url, "phase5") is None
@@ -252,3 +262,93 @@ def test_a_large_share_of_rejects_fails_the_phase(db_url, tmp_path):
         run(api.run_phase(settings, "night", api.RunOptions(backup=False, batch_size=50)))
     ok = run(api.run_phase(settings, "night", api.RunOptions(backup=False, max_reject_share=0.25)))
     assert ok.status == "done" and ok.validation.tables[0].rejected == 40
+
+
+# -- what others write while a rollback runs -----------------------------------------------------------------------
+async def app_commits(url: str, statement: str) -> None:
+    """The application, on a connection of its own, commits ``statement``."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+def after_inspect(monkeypatch, url: str, statement: str) -> None:
+    """The application commits ``statement`` right after the rollback looked at the tables."""
+    from migrate_data import rollback
+
+    original = rollback.inspect
+
+    async def inspect_then_write(*args, **kwargs):
+        plan = await original(*args, **kwargs)
+        await app_commits(url, statement)
+        return plan
+
+    monkeypatch.setattr(rollback, "inspect", inspect_then_write)
+
+
+def test_forced_rollback_deletes_only_rows_it_saved_in_the_same_transaction(legacy_url, settings_for, monkeypatch):
+    from migrate_data import rollback
+
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1", "phase2a")
+    sql(legacy_url, CLIENTE.format(id=NEW_KEY, tel="+593-early"))
+    original = rollback._Saver.write
+    late = "'00000000-0000-0000-0000-00000000000a'::uuid"
+    written: list[bool] = []
+
+    async def write_then_app_commits(self, table, rows):
+        await original(self, table, rows)
+        if self.path and not written:  # after the first saved batch, once
+            written.append(True)
+            await app_commits(legacy_url, CLIENTE.format(id=late, tel="+593-late"))
+
+    monkeypatch.setattr(rollback._Saver, "write", write_then_app_commits)
+    result = run(api.rollback(settings, "phase2a", force=True, batch_size=1))
+    saved = {json.loads(line)["row"]["telefono"] for line in Path(result.foreign_rows_dump).read_text().splitlines()}
+    kept = {r["telefono"] for r in sql(legacy_url, "SELECT telefono FROM clientes")}
+    assert "+593-early" in saved
+    assert "+593-late" in saved | kept  # never deleted without being saved first
+    assert not saved & kept
+
+
+def test_rollback_refuses_to_cascade_into_rows_written_after_it_looked(legacy_url, settings_for, monkeypatch):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1", "phase2a", "phase2b")
+    proveedor = scalar(legacy_url, "SELECT id FROM proveedores ORDER BY id LIMIT 1")
+    after_inspect(
+        monkeypatch,
+        legacy_url,
+        f"INSERT INTO servicios_proveedor (proveedor_id, titulo) VALUES ('{proveedor}', 'escrito por la aplicación')",
+    )
+    with pytest.raises(RefusedError, match=r"1 rows of servicios_proveedor reference rows of public.proveedores"):
+        run(api.rollback(settings, "phase2b"))
+    assert (
+        scalar(legacy_url, "SELECT count(*) FROM servicios_proveedor WHERE titulo = 'escrito por la aplicación'") == 1
+    )
+    assert state(legacy_url, "phase2b") == "rolling_back"
+
+
+def test_rollback_of_a_schema_phase_refuses_a_row_written_after_it_looked(legacy_url, settings_for, monkeypatch):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1")
+    after_inspect(monkeypatch, legacy_url, CLIENTE.format(id=NEW_KEY, tel="+593-late"))
+    with pytest.raises(RefusedError, match="public.clientes holds 1 rows written since the rollback looked"):
+        run(api.rollback(settings, "phase1"))
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 1
+
+
+def test_rollback_of_phase5_restores_the_tables_as_the_backup_has_them(phase5_template, make_db):
+    template, legacy, out = phase5_template
+    url = make_db(template=template)
+    # what the revision's DDL does not know: restored from the backup all the same
+    assert run_cli("rollback", "phase5", "--yes", url=url, env={"MIGRATE_DATA_OUTPUT_DIR": str(out)}).returncode == 0
+    assert snapshot(url) == legacy
+    assert (
+        scalar(url, "SELECT count(*) FROM pg_indexes WHERE tablename = 'customers' AND indexname = 'customers_vip'")
+        == 1
+    )
+    assert scalar(url, "SELECT count(*) FROM customers WHERE vip") == 5

@@ -97,13 +97,16 @@ def test_plan_of_phase3_shows_sql_preview_and_coverage_warnings(legacy_url, sett
 
 
 def test_plan_json_and_offline_ddl(legacy_url, tmp_path):
-    out = run_cli("plan", "phase1", "--format", "json", "--sql", url=legacy_url)
+    out = run_cli("plan", "phase1", "--format", "json", url=legacy_url)
     data = json.loads(out.stdout)
     assert data["phase"] == "phase1" and data["ok"] is True
-    assert "CREATE TABLE clientes" in data["ddl"]
-    assert "CREATE TABLE mensajes" in data["ddl"]
     # plan applied phase1's DDL only inside a rolled-back transaction
     assert sql(legacy_url, "SELECT to_regclass('clientes') IS NULL")[0][0] is True
+    # --sql: the revision's DDL, offline: no database at all
+    out = run_cli("plan", "phase1", "--format", "json", "--sql")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert "CREATE TABLE clientes" in data["ddl"] and "CREATE TABLE mensajes" in data["ddl"]
 
 
 def test_plan_with_errors_exits_2(legacy_url):

@@ -54,7 +54,7 @@ def test_rehearsal_on_the_same_server_predicts_and_leaves_production_untouched(l
     reports = {p.suffix for p in (tmp_path / "reports").glob("rehearsal-*")}
     assert reports == {".json", ".md", ".html"}
     html = next((tmp_path / "reports").glob("rehearsal-*.html")).read_text()
-    assert "<svg" in html and "Prediction against the window" in html
+    assert "class='timeline'" in html and "Prediction against the window" in html
     predictions = json.loads((tmp_path / "reports" / "predictions.json").read_text())
     assert set(predictions) == {"phase2a", "phase2b", "phase3"}
 

@@ -185,3 +185,34 @@ def test_the_session_time_zone_changes_nothing(make_db, tmp_path):
     out = run_cli("plan", "p", "--format", "json", url=url, cwd=tmp_path)
     findings = [f["message"] for f in json.loads(out.stdout)["findings"]]
     assert "at: timestamp without time zone converted as timestamp with time zone, in time zone UTC" in findings
+
+
+@pytest.mark.parametrize(
+    "source_type, value, target_type",
+    [
+        ("timestamp", "'2025-03-01 13:45:12'", "date"),
+        ("timestamp", "'2025-03-01 13:45:12'", "time"),
+        ("double precision", "1.23456789012345", "real"),
+        ("numeric(30,10)", "12345678901234567890.1234567891", "double precision"),
+    ],
+)
+def test_a_narrowing_conversion_quarantines_the_value_it_would_change(
+    db_url, tmp_path, source_type, value, target_type
+):
+    from conftest import scalar, sql
+    from migrate_data import api
+    from migrate_data.settings import Settings
+
+    sql(
+        db_url,
+        f"CREATE TABLE src (id int PRIMARY KEY, v {source_type}); CREATE TABLE dst (id int PRIMARY KEY, v {target_type});"
+        f"INSERT INTO src VALUES (1, {value}), (2, NULL);",
+    )
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "mappings" / "night.yaml").write_text(
+        "tables:\n  - {source: src, target: dst, columns: {id: id, v: v}}\n"
+    )
+    settings = Settings(database_url=db_url, project_dir=tmp_path, output_dir=tmp_path)
+    result = run(api.run_phase(settings, "night", api.RunOptions(backup=False, max_reject_share=None)))
+    assert scalar(db_url, "SELECT sqlstate FROM migrate_data.rejects") == "22003"
+    assert scalar(db_url, "SELECT count(*) FROM dst") == 1 and result.validation.ok

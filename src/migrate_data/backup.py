@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 from typing import IO, Any
 
-from . import files
-from .db import Executor, fetch_val
+from . import files, partitions
+from .db import Executor, fetch_val, open_pool
 from .embedded import bundled_bin_dir
 from .errors import MigrationError, RefusedError
 from .mapping import QualifiedName
@@ -85,7 +85,9 @@ async def _run(args: list[str], url: str, env: dict[str, str], *, stdout: IO[Any
 
 # What the dump will need at most: the tables' heap and TOAST, uncompressed (pg_dump writes no index data, and
 # -Fc compresses), so a conservative estimate.
-SIZE_SQL = "SELECT coalesce(sum(pg_table_size(to_regclass(t))), 0)::bigint FROM unnest($1::text[]) AS t"
+# A partitioned table's rows are in its partitions (pg_partition_tree: itself and every partition below it).
+SIZE_SQL = """SELECT coalesce(sum(pg_table_size(r)), 0)::bigint FROM unnest($1::text[]) AS t
+CROSS JOIN LATERAL (SELECT relid FROM pg_partition_tree(to_regclass(t)) UNION SELECT to_regclass(t)) AS x(r)"""
 
 
 async def estimate_bytes(db: Executor, tables: list[QualifiedName]) -> int:
@@ -155,7 +157,8 @@ async def dump(
     need_bytes: int | None = None,
 ) -> Path:
     """``pg_dump -Fc`` of ``tables`` into the new file ``path``, then check with ``pg_restore --list`` that each is
-    there.
+    there.  A partitioned table is dumped with every partition below it, each named with ``-t`` (pg_dump before 16
+    has no ``--table-and-children``, and ``-t parent`` alone dumps no rows), and its data is checked leaf by leaf.
 
     The dump is written to ``<path stem>.partial`` (mode 0600, in a 0700 directory) and takes the name ``path``
     only once verified; a failed or cancelled dump removes it, and the ``.partial`` of a killed run is removed by
@@ -173,16 +176,29 @@ async def dump(
     args = [pg_dump, "-Fc", "--no-owner", "--dbname", dsn]  # writes to stdout: our 0600 file
     if snapshot:  # an exported snapshot: the dump sees exactly what that transaction sees
         args += ["--snapshot", snapshot]
+    try:
+        async with open_pool(url, max_size=1) as db:
+            members = await partitions.leaf_members(db, tables)
+    except MigrationError as e:  # then pg_dump cannot connect either; and a partitioned table fails the check below
+        log.warning("could not look for partitions of the tables to dump: %s", e)
+        members = {}
+    data: list[tuple[str, QualifiedName]] = []  # (what the error names, the table whose TABLE DATA must be there)
     for t in tables:
         args += ["-t", qname(t)]
-    log.info("backup of %d tables into %s", len(tables), path)
+        for member, leaf in members.get(str(t), []):
+            args += ["-t", qname(member)]
+            if leaf:
+                data.append((f"{t} (partition {member})", member))
+        if str(t) not in members:
+            data.append((str(t), t))
+    log.info("backup of %d tables (%d with data) into %s", len(tables), len(data), path)
     with files.open_private(partial, "wb") as out:
         try:
             fcntl.flock(out.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # "being written": see remove_stale_partials
             await _run(args, url, env, stdout=out)
             os.fsync(out.fileno())
             listing = await _run([str(Path(pg_dump).with_name("pg_restore")), "--list", str(partial)], url, env)
-            missing = [str(t) for t in tables if not re.search(rf"TABLE DATA \S+ {re.escape(t.name)} ", listing)]
+            missing = [what for what, t in data if not re.search(_data_line(t), listing)]
             if missing:
                 raise MigrationError(f"backup {path} does not contain the data of {', '.join(missing)}")
             files.move_no_replace(partial, path)
@@ -192,50 +208,16 @@ async def dump(
     return path
 
 
-async def restore_data(url: str, path: Path, tables: list[QualifiedName], *, server_major: int) -> None:
-    """Restore the rows of ``tables``, in the order given (parents first), and the dump's sequence values."""
-    pg_restore = await find_tool("pg_restore", server_major)
-    dsn, env = _libpq(url)
-    listing = await _run([pg_restore, "--list", str(path)], url, env)
-    data: dict[str, str] = {}
-    sequences: list[str] = []
-    for line in listing.splitlines():
-        m = re.search(r" TABLE DATA \S+ (\S+) ", line)
-        if m:
-            data[m.group(1)] = line
-        elif " SEQUENCE SET " in line:
-            sequences.append(line)
-    missing = [t.name for t in tables if t.name not in data]
-    if missing:
-        raise MigrationError(f"backup {path} has no data for {', '.join(missing)}")
-    keep = [data[t.name] for t in tables] + sequences  # pg_restore -L restores in the file's order
-    list_file = path.with_name(f"{path.name}.{os.getpid()}.restore-list")
-    list_file.unlink(missing_ok=True)  # left by a process that was killed: only the table of contents
-    files.write_private(list_file, "\n".join(keep) + "\n")
-    try:
-        await _run(
-            [
-                pg_restore,
-                "--data-only",
-                "--single-transaction",
-                "--exit-on-error",
-                "--dbname",
-                dsn,
-                "-L",
-                str(list_file),
-                str(path),
-            ],
-            url,
-            env,
-        )
-    finally:
-        list_file.unlink(missing_ok=True)
+def _data_line(t: QualifiedName) -> str:
+    """The pattern of a table's TABLE DATA entry in ``pg_restore --list`` (``… TABLE DATA public t owner``)."""
+    schema = re.escape(t.schema) if t.schema else r"\S+"
+    return rf"TABLE DATA {schema} {re.escape(t.name)} "
 
 
-async def restore_all(url: str, path: Path, *, server_major: int) -> None:
-    """Restore a whole dump (structure and rows) into an empty database."""
+async def restore_all(url: str, path: Path, *, server_major: int, keep_owner: bool = False) -> None:
+    """Restore a whole dump (structure and rows) in one transaction; ``keep_owner`` gives the objects back to the
+    roles that owned them (the same server), else they belong to the restoring role (a staging copy)."""
     pg_restore = await find_tool("pg_restore", server_major)
     dsn, env = _libpq(url)
-    await _run(
-        [pg_restore, "--no-owner", "--single-transaction", "--exit-on-error", "--dbname", dsn, str(path)], url, env
-    )
+    owner = [] if keep_owner else ["--no-owner"]
+    await _run([pg_restore, *owner, "--single-transaction", "--exit-on-error", "--dbname", dsn, str(path)], url, env)

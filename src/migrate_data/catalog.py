@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import graph
 from .db import Executor, fetch_all, fetch_one
 from .mapping import QualifiedName
 from .sql import qname
@@ -30,6 +31,27 @@ class ForeignKey:
 
 
 @dataclass(frozen=True)
+class Leaf:
+    """A leaf partition of a partitioned table: where its rows are, and what identifies them there."""
+
+    name: QualifiedName
+    parent: QualifiedName  # the partitioned table it is attached to (a sub-partitioned one for a sub-partition)
+    bound: str  # pg_get_expr(relpartbound): "FOR VALUES FROM (…) TO (…)", "DEFAULT", …
+    kind: str  # "r" an ordinary table, "f" a foreign table
+    primary_key: tuple[str, ...]
+    unique_keys: tuple[tuple[str, ...], ...]  # its own unique indexes (inherited ones included), non-partial
+    not_null: tuple[str, ...]
+
+    def keys(self) -> list[tuple[str, ...]]:
+        """Column sets that identify a row of this partition: unique and NOT NULL (the primary key first)."""
+        return [k for k in self.unique_keys if all(c in self.not_null for c in k)]
+
+    def is_key(self, columns: tuple[str, ...]) -> bool:
+        """True when ``columns`` identify one row here and none of them is nullable (what a keyset needs)."""
+        return all(c in self.not_null for c in columns) and any(set(k) <= set(columns) for k in self.unique_keys)
+
+
+@dataclass(frozen=True)
 class Table:
     schema: str
     name: str
@@ -37,6 +59,12 @@ class Table:
     primary_key: tuple[str, ...]
     unique_keys: tuple[tuple[str, ...], ...]  # primary key, unique constraints and non-partial unique indexes
     foreign_keys: tuple[ForeignKey, ...]
+    # A partitioned table (relkind 'p') holds no rows itself: they are in its leaf partitions.
+    partitioned: bool = False
+    partition_key: str = ""  # pg_get_partkeydef(), e.g. "RANGE (created_at)" (sub-partitions: their own keys)
+    partition_columns: tuple[str, ...] = ()  # the columns of every level's partition key (expressions left out)
+    partition_expressions: bool = False  # some level partitions by an expression
+    leaves: tuple[Leaf, ...] = ()  # the leaf partitions, in name order (sub-partitions and DEFAULT included)
 
     @property
     def qualified(self) -> QualifiedName:
@@ -58,7 +86,7 @@ async def read_table(db: Executor, name: QualifiedName) -> Table | None:
     """Return the table ``name`` (schema from search_path when unqualified), or None if it does not exist."""
     row = await fetch_one(
         db,
-        """SELECT c.oid, n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        """SELECT c.oid, n.nspname, c.relname, c.relkind = 'p' AS partitioned FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
            WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p')""",
         qname(name),
     )
@@ -78,6 +106,7 @@ async def read_table(db: Executor, name: QualifiedName) -> Table | None:
                   array(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
                         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.ord) AS cols
            FROM pg_index i WHERE i.indrelid = $1 AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
+                 AND i.indisvalid
            ORDER BY NOT i.indisprimary, i.indexrelid""",
         oid,
     )
@@ -93,6 +122,9 @@ async def read_table(db: Executor, name: QualifiedName) -> Table | None:
         oid,
     )
     pk = next((tuple(k["cols"]) for k in keys if k["pk"]), ())
+    parts: dict[str, object] = {}
+    if row["partitioned"]:
+        parts = await _partitioning(db, oid)
     return Table(
         schema=row["nspname"],
         name=row["relname"],
@@ -113,7 +145,90 @@ async def read_table(db: Executor, name: QualifiedName) -> Table | None:
             )
             for f in fks
         ),
+        partitioned=row["partitioned"],
+        **parts,  # type: ignore[arg-type]
     )
+
+
+PARTITION_KEYS_SQL = """SELECT pg_get_partkeydef(pt.partrelid) AS def, 0 = ANY (pt.partattrs::int2[]) AS has_expr,
+       array(SELECT a.attname FROM unnest(pt.partattrs::int2[]) WITH ORDINALITY k(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = pt.partrelid AND a.attnum = k.attnum ORDER BY k.ord) AS cols
+FROM pg_partition_tree($1::oid::regclass) t JOIN pg_partitioned_table pt ON pt.partrelid = t.relid
+ORDER BY t.level, t.relid"""
+
+LEAVES_SQL = """SELECT c.oid, n.nspname, c.relname, c.relkind::text AS kind, pn.nspname AS parent_schema,
+       pc.relname AS parent_name, COALESCE(pg_get_expr(c.relpartbound, c.oid), '') AS bound
+FROM pg_partition_tree($1::oid::regclass) t JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_class pc ON pc.oid = t.parentrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+WHERE t.isleaf ORDER BY n.nspname, c.relname"""
+
+LEAF_KEYS_SQL = """SELECT i.indrelid AS oid, i.indisprimary AS pk,
+       array(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.ord) AS cols
+FROM pg_index i WHERE i.indrelid = ANY ($1::oid[]) AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
+  AND i.indisvalid
+ORDER BY i.indrelid, NOT i.indisprimary, i.indexrelid"""
+
+LEAF_NOT_NULL_SQL = """SELECT attrelid AS oid, array_agg(attname::text ORDER BY attnum) AS cols FROM pg_attribute
+WHERE attrelid = ANY ($1::oid[]) AND attnum > 0 AND NOT attisdropped AND attnotnull GROUP BY attrelid"""
+
+
+async def _partitioning(db: Executor, oid: int) -> dict[str, object]:
+    """The partition keys of a partitioned table (every level) and its leaf partitions with their keys."""
+    levels = await fetch_all(db, PARTITION_KEYS_SQL, oid)
+    leaves = await fetch_all(db, LEAVES_SQL, oid)
+    oids = [r["oid"] for r in leaves]
+    keys: dict[int, list[tuple[bool, tuple[str, ...]]]] = {}
+    for k in await fetch_all(db, LEAF_KEYS_SQL, oids):
+        keys.setdefault(k["oid"], []).append((k["pk"], tuple(k["cols"])))
+    not_null = {r["oid"]: tuple(r["cols"]) for r in await fetch_all(db, LEAF_NOT_NULL_SQL, oids)}
+    columns: list[str] = []
+    for level in levels:
+        columns += [c for c in level["cols"] if c not in columns]
+    return {
+        "partition_key": levels[0]["def"] if levels else "",
+        "partition_columns": tuple(columns),
+        "partition_expressions": any(level["has_expr"] for level in levels),
+        "leaves": tuple(
+            Leaf(
+                name=QualifiedName(r["relname"], r["nspname"]),
+                parent=QualifiedName(r["parent_name"], r["parent_schema"]),
+                bound=r["bound"],
+                kind=r["kind"],
+                primary_key=next((cols for pk, cols in keys.get(r["oid"], []) if pk), ()),
+                unique_keys=tuple(cols for _, cols in keys.get(r["oid"], [])),
+                not_null=not_null.get(r["oid"], ()),
+            )
+            for r in leaves
+        ),
+    }
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A user trigger of a table (internal ones, such as those of foreign keys, are not listed)."""
+
+    name: str
+    timing: str  # "BEFORE" | "AFTER" | "INSTEAD OF"
+    events: tuple[str, ...]  # "INSERT", "UPDATE", "DELETE", "TRUNCATE"
+    level: str  # "ROW" | "STATEMENT"
+    enabled: str  # "O" origin and local (the default), "D" disabled, "R" replica only, "A" always
+    function: str
+
+
+TRIGGERS_SQL = """SELECT t.tgname, t.tgtype::int AS type, t.tgenabled::text AS enabled, t.tgfoid::regprocedure::text AS fn
+FROM pg_trigger t WHERE t.tgrelid = to_regclass($1) AND NOT t.tgisinternal ORDER BY t.tgname"""
+
+
+async def user_triggers(db: Executor, table: QualifiedName) -> list[Trigger]:
+    """The user triggers of ``table`` (on a partitioned table: its own, which its partitions get too)."""
+    out = []
+    for r in await fetch_all(db, TRIGGERS_SQL, qname(table)):
+        t = r["type"]  # pg_trigger.tgtype bits: 1 row, 2 before, 4 insert, 8 delete, 16 update, 32 truncate, 64 instead
+        timing = "INSTEAD OF" if t & 64 else ("BEFORE" if t & 2 else "AFTER")
+        events = tuple(e for bit, e in ((4, "INSERT"), (16, "UPDATE"), (8, "DELETE"), (32, "TRUNCATE")) if t & bit)
+        out.append(Trigger(r["tgname"], timing, events, "ROW" if t & 1 else "STATEMENT", r["enabled"], r["fn"]))
+    return out
 
 
 async def sequences(db: Executor, table: Table) -> list[tuple[str, str]]:
@@ -127,23 +242,14 @@ async def sequences(db: Executor, table: Table) -> list[tuple[str, str]]:
     return [(r["column"], r["seq"]) for r in rows if r["seq"]]
 
 
-async def table_exists(db: Executor, name: QualifiedName) -> bool:
-    return await fetch_one(db, "SELECT 1 FROM pg_class WHERE oid = to_regclass($1)", qname(name)) is not None
-
-
 def parents_first(tables: list[Table]) -> list[Table]:
     """Order ``tables`` so that a table comes after the tables its foreign keys reference (cycles: as given)."""
     by_name = {str(t.qualified): t for t in tables}
-    out: list[str] = []
+    edges = {n: {str(fk.ref_table) for fk in t.foreign_keys} for n, t in by_name.items()}
+    return [by_name[n] for n in graph.parents_first(list(by_name), edges)]
 
-    def visit(name: str, seen: tuple[str, ...]) -> None:
-        if name in out or name in seen:
-            return
-        for fk in by_name[name].foreign_keys:
-            if str(fk.ref_table) in by_name:
-                visit(str(fk.ref_table), seen + (name,))
-        out.append(name)
 
-    for name in by_name:
-        visit(name, ())
-    return [by_name[n] for n in out]
+def fk_cycles(tables: list[Table]) -> list[set[str]]:
+    """Groups of ``tables`` that reference each other in a cycle (or a table referencing itself), by name."""
+    names = {str(t.qualified) for t in tables}
+    return graph.cycles({str(t.qualified): {str(fk.ref_table) for fk in t.foreign_keys} & names for t in tables})

@@ -11,12 +11,25 @@ import re
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 
+from . import partitions
 from .catalog import ForeignKey, Table
 from .errors import PreflightError
 from .mapping import ColumnSpec, Lookup, QualifiedName, TableMapping, text_form
 from .sql import qcols, qi, ql, qname
 
+TARGET_ALIAS = "__target"  # the target table in INSERT … ON CONFLICT
 LEDGER_SCHEMA = "migrate_data"  # the copier's rejects live in this schema of the target (see ledger.py)
+
+# Whether the target's user triggers fire on the copied rows when the mapping does not say (docs/mapping.md): they
+# fire, as they would for any INSERT; `skip` needs a privilege most roles lack and silences the foreign keys too.
+DEFAULT_TARGET_TRIGGERS = "fire"
+
+KEYLESS_HINT = (
+    "give {table} a key to page on: a primary key, or a unique index on NOT NULL columns (then name them in "
+    "`batch_by:` if they are not the primary key); or copy it by physical blocks with `batch_by: ctid` "
+    "(PostgreSQL 14+): {table} must then not be written during the copy, it cannot be kept in sync afterwards, and "
+    "validation compares row counts and a hash of the whole multiset of rows (docs/mapping.md, Tables without a key)"
+)
 
 # The one server-side helper a copy may need: raise an error with a given SQLSTATE from inside an expression (a
 # value that would be cut or rounded becomes a data error, which the copier quarantines).  VOLATILE, so the planner
@@ -61,6 +74,8 @@ _ALIASES = {
 }
 _TYPE = re.compile(r"^(?P<base>[a-z][a-z0-9_ ]*?)\s*(?:\((?P<mods>[0-9 ,]+)\))?\s*(?P<tz>with(?:out)? time zone)?$")
 _INTEGERS = ("int2", "int4", "int8")
+_FLOATS = ("float4", "float8")
+_WIDER_THAN = {"float4": ("float8", "numeric", "int4", "int8"), "float8": ("numeric", "int8")}
 _DATETIMES = ("timestamp", "timestamptz", "time", "timetz")
 _TEXT_WIDTH = {"bool": 5, "uuid": 36, "int2": 6, "int4": 11, "int8": 20}  # longest text form
 
@@ -118,6 +133,10 @@ def change_kind(value_type: str | None, target: str) -> str | None:
         return "round"
     if t.family in _INTEGERS:
         return "round" if v is None or v.family in ("numeric", "float4", "float8") else None
+    if v is not None and v.family in ("timestamp", "timestamptz") and t.family in ("date", "time"):
+        return "round"  # the time of day (to a date), or the date (to a time), is dropped
+    if v is not None and v.family in _WIDER_THAN.get(t.family, ()):
+        return "round"  # digits a float of this size does not keep
     if t.family in _DATETIMES and t.mods:
         if v is not None and v.family == "date":
             return None
@@ -192,6 +211,12 @@ class Step:
             cond = f"CAST({v} AS numeric) = round(CAST({v} AS numeric), {scale})"
         elif t.family in _INTEGERS:
             cond = f"CAST({v} AS numeric) = trunc(CAST({v} AS numeric))"
+        elif t.family in _FLOATS:
+            cond = f"CAST(CAST({v} AS {t.family}) AS numeric) = CAST({v} AS numeric)"
+        elif t.family == "date":
+            cond = f"CAST({v} AS timestamp) = CAST(CAST({v} AS date) AS timestamp)"
+        elif t.family == "time":
+            cond = "false"  # a date is always dropped: only `round: true` allows it
         else:
             cond = f"CAST({v} AS {t.base_sql}) = {self.cast(v)}"
         return f"(({v}) IS NULL OR {cond})"
@@ -318,11 +343,41 @@ class CompiledTable:
     lookups: tuple[tuple[str, Lookup], ...]  # (alias, lookup)
     key_injective: bool = True  # the key is a plain copy of unique source columns: no two rows share a target key
     hash_rows_by: str = "record"  # how --deep hashes rows: "record" (per column) or "text"
+    phase: str = ""  # the phase that copies it: `on_conflict: update` only overwrites rows this phase wrote
+    # A partitioned source: its leaf partitions, copied one by one (``for_leaf``); ``leaf`` is the one this copy
+    # of the table reads (None: the whole table, as validation and the pre-flight read it).
+    leaves: tuple[QualifiedName, ...] = ()
+    leaf: QualifiedName | None = None
+    # ``target_triggers: skip``: each batch runs with session_replication_role = replica, which also silences the
+    # target's foreign keys; ``fk_checks`` are the ones the insert then checks itself (see ``_checked``).
+    replica: bool = False
+    fk_checks: tuple[ForeignKey, ...] = ()
 
     # -- pieces --------------------------------------------------------------------------------
     @property
     def src(self) -> str:
-        return f"{qname(self.source)} AS {qi(self.alias)}"
+        return f"{qname(self.leaf or self.source)} AS {qi(self.alias)}"
+
+    @property
+    def by_blocks(self) -> bool:
+        """``batch_by: ctid``: batches are ranges of physical blocks, ``ctid > '(b,0)' AND ctid <= '(b2,0)'``
+        (no row has offset 0, so that is exactly the blocks b … b2-1), read with a TID range scan."""
+        return self.batch_by == ("ctid",)
+
+    def for_leaf(self, leaf: QualifiedName) -> CompiledTable:
+        """This table's copy reading one leaf partition (same key, same SQL, another relation in FROM)."""
+        return replace(self, leaf=leaf)
+
+    @property
+    def whole(self) -> CompiledTable:
+        """This table reading its whole source (every partition)."""
+        return replace(self, leaf=None) if self.leaf is not None else self
+
+    @property
+    def insert_counts(self) -> bool:
+        """True when ``insert_sql``/``stage_insert_sql`` are a query returning the rows written (``fetchval``), not
+        a plain INSERT (``execute``'s status tag): the insert checks the foreign keys itself (``replica``)."""
+        return self.replica and bool(self.fk_checks)
 
     @property
     def from_(self) -> str:
@@ -364,16 +419,24 @@ class CompiledTable:
 
     @property
     def _conflict(self) -> str:
+        if not self.key:  # copied by blocks into a table without a key: each block range exactly once
+            return ""
         rest = [c.target for c in self.columns if c.target not in self.key]
         if self.mapping.on_conflict == "update" and rest:
+            # Only a row this phase wrote (see ledger.writes) is brought up to date: a row that was there before,
+            # or that the application wrote, is left as it is (validation then shows it), never overwritten.
             sets = ", ".join(f"{qi(c)} = EXCLUDED.{qi(c)}" for c in rest)
-            return f" ON CONFLICT ({qcols(self.key)}) DO UPDATE SET {sets}"
+            ours = f"w.target = {ql(str(self.target))}" + (f" AND w.phase = {ql(self.phase)}" if self.phase else "")
+            return (
+                f" ON CONFLICT ({qcols(self.key)}) DO UPDATE SET {sets} WHERE {qi(TARGET_ALIAS)}.xmin IN "
+                f"(SELECT w.xmin FROM {qi(LEDGER_SCHEMA)}.writes AS w WHERE {ours})"
+            )
         return f" ON CONFLICT ({qcols(self.key)}) DO NOTHING"
 
     @property
     def _insert_head(self) -> str:
         over = " OVERRIDING SYSTEM VALUE" if self.overriding else ""
-        return f"INSERT INTO {self.tgt} ({qcols([c.target for c in self.columns])}){over}"
+        return f"INSERT INTO {self.tgt} AS {qi(TARGET_ALIAS)} ({qcols([c.target for c in self.columns])}){over}"
 
     # -- copy ----------------------------------------------------------------------------------
     def bound_sql(self, *, lower: bool, upper: bool = False) -> str:
@@ -393,7 +456,45 @@ class CompiledTable:
         """INSERT … SELECT … ON CONFLICT for the source rows with lower < key <= upper."""
         conds, _ = self._conditions(lower=lower, upper=upper)
         exprs = ", ".join(c.expr for c in self.columns)
-        return f"{self._insert_head} SELECT {exprs} FROM {self.from_}{self._where(conds)}{self._conflict}"
+        return self._checked(
+            f"{self._insert_head} SELECT {exprs} FROM {self.from_}{self._where(conds)}{self._conflict}"
+        )
+
+    def _checked(self, insert: str) -> str:
+        """With ``replica`` (the target's triggers, foreign keys included, do not fire): ``insert`` as a query that
+        returns the rows it wrote and raises foreign_key_violation (23503), as the foreign key would, when one of
+        them references no parent row, so the copier isolates and quarantines it as usual.  For a self-reference the
+        parent may also be a row of the same insert (a statement does not see its own rows: ``ins`` has them)."""
+        if not self.insert_counts:
+            return insert
+        returning, bad = [], []
+        for i, fk in enumerate(self.fk_checks):
+            cols = [qi(f"fk{i}_{j}") for j in range(len(fk.columns))]
+            returning += [f"{qi(c)} AS {a}" for c, a in zip(fk.columns, cols, strict=True)]
+            notnull = " AND ".join(f"i.{a} IS NOT NULL" for a in cols)
+            match = " AND ".join(f"p.{qi(r)} = i.{a}" for r, a in zip(fk.ref_columns, cols, strict=True))
+            if fk.ref_table == self.target:
+                refs = [qi(f"fkref{i}_{j}") for j in range(len(fk.ref_columns))]
+                returning += [f"{qi(c)} AS {a}" for c, a in zip(fk.ref_columns, refs, strict=True)]
+                same = " AND ".join(f"j.{r} = i.{a}" for r, a in zip(refs, cols, strict=True))
+                match += f") AND NOT EXISTS (SELECT 1 FROM ins AS j WHERE {same}"
+            message = f'insert or update on table "{self.target.name}" violates foreign key constraint "{fk.name}"'
+            values = ", ".join(f"i.{a}::text" for a in cols)
+            detail = (
+                f"format('Key ({', '.join(fk.columns)})=(%s) is not present in table \"{fk.ref_table.name}\".', "
+                f"concat_ws(', ', {values}))"
+            )
+            bad.append(
+                f"SELECT {ql(message)} AS m, {detail} AS d FROM ins AS i WHERE {notnull} "
+                f"AND NOT EXISTS (SELECT 1 FROM {qname(fk.ref_table)} AS p WHERE {match})"
+            )
+        hint = "target_triggers: skip silences the foreign keys while copying; migrate-data checks them itself"
+        refuse = f"{REFUSE}('23503', b.m, b.d, {ql(hint)}, NULL::integer)"
+        return (
+            f"WITH ins AS ({insert} RETURNING {', '.join(returning)}), "
+            f"bad AS (SELECT * FROM ({' UNION ALL '.join(bad)}) AS x LIMIT 1) "
+            f"SELECT count(*) + COALESCE((SELECT {refuse} FROM bad AS b), 0) AS written FROM ins"
+        )
 
     def keys_sql(self, *, lower: bool, upper: bool) -> str:
         """The batch keys (as text arrays, in order) of the source rows in a range."""
@@ -410,7 +511,7 @@ class CompiledTable:
         """``$1 - 1`` batch keys cutting the source into about equal parts (copied concurrently), from a ``$2`` %
         block sample: approximate boundaries are enough, and a sample costs no full scan."""
         where = f" WHERE ({self.mapping.where})" if self.mapping.where else ""
-        sampled = f"{qname(self.source)} AS {qi(self.alias)} TABLESAMPLE SYSTEM ($2){where}"
+        sampled = f"{qname(self.leaf or self.source)} AS {qi(self.alias)} TABLESAMPLE SYSTEM ($2){where}"
         return _sample_split_sql(sampled, self.alias, self.batch_by)
 
     # cross-database: the source ships text (binary COPY), the target casts it from a staging table
@@ -439,7 +540,11 @@ class CompiledTable:
         """True when COPY's text input gives what the mapping's casts give: every value goes to its column's
         own type (no ``cast:`` to another type) and no identity column needs OVERRIDING SYSTEM VALUE.
         A value that a checked column would cut or round is sent so that COPY refuses it (``direct_text``)."""
-        return not self.overriding and all(c.cast_type == c.target_type and len(c.steps) <= 1 for c in self.columns)
+        return (
+            not self.overriding
+            and not self.insert_counts  # a COPY cannot check the foreign keys that replica mode silences
+            and all(c.cast_type == c.target_type and len(c.steps) <= 1 for c in self.columns)
+        )
 
     def stage_table_sql(self, stage: str) -> str:
         cols = ", ".join(f"{qi(c.target)} text" for c in self.columns)
@@ -454,7 +559,7 @@ class CompiledTable:
             for c in self.columns
         )
         where = " WHERE s.__n > $1 AND s.__n <= $2" if sub else ""
-        return f"{self._insert_head} SELECT {exprs} FROM {qi(stage)} AS s{where}{self._conflict}"
+        return self._checked(f"{self._insert_head} SELECT {exprs} FROM {qi(stage)} AS s{where}{self._conflict}")
 
     # -- duplicates: two source rows, one target key ----------------------------------------------
     def range_count_sql(self, *, lower: bool) -> str:
@@ -475,10 +580,12 @@ class CompiledTable:
         ordered = ", ".join(f"{qi(self.alias)}.{qi(b)} AS {qi(f'o_{i}')}" for i, b in enumerate(self.batch_by))
         tup = f"({', '.join(ks)})"
         where = f" WHERE ({self.mapping.where})" if self.mapping.where else ""
+        if self.leaf is not None:  # every partition can produce the key; the batch is in this one
+            rng.append(f"{qi(self.alias)}.tableoid = {ql(qname(self.leaf))}::regclass")
         return (
             f"WITH b AS (SELECT DISTINCT {keys} FROM {self.from_}{self._where(conds)}), "
             f"s AS (SELECT {self._key_text_array(self.alias)} AS bk, {ordered}, {keys}, "
-            f"COALESCE({' AND '.join(rng)}, false) AS in_batch FROM {self.from_}{where}) "
+            f"COALESCE({' AND '.join(rng)}, false) AS in_batch FROM {self.whole.from_}{where}) "
             f"SELECT bk, ARRAY[{', '.join(f'{k}::text' for k in ks)}] AS k, in_batch, r FROM "
             f"(SELECT s.*, count(*) OVER w AS n, row_number() OVER (w ORDER BY {order}) AS r FROM s "
             f"WHERE {tup} IN (SELECT * FROM b) WINDOW w AS (PARTITION BY {', '.join(ks)})) x WHERE n > 1"
@@ -487,7 +594,7 @@ class CompiledTable:
     def expected_row_by_batch_key_sql(self) -> str:
         """Expected target values (text) of the source row with one batch key."""
         vals = "ARRAY[" + ", ".join(c.expected_text for c in self.columns) + "]"
-        return f"SELECT {vals} FROM {self.from_} WHERE {self._batch_tuple()} = {self._params(1)}"
+        return f"SELECT {vals} FROM {self.whole.from_} WHERE {self._batch_tuple()} = {self._params(1)}"
 
     # -- validation -----------------------------------------------------------------------------
     def count_sql(self) -> str:
@@ -528,6 +635,7 @@ class CompiledTable:
         skip_rejected: bool = False,
         rejected_param: int | None = None,
         key_range: tuple[int, bool, bool] | None = None,
+        first: int = 2,
     ) -> str:
         """Per source row: the expected target key and (``with_hash``) a hash of the expected target values.
 
@@ -540,7 +648,10 @@ class CompiledTable:
         conds = [f"({self.mapping.where})"] if self.mapping.where else []
         rejected = None
         if skip_rejected:
-            rejected = f"SELECT r.source_key FROM {qi(LEDGER_SCHEMA)}.rejects AS r WHERE r.phase = $2 AND r.target = $3"
+            rejected = (
+                f"SELECT r.source_key FROM {qi(LEDGER_SCHEMA)}.rejects AS r "
+                f"WHERE r.phase = ${first} AND r.target = ${first + 1}"
+            )
         elif rejected_param is not None:
             rejected = (
                 f"SELECT ARRAY(SELECT jsonb_array_elements_text(r)) "
@@ -554,8 +665,8 @@ class CompiledTable:
             row = f"CASE WHEN {ok} THEN {row} END"
         if key_range is not None:
             conds += self._key_range(None, key_range[0], lower=key_range[1], upper=key_range[2])
-        hashed = f", {row} AS h" if with_hash else ""
-        return f"SELECT {keys}{hashed} FROM {self.from_}{self._where(conds)}"
+        items = ([keys] if keys else []) + ([f"{row} AS h"] if with_hash else [])
+        return f"SELECT {', '.join(items) or '1'} FROM {self.from_}{self._where(conds)}"
 
     def _fits_flag(self, *, expected: bool) -> list[str]:
         """The last field of a hashed row when some value is checked: on the expected side, whether every value
@@ -577,7 +688,21 @@ class CompiledTable:
         keys = ", ".join(f"t.{qi(k)} AS {qi('k_' + k)}" for k in self.key)
         row = ", ".join([f"t.{qi(c.target)}" for c in self.columns] + self._fits_flag(expected=False))
         conds = self._key_range("t", key_range[0], lower=key_range[1], upper=key_range[2]) if key_range else []
-        return f"SELECT {keys}, {self._row_hash(row)} AS h FROM {self.tgt} AS t{self._where(conds)}"
+        items = ([keys] if keys else []) + [f"{self._row_hash(row)} AS h"]
+        return f"SELECT {', '.join(items)} FROM {self.tgt} AS t{self._where(conds)}"
+
+    def multiset_diff_sql(self, *, skip_rejected: bool = False) -> str:
+        """For a table without a key (copied by blocks): the expected and actual rows compared as multisets of row
+        hashes: how many expected rows the target lacks (missing) and how many it has beyond them (extra).  With
+        ``skip_rejected``, ``$1``, ``$2`` = phase, target."""
+        e = self.expected_sql(skip_rejected=skip_rejected, first=1)
+        return (
+            f"WITH e AS (SELECT h, count(*) AS n FROM ({e}) x GROUP BY h), "
+            f"a AS (SELECT h, count(*) AS n FROM ({self.actual_sql()}) y GROUP BY h) "
+            f"SELECT COALESCE(sum(GREATEST(COALESCE(e.n, 0) - COALESCE(a.n, 0), 0)), 0)::bigint AS missing, "
+            f"COALESCE(sum(GREATEST(COALESCE(a.n, 0) - COALESCE(e.n, 0), 0)), 0)::bigint AS extra "
+            f"FROM e FULL JOIN a ON e.h = a.h"
+        )
 
     def diff_sql(self, *, skip_rejected: bool = False, lower: bool = False, upper: bool = False) -> str:
         """Missing, extra and differing target keys: kind, key (text[]), total of that kind.
@@ -648,29 +773,11 @@ class CompiledTable:
         keys = f"({keys})" if len(self.key) > 1 else keys
         return f"SELECT {vals} FROM {self.tgt} AS t WHERE {keys} = {self._key_params()}"
 
-    def extra_keys_sql(self) -> str:
-        """Keys (text[]) of the target rows no source row produces: rows someone else wrote (one database)."""
-        on = " AND ".join(f"e.{qi('k_' + k)} = t.{qi(k)}" for k in self.key)
-        arr = "ARRAY[" + ", ".join(f"t.{qi(k)}::text" for k in self.key) + "]"
-        return (
-            f"SELECT {arr} AS key FROM {self.tgt} AS t WHERE NOT EXISTS "
-            f"(SELECT 1 FROM ({self.expected_sql(with_hash=False)}) e WHERE {on})"
-        )
-
     def key_split_sql(self) -> str:
         """Like ``split_sql``, on the target's key: ranges ``--deep`` compares concurrently."""
         return _sample_split_sql(f"{self.tgt} AS t TABLESAMPLE SYSTEM ($2)", "t", self.key)
 
     # -- rollback ------------------------------------------------------------------------------
-    def expected_keys_sql(self, *, lower: bool) -> str:
-        """A page of source rows: the batch key and the target key each produces (text arrays)."""
-        conds, n = self._conditions(lower=lower, upper=False)
-        tk = "ARRAY[" + ", ".join(f"({c.expected})::text" for c in self.key_columns) + "]"
-        return (
-            f"SELECT {self._key_text_array(self.alias)} AS bk, {tk} AS tk FROM {self.from_}"
-            f"{self._where(conds)} ORDER BY {self._order} LIMIT ${n}"
-        )
-
     def _unnest_keys(self) -> tuple[str, str]:
         """``unnest($1::text[], …) AS u(k0, …)`` and the join condition of the target's key on it."""
         cols = ", ".join(f"${i + 1}::text[]" for i in range(len(self.key)))
@@ -680,16 +787,6 @@ class CompiledTable:
             for i, (k, c) in enumerate(zip(self.key, self.key_columns, strict=True))
         )
         return f"unnest({cols}) AS u({names})", on
-
-    def delete_keys_sql(self) -> str:
-        """Delete the target rows whose keys are given: one text[] parameter per key column."""
-        keys, on = self._unnest_keys()
-        return f"DELETE FROM {self.tgt} AS t USING {keys} WHERE {on}"
-
-    def rows_by_keys_sql(self) -> str:
-        """The target rows (jsonb) whose keys are given: one text[] parameter per key column."""
-        keys, on = self._unnest_keys()
-        return f"SELECT to_jsonb(t) AS row FROM {self.tgt} AS t JOIN {keys} ON {on}"
 
 
 def _sample_split_sql(sampled_from: str, alias: str, keys: tuple[str, ...]) -> str:
@@ -840,9 +937,11 @@ def compile_table(
         columns.append(replace(column, expr=column.convert(pre_cast)))
 
     key = mapping.key or target.primary_key
-    if not key:
-        raise PreflightError(f"{where}: {target.name} has no primary key; give `key:` (columns of a unique constraint)")
     written = {c.target for c in columns}
+    if mapping.by_blocks and not mapping.key and not (key and all(k in written for k in key)):
+        key = ()  # each block range is copied once, with its checkpoint: no key is needed to recognise a copied row
+    elif not key:
+        raise PreflightError(f"{where}: {target.name} has no primary key; give `key:` (columns of a unique constraint)")
     for k in key:
         if k not in written:
             raise PreflightError(
@@ -850,18 +949,37 @@ def compile_table(
                 detail="without it a re-run cannot recognise rows it already copied",
                 hint=f"map {k} from the source, or name another unique key with `key:`",
             )
-    if mapping.batch_by:
+    feeders = [mapping.column(k) for k in key]
+    plain_feeders = all(f is not None and f.kind == "column" and f.column for f in feeders)
+    feeding_columns = tuple(f.column for f in feeders if f is not None and f.column) if plain_feeders else ()
+    if mapping.by_blocks:
+        if source.partitioned:
+            raise PreflightError(
+                f"{where}: batch_by: ctid cannot page the partitioned table {source.name}",
+                detail="a ctid is a place in one partition; the partitions are copied one by one on their own keys",
+                hint="leave `batch_by:` out, or give each partition a primary key",
+            )
+        batch_by: tuple[str, ...] = ("ctid",)
+    elif mapping.batch_by:
         batch_by = mapping.batch_by
+    elif source.partitioned:
+        batch_by = partitions.batch_key(source, feeders=feeding_columns)
     elif source.primary_key:
         batch_by = source.primary_key
     else:
-        feeders = [mapping.column(k) for k in key]
-        if not all(f is not None and f.kind == "column" and f.column for f in feeders):
-            raise PreflightError(f"{where}: {source.name} has no primary key; give `batch_by:` (unique source columns)")
-        batch_by = tuple(f.column for f in feeders if f is not None and f.column)
+        if not feeding_columns:
+            raise PreflightError(
+                f"{where}: {source.name} has no primary key, and the target's key is not a copy of source columns: "
+                "nothing tells its rows apart to page on",
+                hint=KEYLESS_HINT.format(table=source.name),
+            )
+        batch_by = feeding_columns
     batch_types = []
     for b in batch_by:
         scol = source.column(b)
+        if b == "ctid" and mapping.by_blocks:
+            batch_types.append("tid")
+            continue
         if scol is None:
             raise PreflightError(f"{where}: batch_by column {source.name}.{b} does not exist")
         batch_types.append(scol.type)
@@ -870,10 +988,19 @@ def compile_table(
     # columns; only then does the copier look for such duplicates (see duplicates.py).
     key_specs = [next(c for c in columns if c.target == k) for k in key]
     feeding = tuple(c.spec.column or "" for c in key_specs)
-    key_injective = all(
-        c.spec.kind == "column" and not (c.spec.map or c.spec.has_default or c.spec.cast) and not c.steps
-        for c in key_specs
-    ) and source.is_unique(feeding)
+    unique_feeding = source.is_unique(feeding) or (
+        source.partitioned
+        and all(leaf.is_key(feeding) for leaf in source.leaves)
+        and partitions.unique_across(source, feeding)
+    )
+    key_injective = not key or (
+        all(
+            c.spec.kind == "column" and not (c.spec.map or c.spec.has_default or c.spec.cast) and not c.steps
+            for c in key_specs
+        )
+        and unique_feeding
+    )
+    replica = (mapping.target_triggers or DEFAULT_TARGET_TRIGGERS) == "skip"
     return CompiledTable(
         mapping=mapping,
         source=source.qualified,
@@ -888,6 +1015,9 @@ def compile_table(
         overriding=overriding,
         lookups=tuple(lookups),
         key_injective=key_injective,
+        leaves=tuple(leaf.name for leaf in source.leaves),
+        replica=replica,
+        fk_checks=target.foreign_keys if replica else (),  # replica mode silences them: the insert checks them
     )
 
 

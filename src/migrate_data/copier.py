@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from . import duplicates, ledger
-from .catalog import Table, sequences
+from . import duplicates, ledger, partitions
+from .catalog import Table, fk_cycles, sequences
 from .compile import CompiledTable, orphans_sql
 from .db import fetch_val, is_data_error, is_transient_error, rowcount
-from .errors import MigrationError, Stopped
+from .errors import MigrationError, RefusedError, Stopped
 from .sql import qi, qname
 
 log = logging.getLogger(__name__)
@@ -47,15 +47,24 @@ class CopyOptions:
 
 @dataclass(frozen=True)
 class CopyEvent:
-    """What a progress display needs; sent after every batch and at each table's start and end."""
+    """What a progress display needs; sent after every batch and at each table's start and end, and (kind "step",
+    from ``api.run_phase``) as each step of a run starts: ``target`` is then the step's name, one of ``STEPS``."""
 
-    kind: str  # "start" | "batch" | "done" | "skip"
+    kind: str  # "start" | "batch" | "done" | "skip" | "step"
     target: str
     rows: int  # rows read so far, this table
     total: int  # source rows expected, this table
     written: int = 0
     rejected: int = 0
     seconds: float = 0.0
+    note: str = ""  # a step's detail for people, e.g. "pg_dump of 4 tables"
+
+    @classmethod
+    def step(cls, name: str, note: str = "") -> CopyEvent:
+        return cls("step", name, 0, 0, note=note)
+
+
+STEPS = ("preflight", "backup", "schema", "copy", "validate")
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,8 @@ class _Unit:
     seconds: float = 0.0
     skipped: bool = False
     direct: bool = True  # cross-database: try COPY straight into the target (see _insert_direct)
+    step: int | None = None  # batch_by: ctid: blocks per batch (about batch_size rows)
+    gate: asyncio.Semaphore | None = None  # a partitioned source: at most --jobs leaves (or ranges of one) at a time
 
 
 class Copier:
@@ -114,13 +125,15 @@ class Copier:
         self._halt = asyncio.Event()  # set when any worker stops or fails: the others finish their batch
         self._stopped_reason: str | None = None
         names = {str(ct.target) for ct, _ in tables}
-        groups = fk_cycles(tables)
+        groups = fk_cycles([t for _, t in tables])
         self.units: dict[str, _Unit] = {}
         for ct, tt in tables:
             name = str(ct.target)
             group = next((g for g in groups if name in g), {name})
             deps = {str(fk.ref_table) for fk in tt.foreign_keys} & names
             self.units[name] = _Unit(ct, tt, cyclic=len(group) > 1, depends=deps - group)
+            if ct.leaves:
+                self.units[name].gate = asyncio.Semaphore(max(1, options.jobs))
 
     # -- scheduling ----------------------------------------------------------------------------
     async def run(self) -> list[TableResult]:
@@ -175,7 +188,7 @@ class Copier:
             u.rows = sum(p["rows_read"] for p in parts)
             self.on_event(CopyEvent("start", name, u.rows, u.total))
             started = time.monotonic()
-            await asyncio.gather(*(self._part(u, p) for p in parts if not p["done"]))
+            await asyncio.gather(*(self._gated(u, p) for p in parts if not p["done"]))
             u.seconds += time.monotonic() - started
             # A table is finished only once its sequences are past the copied values: a kill before this line
             # leaves it unfinished, and the next run sets them without copying again.
@@ -198,9 +211,37 @@ class Copier:
             u.done.set()
 
     async def _parts(self, u: _Unit) -> list[asyncpg.Record]:
-        """The table's key ranges: created on the first run, reused by every later one."""
+        """The table's key ranges: created on the first run, reused by every later one.  A partitioned source has
+        parts per leaf partition, each naming its leaf; a leaf attached or detached since they were made is refused
+        (``--recheck`` makes them anew)."""
         name = str(u.ct.target)
         parts = await ledger.checkpoints(self.target_pool, self.phase, name)
+        if parts:
+            recorded = {p["source"] for p in parts if p["source"] is not None}
+            changes = partitions.leaf_changes(recorded, [str(leaf) for leaf in u.ct.leaves])
+            if changes and not self.options.recheck:
+                raise RefusedError(
+                    f"the partitions of {u.ct.source} changed since this phase started copying it: "
+                    f"{changes.describe(str(u.ct.source))}",
+                    detail=f"the checkpoints of {name} name the partitions as they were; going on would skip rows "
+                    "or lose track of rows already copied; nothing was copied in this run",
+                    hint=f"attach or detach it back and run the same command again; or run it with --recheck to copy "
+                    f"{u.ct.source} as it is now (rows copied from a detached partition stay in {name}: validation "
+                    "reports them, and a rollback of the phase removes them)",
+                )
+            if self.options.recheck and not u.ct.key:
+                raise RefusedError(
+                    f"--recheck cannot pass over {name} again: it is copied by blocks (batch_by: ctid) into a table "
+                    "without a key, so nothing would recognise the rows already copied",
+                    hint=f"roll the phase back and run it again to copy {u.ct.source} anew",
+                )
+            if changes:  # --recheck: the parts are made anew for the partitions as they are now
+                async with self._locked() as conn:
+                    await ledger.unmark_finished(conn, self.phase, name)
+                    await conn.execute(
+                        f"DELETE FROM {ledger.SCHEMA}.checkpoints WHERE phase = $1 AND target = $2", self.phase, name
+                    )
+                parts = []
         if parts and all(p["done"] for p in parts) and not self.options.recheck:
             return parts  # copied before: skipped without reading the source
         u.total = await fetch_val(self.source_pool, u.ct.count_sql())
@@ -216,23 +257,99 @@ class Copier:
             parts = await ledger.checkpoints(self.target_pool, self.phase, name)
         if parts:
             return parts
-        bounds: list[list[str] | None] = [None]
-        n = min(self.options.jobs, math.ceil(u.total / max(self.options.batch_size, 1)))
-        if n > 1 and u.total >= self.options.split_rows:
-            percent = min(100.0, 100.0 * 20_000 / u.total)  # about 20,000 sampled keys
-            bounds += [r["k"] for r in await self.source_pool.fetch(u.ct.split_sql(), n, percent)]
-        rows = [(i, bounds[i], bounds[i + 1] if i + 1 < len(bounds) else None) for i in range(len(bounds))]
+        rows: list[tuple[str | None, list[str] | None, list[str] | None]] = []
+        if u.ct.leaves:
+            for leaf in u.ct.leaves:
+                ct = u.ct.for_leaf(leaf)
+                # a leaf is split only when big (none can be while the whole table is small): its size from the
+                # statistics, as the split itself is approximate, counted only when it was never analyzed
+                total = 0
+                if u.total >= self.options.split_rows:
+                    total = await fetch_val(
+                        self.source_pool, "SELECT reltuples::bigint FROM pg_class WHERE oid = $1::regclass", qname(leaf)
+                    )
+                    if total < 0:
+                        total = await fetch_val(self.source_pool, ct.count_sql())
+                bounds = await self._bounds(ct, total)
+                rows += [
+                    (str(leaf), bounds[i], bounds[i + 1] if i + 1 < len(bounds) else None) for i in range(len(bounds))
+                ]
+        else:
+            bounds = await self._bounds(u.ct, u.total)
+            rows = [(None, bounds[i], bounds[i + 1] if i + 1 < len(bounds) else None) for i in range(len(bounds))]
         async with self._locked() as conn:
             await conn.executemany(
-                f"INSERT INTO {ledger.SCHEMA}.checkpoints (phase, target, part, lo, hi) VALUES ($1, $2, $3, $4, $5) "
-                f"ON CONFLICT DO NOTHING",
-                [(self.phase, name, i, lo, hi) for i, lo, hi in rows],
+                f"INSERT INTO {ledger.SCHEMA}.checkpoints (phase, target, part, lo, hi, source) "
+                f"VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                [(self.phase, name, i, lo, hi, leaf) for i, (leaf, lo, hi) in enumerate(rows)],
             )
         return await ledger.checkpoints(self.target_pool, self.phase, name)
+
+    async def _bounds(self, ct: CompiledTable, total: int) -> list[list[str] | None]:
+        """Where the concurrent key ranges of a table (or of one leaf) of ``total`` rows start: ``[None]`` for one
+        range, ``[None, k1, …]`` for ``--jobs`` ranges of a big one (block numbers for ``batch_by: ctid``)."""
+        bounds: list[list[str] | None] = [None]
+        n = min(self.options.jobs, math.ceil(total / max(self.options.batch_size, 1)))
+        if n > 1 and total >= self.options.split_rows:
+            if ct.by_blocks:
+                blocks = await self._blocks(ct)
+                bounds += [[f"({blocks * i // n},0)"] for i in range(1, n)]
+            else:
+                percent = min(100.0, 100.0 * 20_000 / total)  # about 20,000 sampled keys
+                bounds += [r["k"] for r in await self.source_pool.fetch(ct.split_sql(), n, percent)]
+        return bounds
+
+    async def _gated(self, u: _Unit, part: asyncpg.Record) -> None:
+        """Copy one part; a partitioned table's parts wait for one of its ``--jobs`` turns, so its leaves are copied
+        a few at a time, each to its end, rather than all at once a batch each."""
+        if u.gate is None:
+            await self._part(u, part)
+            return
+        async with u.gate:
+            await self._part(u, part)
+
+    def _part_ct(self, u: _Unit, part: asyncpg.Record) -> CompiledTable:
+        """The table as one part reads it: its leaf partition, or the whole source."""
+        if part["source"] is None:
+            return u.ct
+        return u.ct.for_leaf(next(leaf for leaf in u.ct.leaves if str(leaf) == part["source"]))
+
+    async def _blocks(self, ct: CompiledTable) -> int:
+        """The source relation's size in blocks, now."""
+        return int(
+            await fetch_val(
+                self.source_pool,
+                "SELECT pg_relation_size($1::regclass) / current_setting('block_size')::bigint",
+                qname(ct.leaf or ct.source),
+            )
+        )
+
+    async def _blocks_bound(
+        self, u: _Unit, ct: CompiledTable, last: list[str] | None, hi: list[str] | None
+    ) -> tuple[int, list[str], bool]:
+        """``batch_by: ctid``: the next range of blocks after ``last`` (about ``batch_size`` rows), the rows in it,
+        and whether it reaches the part's end (``hi``, else the relation's last block)."""
+        if u.step is None:
+            stats = await self.source_pool.fetchrow(
+                "SELECT reltuples, relpages FROM pg_class WHERE oid = $1::regclass", qname(ct.leaf or ct.source)
+            )
+            blocks = await self._blocks(ct)
+            if stats is not None and stats["reltuples"] > 0 and stats["relpages"] > 0:
+                per_block = stats["reltuples"] / stats["relpages"]
+            else:  # never analyzed
+                per_block = (u.total or await fetch_val(self.source_pool, ct.count_sql())) / max(blocks, 1)
+            u.step = max(1, int(self.options.batch_size / max(per_block, 1.0)))
+        lo = _block(last[0]) if last else 0
+        end = _block(hi[0]) if hi else await self._blocks(ct)
+        upto = max(lo, min(lo + u.step, end))
+        new_last = [f"({upto},0)"]
+        n = await fetch_val(self.source_pool, ct.range_count_sql(lower=last is not None), *(last or []), *new_last)
+        return n, new_last, upto >= end
 
     # -- one key range ---------------------------------------------------------------------------
     async def _part(self, u: _Unit, part: asyncpg.Record) -> None:
         name = str(u.ct.target)
+        ct = self._part_ct(u, part)
         last: list[str] | None = part["last_key"] or part["lo"]
         hi: list[str] | None = part["hi"]
         estimate = 0.0
@@ -244,16 +361,17 @@ class Copier:
                 raise Stopped(reason)
             async with self.sem:
                 started = time.monotonic()
-                n, new_last, written, rejected = await self._batch_with_retries(u, part["part"], last, hi)
+                n, new_last, written, rejected, done = await self._batch_with_retries(u, ct, part["part"], last, hi)
                 took = time.monotonic() - started
             estimate = took if estimate == 0 else 0.7 * estimate + 0.3 * took
             u.rows += n
             u.written += written
             u.rejected += rejected
             log.info(
-                "%s part %d: %d rows read, %d written, %d rejected in %.2fs (last key %s)",
+                "%s part %d%s: %d rows read, %d written, %d rejected in %.2fs (last key %s)",
                 name,
                 part["part"],
+                f" ({ct.leaf})" if ct.leaf is not None else "",
                 n,
                 written,
                 rejected,
@@ -262,16 +380,16 @@ class Copier:
             )
             self.on_event(CopyEvent("batch", name, u.rows, u.total, u.written, u.rejected, took))
             await self._check_max_rejects()
-            if n < self.options.batch_size:
+            if done:
                 return
             last = new_last
 
     async def _batch_with_retries(
-        self, u: _Unit, part: int, last: list[str] | None, hi: list[str] | None
-    ) -> tuple[int, list[str] | None, int, int]:
+        self, u: _Unit, ct: CompiledTable, part: int, last: list[str] | None, hi: list[str] | None
+    ) -> tuple[int, list[str] | None, int, int, bool]:
         for attempt in range(self.options.retries + 1):
             try:
-                return await self._batch(u, part, last, hi)
+                return await self._batch(u, ct, part, last, hi)
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
                 if is_transient_error(e) and attempt < self.options.retries:
                     wait = 2**attempt
@@ -279,44 +397,56 @@ class Copier:
                     await asyncio.sleep(wait)
                     continue
                 raise MigrationError(
-                    f"copy of {u.ct.target} stopped after key {last}: {e}",
+                    f"copy of {u.ct.target} stopped after key {last}"
+                    + (f" of partition {ct.leaf}" if ct.leaf is not None else "")
+                    + f": {e}",
                     detail=getattr(e, "detail", None) or f"SQLSTATE {getattr(e, 'sqlstate', None) or '-'}",
                     hint="nothing after the last checkpoint was kept; fix the cause and run the same command again",
                 ) from e
         raise AssertionError("unreachable")
 
     async def _batch(
-        self, u: _Unit, part: int, last: list[str] | None, hi: list[str] | None
-    ) -> tuple[int, list[str] | None, int, int]:
-        ct = u.ct
+        self, u: _Unit, ct: CompiledTable, part: int, last: list[str] | None, hi: list[str] | None
+    ) -> tuple[int, list[str] | None, int, int, bool]:
+        """Copy the next batch of a part, in one transaction with its checkpoint: rows read, the new last key,
+        rows written, rows rejected, and whether the part is done."""
         lower, upper = last is not None, hi is not None
-        bound_args = [*(last or []), *(hi or []), self.options.batch_size]
-        bound = await self.source_pool.fetchrow(ct.bound_sql(lower=lower, upper=upper), *bound_args)
-        n, new_last = bound["n"], bound["last"]
-        if n == 0:
+        if ct.by_blocks:
+            n, new_last, done = await self._blocks_bound(u, ct, last, hi)
+        else:
+            bound_args = [*(last or []), *(hi or []), self.options.batch_size]
+            bound = await self.source_pool.fetchrow(ct.bound_sql(lower=lower, upper=upper), *bound_args)
+            n, new_last, done = bound["n"], bound["last"], bound["n"] < self.options.batch_size
+        if n == 0:  # by blocks: empty blocks are passed over, the checkpoint moves on
+            upto = new_last if ct.by_blocks else last
             async with self._locked() as conn:
-                await self._checkpoint(conn, u, part, last, 0, 0, 0, done=True)
-            return 0, last, 0, 0
+                await self._checkpoint(conn, u, part, upto, 0, 0, 0, done=done or not ct.by_blocks)
+            return 0, upto, 0, 0, done or not ct.by_blocks
         rng = [*(last or []), *new_last]
         async with self.target_pool.acquire() as conn, conn.transaction():
-            if u.cyclic:
+            if u.cyclic or ct.replica:
                 await conn.execute("SET LOCAL session_replication_role = replica")
             if self.same_db:
-                written, rejected = await self._insert_same_db(conn, u, last, new_last, rng)
+                written, rejected = await self._insert_same_db(conn, u, ct, last, new_last, rng)
             else:
-                direct = await self._insert_direct(conn, u, lower, rng) if u.direct and ct.direct_copy_ok else None
+                direct = await self._insert_direct(conn, u, ct, lower, rng) if u.direct and ct.direct_copy_ok else None
                 written, rejected = (
-                    (direct, 0) if direct is not None else await self._insert_staged(conn, u, lower, rng)
+                    (direct, 0) if direct is not None else await self._insert_staged(conn, u, ct, lower, rng)
                 )
-            await self._checkpoint(conn, u, part, new_last, n, written, rejected, done=n < self.options.batch_size)
+            await self._checkpoint(conn, u, part, new_last, n, written, rejected, done=done)
             if self.lock is not None:
                 await self.lock.check(conn)  # last before COMMIT: without the lock the batch rolls back
-        return n, new_last, written, rejected
+        return n, new_last, written, rejected, done
 
     async def _insert_same_db(
-        self, conn: asyncpg.Connection, u: _Unit, last: list[str] | None, new_last: list[str], rng: list[str]
+        self,
+        conn: asyncpg.Connection,
+        u: _Unit,
+        ct: CompiledTable,
+        last: list[str] | None,
+        new_last: list[str],
+        rng: list[str],
     ) -> tuple[int, int]:
-        ct = u.ct
         lower = last is not None
 
         async def duplicates_of(done: int, read: int | None = None) -> int:
@@ -327,7 +457,7 @@ class Copier:
 
         try:
             async with self._writing(conn, u):
-                written = rowcount(await conn.execute(ct.insert_sql(lower=lower, upper=True), *rng))
+                written = await _write(conn, ct, ct.insert_sql(lower=lower, upper=True), *rng)
         except asyncpg.PostgresError as e:
             if not is_data_error(e):
                 raise
@@ -339,8 +469,8 @@ class Copier:
 
         async def insert(i: int, j: int) -> int:
             if i == 0:
-                return rowcount(await conn.execute(sql_first, *(last or []), *keys[j - 1]))
-            return rowcount(await conn.execute(sql, *keys[i - 1], *keys[j - 1]))
+                return await _write(conn, ct, sql_first, *(last or []), *keys[j - 1])
+            return await _write(conn, ct, sql, *keys[i - 1], *keys[j - 1])
 
         async def source_row(i: int) -> str | None:
             return await conn.fetchval(ct.source_row_sql(), *keys[i])
@@ -348,7 +478,9 @@ class Copier:
         written, rejected = await self._bisect(conn, u, len(keys), insert, lambda i: keys[i], source_row)
         return written, rejected + await duplicates_of(written + rejected, len(keys))
 
-    async def _insert_direct(self, conn: asyncpg.Connection, u: _Unit, lower: bool, rng: list[str]) -> int | None:
+    async def _insert_direct(
+        self, conn: asyncpg.Connection, u: _Unit, ct: CompiledTable, lower: bool, rng: list[str]
+    ) -> int | None:
         """The fast path across databases: text COPY from the source straight into the target, in a savepoint.
 
         A range past the checkpoint holds none of our rows (each batch commits with its checkpoint), so usually
@@ -358,7 +490,6 @@ class Copier:
         Only for tables whose every column's value is cast to the target column's own type, where the type's text
         input and the cast agree (a longer varchar fails here and is truncated by the staged path's cast).
         """
-        ct = u.ct
         try:
             async with self._writing(conn, u):
                 return await self._pipe(
@@ -378,9 +509,10 @@ class Copier:
             log.debug("%s: direct COPY fell back to the staged path: %s", ct.target, e)
             return None
 
-    async def _insert_staged(self, conn: asyncpg.Connection, u: _Unit, lower: bool, rng: list[str]) -> tuple[int, int]:
+    async def _insert_staged(
+        self, conn: asyncpg.Connection, u: _Unit, ct: CompiledTable, lower: bool, rng: list[str]
+    ) -> tuple[int, int]:
         """Pipe the range from the source (binary COPY out) into a staging table (binary COPY in), then insert."""
-        ct = u.ct
         stage = f"migrate_data_stage_{abs(hash(str(ct.target))) % 10**8}"
         await conn.execute(ct.stage_table_sql(stage))
         read = await self._pipe(ct.source_text_sql(lower=lower, upper=True), rng, conn, stage, ct.stage_columns())
@@ -394,7 +526,7 @@ class Copier:
 
         try:
             async with self._writing(conn, u):
-                written = rowcount(await conn.execute(ct.stage_insert_sql(stage, sub=False)))
+                written = await _write(conn, ct, ct.stage_insert_sql(stage, sub=False))
         except asyncpg.PostgresError as e:
             if not is_data_error(e):
                 raise
@@ -405,7 +537,7 @@ class Copier:
         keys = {r["__n"]: list(r["__key"]) for r in await conn.fetch(f"SELECT __n, __key FROM {qi(stage)}")}
 
         async def insert(i: int, j: int) -> int:
-            return rowcount(await conn.execute(sub, i, j))
+            return await _write(conn, ct, sub, i, j)
 
         async def source_row(i: int) -> str | None:
             return await self.source_pool.fetchval(ct.source_row_sql(), *keys[i + 1])
@@ -571,13 +703,21 @@ class Copier:
             )
 
     async def _check_cycles_allowed(self) -> None:
-        if not any(u.cyclic for u in self.units.values()):
+        if not any(u.cyclic or u.ct.replica for u in self.units.values()):
             return
         async with self.target_pool.acquire() as conn, conn.transaction():
             try:
                 await conn.execute("SET LOCAL session_replication_role = replica")
             except asyncpg.InsufficientPrivilegeError as e:
                 cyc = ", ".join(n for n, u in self.units.items() if u.cyclic)
+                if not cyc:
+                    skip = ", ".join(n for n, u in self.units.items() if u.ct.replica)
+                    raise MigrationError(
+                        f"target_triggers: skip for {skip} needs session_replication_role = replica, which this role "
+                        "may not set",
+                        hint="run this phase as a superuser, or (PostgreSQL 15+) GRANT SET ON PARAMETER "
+                        "session_replication_role TO the role; or let the triggers fire (target_triggers: fire)",
+                    ) from e
                 raise MigrationError(
                     f"the target tables {cyc} reference each other in a cycle, and this role may not defer their "
                     "foreign keys (session_replication_role needs superuser)",
@@ -586,6 +726,8 @@ class Copier:
                 ) from e
 
     async def _check_cycle_orphans(self) -> None:
+        """After a copy with the foreign keys deferred (a cycle), no row may reference a missing parent.  (With
+        target_triggers: skip, and no cycle, each insert checks them itself: see CompiledTable._checked.)"""
         for name, u in self.units.items():
             if not u.cyclic:
                 continue
@@ -599,38 +741,13 @@ class Copier:
                     )
 
 
-def fk_cycles(tables: list[tuple[CompiledTable, Table]]) -> list[set[str]]:
-    """Strongly connected groups (size > 1, or a self-reference) among the phase's target tables."""
-    names = {str(ct.target) for ct, _ in tables}
-    edges = {str(ct.target): {str(fk.ref_table) for fk in t.foreign_keys} & names for ct, t in tables}
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on: set[str] = set()
-    out: list[set[str]] = []
+async def _write(conn: asyncpg.Connection, ct: CompiledTable, sql: str, *args: object) -> int:
+    """Run one of ``ct``'s inserts; return the rows it wrote (a query's count when it checks foreign keys)."""
+    if ct.insert_counts:
+        return int(await conn.fetchval(sql, *args))
+    return rowcount(await conn.execute(sql, *args))
 
-    def strong(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on.add(v)
-        for w in edges[v]:
-            if w not in index:
-                strong(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            group = set()
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                group.add(w)
-                if w == v:
-                    break
-            if len(group) > 1 or v in edges[v]:
-                out.append(group)
 
-    for v in sorted(edges):
-        if v not in index:
-            strong(v)
-    return out
+def _block(tid: str) -> int:
+    """The block number of a tid's text, ``(12,0)`` -> 12."""
+    return int(tid.strip("()").split(",")[0])

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Union
 
 import asyncpg
 
-from .errors import MigrationError
+from .errors import BadInput, MigrationError
 from .settings import APPLICATION_NAME, DatabaseURL, redact_text
 
 log = logging.getLogger(__name__)
@@ -39,20 +39,36 @@ async def open_pool(
         server_settings["statement_timeout"] = statement_timeout
     if lock_timeout:
         server_settings["lock_timeout"] = lock_timeout
+    connect_args = parsed.asyncpg_connect_args()
     try:
         pool = await asyncpg.create_pool(
-            **parsed.asyncpg_connect_args(),
+            **connect_args,
             min_size=min(min_size, max_size),
             max_size=max_size,
             server_settings=server_settings,
             command_timeout=None,
             init=_session_init,
         )
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as e:
+    except (asyncio.TimeoutError, TimeoutError) as e:
+        waited = connect_args.get("timeout", 60.0)
+        raise MigrationError(
+            f"cannot connect to {parsed}: no answer within {waited:.0f} s",
+            detail="the address accepts connections but no PostgreSQL server answered (a firewall, a hung server "
+            "or the wrong port)",
+            hint="check the host and port; connect_timeout=N in the URL or PGCONNECT_TIMEOUT sets how long to wait",
+        ) from e
+    except (asyncpg.InvalidParameterValueError, asyncpg.UndefinedObjectError, asyncpg.CantChangeRuntimeParamError) as e:
+        raise BadInput(
+            f"the server refused a session setting: {redact_text(str(e), parsed)}",
+            hint="check --statement-timeout / --lock-timeout (e.g. 30min, 10s) and the URL's options",
+            sqlstate=e.sqlstate,
+        ) from e
+    except (OSError, asyncpg.PostgresError) as e:
         raise MigrationError(
             f"cannot connect to {parsed}",
             detail=redact_text(str(e), parsed),
             hint="check DATABASE_URL / --database-url and that the server is running",
+            sqlstate=getattr(e, "sqlstate", None),
         ) from e
     log.debug("pool opened on %s (max %d)", parsed, max_size)
     try:
@@ -91,22 +107,6 @@ async def fetch_val(db: Executor, sql: str, *args: Any) -> Any:
 async def execute(db: Executor, sql: str, *args: Any) -> str:
     """Run a statement and return its status tag (``INSERT 0 5``)."""
     return await db.execute(sql, *args)
-
-
-async def execute_returning(db: Executor, sql: str, *args: Any) -> asyncpg.Record | None:
-    """Run a statement with RETURNING and return the first returned row."""
-    return await db.fetchrow(sql, *args)
-
-
-async def execute_script(db: Executor, statements: Sequence[str]) -> None:
-    """Run several statements in one transaction."""
-    if isinstance(db, asyncpg.Pool):
-        async with db.acquire() as conn:
-            await execute_script(conn, statements)
-        return
-    async with db.transaction():
-        for sql in statements:
-            await db.execute(sql)
 
 
 def rowcount(status: str) -> int:

@@ -101,6 +101,12 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.finished (
 );
 ALTER TABLE {SCHEMA}.phases ADD COLUMN IF NOT EXISTS started_snapshot text;
 ALTER TABLE {SCHEMA}.phases ADD COLUMN IF NOT EXISTS rollback_dumps text[] NOT NULL DEFAULT '{{}}';
+-- The leaf partition a checkpoint's key range is in (NULL: the source table itself is not partitioned).
+ALTER TABLE {SCHEMA}.checkpoints ADD COLUMN IF NOT EXISTS source text;
+-- Live sync between nights (sync.py): when the phase's captured changes were last applied, and when the phase was
+-- cut over (its source tables' writes blocked, the last changes applied, validated, capture removed).
+ALTER TABLE {SCHEMA}.phases ADD COLUMN IF NOT EXISTS last_sync_at timestamptz;
+ALTER TABLE {SCHEMA}.phases ADD COLUMN IF NOT EXISTS cut_over_at timestamptz;
 -- The 64-bit id of a row's 32-bit xmin (valid for transactions less than 2^32 xids old); the frozen and
 -- bootstrap xids (< 3) are older than anything.
 CREATE OR REPLACE FUNCTION {SCHEMA}.full_xid(x xid) RETURNS xid8 LANGUAGE sql STABLE AS $$
@@ -110,6 +116,92 @@ CREATE OR REPLACE FUNCTION {SCHEMA}.full_xid(x xid) RETURNS xid8 LANGUAGE sql ST
     FROM (SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS c) s
 $$;
 """
+
+
+# Change capture (capture.py) lives in the SOURCE database, beside the tables it watches: the registry of what each
+# phase captures, and the change log its triggers write.  The log has no constraint an insert could violate (no
+# unique key: ids come from a sequence; no foreign key, no CHECK), so logging can never be what fails a write.
+CAPTURE_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+CREATE TABLE IF NOT EXISTS {SCHEMA}.changes (
+    id      bigserial NOT NULL,
+    phase   text NOT NULL,
+    source  text NOT NULL,
+    key     text[] NOT NULL,
+    op      "char" NOT NULL,
+    at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS changes_phase_id ON {SCHEMA}.changes (phase, id);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.capture (
+    phase         text NOT NULL,
+    source        text NOT NULL,
+    relation      text NOT NULL,
+    columns       text[] NOT NULL,
+    watched       text[],
+    function      text NOT NULL,
+    installed_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (phase, source)
+);
+"""
+
+
+async def ensure_capture(conn: asyncpg.Connection) -> None:
+    """Create the change log and the capture registry if missing (in the source database; inside a transaction)."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY - 1)
+    await conn.execute(CAPTURE_DDL)
+
+
+async def mark_synced(conn: asyncpg.Connection, phase: str) -> None:
+    """Stamp the phase's last sync, in the transaction that applied its changes."""
+    await conn.execute(f"UPDATE {SCHEMA}.phases SET last_sync_at = clock_timestamp() WHERE phase = $1", phase)
+
+
+async def mark_cut_over(conn: asyncpg.Connection, phase: str) -> None:
+    await conn.execute(f"UPDATE {SCHEMA}.phases SET cut_over_at = clock_timestamp() WHERE phase = $1", phase)
+
+
+async def quarantine(
+    conn: asyncpg.Connection,
+    *,
+    phase: str,
+    target: str,
+    source: str,
+    key: list[str],
+    error: asyncpg.PostgresError,
+    row: str | None,
+    run_id: int | None,
+) -> None:
+    """Put one source row in migrate_data.rejects (or refresh its entry), as the copier does."""
+    await conn.execute(
+        f"""INSERT INTO {SCHEMA}.rejects (phase, target, source, source_key, sqlstate, message, detail, row, run_id)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9)
+            ON CONFLICT (phase, target, source_key) DO UPDATE SET sqlstate = EXCLUDED.sqlstate,
+                message = EXCLUDED.message, detail = EXCLUDED.detail, row = EXCLUDED.row,
+                run_id = EXCLUDED.run_id, created_at = clock_timestamp()""",
+        phase,
+        target,
+        source,
+        key,
+        error.sqlstate,
+        str(error),
+        getattr(error, "detail", None),
+        row,
+        run_id,
+    )
+
+
+async def clear_rejects_of(conn: asyncpg.Connection, phase: str, target: str, keys: list[list[str]]) -> int:
+    """Forget the rejects of these source keys (rows copied now, or gone from the source)."""
+    if not keys:
+        return 0
+    status = await conn.execute(
+        f"""DELETE FROM {SCHEMA}.rejects WHERE phase = $1 AND target = $2 AND source_key IN
+            (SELECT ARRAY(SELECT jsonb_array_elements_text(k)) FROM jsonb_array_elements($3::jsonb) AS k)""",
+        phase,
+        target,
+        json.dumps(keys),
+    )
+    return int(status.rsplit(" ", 1)[-1])
 
 
 async def ensure(db: Executor) -> None:
@@ -492,6 +584,7 @@ async def forget_phase_writes(db: Executor, phase: str) -> None:
     """Once a phase is rolled back: its checkpoints, rejects, write marks and finished tables go."""
     for table in ("checkpoints", "rejects", "writes", "finished"):
         await execute(db, f"DELETE FROM {SCHEMA}.{table} WHERE phase = $1", phase)
+    await execute(db, f"UPDATE {SCHEMA}.phases SET last_sync_at = NULL, cut_over_at = NULL WHERE phase = $1", phase)
 
 
 async def add_rollback_dump(db: Executor, phase: str, path: str) -> None:

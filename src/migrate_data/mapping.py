@@ -7,6 +7,7 @@ pre-flight (``preflight.py``) checks the mapping against the live catalogs.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from .errors import MappingError
+from .errors import BadInput, MappingError
 
 PHASE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 CAST_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .,()\[\]\"]*$")
@@ -92,6 +93,13 @@ class TableMapping:
     batch_by: tuple[str, ...] | None = None
     on_conflict: str = "nothing"
     timezone: str | None = None  # the phase's `timezone:`, for columns that give none
+    # Whether the target's user triggers fire on the copied rows: "fire" or "skip" (None: not said, "fire")
+    target_triggers: str | None = None
+
+    @property
+    def by_blocks(self) -> bool:
+        """``batch_by: ctid``: the source is copied by ranges of physical blocks (see docs/mapping.md)."""
+        return self.batch_by == ("ctid",)
 
     def column(self, target: str) -> ColumnSpec | None:
         return next((c for c in self.columns if c.target == target), None)
@@ -109,6 +117,7 @@ class Phase:
     backup: tuple[QualifiedName, ...] = ()
     tables: tuple[TableMapping, ...] = field(default_factory=tuple)
     timezone: str | None = None  # the zone of every timestamp <-> timestamptz conversion of the phase
+    target_triggers: str | None = None  # the default of the phase's tables: "fire" | "skip"
 
     def table(self, target: str) -> TableMapping | None:
         return next((t for t in self.tables if str(t.target) == target or t.target.name == target), None)
@@ -122,14 +131,20 @@ class _Ctx:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.constructor = yaml.constructor.SafeConstructor()
+        self.lines: list[str] = []
 
     def display(self) -> str:
         return display_path(self.path)
 
     def error(self, node: Node | None, where: str, message: str) -> MappingError:
-        line = node.start_mark.line + 1 if node is not None else 1
-        prefix = f"{self.display()}:{line}"
-        return MappingError(f"{prefix} {where}: {message}" if where else f"{prefix}: {message}")
+        if node is None:
+            return MappingError(f"{self.display()}: {where + ': ' if where else ''}{message}")
+        line, column = node.start_mark.line + 1, node.start_mark.column + 1
+        prefix = f"{self.display()}:{line}:{column}"
+        return MappingError(
+            f"{prefix} {where}: {message}" if where else f"{prefix}: {message}",
+            detail=source_excerpt(self.lines, line, column),
+        )
 
     def value(self, node: Node) -> Any:
         value = self.constructor.construct_object(node, deep=True)
@@ -183,6 +198,15 @@ class _Ctx:
                 raise self.error(node, where, "a name is listed twice")
             return out
         raise self.error(node, where, "expected a name or a non-empty list of names")
+
+
+def source_excerpt(lines: list[str], line: int, column: int) -> str | None:
+    """The offending line and a caret under its column, as psql shows a statement's error position."""
+    if not 1 <= line <= len(lines):
+        return None
+    label = f"line {line}: "
+    text = lines[line - 1].rstrip("\n").expandtabs(1)
+    return f"{label}{text}\n{' ' * (len(label) + column - 1)}^"
 
 
 def display_path(path: Path) -> str:
@@ -281,8 +305,24 @@ def _column(ctx: _Ctx, target: str, node: Node, where: str) -> ColumnSpec:
     return ColumnSpec(**spec)
 
 
-def _table(ctx: _Ctx, node: Node, where: str, timezone: str | None = None) -> TableMapping:
-    keys = ctx.mapping(node, where, ("source", "target", "where", "key", "batch_by", "on_conflict", "columns"))
+TRIGGER_MODES = ("fire", "skip")
+
+
+def _trigger_mode(ctx: _Ctx, node: Node, where: str) -> str:
+    mode = ctx.string(node, where)
+    if mode not in TRIGGER_MODES:
+        raise ctx.error(node, where, f"{mode!r}: expected fire or skip")
+    return mode
+
+
+def _table(
+    ctx: _Ctx, node: Node, where: str, timezone: str | None = None, target_triggers: str | None = None
+) -> TableMapping:
+    keys = ctx.mapping(
+        node,
+        where,
+        ("source", "target", "where", "key", "batch_by", "on_conflict", "target_triggers", "columns"),
+    )
     for required in ("source", "target", "columns"):
         if required not in keys:
             raise ctx.error(node, where, f"missing {required!r}")
@@ -301,6 +341,12 @@ def _table(ctx: _Ctx, node: Node, where: str, timezone: str | None = None) -> Ta
             raise ctx.error(
                 keys["on_conflict"][1], f"{where}.on_conflict", f"{on_conflict!r}: expected nothing or update"
             )
+    if "batch_by" in keys:
+        batch_by = ctx.names(keys["batch_by"][1], f"{where}.batch_by")
+        if "ctid" in batch_by and len(batch_by) > 1:
+            raise ctx.error(
+                keys["batch_by"][1], f"{where}.batch_by", "ctid pages by physical blocks on its own: give it alone"
+            )
     return TableMapping(
         source=QualifiedName.parse(ctx.string(keys["source"][1], f"{where}.source", identifier=True)),
         target=QualifiedName.parse(ctx.string(keys["target"][1], f"{where}.target", identifier=True)),
@@ -311,6 +357,11 @@ def _table(ctx: _Ctx, node: Node, where: str, timezone: str | None = None) -> Ta
         batch_by=ctx.names(keys["batch_by"][1], f"{where}.batch_by") if "batch_by" in keys else None,
         on_conflict=on_conflict,
         timezone=timezone,
+        target_triggers=(
+            _trigger_mode(ctx, keys["target_triggers"][1], f"{where}.target_triggers")
+            if "target_triggers" in keys
+            else target_triggers
+        ),
     )
 
 
@@ -323,19 +374,26 @@ def load_phase(path: str | Path) -> Phase:
         raise ctx.error(None, "", f"phase name {name!r} must start with a letter and use letters, digits, - and _")
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise MappingError(f"{ctx.display()}: cannot read: {e.strerror}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise MappingError(f"{ctx.display()}: cannot read: {why}") from e
+    ctx.lines = text.splitlines()
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark else 1
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         problem = getattr(e, "problem", None) or str(e)
-        raise MappingError(f"{ctx.display()}:{line}: invalid YAML: {problem}") from e
+        raise MappingError(
+            f"{ctx.display()}:{line}:{column}: invalid YAML: {problem}", detail=source_excerpt(ctx.lines, line, column)
+        ) from e
     if root is None:
         raise ctx.error(None, "", "the file is empty")
-    top = ctx.mapping(root, "", ("description", "requires", "revision", "backup", "timezone", "tables"))
+    top = ctx.mapping(
+        root, "", ("description", "requires", "revision", "backup", "timezone", "target_triggers", "tables")
+    )
     timezone = ctx.zone(top["timezone"][1], "timezone") if "timezone" in top else None
+    triggers = _trigger_mode(ctx, top["target_triggers"][1], "target_triggers") if "target_triggers" in top else None
     tables: tuple[TableMapping, ...] = ()
     if "tables" in top:
         tnode = top["tables"][1]
@@ -343,7 +401,7 @@ def load_phase(path: str | Path) -> Phase:
             tnode = SequenceNode("tag:yaml.org,2002:seq", [])
         if not isinstance(tnode, SequenceNode):
             raise ctx.error(tnode, "tables", "expected a list of table mappings")
-        tables = tuple(_table(ctx, n, f"tables[{i}]", timezone) for i, n in enumerate(tnode.value))
+        tables = tuple(_table(ctx, n, f"tables[{i}]", timezone, triggers) for i, n in enumerate(tnode.value))
         seen: dict[str, int] = {}
         for i, t in enumerate(tables):
             if str(t.target) in seen:
@@ -362,21 +420,94 @@ def load_phase(path: str | Path) -> Phase:
         backup=tuple(QualifiedName.parse(n) for n in ctx.names(top["backup"][1], "backup")) if "backup" in top else (),
         tables=tables,
         timezone=timezone,
+        target_triggers=triggers,
     )
 
 
-def load_phases(mappings_dir: str | Path) -> dict[str, Phase]:
-    """Load every ``*.yaml`` of ``mappings_dir``; check that ``requires`` names phases that exist, without cycles."""
+class Phases(dict[str, Phase]):
+    """The project's phases that load, in order; ``broken`` maps the name of every phase that does not (its file has
+    an error, or it requires such a phase) to its MappingError, so one bad file does not block the other phases."""
+
+    def __init__(self, phases: dict[str, Phase] | None = None, broken: dict[str, MappingError] | None = None) -> None:
+        super().__init__(phases or {})
+        self.broken: dict[str, MappingError] = dict(broken or {})
+
+    def names(self) -> list[str]:
+        """Every phase of the project, loaded or not."""
+        return sorted({*self, *self.broken}, key=_natural)
+
+    def require(self, name: str) -> Phase:
+        """The phase ``name``; its file's error when it does not load; BadInput listing the phases when no file has
+        that name.  A phase that drops data (``backup:``) is refused while any phase file has an error: the proof
+        that nothing is lost needs every data phase."""
+        if name in self.broken:
+            raise self.broken[name]
+        if name not in self:
+            raise unknown_phase(name, self.names())
+        phase = self[name]
+        if phase.backup and self.broken:
+            first = next(iter(self.broken.values()))
+            raise MappingError(
+                f"{name} drops data, and the phase file of {', '.join(self.broken)} has an error",
+                detail=first.message,
+                hint="fix it first: before dropping anything, every data phase must be checked",
+            )
+        return phase
+
+
+def unknown_phase(name: str, names: list[str]) -> BadInput:
+    close = difflib.get_close_matches(name, names, n=1)
+    return BadInput(
+        f"no phase {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""),
+        hint=f"phases: {', '.join(names) or 'none (no mappings/*.yaml)'}",
+    )
+
+
+def load_phases(mappings_dir: str | Path, *, strict: bool = False) -> Phases:
+    """Load every ``*.yaml`` of ``mappings_dir`` in ``requires`` order.
+
+    A file with an error, a phase that requires an unknown or broken phase, and phases that require each other in a
+    cycle go to ``.broken`` (``strict``: the first such error is raised instead)."""
     d = Path(mappings_dir)
     if not d.is_dir():
         raise MappingError(f"{d}: no mappings directory", hint="run inside a project or pass --project DIR")
-    phases = {p.name: p for p in (load_phase(f) for f in sorted(d.glob("*.yaml")))}
-    for p in phases.values():
-        for r in p.requires:
-            if r not in phases:
-                raise MappingError(f"{p.path}: requires unknown phase {r!r}", hint=f"phases here: {', '.join(phases)}")
-    order = phase_order(phases)  # raises on a cycle
-    return {name: phases[name] for name in order}
+    phases: dict[str, Phase] = {}
+    broken: dict[str, MappingError] = {}
+    for f in sorted(d.glob("*.yaml")):
+        try:
+            phases[f.stem] = load_phase(f)
+        except MappingError as e:
+            broken[f.stem] = e
+    changed = True
+    while changed:  # a phase that requires a missing or broken phase is broken too
+        changed = False
+        for p in list(phases.values()):
+            bad = next((r for r in p.requires if r not in phases), None)
+            if bad is None:
+                continue
+            if bad in broken:
+                broken[p.name] = MappingError(
+                    f"{display_path(p.path)}: {p.name} requires {bad}, whose phase file has an error",
+                    detail=broken[bad].message,
+                    hint=f"fix {bad} first",
+                )
+            else:
+                broken[p.name] = MappingError(
+                    f"{display_path(p.path)}: requires unknown phase {bad!r}",
+                    hint=f"phases here: {', '.join(sorted({*phases, *broken}, key=_natural))}",
+                )
+            del phases[p.name]
+            changed = True
+    try:
+        order = phase_order(phases)
+    except MappingError as e:  # a cycle: every phase of it is broken
+        cycle = set(e.message.rpartition(": ")[2].split(" -> "))
+        broken.update({n: e for n in cycle if n in phases})
+        phases = {n: p for n, p in phases.items() if n not in cycle}
+        order = phase_order(phases)
+    if strict and broken:
+        raise next(iter(broken.values()))
+    return Phases({name: phases[name] for name in order}, dict(sorted(broken.items(), key=lambda kv: _natural(kv[0]))))
 
 
 def phase_order(phases: dict[str, Phase]) -> list[str]:

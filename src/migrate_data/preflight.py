@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncpg
 
-from .catalog import Table, parents_first, read_table
+from . import partitions
+from .catalog import Table, Trigger, fk_cycles, parents_first, read_table, user_triggers
 from .compile import (
+    DEFAULT_TARGET_TRIGGERS,
     HELPERS_EXIST_SQL,
     HELPERS_SQL,
+    KEYLESS_HINT,
     TARGET_CHECKS_SQL,
     TARGET_DEFAULTS_SQL,
     CompiledTable,
@@ -23,7 +26,6 @@ from .compile import (
     preview_sql,
     unmapped_values_sql,
 )
-from .copier import fk_cycles
 from .db import Executor, fetch_all, fetch_one, fetch_val, rolled_back
 from .errors import PreflightError
 from .mapping import Phase, QualifiedName, TableMapping, display_path
@@ -121,6 +123,7 @@ async def _compile(
             types = await _sql_types(ct, source)
             if types:
                 ct = compile_table(tm, src, tgt, known, value_types=types)
+            ct = replace(ct, phase=phase.name)
         except PreflightError as e:
             findings.append(Finding("error", name, e.message + (f" ({e.hint})" if e.hint else "")))
             continue
@@ -170,7 +173,7 @@ async def preflight(
     if coverage:
         for ct, _ in tables:
             findings += await _coverage(ct, source, target)
-    for group in fk_cycles(tables):
+    for group in fk_cycles([t for _, t in tables]):
         findings.append(
             Finding(
                 "warning",
@@ -191,40 +194,18 @@ async def _check_table(
     tm: TableMapping = ct.mapping
     name = str(tm.target)
     out: list[Finding] = []
-    if not tgt.has_exact_unique(ct.key):
-        out.append(
-            Finding(
-                "error",
-                name,
-                f"key ({', '.join(ct.key)}) is not a primary key or unique constraint of {tgt.name}; "
-                "ON CONFLICT needs one (give `key:` or add the constraint in the phase's revision)",
-            )
-        )
-    nullable = [k for k in ct.key if (col := tgt.column(k)) is not None and not col.not_null]
-    if nullable:
-        out.append(
-            Finding(
-                "warning",
-                name,
-                f"key column{'s' if len(nullable) > 1 else ''} {', '.join(nullable)} of {tgt.name} "
-                f"{'are' if len(nullable) > 1 else 'is'} nullable: a row with a NULL key conflicts with nothing, "
-                "so every re-run copies it again, and validation cannot match it",
-            )
-        )
-    if not src.is_unique(ct.batch_by):
-        out.append(
-            Finding(
-                "error",
-                name,
-                f"batch_by ({', '.join(ct.batch_by)}) is not unique in {src.name}; "
-                "keyset batches would skip rows (give unique columns, e.g. the primary key)",
-            )
-        )
-    for b in ct.batch_by:
-        col = src.column(b)
-        if col is not None and not col.not_null:
+    out += key_findings(ct, src, tgt)
+    out += await _trigger_findings(ct, tgt, target)
+    if ct.by_blocks:
+        version = await fetch_val(source, "SHOW server_version_num")
+        if int(version) < 140000:
             out.append(
-                Finding("error", name, f"batch_by column {src.name}.{b} is nullable; rows with NULL would be skipped")
+                Finding(
+                    "error",
+                    name,
+                    f"batch_by: ctid needs PostgreSQL 14 or later on the source (TID range scans); this one is "
+                    f"{int(version) // 10000}: each batch would read the whole table",
+                )
             )
     for _, lk in ct.lookups:
         lt = await read_table(source, lk.table)
@@ -259,7 +240,7 @@ async def _check_table(
             out.append(
                 Finding("info", name, f"{c.target}: {c.value_type} converted as {c.cast_type}, in time zone {c.zone}")
             )
-    if any(c.checked for c in ct.columns):
+    if any(c.checked for c in ct.columns) or ct.insert_counts:
         await ensure_helpers(target)
     if same_db:
         err = await _prepare(target, ct.insert_sql(lower=True, upper=True))
@@ -271,6 +252,173 @@ async def _check_table(
     if err:
         out.append(Finding("error", name, f"the copy statement does not prepare: {err}"))
     return out
+
+
+def key_findings(ct: CompiledTable, src: Table, tgt: Table) -> list[Finding]:
+    """What the pre-flight says about the conflict key on the target and the key that pages the source."""
+    name = str(ct.mapping.target)
+    out: list[Finding] = []
+    if ct.key and not tgt.has_exact_unique(ct.key):
+        missing = [c for c in tgt.partition_columns if c not in ct.key]
+        if tgt.partitioned and missing:
+            out.append(
+                Finding(
+                    "error",
+                    name,
+                    f"key ({', '.join(ct.key)}) is not a unique constraint of {tgt.name}, and cannot be one: "
+                    f"{tgt.name} is partitioned ({tgt.partition_key}), and a unique key of a partitioned table must "
+                    f"include its partition key columns ({', '.join(missing)} missing), so ON CONFLICT has nothing "
+                    "to match; give `key:` with the partition key columns too (e.g. "
+                    f"[{', '.join((*ct.key, *missing))}]) and that unique constraint on {tgt.name}",
+                )
+            )
+        else:
+            out.append(
+                Finding(
+                    "error",
+                    name,
+                    f"key ({', '.join(ct.key)}) is not a primary key or unique constraint of {tgt.name}; "
+                    "ON CONFLICT needs one (give `key:` or add the constraint in the phase's revision)",
+                )
+            )
+    nullable = [k for k in ct.key if (col := tgt.column(k)) is not None and not col.not_null]
+    if nullable:
+        out.append(
+            Finding(
+                "warning",
+                name,
+                f"key column{'s' if len(nullable) > 1 else ''} {', '.join(nullable)} of {tgt.name} "
+                f"{'are' if len(nullable) > 1 else 'is'} nullable: a row with a NULL key conflicts with nothing, "
+                "so every re-run copies it again, and validation cannot match it",
+            )
+        )
+    if ct.by_blocks:
+        out.append(
+            Finding(
+                "warning",
+                name,
+                f"{src.name} is copied by ranges of physical blocks (batch_by: ctid): it must not be written until the "
+                "copy is validated (an UPDATE moves a row to another block: it could be copied twice, or not at "
+                "all); it cannot be synced; validation compares counts and a hash of the whole multiset of rows"
+                + ("" if ct.key else f"; {tgt.name} gets no key from the mapping, so --recheck is refused"),
+            )
+        )
+        return out
+    if src.partitioned:
+        problems = partitions.key_problems(src, ct.batch_by)
+        for problem in problems:
+            out.append(
+                Finding(
+                    "error",
+                    name,
+                    f"{problem}: its rows cannot be paged (give it that key, or name other "
+                    "`batch_by:` columns unique and NOT NULL in every partition)",
+                )
+            )
+        if not src.leaves:
+            out.append(Finding("warning", name, f"{src.name} is partitioned and has no partition: nothing to copy"))
+        elif not problems:
+            leaves = ", ".join(f"{leaf.name} ({leaf.bound})" for leaf in src.leaves)
+            out.append(
+                Finding(
+                    "info",
+                    name,
+                    f"{src.name} is partitioned ({src.partition_key}): {len(src.leaves)} leaf partitions copied one "
+                    f"by one on ({', '.join(ct.batch_by)}), up to --jobs at a time: {leaves}",
+                )
+            )
+            if not partitions.unique_across(src, ct.batch_by):
+                out.append(
+                    Finding(
+                        "info",
+                        name,
+                        f"batch_by ({', '.join(ct.batch_by)}) is unique in each partition of {src.name}, but no "
+                        "constraint makes it unique across partitions; a value found in two partitions would be "
+                        "one source key for the rejects and --deep (validation counts would show it)",
+                    )
+                )
+        return out
+    if not src.is_unique(ct.batch_by):
+        out.append(
+            Finding(
+                "error",
+                name,
+                f"batch_by ({', '.join(ct.batch_by)}) is not unique in {src.name}; keyset batches would skip rows. "
+                + KEYLESS_HINT.format(table=src.name),
+            )
+        )
+    for b in ct.batch_by:
+        col = src.column(b)
+        if col is not None and not col.not_null:
+            out.append(
+                Finding("error", name, f"batch_by column {src.name}.{b} is nullable; rows with NULL would be skipped")
+            )
+    return out
+
+
+async def _trigger_findings(ct: CompiledTable, tgt: Table, target: Executor) -> list[Finding]:
+    """Which of the target's user triggers fire on the copied rows (``target_triggers``), and whether this role may
+    silence them."""
+    name = str(ct.mapping.target)
+    events = {"INSERT", "UPDATE"} if ct.mapping.on_conflict == "update" else {"INSERT"}
+    triggers = [t for t in await user_triggers(target, tgt.qualified) if set(t.events) & events and t.enabled != "D"]
+    mode = ct.mapping.target_triggers or DEFAULT_TARGET_TRIGGERS
+    out: list[Finding] = []
+    if ct.replica:
+        try:
+            async with rolled_back(target) as conn:
+                await conn.execute("SET LOCAL session_replication_role = replica")
+        except asyncpg.InsufficientPrivilegeError:
+            out.append(
+                Finding(
+                    "error",
+                    name,
+                    "target_triggers: skip needs session_replication_role = replica, which this role may not set: "
+                    "run as a superuser, or (PostgreSQL 15+) `GRANT SET ON PARAMETER session_replication_role TO "
+                    "<role>`; or let the triggers fire (target_triggers: fire)",
+                )
+            )
+        fired = [t for t in triggers if t.enabled in ("A", "R")]
+        silenced = [t for t in triggers if t.enabled == "O"]
+        if silenced:
+            out.append(
+                Finding(
+                    "info",
+                    name,
+                    f"target_triggers: skip: {_triggers(silenced)} do not fire on the copied rows "
+                    "(session_replication_role = replica in each batch); foreign keys are checked by the insert itself",
+                )
+            )
+        if fired:
+            out.append(
+                Finding(
+                    "warning",
+                    name,
+                    f"target_triggers: skip, but {_triggers(fired)} fire all the same (ENABLE ALWAYS / ENABLE REPLICA): "
+                    "they may change copied values, and --deep would report them",
+                )
+            )
+        return out
+    fired = [t for t in triggers if t.enabled in ("O", "A")]
+    if fired:
+        level = "info" if ct.mapping.target_triggers else "warning"
+        said = "" if ct.mapping.target_triggers else " (the default)"
+        out.append(
+            Finding(
+                level,
+                name,
+                f"target_triggers: {mode}{said}: {_triggers(fired)} fire on every copied row; a trigger that changes "
+                "values makes --deep report differences"
+                + ("" if ct.mapping.target_triggers else "; say `target_triggers: fire` or `skip` in the mapping"),
+            )
+        )
+    return out
+
+
+def _triggers(triggers: list[Trigger]) -> str:
+    return ", ".join(
+        f"{t.name} ({t.timing} {' OR '.join(t.events)} FOR EACH {t.level}, {t.function})" for t in triggers
+    )
 
 
 async def ensure_helpers(db: Executor) -> None:

@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from . import api, report
+from . import api, console, report
 from .db import open_pool
 from .errors import BadInput
 
@@ -68,37 +68,68 @@ async def demo(settings: api.Settings, *, scale: float, say: Callable[[str], Non
 
     async def run(name: str) -> None:
         nonlocal ok
-        result = await api.run_phase(settings, name, options)
+        tracker = console.Tracker(name)
+        result = await api.run_phase(settings, name, options, on_event=tracker)
+        tracker.finish()
         assert result.validation is not None
         ok = ok and result.validation.ok
-        copied = sum(t.rows_written for t in result.tables)
-        rejected = sum(t.rejected for t in result.tables)
-        say(
-            f"\n$ migrate-data {name} --yes\n"
-            f"{copied:,} rows copied, {rejected:,} rejected, validation "
-            f"{'passed' if result.validation.ok else 'FAILED'} in {result.seconds:.1f}s; report {result.reports['html']}"
+        following = console.next_step(result, list(every))
+        report.add_run_details(
+            result.reports, result.validation, steps=console.timer_list(tracker), next_step=following
         )
-        say(report.to_text(result.validation))
+        say(f"\n$ migrate-data {name} --yes")
+        say(console.summary(result, tracker, next_step=following))
 
     for name in phases:
         await run(name)
+        if name == "phase2a":  # the application writes between nights; `sync` catches up
+            ok = await _between_nights(settings, name, say) and ok
     say("\n$ migrate-data status")
     say(
         report.summary(
             [
-                {"phase": s.phase, "state": s.state, "rows": s.rows, "validation": s.validation}
+                {
+                    "phase": s.phase,
+                    "state": s.state,
+                    "rows": s.rows,
+                    "quarantined": s.quarantined,
+                    "validation": s.validation,
+                }
                 for s in await api.status(settings)
-            ]
+            ],
+            right=("rows", "quarantined"),
         )
     )
     if phases:
         last = phases[-1]
         rb = await api.rollback(settings, last)
-        say(
-            f"\n$ migrate-data rollback {last} --yes\n"
-            + ", ".join(f"{t} {n:,} deleted" for t, n in rb.deleted.items())
-            + f" in {rb.seconds:.1f}s"
-        )
+        say(f"\n$ migrate-data rollback {last} --yes")
+        say("\n".join(f"{t}: {n:,} rows deleted" for t, n in rb.deleted.items()))
+        say(f"phase {last} rolled back in {console.dur(rb.seconds)}")
         await run(last)
     say(f"\nreports are in {settings.reports_dir}")
     return 0 if ok else 3
+
+
+DEMO_WRITES = (
+    "INSERT INTO customers (phone_number, full_name, city) VALUES ('+593999000001', 'Cliente nuevo', 'Quito')",
+    "UPDATE customers SET city = 'Cuenca' WHERE phone_number = '+593900000001'",
+    "DELETE FROM customers WHERE phone_number = '+593900000002'",
+)
+
+
+async def _between_nights(settings: api.Settings, phase: str, say: Callable[[str], None]) -> bool:
+    """The day after the night's copy: the application inserts, updates and deletes customers; `sync` applies
+    those writes through the mapping, and the validation with checksums passes."""
+    async with open_pool(settings.effective_source_url, max_size=1) as pool:
+        for statement in DEMO_WRITES:
+            await pool.execute(statement)
+    say("\n$ psql    # the application, the next day\n" + "".join(f"{w};\n" for w in DEMO_WRITES).rstrip())
+    p = (await api.sync(settings, [phase])).phases[0]
+    say(
+        f"\n$ migrate-data sync {phase}\n{p.phase}: {p.changes} changes applied: {p.upserted} rows upserted, "
+        f"{p.deleted} deleted; {p.waiting} waiting"
+    )
+    v = await api.validate(settings, phase, deep=True)
+    say(f"\n$ migrate-data validate {phase} --deep\n{report.verdict_line(v)}")
+    return v.ok

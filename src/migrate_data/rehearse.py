@@ -224,8 +224,7 @@ async def build_staging(
             prods[redact(url)] = await database_identity(pool)
     prod = prods[redact(production.database_url)]
     if use_existing:
-        async with open_pool(staging, max_size=1) as stag:
-            _refuse_if_production(await database_identity(stag), staging, prods)
+        await _reaches_staging(staging, prods)
         return "existing"
     name = staging.database
     if not name:
@@ -245,10 +244,12 @@ async def build_staging(
         if server.same_as(prod.server):
             try:
                 await admin.execute(f"CREATE DATABASE {qi(name)} TEMPLATE {qi(prod.name)}")
+                await _reaches_staging(staging, prods)
                 return "template"
             except asyncpg.ObjectInUseError:
                 log.info("production is in use; copying its tables with pg_dump instead of TEMPLATE")
         await admin.execute(f"CREATE DATABASE {qi(name)}")
+    await _reaches_staging(staging, prods)
     async with open_pool(production.database_url, max_size=1) as prod_pool:
         major = int(await fetch_val(prod_pool, "SHOW server_version_num")) // 10000
     dump = production.backups_dir / f"staging-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}.dump"
@@ -258,6 +259,13 @@ async def build_staging(
     finally:
         dump.unlink(missing_ok=True)
     return "dump"
+
+
+async def _reaches_staging(staging: DatabaseURL, prods: dict[str, DatabaseIdentity]) -> None:
+    """Connect through the staging URL itself and refuse when it lands on production: a pooler or proxy alias can
+    send a database name to another database than the server's catalog says."""
+    async with open_pool(staging, max_size=1) as stag:
+        _refuse_if_production(await database_identity(stag), staging, prods)
 
 
 async def _source_tables(phases: list[Phase], db: asyncpg.Pool) -> list[QualifiedName]:

@@ -31,7 +31,7 @@ from typing import Any
 import asyncpg
 
 from . import backup as backups
-from . import ledger, schema, undo
+from . import capture, ledger, schema, undo
 from .catalog import Table, parents_first, read_table
 from .db import fetch_all, fetch_one, fetch_val, rowcount
 from .errors import MigrationError, RefusedError, Stopped
@@ -160,14 +160,20 @@ async def execute(
     lock.watch(stop)
     async with _locked(target, lock) as conn:
         await ledger.set_phase(conn, name, state="rolling_back", validated=None)
-    dump = await _save_at_risk(settings, plan, st, target) if (force and plan.at_risk) else None
+    await capture.remove(settings, target, name, lock=lock)  # its triggers and its change log (capture.py)
+    saver = _Saver(settings, name, target) if (force and plan.at_risk) else None
     deleted: dict[str, int] = {}
-    for t in plan.tables:  # children first
-        args = [name, t.table, st["started_snapshot"]]
-        deleted[t.table] = await _delete(target, lock, t.qualified, "ours", args, batch_size, stop)
-        if force and t.at_risk:  # saved to the dump file above
-            which = "not_ours" if t.dropped else "others"
-            deleted[t.table] += await _delete(target, lock, t.qualified, which, args, batch_size, stop)
+    try:
+        for t in plan.tables:  # children first
+            args = [name, t.table, st["started_snapshot"]]
+            deleted[t.table] = await _delete(target, lock, t.qualified, "ours", args, batch_size, stop)
+            if saver is not None and t.at_risk:  # each deleted row is in the file before its batch commits
+                which = "not_ours" if t.dropped else "others"
+                deleted[t.table] += await _delete(target, lock, t.qualified, which, args, batch_size, stop, saver)
+    finally:
+        if saver is not None:
+            saver.close()
+    dump = saver.path if saver is not None else None
     pre = json.loads(st["pre_state"]) if st["pre_state"] else {}
     async with _locked(target, lock) as conn:
         for seq, (value, called) in pre.get("sequences", {}).items():
@@ -175,14 +181,29 @@ async def execute(
                 await conn.execute("SELECT setval($1::regclass, $2, $3)", seq, value, called)
     restore = bool(phase.backup)
     if plan.downgrade_to:
-        async with schema.schema_transaction(settings, target, downgrade_to=plan.downgrade_to, commit=True) as conn:
+        dropped = [t for t in plan.tables if t.dropped]
+
+        async def nothing_left(conn: asyncpg.Connection) -> None:
+            """In the downgrade's own transaction, before it drops them: writes blocked, and no row left."""
+            for t in dropped:
+                await conn.execute(f"LOCK TABLE {qname(t.qualified)} IN SHARE MODE")
+                n = await conn.fetchval(f"SELECT count(*) FROM {qname(t.qualified)}")
+                if n:
+                    raise RefusedError(
+                        f"{t.table} holds {n:,} rows written since the rollback looked; not dropping it",
+                        hint="see them, save them if they matter, and run the rollback again (with --force to save them)",
+                    )
+
+        async with schema.schema_transaction(
+            settings, target, downgrade_to=plan.downgrade_to, commit=True, before=nothing_left
+        ) as conn:
             if not restore:
                 await _finish(conn, name)
             await lock.check(conn)
     restored: tuple[str, ...] = ()
     if restore:
         lock.raise_if_lost()
-        restored = await _restore_dropped(settings, phase, st, pre, target)
+        restored = await _restore_dropped(settings, phase, st, pre, target, lock)
         async with _locked(target, lock) as conn:
             await _finish(conn, name)
     elif not plan.downgrade_to:
@@ -206,6 +227,35 @@ async def _locked(target: asyncpg.Pool, lock: ledger.LockSession) -> AsyncIterat
         await lock.check(conn)
 
 
+class _Saver:
+    """The file that keeps the rows a forced rollback deletes: created on the first such row (0600, never an
+    existing file), recorded in the ledger, and flushed to disk before the batch that deletes them commits."""
+
+    def __init__(self, settings: Settings, phase: str, target: asyncpg.Pool) -> None:
+        self.dir, self.phase, self.target = settings.backups_dir, phase, target
+        self.path: str | None = None
+        self.file: Any = None
+
+    async def write(self, table: str, rows: list[asyncpg.Record]) -> None:
+        if not rows:
+            return
+        if self.file is None:
+            stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+            path = private_dir(self.dir) / f"{self.phase}-rollback-foreign-rows-{stamp}.jsonl"
+            self.file = open_private(path, "w")
+            self.path = str(path)
+            await ledger.add_rollback_dump(self.target, self.phase, self.path)
+            log.info("rows the phase did not write are saved to %s", path)
+        for r in rows:
+            self.file.write(json.dumps({"table": table, "row": json.loads(r["row"])}, ensure_ascii=False) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
 async def _delete(
     target: asyncpg.Pool,
     lock: ledger.LockSession,
@@ -214,73 +264,85 @@ async def _delete(
     args: list[Any],
     batch_size: int,
     stop: asyncio.Event,
+    saver: _Saver | None = None,
 ) -> int:
-    """Delete the rows of a class in batches, one transaction each; a signal or a lost lock stops between them."""
+    """Delete the rows of a class in batches, one transaction each; a signal or a lost lock stops between them.
+
+    A batch never cascades: rows of other tables that a foreign key with ON DELETE CASCADE / SET NULL / SET DEFAULT
+    would change make the rollback refuse (those tables are locked against writes for the check and the delete)."""
     total = 0
-    sql = undo.delete_batch_sql(table, which)
+    cascades = await fetch_all(target, undo.CASCADES_SQL, qname(table))
+    pick, delete = undo.batch_sql(table, which), undo.delete_sql(table, which, returning=saver is not None)
     while True:
         if stop.is_set():
             lock.raise_if_lost()
             raise Stopped(f"rollback stopped cleanly in {table} after {total:,} rows")
         async with _locked(target, lock) as conn:
-            n = rowcount(await conn.execute(sql, *args, batch_size))
+            ctids = await conn.fetchval(pick, *args, batch_size)
+            if not ctids:
+                return total
+            for c in cascades:
+                await conn.execute(f"LOCK TABLE {c['child']} IN SHARE MODE")
+                n = await conn.fetchval(undo.referencing_sql(c["child"], c["cols"], table, c["ref_cols"]), ctids)
+                if n:
+                    raise RefusedError(
+                        f"{n:,} rows of {c['child']} reference rows of {table} that the rollback deletes, and "
+                        f"foreign key {c['conname']} would change them (ON DELETE)",
+                        detail=f"{total:,} rows of {table} deleted so far; nothing of {c['child']} was changed",
+                        hint="those rows were written after the phase: save or move them, then run the rollback again",
+                    )
+            if saver is not None:
+                rows = await conn.fetch(delete, *args, ctids)
+                await saver.write(str(table), rows)
+                n = len(rows)
+            else:
+                n = rowcount(await conn.execute(delete, *args, ctids))
         total += n
-        if n < batch_size:
+        if len(ctids) < batch_size:
             return total
 
 
-async def _save_at_risk(settings: Settings, plan: RollbackPlan, st: asyncpg.Record, target: asyncpg.Pool) -> str:
-    """Write every row at risk to a new JSONL file (owner-only), fsync it, and record it in the ledger."""
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    path = settings.backups_dir / f"{plan.phase}-rollback-foreign-rows-{stamp}.jsonl"
-    private_dir(path.parent)
-    with open_private(path, "w") as f:
-        for t in plan.at_risk:
-            which = "not_ours" if t.dropped else "others"
-            sql = undo.rows_sql(t.qualified, which)
-            async with target.acquire() as conn, conn.transaction():
-                async for r in conn.cursor(sql, plan.phase, t.table, st["started_snapshot"]):
-                    f.write(json.dumps({"table": t.table, "row": json.loads(r["row"])}, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    await ledger.add_rollback_dump(target, plan.phase, str(path))
-    log.info("rows at risk saved to %s", path)
-    return str(path)
-
-
 async def _restore_dropped(
-    settings: Settings, phase: Phase, st: asyncpg.Record, pre: dict[str, Any], target: asyncpg.Pool
+    settings: Settings,
+    phase: Phase,
+    st: asyncpg.Record,
+    pre: dict[str, Any],
+    target: asyncpg.Pool,
+    lock: ledger.LockSession,
 ) -> tuple[str, ...]:
-    """Restore the rows of the tables the phase dropped, unless a rollback killed after the restore committed
-    already did; either way, check the row counts recorded when the phase dropped them."""
+    """Bring back the tables the phase dropped as its backup has them: their definitions (columns, indexes,
+    constraints, triggers, grants: not the revision's idea of them) and their rows, in one pg_restore transaction.
+
+    The tables the downgrade recreated are dropped first, only when empty.  A rollback killed between that and the
+    restore finds them missing and restores; one killed after the restore committed finds the rows counted when the
+    phase dropped them, and stops there."""
     if not st["backup_path"]:
         raise MigrationError(f"{phase.name} has no backup to restore the dropped tables from")
-    tables = [t for t in [await read_table(target, n) for n in phase.backup] if t is not None]
-    if len(tables) != len(phase.backup):
-        raise MigrationError(f"the downgrade of {phase.name} did not recreate every table it dropped")
-    counts = {str(t.qualified): await fetch_val(target, f"SELECT count(*) FROM {qname(t.qualified)}") for t in tables}
     want: dict[str, int] = pre.get("dropped", {})
+    names = [QualifiedName.parse(n) for n in want] if want else list(phase.backup)
+    present = [t for t in [await read_table(target, n) for n in names] if t is not None]
+    counts = {str(t.qualified): await fetch_val(target, f"SELECT count(*) FROM {qname(t.qualified)}") for t in present}
+    if want and counts == want:
+        log.info("the dropped tables hold their rows already (an earlier rollback restored them)")
+        return tuple(want)
     if any(counts.values()):
-        if want and counts == want:
-            log.info("the dropped tables hold their rows already (an earlier rollback restored them)")
-            return tuple(str(t) for t in phase.backup)
         raise MigrationError(
             f"the tables {phase.name} dropped were recreated but hold rows that are not the backup's",
             detail=", ".join(f"{k}: {v:,} rows (dropped with {want.get(k, '?')})" for k, v in counts.items()),
             hint="someone wrote to them after the downgrade; save those rows, empty the tables, and run the rollback "
             "again",
         )
+    if present:
+        async with _locked(target, lock) as conn:
+            await conn.execute(f"DROP TABLE {', '.join(qname(t.qualified) for t in present)}")
+    lock.raise_if_lost()
     major = int(await fetch_val(target, "SHOW server_version_num")) // 10000
-    await backups.restore_data(
-        settings.database_url, Path(st["backup_path"]), [t.qualified for t in parents_first(tables)], server_major=major
-    )
+    await backups.restore_all(settings.database_url, Path(st["backup_path"]), server_major=major, keep_owner=True)
     if want:
-        after = {
-            str(t.qualified): await fetch_val(target, f"SELECT count(*) FROM {qname(t.qualified)}") for t in tables
-        }
+        after = {n: await fetch_val(target, f"SELECT count(*) FROM {qname(QualifiedName.parse(n))}") for n in want}
         if after != want:
             raise MigrationError(
                 f"the restore of {phase.name}'s backup gave other row counts than the tables had when dropped",
-                detail=", ".join(f"{k}: {after[k]:,} restored, {want.get(k, 0):,} dropped" for k in after),
+                detail=", ".join(f"{k}: {after[k]:,} restored, {want[k]:,} dropped" for k in want),
             )
-    return tuple(str(t) for t in phase.backup)
+    return tuple(want) or tuple(str(n) for n in names)

@@ -6,7 +6,6 @@ import io
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -159,8 +158,3 @@ def offline_sql(settings: Settings, revision: str) -> str:
     start = predecessor(settings, revision)
     command.upgrade(cfg, f"{start}:{revision}" if start != "base" else revision, sql=True)
     return buf.getvalue()
-
-
-def revision_file(settings: Settings, revision: str) -> Path | None:
-    rev = script_directory(settings).get_revision(revision)
-    return Path(rev.path) if rev is not None and rev.path else None

@@ -90,8 +90,32 @@ class DatabaseURL:
         return self._render(scheme="postgresql", password=self.password if password else None)
 
     def asyncpg_connect_args(self) -> dict[str, Any]:
-        """Keyword arguments for ``asyncpg.connect``/``create_pool``: the DSN without the password, and the password."""
-        return {"dsn": self.asyncpg_dsn(password=False), "password": self.password}
+        """Keyword arguments for ``asyncpg.connect``/``create_pool``: the DSN without the password, the password, and
+        the connect timeout libpq would use (asyncpg would send ``connect_timeout`` to the server as a setting)."""
+        bare = replace(self, params=tuple(p for p in self.params if p[0] != "connect_timeout"))
+        args: dict[str, Any] = {"dsn": bare.asyncpg_dsn(password=False), "password": self.password}
+        timeout = self.connect_timeout()
+        if timeout is not None:
+            args["timeout"] = timeout
+        return args
+
+    def connect_timeout(self) -> float | None:
+        """Seconds to wait for the server to answer a new connection, read as libpq reads them: ``connect_timeout``
+        in the URL, else ``PGCONNECT_TIMEOUT``; 0 or less waits for ever, less than 2 means 2.  None: not given
+        (asyncpg's default, 60 s)."""
+        given = dict(self.params).get("connect_timeout")
+        where = "connect_timeout in the database URL"
+        if given is None:
+            given, where = os.environ.get("PGCONNECT_TIMEOUT"), "PGCONNECT_TIMEOUT"
+        if given is None or not given.strip():
+            return None
+        try:
+            seconds = int(given.strip())
+        except ValueError:
+            raise BadInput(
+                f"{where} is {given!r}, not a whole number of seconds", hint="e.g. connect_timeout=10"
+            ) from None
+        return 10.0**7 if seconds <= 0 else float(max(seconds, 2))
 
     def sqlalchemy_url(self) -> Any:
         """The SQLAlchemy async URL (``postgresql+asyncpg``) of the same database, as a ``sqlalchemy.URL``."""

@@ -56,11 +56,36 @@ def rows_sql(table: QualifiedName, which: str) -> str:
     return f"{PARAMS}SELECT to_jsonb(t) AS row FROM {qname(table)} AS t, p WHERE {CLASS[which]}"
 
 
-def delete_batch_sql(table: QualifiedName, which: str) -> str:
-    """Delete up to $4 rows of a class.  By ctid, so a row somebody updates meanwhile (new ctid) is not deleted."""
+def batch_sql(table: QualifiedName, which: str) -> str:
+    """The ctids of up to $4 rows of a class: the next batch to delete."""
     return (
-        f"{PARAMS}DELETE FROM {qname(table)} WHERE ctid = ANY (ARRAY(SELECT t.ctid FROM {qname(table)} AS t, p "
-        f"WHERE {CLASS[which]} LIMIT $4))"
+        f"{PARAMS}SELECT COALESCE(array_agg(x.ctid), '{{}}') FROM (SELECT t.ctid FROM {qname(table)} AS t, p "
+        f"WHERE {CLASS[which]} LIMIT $4) x"
+    )
+
+
+def delete_sql(table: QualifiedName, which: str, *, returning: bool) -> str:
+    """Delete the rows of a batch ($4 = their ctids) that are still of their class: a row somebody updated meanwhile
+    has another ctid and stays.  ``returning``: each deleted row as jsonb, for the file that keeps it."""
+    back = " RETURNING to_jsonb(t) AS row" if returning else ""
+    return f"{PARAMS}DELETE FROM {qname(table)} AS t USING p WHERE t.ctid = ANY ($4::tid[]) AND {CLASS[which]}{back}"
+
+
+# The foreign keys whose ON DELETE would change other tables' rows (CASCADE, SET NULL, SET DEFAULT): $1 = the
+# referenced table.
+CASCADES_SQL = """SELECT c.conrelid::regclass::text AS child, c.conname,
+       ARRAY(SELECT a.attname FROM unnest(c.conkey) WITH ORDINALITY k(n, o)
+             JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY k.o) AS cols,
+       ARRAY(SELECT a.attname FROM unnest(c.confkey) WITH ORDINALITY k(n, o)
+             JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n ORDER BY k.o) AS ref_cols
+FROM pg_constraint c WHERE c.contype = 'f' AND c.confrelid = $1::regclass AND c.confdeltype IN ('c', 'n', 'd')"""
+
+
+def referencing_sql(child: str, cols: list[str], table: QualifiedName, ref_cols: list[str]) -> str:
+    """Rows of ``child`` (a regclass text, already quoted) that reference the rows of ``table`` with ctids $1."""
+    return (
+        f"SELECT count(*) FROM {child} AS c WHERE ({qcols(cols, 'c')}) IN "
+        f"(SELECT {qcols(ref_cols, 't')} FROM {qname(table)} AS t WHERE t.ctid = ANY ($1::tid[]))"
     )
 
 

@@ -139,9 +139,12 @@ async def validate_phase(
                     ct, source, target, sample, rejected_keys, tgt_rows
                 )
             if missing:
-                problems.append(f"{missing} keys missing from {name}" + (f" (besides {rej} rejected)" if rej else ""))
+                problems.append(
+                    f"{missing} {'keys' if ct.key else 'rows'} missing from {name}"
+                    + (f" (besides {rej} rejected)" if rej else "")
+                )
             if extra:
-                problems.append(f"{extra} keys in {name} that no source row produces")
+                problems.append(f"{extra} {'keys' if ct.key else 'rows'} in {name} that no source row produces")
             if differs:
                 problems.append(f"{differs} rows of {name} differ from what the mapping produces")
             if any(None in s["key"] for s in samples):
@@ -202,6 +205,8 @@ async def _deep(
 ) -> tuple[int, int, int, list[dict[str, Any]]]:
     """Compare hashes of expected and actual rows, set-based in the database, in ``jobs`` concurrent key ranges
     for a big table; rejected rows are left out."""
+    if not ct.key:  # copied by blocks into a table without a key: nothing to match rows by
+        return await _deep_multiset(ct, db, db, phase)
     bounds: list[list[str] | None] = [None]
     if jobs > 1 and rows_n >= split_rows:
         percent = min(100.0, 100.0 * 20_000 / rows_n)  # about 20,000 sampled keys
@@ -256,6 +261,36 @@ def _key_order(key: list[str]) -> list[tuple[bool, str]]:
 LEAF_ROWS = 2000  # a differing key range this small is compared row by row
 
 
+async def _deep_multiset(
+    ct: CompiledTable,
+    source: asyncpg.Pool,
+    target: asyncpg.Pool,
+    phase: str | None,
+    rejected_keys: list[list[str]] | None = None,
+) -> tuple[int, int, int, list[dict[str, Any]]]:
+    """A table without a key: the expected and actual rows compared as multisets of row hashes.  In one database,
+    the rows the target lacks and has beyond them; across two, each side's count and sum of hashes (a difference
+    that keeps the count is one ``differs``, nameless)."""
+    for c in (ct, replace(ct, hash_rows_by="text")):  # a column type without a hash function: the rows' text
+        try:
+            if source is target:
+                skip = [phase, str(ct.target)] if phase is not None else []
+                row = await fetch_one(target, c.multiset_diff_sql(skip_rejected=phase is not None), *skip)
+                assert row is not None
+                return row["missing"], row["extra"], 0, []
+            rejected = json.dumps(rejected_keys or [])
+            e = await fetch_one(source, c.range_summary_sql("expected", lower=False, upper=False), rejected)
+            a = await fetch_one(target, c.range_summary_sql("actual", lower=False, upper=False))
+            assert e is not None and a is not None
+            if (e["n"], e["s"]) == (a["n"], a["s"]):
+                return 0, 0, 0, []
+            return max(e["n"] - a["n"], 0), max(a["n"] - e["n"], 0), int(e["n"] == a["n"]), []
+        except (asyncpg.UndefinedFunctionError, asyncpg.FeatureNotSupportedError):
+            if c is not ct:
+                raise
+    raise AssertionError("unreachable")
+
+
 async def _deep_two_databases(
     ct: CompiledTable,
     source: asyncpg.Pool,
@@ -265,6 +300,8 @@ async def _deep_two_databases(
     rows_n: int,
 ) -> tuple[int, int, int, list[dict[str, Any]]]:
     """``--deep`` across two databases: the keys that differ, and samples with the columns that differ."""
+    if not ct.key:
+        return await _deep_multiset(ct, source, target, None, rejected_keys)
     found = await compare_two_databases(ct, source, target, rejected_keys, rows_n)
     samples = await _samples(ct, found, sample, source, target)
     return len(found["missing"]), len(found["extra"]), len(found["differs"]), samples
@@ -332,15 +369,6 @@ async def compare_two_databases(
             replace(ct, hash_rows_by="text"), source, target, rejected_keys, rows_n, ranges=ranges
         )
     return found
-
-
-async def extra_keys(ct: CompiledTable, source: asyncpg.Pool, target: asyncpg.Pool, *, phase: str) -> list[list[str]]:
-    """Keys of the target rows that no source row produces: rows the application wrote."""
-    if source is target:
-        return [list(r["key"]) for r in await fetch_all(target, ct.extra_keys_sql())]
-    rows_n = await fetch_val(target, ct.target_count_sql())
-    rejected = await ledger.rejected_keys(target, phase, str(ct.target)) if await ledger.exists(target) else []
-    return (await compare_two_databases(ct, source, target, rejected, rows_n))["extra"]
 
 
 def _differing_columns(

@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Measure what change capture costs the application: pgbench with and without capture's triggers.
+
+The sample database is seeded, phase1 creates the Spanish tables, and capture is installed exactly as a phase start
+installs it (``capture.install`` for phase2a and phase3: customers and messages carry triggers, users too as a
+lookup's table).  pgbench then runs a custom script of inserts and updates on customers and messages, in turns:
+
+  none       no triggers
+  statement  capture's statement-level triggers with transition tables (what migrate-data installs)
+  row        the same log written by row-level triggers (``capture.function_sql(level="row")``)
+
+Two workloads: "oltp" (a transaction of 4 one-row statements, as the application writes) and "batch" (one UPDATE
+of 100 messages per transaction).  The variants alternate for ``--rounds`` rounds; the table shows the median tps
+and its ratio to "none".  The change log is emptied between runs (nobody syncs during the benchmark).  Results go to
+BENCHMARKS.md.
+
+    python scripts/bench_capture.py --server postgresql://postgres@127.0.0.1:5432/postgres --scale 0.05
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_copy import write_section  # noqa: E402
+from migrate_data import api, capture, ledger  # noqa: E402
+from migrate_data.db import open_pool  # noqa: E402
+from migrate_data.preflight import compile_phase  # noqa: E402
+from migrate_data.settings import Settings  # noqa: E402
+from seed_legacy import counts, seed  # noqa: E402
+
+PHASES = ("phase2a", "phase3")
+VARIANTS = ("none", "statement", "row")
+OLTP = """\\set c random(1, {customers})
+\\set m random(1, {messages})
+\\set u random(1, {users})
+BEGIN;
+INSERT INTO customers (phone_number, full_name, city) VALUES ('+b' || nextval('bench_phone'), 'Bench', 'Quito');
+UPDATE customers SET city = 'Cuenca', updated_at = now() WHERE phone_number = '+5939' || lpad(:c::text, 8, '0');
+INSERT INTO messages (conversation_id, user_id, message_type, content)
+    VALUES (md5('conversation' || :m)::uuid, md5('user' || :u)::uuid, 'text', 'bench');
+UPDATE messages SET processing_status = 'processed' WHERE id = :m;
+END;
+"""
+BATCH = """\\set m random(1, {messages} - 100)
+UPDATE messages SET processing_status = 'processed' WHERE id BETWEEN :m AND :m + 99;
+"""
+
+
+def db(server: str, name: str) -> str:
+    return urlunsplit(urlsplit(server)._replace(path="/" + name))
+
+
+async def set_capture(url: str, settings: Settings, variant: str) -> None:
+    """Remove every capture of the benchmark's phases, then install ``variant``."""
+    async with open_pool(url, max_size=2) as pool:
+        for phase in PHASES:
+            await capture.remove(settings, pool, phase)
+        if variant == "none":
+            return
+        for phase in PHASES:
+            _, ph = api.get_phase(settings, phase)
+            tables, _ = await compile_phase(ph, source=pool, target=pool)
+            if variant == "statement":
+                await capture.install(pool, phase, tables)
+                continue
+            plan = await capture.capture_plan(pool, phase, [ct for ct, _ in tables])
+            async with pool.acquire() as conn, conn.transaction():
+                await ledger.ensure_capture(conn)
+                for c in plan.tables:
+                    for statement in capture.install_sql(phase, c, level="row"):
+                        await conn.execute(statement)
+                    await conn.execute(
+                        "INSERT INTO migrate_data.capture (phase, source, relation, columns, function) "
+                        "VALUES ($1, $2, $3, $4, $5)",
+                        phase,
+                        c.name,
+                        c.relation,
+                        list(c.columns),
+                        capture.function_name(phase, c.name),
+                    )
+
+
+SERVER_LOOPS = {  # the server's own cost, without the client, the network and the commit: a DO loop of statements
+    "one row": "DO $$ BEGIN FOR i IN 1..{n} LOOP UPDATE messages SET processing_status = 'processed' WHERE id = i; "
+    "END LOOP; END $$",
+    "100 rows": "DO $$ BEGIN FOR i IN 1..{n} LOOP UPDATE messages SET processing_status = 'processed' "
+    "WHERE id BETWEEN i * 100 AND i * 100 + 99; END LOOP; END $$",
+}
+
+
+async def server_cost(url: str, loop: str, n: int) -> float:
+    """Microseconds per statement of ``loop``, in a fresh session, rolled back."""
+    conn = await asyncpg.connect(url)
+    try:
+        tr = conn.transaction()
+        await tr.start()
+        started = time.perf_counter()
+        await conn.execute(SERVER_LOOPS[loop].format(n=n))
+        took = time.perf_counter() - started
+        await tr.rollback()
+        return took * 1e6 / n
+    finally:
+        await conn.close()
+
+
+def pgbench(url: str, script: Path, *, seconds: int, clients: int, jobs: int) -> float:
+    exe = shutil.which("pgbench")
+    assert exe, "pgbench is not installed (apt-get install postgresql-client)"
+    out = subprocess.run(
+        [exe, "-n", "-f", str(script), "-c", str(clients), "-j", str(jobs), "-T", str(seconds), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    m = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out)
+    assert m, out
+    return float(m.group(1))
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--server", default=os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    )
+    ap.add_argument("--scale", type=float, default=0.05)
+    ap.add_argument("--seconds", type=int, default=15, help="one pgbench run")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    args = ap.parse_args()
+    name = "md_bench_capture"
+    admin = await asyncpg.connect(db(args.server, "postgres"))
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    url = db(args.server, name)
+    work = Path(tempfile.mkdtemp(prefix="bench-capture-"))
+    try:
+        conn = await asyncpg.connect(url)
+        started = time.monotonic()
+        await seed(conn, args.scale)
+        await conn.execute("CREATE SEQUENCE bench_phone")
+        version = await conn.fetchval("SHOW server_version")
+        await conn.close()
+        seeded = time.monotonic() - started
+        settings = Settings(database_url=url, project_dir=ROOT, output_dir=work)
+        await api.run_phase(settings, "phase1", api.RunOptions(backup=False))
+        n = counts(args.scale)
+        n_messages = n["messages"]
+        scripts = {
+            "oltp": OLTP.format(customers=n["customers"], messages=n["messages"], users=n["users"]),
+            "batch": BATCH.format(messages=n["messages"]),
+        }
+        paths = {}
+        for k, text in scripts.items():
+            paths[k] = work / f"{k}.sql"
+            paths[k].write_text(text)
+        tps: dict[tuple[str, str], list[float]] = {}
+        cost: dict[tuple[str, str], list[float]] = {}
+        for r in range(args.rounds):
+            for variant in VARIANTS:
+                await set_capture(url, settings, variant)
+                for loop in SERVER_LOOPS:
+                    n = 2000 if loop == "one row" else max(10, n_messages // 100 - 2)
+                    cost.setdefault((loop, variant), []).append(await server_cost(url, loop, n))
+                for workload, path in paths.items():
+                    value = pgbench(url, path, seconds=args.seconds, clients=args.clients, jobs=args.jobs)
+                    tps.setdefault((workload, variant), []).append(value)
+                    print(f"round {r + 1} {workload:5} {variant:9} {value:10.1f} tps", flush=True)
+                    c = await asyncpg.connect(url)
+                    logged = await c.fetchval("SELECT count(*) FROM migrate_data.changes") if variant != "none" else 0
+                    await c.execute("TRUNCATE migrate_data.changes") if variant != "none" else None
+                    await c.close()
+                    if variant != "none" and not logged:
+                        raise SystemExit(f"{variant}: nothing was logged")
+        await set_capture(url, settings, "none")
+        load = os.getloadavg()
+        label = {
+            "oltp": "oltp: 4 one-row statements per transaction (insert + update customers, insert + update messages)",
+            "batch": "batch: one UPDATE of 100 messages per transaction",
+        }
+        rows = []
+        for workload in paths:
+            base = tps[(workload, "none")]
+            cells = [f"{statistics.median(base):,.0f}"]
+            for variant in ("statement", "row"):
+                # the ratio of each round (the variants of a round run back to back: the machine's load is shared)
+                ratios = [v / b for v, b in zip(tps[(workload, variant)], base, strict=True)]
+                cells += [
+                    f"{statistics.median(tps[(workload, variant)]):,.0f}",
+                    f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})",
+                ]
+            rows.append(f"| {label[workload]} | " + " | ".join(cells) + " |")
+        costs = []
+        for loop in SERVER_LOOPS:
+            base = min(cost[(loop, "none")])
+            cells = [f"{base:.1f} µs"]
+            for variant in ("statement", "row"):
+                extra = min(cost[(loop, variant)]) - base
+                cells.append(f"+{extra:.1f} µs" + (f" ({extra / 100:.2f} µs a row)" if loop == "100 rows" else ""))
+            costs.append(f"| UPDATE of {loop} | " + " | ".join(cells) + " |")
+        pgv = subprocess.run(["pgbench", "--version"], capture_output=True, text=True).stdout.strip()
+        section = (
+            f"### change capture: statement-level vs row-level triggers — {time.strftime('%Y-%m-%d')}, "
+            f"{os.cpu_count()} cores, {platform.python_version()}\n\n"
+            f"`python scripts/bench_capture.py --scale {args.scale} --seconds {args.seconds} --rounds {args.rounds} "
+            f"--clients {args.clients} --jobs {args.jobs}` ({pgv}, PostgreSQL {version}; seeding took {seeded:.1f} s; "
+            f"{args.rounds} rounds of {args.seconds} s runs, the three variants back to back in each; capture on "
+            "phase2a and phase3, as a phase start installs it; the change log grows during a run, as when nobody "
+            f"syncs; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f})\n\n"
+            "| workload | no capture (tps, median) | statement-level (tps) | ratio, median of the rounds (min–max) "
+            "| row-level (tps) | ratio (min–max) |\n"
+            "|---|--:|--:|--:|--:|--:|\n" + "\n".join(rows) + "\n\n"
+            "The server's own cost per statement (a DO loop in one transaction, rolled back: no client, no network, no "
+            "commit; the best of the rounds, so the machine's load counts least):\n\n"
+            "| statement | no capture | statement-level adds | row-level adds |\n|---|--:|--:|--:|\n"
+            + "\n".join(costs)
+            + "\n"
+        )
+        write_section(args.output, section)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        admin = await asyncpg.connect(db(args.server, "postgres"))
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,498 @@
+"""Change capture between nights: triggers that log which rows of a phase's source tables change.
+
+From the transaction that starts a phase (``api._run``) until its cutover, statement-level ``AFTER INSERT / UPDATE /
+DELETE`` triggers with transition tables, on every source table of the phase and on every table one of its lookups
+reads, write the keys of the rows each statement changed to ``migrate_data.changes`` in the SOURCE database, inside the
+writer's own transaction: a write that rolls back leaves no log row, one that commits commits its log row with it.
+Only keys are logged (the mapping's ``batch_by`` columns, plus the source columns its target key is a rename of; for a
+lookup table its lookup key), never whole rows: ``sync.py`` re-derives every logged key from the current source rows.
+An UPDATE logs the keys before and after it (both, when it changes a key).  A TRUNCATE logs one marker row.
+
+Why capture cannot make an application write fail, and why nothing is caught:
+
+- No privilege is needed: the trigger function is ``SECURITY DEFINER``, owned by the role that ran the phase (which
+  owns the log), with a pinned ``search_path`` and schema-qualified names.  ``EXECUTE`` is revoked from PUBLIC: a
+  trigger function is not checked for the writer's ``EXECUTE`` when it fires.
+- The log has nothing an insert could violate: no unique key (ids come from a sequence), no foreign key, no CHECK;
+  a key becomes ``text[]`` with ``::text``, which every type has.  It is append-only for writers; sync deletes the
+  rows it applied by id, so the writer and sync never wait for each other.
+- The triggers are ``ENABLE ALWAYS``: a session with ``session_replication_role = replica`` is captured too.
+- There is no ``EXCEPTION`` block.  Catching an error would have to swallow it (the change is lost and nobody
+  knows until ``validate --deep``: the very failure capture exists to prevent) and would open a subtransaction per
+  statement (past 64 in one transaction, every snapshot in the server gets slower).  What can still fail is what
+  fails the writer's own statement anyway (disk full, out of memory, a cancel or timeout), and then the write and
+  its log row roll back together: nothing is lost, nothing half-done.
+- Installing and removing triggers takes a lock on the table for a moment (``SHARE ROW EXCLUSIVE`` to create,
+  ``ACCESS EXCLUSIVE`` to drop); both run with a short ``lock_timeout`` and a few retries, so they never queue
+  writers behind a long transaction for longer than that.
+
+Capture needs the target key of a deleted source row, which the log does not keep: every target key column must be a
+plain rename of a unique source column (no ``sql:``, ``map``, ``default``, cut or time zone).  For a phase where that
+is not so, capture is not installed; the run says why, and ``sync`` refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from . import ledger
+from .catalog import Table, read_table
+from .compile import CompiledTable
+from .db import Executor, open_pool
+from .errors import MigrationError
+from .mapping import QualifiedName
+from .preflight import Finding
+from .settings import Settings
+from .sql import qi, ql, qname
+
+log = logging.getLogger(__name__)
+
+SCHEMA = ledger.SCHEMA
+NEW, OLD = "migrate_data_new", "migrate_data_old"  # the transition tables' names inside the trigger function
+EVENTS = {"i": "INSERT", "u": "UPDATE", "d": "DELETE", "t": "TRUNCATE"}
+LOCK_WAIT = "1s"  # lock_timeout of one attempt to create or drop triggers
+LOCK_RETRIES = 5
+
+
+@dataclass(frozen=True)
+class Captured:
+    """One table a phase captures: which columns its log rows carry as the key."""
+
+    table: QualifiedName  # schema-qualified
+    columns: tuple[str, ...]  # the logged key, in this order
+    watched: tuple[str, ...] | None = None  # only a lookup's table: an UPDATE is logged when a key or these change
+
+    @property
+    def name(self) -> str:
+        """As the log's ``source`` says it: ``public.customers``."""
+        return str(self.table)
+
+    @property
+    def relation(self) -> str:
+        """Quoted, for SQL and ``to_regclass``: ``"public"."customers"``."""
+        return qname(self.table)
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    phase: str
+    tables: tuple[Captured, ...]
+    problems: tuple[tuple[str, str], ...] = ()  # (target table, why its changes cannot be captured)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def by_table(self) -> dict[str, Captured]:
+        return {c.name: c for c in self.tables}
+
+
+# -- what to capture (pure) -------------------------------------------------------------------------------------
+def key_feed(ct: CompiledTable, source: Table) -> tuple[tuple[str, ...] | None, str | None]:
+    """The source columns the target key is a plain rename of (in key order), or None and why it is not."""
+    feed: list[str] = []
+    for c in ct.key_columns:
+        spec = c.spec
+        why = None
+        if spec.kind != "column" or not spec.column:
+            why = f"is computed ({spec.kind}:)"
+        elif spec.map or spec.has_default:
+            why = "is translated (map/default)"
+        elif c.zone_conversion or any(s.check is not None for s in c.steps):
+            why = "is converted in a way that can change it (a cut, a rounding or a time zone)"
+        if why:
+            return None, (
+                f"target key column {c.target} {why}, not a plain rename of a source column: the target key of a "
+                "deleted source row cannot be known"
+            )
+        feed.append(spec.column)  # type: ignore[arg-type]
+    if not source.is_unique(tuple(feed)):
+        return None, f"the source columns {', '.join(feed)} that the target key copies are not unique in {source.name}"
+    return tuple(feed), None
+
+
+def plan_capture(
+    phase: str,
+    compiled: Sequence[CompiledTable],
+    sources: Mapping[str, Table],
+    lookups: Mapping[str, Table],
+) -> CapturePlan:
+    """What a phase captures: each source table (its ``batch_by`` and target-key columns) and each lookup's table
+    (its lookup key).  ``sources`` maps ``str(ct.source)``, ``lookups`` ``str(lookup.table)`` to the live tables."""
+    columns: dict[str, list[str]] = {}
+    names: dict[str, QualifiedName] = {}
+    watched: dict[str, list[str] | None] = {}
+    problems: list[tuple[str, str]] = []
+    for ct in compiled:
+        src = sources[str(ct.source)]
+        feed, why = key_feed(ct, src)
+        if why:
+            problems.append((str(ct.target), why))
+            continue
+        name = str(src.qualified)
+        names[name] = src.qualified
+        cols = columns.setdefault(name, [])
+        for col in (*ct.batch_by, *(feed or ())):
+            if col not in cols:
+                cols.append(col)
+        watched[name] = None  # a source table: every UPDATE counts (a `sql:` or `where` may read any column)
+        for _, lk in ct.lookups:
+            table = lookups[str(lk.table)]
+            lname = str(table.qualified)
+            names[lname] = table.qualified
+            lcols = columns.setdefault(lname, [])
+            for k in lk.key:
+                if k not in lcols:
+                    lcols.append(k)
+            if lname not in watched or watched[lname] is not None:
+                w = watched.setdefault(lname, [])
+                assert w is not None
+                w += [lk.column] if lk.column not in w else []
+    tables = tuple(
+        Captured(names[n], tuple(cols), None if watched[n] is None else tuple(watched[n] or ()))
+        for n, cols in columns.items()
+    )
+    return CapturePlan(phase, tables if not problems else (), tuple(problems))
+
+
+# -- the SQL (pure) ---------------------------------------------------------------------------------------------
+def _digest(phase: str, table: str) -> str:
+    return hashlib.sha1(f"{phase}\0{table}".encode()).hexdigest()[:10]
+
+
+def function_name(phase: str, table: str) -> str:
+    """The trigger function of one phase on one table (schema-qualified, quoted)."""
+    return f"{qi(SCHEMA)}.{qi('capture_' + _digest(phase, table))}"
+
+
+def trigger_name(phase: str, table: str, event: str) -> str:
+    """``md_capture_<phase>_<digest>_<i|u|d|t>``: one per event, unique per phase and table."""
+    return f"md_capture_{phase[:30]}_{_digest(phase, table)[:6]}_{event}"
+
+
+def _key(alias: str, columns: tuple[str, ...]) -> str:
+    return "ARRAY[" + ", ".join(f"{alias}.{qi(c)}::text" for c in columns) + "]"
+
+
+def _log(phase: str, c: Captured, op: str, select: str) -> str:
+    return (
+        f"INSERT INTO {qi(SCHEMA)}.changes (phase, source, key, op) "
+        f"SELECT {ql(phase)}, {ql(c.name)}, k, {ql(op)} FROM ({select}) AS x(k)"
+    )
+
+
+def _same(a: str, b: str, columns: tuple[str, ...]) -> str:
+    return " AND ".join(f"{a}.{qi(col)}::text IS NOT DISTINCT FROM {b}.{qi(col)}::text" for col in columns)
+
+
+def function_sql(phase: str, c: Captured, *, level: str = "statement") -> str:
+    """The trigger function that logs one table's changed keys; ``level="row"`` builds the row-level equivalent
+    (for the benchmark: scripts/bench_capture.py)."""
+    n, o = qi(NEW), qi(OLD)
+    if level == "statement":
+        if c.watched is None:
+            update = f"SELECT {_key('n', c.columns)} FROM {n} AS n UNION SELECT {_key('o', c.columns)} FROM {o} AS o"
+        else:  # a lookup's table: only rows whose key or looked-up columns changed
+            keep = (*c.columns, *c.watched)
+            update = (
+                f"SELECT {_key('n', c.columns)} FROM {n} AS n WHERE NOT EXISTS (SELECT 1 FROM {o} AS o WHERE "
+                f"{_same('o', 'n', keep)}) UNION SELECT {_key('o', c.columns)} FROM {o} AS o WHERE NOT EXISTS "
+                f"(SELECT 1 FROM {n} AS n WHERE {_same('n', 'o', keep)})"
+            )
+        body = f"""    IF TG_OP = 'INSERT' THEN
+        {_log(phase, c, "I", f"SELECT {_key('n', c.columns)} FROM {n} AS n")};
+    ELSIF TG_OP = 'UPDATE' THEN
+        {_log(phase, c, "U", update)};
+    ELSIF TG_OP = 'DELETE' THEN
+        {_log(phase, c, "D", f"SELECT {_key('o', c.columns)} FROM {o} AS o")};
+    ELSE
+        {_log(phase, c, "T", "SELECT '{}'::text[]")};
+    END IF;
+    RETURN NULL;"""
+    elif level == "row":
+        new, old = _key("NEW", c.columns), _key("OLD", c.columns)
+        changed = "true"
+        if c.watched is not None:
+            keep = (*c.columns, *c.watched)
+            changed = " OR ".join(f"NEW.{qi(x)}::text IS DISTINCT FROM OLD.{qi(x)}::text" for x in keep)
+        body = f"""    IF TG_OP = 'INSERT' THEN
+        {_log(phase, c, "I", f"SELECT {new}")};
+    ELSIF TG_OP = 'UPDATE' THEN
+        IF {changed} THEN
+            {_log(phase, c, "U", f"SELECT {new} UNION SELECT {old}")};
+        END IF;
+    ELSIF TG_OP = 'DELETE' THEN
+        {_log(phase, c, "D", f"SELECT {old}")};
+    ELSE
+        {_log(phase, c, "T", "SELECT '{}'::text[]")};
+    END IF;
+    RETURN NULL;"""
+    else:
+        raise ValueError(f"level: {level!r}")
+    return (
+        f"CREATE OR REPLACE FUNCTION {function_name(phase, c.name)}() RETURNS trigger LANGUAGE plpgsql "
+        f"SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $capture$\nBEGIN\n{body}\nEND\n$capture$"
+    )
+
+
+def install_sql(phase: str, c: Captured, *, level: str = "statement") -> list[str]:
+    """Every statement that turns capture on for one table of a phase (idempotent)."""
+    fn, table = function_name(phase, c.name), qname(c.table)
+    out = [function_sql(phase, c, level=level), f"REVOKE ALL ON FUNCTION {fn}() FROM PUBLIC"]
+    out += [f"DROP TRIGGER IF EXISTS {qi(trigger_name(phase, c.name, e))} ON {table}" for e in EVENTS]
+    for e, event in EVENTS.items():
+        name = qi(trigger_name(phase, c.name, e))
+        if level == "row" and e != "t":
+            out.append(f"CREATE TRIGGER {name} AFTER {event} ON {table} FOR EACH ROW EXECUTE FUNCTION {fn}()")
+            continue
+        ref = {
+            "i": f" REFERENCING NEW TABLE AS {qi(NEW)}",
+            "u": f" REFERENCING OLD TABLE AS {qi(OLD)} NEW TABLE AS {qi(NEW)}",
+            "d": f" REFERENCING OLD TABLE AS {qi(OLD)}",
+            "t": "",
+        }[e]
+        out.append(f"CREATE TRIGGER {name} AFTER {event} ON {table}{ref} FOR EACH STATEMENT EXECUTE FUNCTION {fn}()")
+    enable = ", ".join(f"ENABLE ALWAYS TRIGGER {qi(trigger_name(phase, c.name, e))}" for e in EVENTS)
+    out.append(f"ALTER TABLE {table} {enable}")
+    return out
+
+
+def remove_sql(phase: str, table: str, relation: str, *, exists: bool) -> list[str]:
+    """The statements that turn capture off for one table (``relation``: quoted) of a phase (idempotent);
+    ``exists``: the table is there."""
+    out = (
+        [f"DROP TRIGGER IF EXISTS {qi(trigger_name(phase, table, e))} ON {relation}" for e in EVENTS] if exists else []
+    )
+    return out + [f"DROP FUNCTION IF EXISTS {function_name(phase, table)}()"]
+
+
+TRIGGERS_OK_SQL = f"""SELECT c.source,
+       to_regclass(c.relation) IS NOT NULL AS table_exists,
+       (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = to_regclass(c.relation)
+          AND t.tgfoid = to_regprocedure(c.function || '()') AND t.tgenabled = 'A') AS enabled
+FROM {SCHEMA}.capture AS c WHERE c.phase = $1 ORDER BY c.source"""
+
+
+# -- install / remove ---------------------------------------------------------------------------------------------
+async def _relations(db: Executor, compiled: Sequence[CompiledTable]) -> tuple[dict[str, Table], dict[str, Table]]:
+    sources: dict[str, Table] = {}
+    lookups: dict[str, Table] = {}
+    for ct in compiled:
+        t = await read_table(db, ct.source)
+        if t is None:
+            raise MigrationError(f"source table {ct.source} does not exist")
+        sources[str(ct.source)] = t
+        for _, lk in ct.lookups:
+            lt = await read_table(db, lk.table)
+            if lt is None:
+                raise MigrationError(f"lookup table {lk.table} does not exist")
+            lookups[str(lk.table)] = lt
+    return sources, lookups
+
+
+async def capture_plan(db: Executor, phase: str, compiled: Sequence[CompiledTable]) -> CapturePlan:
+    """What ``phase`` captures, against the live source catalogs."""
+    sources, lookups = await _relations(db, compiled)
+    return plan_capture(phase, compiled, sources, lookups)
+
+
+def _findings(plan: CapturePlan) -> tuple[Finding, ...]:
+    return tuple(
+        Finding(
+            "warning",
+            target,
+            f"changes to the source between the copy and the cutover cannot be captured: {why}; `sync` and "
+            "`cutover` will refuse this phase",
+        )
+        for target, why in plan.problems
+    )
+
+
+async def check(db: Executor, phase: str, tables: Sequence[tuple[CompiledTable, Any]]) -> tuple[Finding, ...]:
+    """What ``plan`` says about capture: a warning per table whose changes cannot be captured.  Writes nothing."""
+    compiled = [ct for ct, _ in tables]
+    return _findings(await capture_plan(db, phase, compiled)) if compiled else ()
+
+
+async def install(
+    db: Executor,
+    phase: str,
+    tables: Sequence[tuple[CompiledTable, Any]],
+    *,
+    wait: str = LOCK_WAIT,
+    retries: int = LOCK_RETRIES,
+) -> tuple[Finding, ...]:
+    """Turn capture on for ``phase`` in the source database ``db``: a connection inside the transaction that starts
+    the phase (one database), or the source's pool (its own transaction, committed before the phase starts).
+    Idempotent: a table whose triggers are in place is left alone.  Returns the warnings of a phase that cannot be
+    captured (then nothing is installed)."""
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn, conn.transaction():
+            return await install(conn, phase, tables, wait=wait, retries=retries)
+    compiled = [ct for ct, _ in tables]
+    if not compiled:
+        return ()
+    plan = await capture_plan(db, phase, compiled)
+    if not plan.ok:
+        for target, why in plan.problems:
+            log.warning("%s: no change capture: %s", target, why)
+        return _findings(plan)
+    await ledger.ensure_capture(db)
+    have = {r["source"]: r for r in await db.fetch(f"SELECT * FROM {SCHEMA}.capture WHERE phase = $1", phase)}
+    ok = {r["source"] for r in await db.fetch(TRIGGERS_OK_SQL, phase) if r["enabled"] == len(EVENTS)}
+    for c in plan.tables:
+        r = have.get(c.name)
+        if (
+            r is not None
+            and c.name in ok
+            and tuple(r["columns"]) == c.columns
+            and (None if r["watched"] is None else tuple(r["watched"])) == c.watched
+        ):
+            continue
+        await _with_short_locks(db, f"turn on change capture on {c.name}", install_sql(phase, c), wait, retries)
+        await db.execute(
+            f"""INSERT INTO {SCHEMA}.capture (phase, source, relation, columns, watched, function)
+                VALUES ($1, $2, $3, $4, $5, $6)
+                ON CONFLICT (phase, source) DO UPDATE SET relation = EXCLUDED.relation, columns = EXCLUDED.columns,
+                    watched = EXCLUDED.watched, function = EXCLUDED.function, installed_at = clock_timestamp()""",
+            phase,
+            c.name,
+            c.relation,
+            list(c.columns),
+            None if c.watched is None else list(c.watched),
+            function_name(phase, c.name),
+        )
+        log.info("%s: change capture on for %s (key %s)", phase, c.name, ", ".join(c.columns))
+    for gone in set(have) - {c.name for c in plan.tables}:  # the mapping no longer reads it
+        await _remove_table(db, phase, gone, have[gone]["relation"], wait, retries)
+    return ()
+
+
+async def _remove_table(
+    conn: asyncpg.Connection, phase: str, table: str, relation: str, wait: str, retries: int
+) -> None:
+    exists = bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", relation))
+    statements = remove_sql(phase, table, relation, exists=exists)
+    await _with_short_locks(conn, f"turn off change capture on {table}", statements, wait, retries)
+    await conn.execute(f"DELETE FROM {SCHEMA}.capture WHERE phase = $1 AND source = $2", phase, table)
+
+
+async def remove(
+    settings: Settings,
+    target: asyncpg.Pool,
+    phase: str,
+    *,
+    lock: ledger.LockSession | None = None,
+    wait: str = LOCK_WAIT,
+    retries: int = LOCK_RETRIES,
+) -> int:
+    """Turn capture off for ``phase`` and forget its change log, in the source database (one transaction; in one
+    database it commits only while ``lock`` is held).  Idempotent.  Returns the number of log rows dropped."""
+    if settings.same_database:
+        return await _remove(target, phase, lock, wait, retries)
+    async with open_pool(settings.effective_source_url, max_size=1, lock_timeout=settings.lock_timeout) as source:
+        return await _remove(source, phase, None, wait, retries)
+
+
+async def _remove(db: asyncpg.Pool, phase: str, lock: ledger.LockSession | None, wait: str, retries: int) -> int:
+    async with db.acquire() as conn, conn.transaction():
+        if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{SCHEMA}.capture"):
+            return 0
+        rows = await conn.fetch(f"SELECT source, relation FROM {SCHEMA}.capture WHERE phase = $1 FOR UPDATE", phase)
+        for r in rows:
+            await _remove_table(conn, phase, r["source"], r["relation"], wait, retries)
+        status = await conn.execute(f"DELETE FROM {SCHEMA}.changes WHERE phase = $1", phase)
+        if lock is not None:
+            await lock.check(conn)
+    dropped = int(status.rsplit(" ", 1)[-1])
+    log.info("%s: change capture off, %d logged changes dropped", phase, dropped)
+    return dropped
+
+
+async def _with_short_locks(
+    conn: asyncpg.Connection, what: str, statements: list[str], wait: str, retries: int
+) -> None:
+    """Run DDL that locks a busy table in a savepoint with a short lock_timeout, retried a few times: a writer's long
+    transaction makes it wait at most ``wait`` per attempt (and the writers queued behind it as long), never longer."""
+    old = await conn.fetchval("SELECT current_setting('lock_timeout')")
+    try:
+        for attempt in range(retries + 1):
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT set_config('lock_timeout', $1, true)", wait)
+                    for sql in statements:
+                        await conn.execute(sql)
+                return
+            except asyncpg.LockNotAvailableError as e:
+                if attempt == retries:
+                    raise MigrationError(
+                        f"could not {what}: a transaction kept the table locked through {retries + 1} attempts of "
+                        f"{wait} each",
+                        detail=str(e),
+                        hint="find the long transaction (pg_stat_activity, pg_locks) and end it or wait for it, then "
+                        "run the same command again",
+                    ) from e
+                log.info("%s: the table is busy (%s); trying again", what, e)
+                await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
+    finally:
+        if conn.is_in_transaction():
+            await conn.execute("SELECT set_config('lock_timeout', $1, true)", old)
+
+
+# -- what status shows --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CaptureState:
+    phase: str
+    state: str  # "on" | "off" | "BROKEN" (a trigger missing or disabled) | "tables dropped"
+    waiting: int = 0  # changes logged and not applied yet
+    oldest_seconds: float | None = None  # age of the oldest of them
+    tables: tuple[str, ...] = ()
+    problem: str | None = None
+
+
+async def state(db: Executor, phase: str) -> CaptureState:
+    """Is capture on for ``phase`` (every trigger in place and enabled), and how far behind is sync."""
+    if not await db.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{SCHEMA}.capture"):
+        return CaptureState(phase, "off")
+    rows = await db.fetch(TRIGGERS_OK_SQL, phase)
+    lag = await db.fetchrow(
+        f"SELECT count(*) AS n, extract(epoch FROM clock_timestamp() - min(at))::float8 AS age "
+        f"FROM {SCHEMA}.changes WHERE phase = $1",
+        phase,
+    )
+    waiting, age = (lag["n"], lag["age"]) if lag is not None else (0, None)
+    tables = tuple(r["source"] for r in rows)
+    if not rows:
+        return CaptureState(phase, "off", waiting, age)
+    if not any(r["table_exists"] for r in rows):
+        return CaptureState(phase, "tables dropped", waiting, age, tables)
+    bad = [r["source"] for r in rows if r["enabled"] != len(EVENTS)]
+    if bad:
+        why = f"triggers missing or disabled on {', '.join(bad)}"
+        return CaptureState(phase, "BROKEN", waiting, age, tables, why)
+    return CaptureState(phase, "on", waiting, age, tables)
+
+
+async def registry(db: Executor, phase: str) -> dict[str, tuple[str, ...]]:
+    """The captured tables of ``phase`` and the columns their log rows carry, as installed."""
+    if not await db.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{SCHEMA}.capture"):
+        return {}
+    return {
+        r["source"]: tuple(r["columns"])
+        for r in await db.fetch(f"SELECT source, columns FROM {SCHEMA}.capture WHERE phase = $1", phase)
+    }
+
+
+async def relations(db: Executor, phase: str) -> dict[str, str]:
+    """The captured tables of ``phase``: name -> quoted relation."""
+    if not await db.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{SCHEMA}.capture"):
+        return {}
+    rows = await db.fetch(f"SELECT source, relation FROM {SCHEMA}.capture WHERE phase = $1", phase)
+    return {r["source"]: r["relation"] for r in rows}

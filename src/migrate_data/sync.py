@@ -1,0 +1,782 @@
+"""Apply the changes capture logged (see capture.py) through a phase's own compiled mapping; block writes for a cutover.
+
+A batch is up to ``batch_size`` log rows of one phase, read in id order.  Nothing in a log row is applied as such: its
+key says which rows to re-derive from the CURRENT source rows, so applying a change twice, or late, or out of order,
+gives the same target:
+
+- every logged source key whose row exists now (and passes the mapping's ``where``) is upserted with the mapping's
+  own expressions (``INSERT … SELECT … ON CONFLICT (key) DO UPDATE SET …``, only rows whose values differ);
+- every logged target key that no current source row produces is deleted (a deleted row, a key that changed, a row
+  that left the ``where``);
+- a change in a lookup's table re-derives every row that reads the looked-up row;
+- a row that fails now goes to ``migrate_data.rejects`` (and out of the target), like the copier's; a quarantined row
+  that works now is copied and its reject cleared.  Rows refused because another row was not there yet (a foreign
+  key, 23503) or was still in the way (a unique value, 23505) are tried again after the batch and at every pass.
+
+The batch's target writes, its rejects and the deletion of exactly its log rows (by id: ids are not committed in id
+order, so never "up to id N") commit in one transaction, which commits only while the run holds the lock.  Across two
+databases the log is in the source: the target transaction commits first, then the log rows are deleted; a kill in
+between re-applies them, which changes nothing.  Every (sub)transaction that writes target rows records it with
+``ledger.mark_write`` (a rollback deletes exactly those rows).
+
+A delete that a later phase's rows still reference (23503) keeps its log rows for a later pass: syncing several
+phases at once goes round them until nothing moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+import asyncpg
+
+from . import capture, ledger
+from .catalog import ForeignKey, Table, read_table
+from .compile import CompiledTable
+from .db import is_data_error, rowcount
+from .errors import MigrationError, RefusedError
+from .sql import qcols, qi
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SCHEMA = ledger.SCHEMA
+RETRY_STATES = ("23503", "23505")  # refused because of another row: worth another try once the others are applied
+READ_SQL = (
+    f"SELECT id, source, key, op FROM {SCHEMA}.changes WHERE phase = $1 AND id > $2 "
+    f"AND ($3::bigint IS NULL OR id <= $3) ORDER BY id LIMIT $4"
+)
+FORGET_SQL = f"DELETE FROM {SCHEMA}.changes WHERE phase = $1 AND id = ANY($2::bigint[])"
+MAX_ID_SQL = f"SELECT max(id) FROM {SCHEMA}.changes WHERE phase = $1"
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    batch_size: int = 1000  # log rows per transaction
+    follow: bool = False  # keep going until stopped
+    interval: float = 1.0  # --follow: seconds to wait when the log is empty
+    report_every: float = 10.0  # --follow: seconds between lag lines when nothing happens
+
+
+@dataclass(frozen=True)
+class PhaseSync:
+    """What a sync did for one phase, and what is left."""
+
+    phase: str
+    changes: int = 0  # log rows applied and deleted
+    upserted: int = 0  # target rows inserted or changed
+    deleted: int = 0  # target rows deleted
+    rejected: int = 0  # rows quarantined
+    cleared: int = 0  # rejects cleared: the row is copied now, or gone from the source
+    deferred: int = 0  # log rows kept for later: their delete waits for rows that reference them
+    waiting: int = 0  # log rows waiting at the end
+    oldest_seconds: float | None = None  # age of the oldest of them
+
+    def __add__(self, other: PhaseSync) -> PhaseSync:
+        return replace(
+            self,
+            changes=self.changes + other.changes,
+            upserted=self.upserted + other.upserted,
+            deleted=self.deleted + other.deleted,
+            rejected=self.rejected + other.rejected,
+            cleared=self.cleared + other.cleared,
+        )
+
+    @property
+    def progress(self) -> bool:
+        return bool(self.changes or self.cleared)
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    phases: tuple[PhaseSync, ...]
+    seconds: float
+
+
+# -- what a table needs to re-derive its rows ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class LookupUse:
+    table: str  # the lookup's table, schema-qualified: the log's ``source``
+    positions: tuple[int, ...]  # where its lookup key is in the logged key
+    on: tuple[str, ...]  # the source columns that join it
+    on_types: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SyncTable:
+    ct: CompiledTable
+    target: Table
+    feed: tuple[str, ...]  # the source columns the target key is a rename of, in key order
+    feed_types: tuple[str, ...]
+    bk_positions: tuple[int, ...]  # where batch_by is in the logged key of ct.source
+    feed_positions: tuple[int, ...]
+    lookups: tuple[LookupUse, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return str(self.ct.target)
+
+    @property
+    def source(self) -> str:
+        return str(self.ct.source)
+
+
+# -- the SQL (pure) -------------------------------------------------------------------------------------------------
+def _unnest(first: int, n: int) -> tuple[str, list[str]]:
+    names = [f"c{i}" for i in range(n)]
+    arrays = ", ".join(f"${first + i}::text[]" for i in range(n))
+    return f"unnest({arrays}) AS u({', '.join(qi(c) for c in names)})", names
+
+
+def _tuple(columns: Sequence[str], alias: str) -> str:
+    cols = qcols(tuple(columns), alias)
+    return f"({cols})" if len(columns) > 1 else cols
+
+
+def _in_keys(columns: Sequence[str], types: Sequence[str], alias: str, first: int) -> str:
+    """``(alias.c0, …) IN (SELECT CAST(u.c0 AS t0), … FROM unnest($first::text[], …) AS u(c0, …))``."""
+    unnest, names = _unnest(first, len(columns))
+    casts = ", ".join(f"CAST(u.{qi(n)} AS {t})" for n, t in zip(names, types, strict=True))
+    return f"{_tuple(columns, alias)} IN (SELECT {casts} FROM {unnest})"
+
+
+def _text_array(columns: Sequence[str], alias: str) -> str:
+    return "ARRAY[" + ", ".join(f"{qi(alias)}.{qi(c)}::text" for c in columns) + "]"
+
+
+def _where(st: SyncTable) -> list[str]:
+    return [f"({st.ct.mapping.where})"] if st.ct.mapping.where else []
+
+
+def resolve_sql(st: SyncTable, lookups: Sequence[int], *, by_feed: bool = False) -> str:
+    """The current source rows (in the ``where``) to re-derive: batch key and target key (text[]) of the rows whose
+    batch key is in ``$1…`` (one text[] per batch_by column), or, for each lookup index in ``lookups``, whose ``on``
+    columns are in the next parameters, or (``by_feed``) whose target key is in the last ones.  One SELECT per part,
+    so each can use its index."""
+    ct, a = st.ct, st.ct.alias
+    head = f"SELECT {_text_array(ct.batch_by, a)} AS bk, {_text_array(st.feed, a)} AS tk FROM {ct.src} WHERE "
+    parts = [" AND ".join([*_where(st), _in_keys(ct.batch_by, ct.batch_types, a, 1)])]
+    n = 1 + len(ct.batch_by)
+    for i in lookups:
+        lk = st.lookups[i]
+        parts.append(" AND ".join([*_where(st), _in_keys(lk.on, lk.on_types, a, n)]))
+        n += len(lk.on)
+    if by_feed:
+        parts.append(" AND ".join([*_where(st), _in_keys(st.feed, st.feed_types, a, n)]))
+    return " UNION ".join(head + p for p in parts)
+
+
+def children_sql(parent: SyncTable, child: SyncTable, fk: ForeignKey) -> str:
+    """The target keys (text[]) of ``child``'s rows that reference, through ``fk``, the ``parent`` rows whose keys
+    are given (``$1…``, one text[] per key column)."""
+    unnest, names = _unnest(1, len(parent.ct.key))
+    match = " AND ".join(
+        f"p.{qi(k)} = CAST(u.{qi(n)} AS {t})" for k, n, t in zip(parent.ct.key, names, parent.ct.key_types, strict=True)
+    )
+    join = " AND ".join(f"c.{qi(x)} = p.{qi(y)}" for x, y in zip(fk.columns, fk.ref_columns, strict=True))
+    return (
+        f"SELECT DISTINCT {_text_array(child.ct.key, 'c')} AS tk FROM {child.ct.tgt} AS c "
+        f"JOIN {parent.ct.tgt} AS p ON {join} JOIN {unnest} ON {match}"
+    )
+
+
+def unproduced_sql(st: SyncTable) -> str:
+    """Of the target keys given (``$1…``, one text[] per key column), those no current source row produces."""
+    ct, a = st.ct, st.ct.alias
+    unnest, names = _unnest(1, len(st.feed))
+    match = " AND ".join(
+        f"{qi(a)}.{qi(f)} = CAST(u.{qi(n)} AS {t})" for f, n, t in zip(st.feed, names, st.feed_types, strict=True)
+    )
+    arr = "ARRAY[" + ", ".join(f"u.{qi(n)}" for n in names) + "]"
+    return f"SELECT {arr} AS k FROM {unnest} WHERE NOT EXISTS (SELECT 1 FROM {ct.src} WHERE {' AND '.join([match, *_where(st)])})"
+
+
+def delete_sql(st: SyncTable) -> str:
+    """Delete the target rows whose keys are given (``$1…``, one text[] per key column)."""
+    ct = st.ct
+    unnest, names = _unnest(1, len(ct.key))
+    on = " AND ".join(
+        f"t.{qi(k)} = CAST(u.{qi(n)} AS {t})" for k, n, t in zip(ct.key, names, ct.key_types, strict=True)
+    )
+    return f"DELETE FROM {ct.tgt} AS t USING {unnest} WHERE {on}"
+
+
+def _head(st: SyncTable) -> str:
+    over = " OVERRIDING SYSTEM VALUE" if st.ct.overriding else ""
+    return f"INSERT INTO {st.ct.tgt} AS {qi('__target')} ({qcols(tuple(c.target for c in st.ct.columns))}){over}"
+
+
+def _conflict(st: SyncTable) -> str:
+    """``ON CONFLICT (key) DO UPDATE`` every other mapped column, only where a value differs (compared as text: every
+    type has one, json has no equality)."""
+    ct = st.ct
+    rest = [
+        c.target
+        for c in ct.columns
+        if c.target not in ct.key and getattr(st.target.column(c.target), "identity", "") != "a"
+    ]
+    if not rest:
+        return f" ON CONFLICT ({qcols(ct.key)}) DO NOTHING"
+    sets = ", ".join(f"{qi(c)} = EXCLUDED.{qi(c)}" for c in rest)
+    old = "ROW(" + ", ".join(f"{qi('__target')}.{qi(c)}" for c in rest) + ")::text"
+    new = "ROW(" + ", ".join(f"EXCLUDED.{qi(c)}" for c in rest) + ")::text"
+    return f" ON CONFLICT ({qcols(ct.key)}) DO UPDATE SET {sets} WHERE {old} IS DISTINCT FROM {new}"
+
+
+def upsert_sql(st: SyncTable) -> str:
+    """One database: re-derive the source rows whose batch keys are given (``$1…``) with the mapping's expressions."""
+    ct = st.ct
+    conds = [*_where(st), _in_keys(ct.batch_by, ct.batch_types, ct.alias, 1)]
+    exprs = ", ".join(c.expr for c in ct.columns)
+    return f"{_head(st)} SELECT {exprs} FROM {ct.from_} WHERE {' AND '.join(conds)}{_conflict(st)}"
+
+
+def source_rows_sql(st: SyncTable) -> str:
+    """Two databases, on the source: the rows whose batch keys are given, numbered, as text (like the copier's)."""
+    ct = st.ct
+    conds = [*_where(st), _in_keys(ct.batch_by, ct.batch_types, ct.alias, 1)]
+    cols = ", ".join(f"({c.pre_cast})::text AS {qi(c.target)}" for c in ct.columns)
+    return (
+        f"SELECT (row_number() OVER ())::integer AS __n, {_text_array(ct.batch_by, ct.alias)} AS __key, "
+        f"{_text_array(st.feed, ct.alias)} AS __tk, {cols} FROM {ct.from_} WHERE {' AND '.join(conds)}"
+    )
+
+
+def stage_table_sql(st: SyncTable, stage: str) -> str:
+    cols = ", ".join(f"{qi(c.target)} text" for c in st.ct.columns)
+    return f"CREATE TEMP TABLE {qi(stage)} (__n integer, __key text[], __tk text[], {cols}) ON COMMIT DROP"
+
+
+def stage_upsert_sql(st: SyncTable, stage: str) -> str:
+    """Two databases, on the target: upsert the staged rows numbered ``$1`` (int[])."""
+    exprs = ", ".join(
+        c.convert(f"s.{qi(c.target)}") if c.steps else f"CAST(s.{qi(c.target)} AS {c.cast_type})" for c in st.ct.columns
+    )
+    return f"{_head(st)} SELECT {exprs} FROM {qi(stage)} AS s WHERE s.__n = ANY($1::integer[]){_conflict(st)}"
+
+
+def _columns(keys: Sequence[Sequence[str | None]], n: int) -> list[list[str | None]]:
+    """Keys (rows) as one list per key column: the ``unnest($1::text[], …)`` parameters."""
+    return [[k[i] for k in keys] for i in range(n)]
+
+
+@dataclass
+class _Work:
+    """What a batch re-derives in one table: by batch key, by each lookup's key, by target key."""
+
+    keys: list[list[str]] = field(default_factory=list)
+    values: list[list[list[str]]] = field(default_factory=list)
+    feeds: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
+class _Batch:
+    work: list[_Work]
+    counts: dict[str, int] = field(default_factory=lambda: {"upserted": 0, "deleted": 0, "rejected": 0, "cleared": 0})
+    deferred: set[int] = field(default_factory=set)  # log rows kept: their delete waits for referencing rows
+    again: list[tuple[int, list[tuple[list[str], list[str]]]]] = field(default_factory=list)
+
+
+# -- one phase ----------------------------------------------------------------------------------------------------
+class PhaseSyncer:
+    """Apply one phase's captured changes, batch by batch."""
+
+    def __init__(
+        self,
+        *,
+        phase: str,
+        tables: Sequence[tuple[CompiledTable, Table]],
+        target: asyncpg.Pool,
+        source: asyncpg.Pool,
+        lock: ledger.LockSession,
+        run_id: int | None = None,
+        batch_size: int = SyncOptions.batch_size,
+    ) -> None:
+        self.phase = phase
+        self.pairs = list(tables)  # parents first
+        self.target = target
+        self.source = source
+        self.same_db = source is target
+        self.lock = lock
+        self.run_id = run_id
+        self.batch_size = batch_size
+        self.tables: list[SyncTable] = []
+        self.children: dict[int, list[tuple[int, ForeignKey]]] = {}  # parent index -> (child index, foreign key)
+        self.deferred: set[int] = set()
+
+    async def prepare(self) -> None:
+        """Check that capture is on and matches the mapping; work out where each key is in the log rows."""
+        name = self.phase
+        plan = await capture.capture_plan(self.source, name, [ct for ct, _ in self.pairs])
+        if not plan.ok:
+            raise RefusedError(
+                f"{name}: its changes cannot be captured, so there is nothing to sync",
+                detail="\n".join(f"{t}: {why}" for t, why in plan.problems),
+                hint="map each target key column from a unique source column (a plain rename); until then, re-run "
+                "the phase with --recheck in a window, with writes stopped",
+            )
+        cap = await capture.state(self.source, name)
+        if cap.state != "on":
+            raise RefusedError(
+                f"{name}: change capture is {cap.state}" + (f" ({cap.problem})" if cap.problem else ""),
+                hint="capture starts with the phase's run: roll the phase back and run it again"
+                if cap.state == "off"
+                else "the triggers were dropped or disabled by hand: writes since then were not captured; roll the "
+                "phase back and run it again",
+            )
+        registry = await capture.registry(self.source, name)
+        for c in plan.tables:
+            have = registry.get(c.name, ())
+            if not set(c.columns) <= set(have):
+                raise RefusedError(
+                    f"{name}: the mapping changed since capture started on {c.name} (it logs {', '.join(have)}, "
+                    f"the mapping now needs {', '.join(c.columns)})",
+                    hint=f"roll {name} back and run it again",
+                )
+        for ct, target in self.pairs:
+            src = await read_table(self.source, ct.source)
+            assert src is not None
+            feed, _ = capture.key_feed(ct, src)
+            assert feed is not None
+            cols = registry[str(src.qualified)]
+            uses = []
+            for _, lk in ct.lookups:
+                lt = await read_table(self.source, lk.table)
+                assert lt is not None
+                lcols = registry[str(lt.qualified)]
+                uses.append(
+                    LookupUse(
+                        str(lt.qualified),
+                        tuple(lcols.index(k) for k in lk.key),
+                        lk.on,
+                        tuple(src.column(o).type for o in lk.on),  # type: ignore[union-attr]
+                    )
+                )
+            self.tables.append(
+                SyncTable(
+                    ct,
+                    target,
+                    feed,
+                    tuple(src.column(f).type for f in feed),  # type: ignore[union-attr]
+                    tuple(cols.index(b) for b in ct.batch_by),
+                    tuple(cols.index(f) for f in feed),
+                    tuple(uses),
+                )
+            )
+        index = {t.name: i for i, t in enumerate(self.tables)}
+        for j, t in enumerate(self.tables):
+            for fk in t.target.foreign_keys:
+                i = index.get(str(fk.ref_table))
+                if i is not None and i != j:
+                    self.children.setdefault(i, []).append((j, fk))
+
+    async def max_id(self) -> int | None:
+        return await self.source.fetchval(MAX_ID_SQL, self.phase)
+
+    async def lag(self) -> tuple[int, float | None]:
+        st = await capture.state(self.source, self.phase)
+        return st.waiting, st.oldest_seconds
+
+    async def waiting_rejects(self) -> dict[str, list[list[str]]]:
+        """The phase's rows refused because of another row (a parent not there yet, a unique value in the way)."""
+        rows = await self.target.fetch(
+            f"SELECT target, source_key FROM {SCHEMA}.rejects WHERE phase = $1 AND sqlstate = ANY($2::text[])",
+            self.phase,
+            list(RETRY_STATES),
+        )
+        out: dict[str, list[list[str]]] = {}
+        for r in rows:
+            out.setdefault(r["target"], []).append(list(r["source_key"]))
+        return out
+
+    async def run_pass(self, *, upto: int | None, stop: asyncio.Event, retry: bool = True) -> PhaseSync:
+        """Retry the rows waiting for others (``retry``), then apply the log rows (up to id ``upto``), a batch at a
+        time."""
+        total = PhaseSync(self.phase)
+        waiting = await self.waiting_rejects() if retry else {}
+        if waiting:
+            total += await self.apply([], waiting)
+        last = 0
+        while not stop.is_set():
+            rows = await self.source.fetch(READ_SQL, self.phase, last, upto, self.batch_size)
+            if not rows:
+                break
+            last = rows[-1]["id"]
+            total += await self.apply(rows, {})
+        return replace(total, deferred=len(self.deferred))
+
+    # -- one batch ------------------------------------------------------------------------------------------------
+    async def apply(self, rows: Sequence[asyncpg.Record], extra: dict[str, list[list[str]]]) -> PhaseSync:
+        """Apply one batch of log rows (and re-derive the ``extra`` batch keys per target table) in one transaction."""
+        truncated = [r for r in rows if r["op"] == "T"]
+        if truncated:
+            raise MigrationError(
+                f"{truncated[0]['source']} was truncated after {self.phase} copied it: any row may have changed, and "
+                "capture cannot say which",
+                hint=f"roll {self.phase} back and run it again",
+            )
+        by_source: dict[str, list[asyncpg.Record]] = {}
+        for r in rows:
+            by_source.setdefault(r["source"], []).append(r)
+        b = _Batch([_Work() for _ in self.tables])
+        for i, st in enumerate(self.tables):
+            b.work[i].keys += [[r["key"][p] for p in st.bk_positions] for r in by_source.get(st.source, [])]
+            b.work[i].keys += extra.get(st.name, [])
+            b.work[i].values = [
+                [[r["key"][p] for p in lk.positions] for r in by_source.get(lk.table, [])] for lk in st.lookups
+            ]
+        async with self.target.acquire() as conn, conn.transaction():
+            src = conn if self.same_db else self.source
+            for i in reversed(range(len(self.tables))):  # deletes: children first
+                await self._deletes(conn, src, i, by_source.get(self.tables[i].source, []), b)
+            for i in range(len(self.tables)):  # upserts: parents first
+                await self._rederive(conn, src, i, b)
+            again, b.again = b.again, []
+            for i, items in again:  # refused because of another row: the others are applied now
+                b.counts["rejected"] -= len(items)
+                await self._upsert(conn, i, items, b, last_try=True)
+            for i in range(len(self.tables)):  # the children of rows the last tries quarantined
+                await self._rederive(conn, src, i, b, last_try=True)
+            ids = [r["id"] for r in rows if r["id"] not in b.deferred]
+            if self.same_db and ids:
+                await forget(conn, self.phase, ids)
+            await ledger.mark_synced(conn, self.phase)
+            await self.lock.check(conn)  # last before COMMIT: without the lock the batch rolls back
+        if not self.same_db and ids:
+            await forget(self.source, self.phase, ids)  # a kill before this re-applies them: harmless
+        self.deferred = (self.deferred - {r["id"] for r in rows}) | b.deferred
+        if rows or any(b.counts.values()):
+            log.debug("%s: %d changes applied: %s", self.phase, len(ids), b.counts)
+        return PhaseSync(self.phase, changes=len(ids), **b.counts)
+
+    async def _rederive(self, conn: asyncpg.Connection, src: Any, i: int, b: _Batch, *, last_try: bool = False) -> None:
+        """Re-derive the rows of table ``i`` the batch touched: by batch key, by lookup, by target key."""
+        st, w = self.tables[i], b.work[i]
+        keys, values, feeds = w.keys, w.values, w.feeds
+        b.work[i] = _Work(values=[[] for _ in st.lookups])
+        if not keys and not any(values) and not feeds:
+            return
+        resolved = await self._resolve(src, st, keys, values, feeds)
+        present = {tuple(bk) for bk, _ in resolved}
+        gone = [list(k) for k in {tuple(k) for k in keys} - present]  # deleted, or out of the `where`
+        b.counts["cleared"] += await ledger.clear_rejects_of(conn, self.phase, st.name, gone)
+        await self._upsert(conn, i, resolved, b, last_try=last_try)
+
+    async def _note_children(self, conn: asyncpg.Connection, i: int, keys: list[Any], b: _Batch) -> None:
+        """Before target rows of table ``i`` go, find the rows of the phase's other tables that reference them (a
+        foreign key may cascade, or set NULL): they are re-derived after, and quarantined if they fail now."""
+        for j, fk in self.children.get(i, []):
+            sql = children_sql(self.tables[i], self.tables[j], fk)
+            rows = await conn.fetch(sql, *_columns(keys, len(self.tables[i].ct.key)))
+            b.work[j].feeds += [list(r["tk"]) for r in rows]
+
+    async def _deletes(
+        self, conn: asyncpg.Connection, src: Any, i: int, logged: list[asyncpg.Record], b: _Batch
+    ) -> None:
+        """Delete the target rows of logged target keys that no current source row produces."""
+        st = self.tables[i]
+        ids: dict[tuple[str, ...], list[int]] = {}
+        for r in logged:
+            ids.setdefault(tuple(r["key"][p] for p in st.feed_positions), []).append(r["id"])
+        if not ids:
+            return
+        keys = list(ids)
+        gone = [tuple(r["k"]) for r in await src.fetch(unproduced_sql(st), *_columns(keys, len(st.feed)))]
+        if not gone:
+            return
+        await self._note_children(conn, i, gone, b)
+        sql = delete_sql(st)
+
+        async def attempt(part: list[tuple[str, ...]]) -> int:
+            return rowcount(await conn.execute(sql, *_columns(part, len(st.ct.key))))
+
+        async def failed(key: tuple[str, ...], e: asyncpg.PostgresError) -> None:
+            b.deferred.update(ids[key])
+            log.warning(
+                "%s: the row with key (%s)=(%s) is gone from the source but still referenced in the target (%s); its "
+                "delete waits: sync the phase whose rows reference it",
+                st.name,
+                ", ".join(st.ct.key),
+                ", ".join(str(v) for v in key),
+                e,
+            )
+
+        done, _ = await self._bisect(conn, st, gone, attempt, failed)
+        b.counts["deleted"] += done
+
+    async def _resolve(
+        self,
+        src: Any,
+        st: SyncTable,
+        keys: list[list[str]],
+        values: list[list[list[str]]],
+        feeds: list[list[str]],
+    ) -> list[tuple[list[str], list[str]]]:
+        """The current source rows to re-derive: (batch key, target key)."""
+        used = [i for i, v in enumerate(values) if v]
+        args: list[Any] = _columns(keys, len(st.ct.batch_by))
+        for i in used:
+            args += _columns(values[i], len(st.lookups[i].on))
+        if feeds:
+            args += _columns(feeds, len(st.feed))
+        sql = resolve_sql(st, used, by_feed=bool(feeds))
+        return [(list(r["bk"]), list(r["tk"])) for r in await src.fetch(sql, *args)]
+
+    async def _upsert(
+        self,
+        conn: asyncpg.Connection,
+        i: int,
+        resolved: list[tuple[list[str], list[str]]],
+        b: _Batch,
+        *,
+        last_try: bool = False,
+    ) -> None:
+        """Upsert the resolved rows, bisecting around bad ones.  A row refused because of another row goes to
+        ``b.again`` for one more try after the batch, unless this is the ``last_try``."""
+        if not resolved:
+            return
+        st = self.tables[i]
+        again: list[tuple[list[str], list[str]]] = []
+        by_n: dict[int, tuple[list[str], list[str]]] = {}
+        if self.same_db:
+            sql = upsert_sql(st)
+
+            async def attempt(part: list[Any]) -> int:
+                return rowcount(await conn.execute(sql, *_columns([bk for bk, _ in part], len(st.ct.batch_by))))
+
+            items: list[Any] = resolved
+        else:
+            stage = f"migrate_data_sync_{i}"
+            await conn.execute(f"DROP TABLE IF EXISTS pg_temp.{qi(stage)}")
+            await conn.execute(stage_table_sql(st, stage))
+            args = _columns([bk for bk, _ in resolved], len(st.ct.batch_by))
+            await _pipe(self.source, source_rows_sql(st), args, conn, stage)
+            staged = await conn.fetch(f"SELECT __n, __key, __tk FROM {qi(stage)}")
+            by_n = {r["__n"]: (list(r["__key"]), list(r["__tk"])) for r in staged}
+            sql = stage_upsert_sql(st, stage)
+
+            async def attempt(part: list[Any]) -> int:
+                return rowcount(await conn.execute(sql, part))
+
+            items = sorted(by_n)
+
+        def row_of(item: Any) -> tuple[list[str], list[str]]:
+            return item if self.same_db else by_n[item]  # type: ignore[no-any-return]
+
+        async def failed(item: Any, e: asyncpg.PostgresError) -> None:
+            bk, tk = row_of(item)
+            if e.sqlstate in RETRY_STATES and not last_try:
+                again.append((bk, tk))
+            where = conn if self.same_db else self.source
+            row = await where.fetchval(st.ct.source_row_sql(), *bk)
+            await ledger.quarantine(
+                conn, phase=self.phase, target=st.name, source=st.source, key=bk, error=e, row=row, run_id=self.run_id
+            )
+            b.counts["rejected"] += 1
+            await self._note_children(conn, i, [tk], b)
+            try:  # a quarantined row is not in the target (as after the copy)
+                async with conn.transaction():
+                    n = rowcount(await conn.execute(delete_sql(st), *_columns([tk], len(st.ct.key))))
+                    await ledger.mark_write(conn, self.phase, st.name, self.run_id)
+                b.counts["deleted"] += n
+            except asyncpg.ForeignKeyViolationError as fk:
+                log.warning("%s: row %s is quarantined, but its old version stays in the target: %s", st.name, bk, fk)
+            log.info("%s: row %s quarantined: %s %s", st.name, bk, e.sqlstate, e)
+
+        done, ok = await self._bisect(conn, st, items, attempt, failed)
+        b.counts["upserted"] += done
+        b.counts["cleared"] += await ledger.clear_rejects_of(conn, self.phase, st.name, [row_of(x)[0] for x in ok])
+        if again:
+            b.again.append((i, again))
+
+    async def _bisect(
+        self,
+        conn: asyncpg.Connection,
+        st: SyncTable,
+        items: list[T],
+        attempt: Callable[[list[T]], Awaitable[int]],
+        failed: Callable[[T, asyncpg.PostgresError], Awaitable[None]],
+    ) -> tuple[int, list[T]]:
+        """Write ``items`` by halves, each in a savepoint that records the write; a single item that fails for a
+        data reason goes to ``failed``.  Returns the rows written and the items that went in."""
+        done, ok = 0, []
+        stack = [items]
+        while stack:
+            part = stack.pop()
+            try:
+                async with conn.transaction():
+                    done += await attempt(part)
+                    await ledger.mark_write(conn, self.phase, st.name, self.run_id)
+            except asyncpg.PostgresError as e:
+                if not is_data_error(e):
+                    raise
+                if len(part) > 1:
+                    mid = len(part) // 2
+                    stack += [part[mid:], part[:mid]]
+                    continue
+                await failed(part[0], e)
+            else:
+                ok += part
+        return done, ok
+
+
+async def forget(db: Any, phase: str, ids: list[int]) -> None:
+    """Delete exactly these log rows (by id: a lower id may still commit later)."""
+    await db.execute(FORGET_SQL, phase, ids)
+
+
+async def _pipe(source: asyncpg.Pool, query: str, args: list[Any], conn: asyncpg.Connection, table: str) -> int:
+    """Stream ``COPY (query) TO STDOUT`` (binary) on the source into ``table`` on ``conn``."""
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=32)
+
+    async def produce() -> None:
+        try:
+            async with source.acquire() as src:
+                await src.copy_from_query(query, *args, output=queue.put, format="binary")
+        except Exception:
+            await queue.put(None)  # the reader stops; the error is raised from the task below
+            raise
+        await queue.put(None)
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        while (chunk := await queue.get()) is not None:
+            yield chunk
+
+    producer = asyncio.create_task(produce())
+    try:
+        n = rowcount(await conn.copy_to_table(table, source=chunks(), format="binary"))
+    except BaseException:
+        producer.cancel()  # the target failed: nobody reads what the source still sends
+        await asyncio.gather(producer, return_exceptions=True)
+        raise
+    await producer  # the source's error, if it failed
+    return n
+
+
+# -- several phases -------------------------------------------------------------------------------------------------
+async def sync(
+    syncers: Sequence[PhaseSyncer], options: SyncOptions, *, stop: asyncio.Event, bounded: bool = True
+) -> dict[str, PhaseSync]:
+    """Apply the phases' changes.  Without ``follow``: what is logged now (``bounded``: up to each phase's last id at
+    the start), going round the phases until a round moves nothing (a delete that waited for a later phase, a row
+    that waited for an earlier one).  With ``follow``: until ``stop``, logging the lag."""
+    totals = {s.phase: PhaseSync(s.phase) for s in syncers}
+    upto = {s.phase: ((await s.max_id() or 0) if bounded and not options.follow else None) for s in syncers}
+    said = time.monotonic()
+    moved = True  # rows refused for want of another row are tried again in a round after one that moved something
+    while not stop.is_set():
+        retry, moved = moved, False
+        for s in syncers:
+            if stop.is_set():
+                break
+            done = await s.run_pass(upto=upto[s.phase], stop=stop, retry=retry)
+            totals[s.phase] += done
+            totals[s.phase] = replace(totals[s.phase], deferred=done.deferred)
+            moved = moved or done.progress
+            if options.follow and done.progress:
+                waiting, age = await s.lag()
+                log.info("%s: %s; %s", s.phase, _applied(done), _lag(waiting, age))
+                said = time.monotonic()
+        if not options.follow:
+            if not moved:
+                break
+            continue
+        if not moved:
+            if time.monotonic() - said >= options.report_every:
+                for s in syncers:
+                    log.info("%s: %s", s.phase, _lag(*await s.lag()))
+                said = time.monotonic()
+            try:
+                await asyncio.wait_for(stop.wait(), options.interval)
+            except asyncio.TimeoutError:
+                pass
+    for s in syncers:
+        waiting, age = await s.lag()
+        totals[s.phase] = replace(totals[s.phase], waiting=waiting, oldest_seconds=age)
+    return totals
+
+
+def _applied(p: PhaseSync) -> str:
+    return (
+        f"{p.changes:,} changes applied ({p.upserted:,} rows upserted, {p.deleted:,} deleted, {p.rejected:,} "
+        f"quarantined, {p.cleared:,} rejects cleared)"
+    )
+
+
+def _lag(waiting: int, age: float | None) -> str:
+    return f"{waiting:,} changes waiting" + (f", the oldest {age:.1f} s old" if age is not None else "")
+
+
+# -- cutover: block writes --------------------------------------------------------------------------------------------
+@dataclass
+class Blocked:
+    """Writes to ``tables`` are blocked from ``since`` until the block ends; ``seconds`` is then how long."""
+
+    tables: tuple[str, ...]
+    since: float = field(default_factory=time.monotonic)
+    seconds: float | None = None
+    attempts: int = 1
+    release_only: bool = False  # end with ROLLBACK (a failed cutover); the transaction wrote nothing either way
+
+
+BLOCKERS_SQL = """SELECT a.pid, a.usename, a.state, now() - a.xact_start AS age, left(a.query, 120) AS query
+FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid() AND a.pid IN (
+  SELECT l.pid FROM pg_locks l WHERE l.relation = ANY (SELECT to_regclass(t) FROM unnest($1::text[]) AS t) AND l.granted
+   AND l.mode IN ('RowExclusiveLock', 'ShareUpdateExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
+                  'AccessExclusiveLock'))
+ORDER BY a.xact_start"""
+
+
+@asynccontextmanager
+async def writes_blocked(
+    source: asyncpg.Pool, tables: dict[str, str], *, wait: str = "2s", retries: int = 5
+) -> AsyncIterator[Blocked]:
+    """Block writes to ``tables`` (name -> quoted relation; ``LOCK … IN SHARE MODE``: reads go on) for the block, in a
+    transaction of the source database.  Each attempt waits at most ``wait`` for the writers in flight (a long transaction would
+    otherwise queue every new writer behind us), then lets go and tries again, ``retries`` times."""
+    names = ", ".join(tables.values())
+    async with source.acquire() as conn:
+        for attempt in range(retries + 1):
+            tr = conn.transaction()
+            await tr.start()
+            try:
+                await conn.execute("SELECT set_config('lock_timeout', $1, true)", wait)
+                await conn.execute(f"LOCK TABLE {names} IN SHARE MODE")
+                break
+            except asyncpg.LockNotAvailableError as e:
+                await tr.rollback()
+                if attempt == retries:
+                    who = await conn.fetch(BLOCKERS_SQL, list(tables.values()))
+                    raise MigrationError(
+                        f"could not block writes to {', '.join(tables)}: writers kept them through {retries + 1} "
+                        f"attempts of {wait} each; nothing was changed",
+                        detail="\n".join(
+                            f"backend pid {r['pid']} ({r['usename']}, {r['state']}, transaction open for {r['age']}): "
+                            f"{r['query']}"
+                            for r in who
+                        )
+                        or str(e),
+                        hint="wait for the long transaction or end it (SELECT pg_terminate_backend(pid)), then run the "
+                        "same command again; --lock-wait and --retries set the patience",
+                    ) from e
+                log.info("cutover: writers still busy on %s (%s); trying again", ", ".join(tables), e)
+                await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
+        blocked = Blocked(tuple(tables), attempts=attempt + 1)
+        log.info("writes to %s blocked", ", ".join(tables))
+        try:
+            yield blocked
+        except BaseException:
+            await tr.rollback()
+            blocked.seconds = time.monotonic() - blocked.since
+            raise
+        if blocked.release_only:
+            await tr.rollback()
+        else:
+            await tr.commit()
+        blocked.seconds = time.monotonic() - blocked.since
+        log.info("writes to %s released after %.2f s", ", ".join(tables), blocked.seconds)

@@ -1,0 +1,104 @@
+"""Cutover: writes to the phase's English tables blocked (reads go on), the last changes applied, validated with
+checksums, capture removed; on a failed validation the writes are released and capture stays."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+from test_sync import apply, capture_triggers, waiting
+
+from conftest import run, run_cli, scalar, sql
+from migrate_data import api
+from migrate_data.errors import MigrationError, RefusedError
+
+
+async def _probe(url: str) -> dict[str, object]:
+    """From another session: can the application write customers now?  Can it read them?"""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("SET lock_timeout = '200ms'")
+        out: dict[str, object] = {"read": await conn.fetchval("SELECT count(*) FROM customers")}
+        try:
+            await conn.execute("UPDATE customers SET city = 'Blocked?' WHERE phone_number = '+593900000011'")
+            out["write"] = "ok"
+        except asyncpg.LockNotAvailableError:
+            out["write"] = "blocked"
+        return out
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def applied(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1", "phase2a")
+    sql(legacy_url, "UPDATE customers SET city = 'Antes del corte' WHERE phone_number LIKE '+59390000002_'")
+    return settings, legacy_url
+
+
+def test_cutover_blocks_writes_applies_the_last_changes_validates_and_removes_capture(applied):
+    settings, url = applied
+    seen: dict[str, object] = {}
+
+    async def while_blocked() -> None:
+        seen.update(await _probe(url))
+
+    result = run(api.cutover(settings, ["phase2a"], on_blocked=while_blocked))
+    assert seen == {"read": 1000, "write": "blocked"}
+    assert result.ok and result.capture_removed
+    assert result.synced[0].changes == 10 and result.validations[0].ok and result.validations[0].deep
+    assert result.blocked_tables == ("public.customers", "public.professions") and 0 < result.blocked_seconds < 10
+    assert run(_probe(url))["write"] == "ok"  # released
+    assert capture_triggers(url) == [] and waiting(url, "phase2a") == 0
+    assert scalar(url, "SELECT cut_over_at IS NOT NULL FROM migrate_data.phases WHERE phase = 'phase2a'")
+    status = {s.phase: s for s in run(api.status(settings))}["phase2a"]
+    assert status.capture == "cut over" and status.cut_over_at is not None
+    with pytest.raises(RefusedError, match="phase2a was cut over at"):
+        run(api.sync(settings, ["phase2a"]))
+    again = run_cli("cutover", "phase2a", "--yes", url=url)
+    assert again.returncode == 0 and "phase2a was cut over before" in again.stdout
+
+
+def test_a_cutover_that_does_not_validate_releases_the_writes_and_keeps_capture(applied, tmp_path):
+    settings, url = applied
+    sql(url, "UPDATE clientes SET ciudad = 'Escrita en español' WHERE telefono = '+593900000033'")  # not the mapping's
+    out = run_cli("cutover", "phase2a", "--yes", url=url, env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)})
+    assert out.returncode == 3, out.stderr
+    assert "validation FAILED: writes released, change capture kept on" in out.stdout
+    assert "1 rows of public.clientes differ" in out.stdout
+    assert "writes to public.customers, public.professions were blocked for" in out.stdout
+    assert run(_probe(url))["write"] == "ok"
+    assert len(capture_triggers(url)) == 8
+    assert scalar(url, "SELECT cut_over_at FROM migrate_data.phases WHERE phase = 'phase2a'") is None
+    assert waiting(url, "phase2a") == 1  # the probe's write, captured: the changes before it were applied
+    sql(url, "UPDATE customers SET city = city WHERE phone_number = '+593900000033'")  # logged: sync re-derives it
+    assert run(api.cutover(settings, ["phase2a"])).ok
+
+
+def test_a_long_transaction_makes_the_cutover_give_up_quickly_without_queueing_writers(applied):
+    settings, url = applied
+
+    async def go():
+        holder = await asyncpg.connect(url)
+        try:
+            tr = holder.transaction()
+            await tr.start()
+            await holder.execute("UPDATE customers SET city = 'Larga' WHERE phone_number = '+593900000044'")
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(MigrationError) as e:
+                await api.cutover(settings, ["phase2a"], lock_wait="100ms", retries=2)
+            took = asyncio.get_running_loop().time() - started
+            probe = await _probe(url)  # another writer, on another row, while the long transaction goes on
+            await tr.rollback()
+            return e.value, took, probe, holder.get_server_pid()
+        finally:
+            await holder.close()
+
+    error, took, probe, pid = run(go())
+    assert "could not block writes to public.customers, public.professions" in error.message
+    assert f"backend pid {pid}" in error.detail
+    assert took < 5 and probe["write"] == "ok"
+    assert scalar(url, "SELECT cut_over_at FROM migrate_data.phases WHERE phase = 'phase2a'") is None
+    assert len(capture_triggers(url)) == 8

@@ -1,0 +1,383 @@
+"""Live sync between nights: capture from the start of the copy, `sync` re-derives what changed, exactly."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import textwrap
+import time
+import uuid
+
+import asyncpg
+import pytest
+from killer import kill_at
+
+from conftest import ROOT, cli_env, run, run_cli, run_cli_args, scalar, sql
+from migrate_data import api, capture
+from migrate_data.errors import RefusedError
+
+NEW_CUSTOMER = (
+    "INSERT INTO customers (id, phone_number, full_name, city, notes) VALUES ('{id}', '{phone}', 'Nuevo', 'Quito', "
+    "'{{\"n\": 1}}')"
+)
+LONELY = "(SELECT c.id FROM customers c WHERE NOT EXISTS (SELECT 1 FROM service_requests r WHERE r.customer_id = c.id))"
+
+
+def apply(settings, *phases, **opts):
+    return [run(api.run_phase(settings, p, api.RunOptions(**{"backup": False, **opts}))) for p in phases]
+
+
+def deep(settings, phase):
+    result = run(api.validate(settings, phase, deep=True))
+    return result.ok, [p for t in result.tables for p in t.problems]
+
+
+def waiting(source_url: str, phase: str) -> int:
+    return scalar(source_url, "SELECT count(*) FROM migrate_data.changes WHERE phase = $1", phase)
+
+
+def capture_triggers(url: str) -> list[str]:
+    return [
+        r[0]
+        for r in sql(
+            url, "SELECT tgname FROM pg_trigger WHERE tgname LIKE 'md_capture_%' ORDER BY tgrelid::regclass::text, 1"
+        )
+    ]
+
+
+@pytest.fixture(params=["one database", "two databases"])
+def setup(request, legacy_url, make_db, settings_for, tmp_path):
+    """(settings, source url, target url, environment of a CLI run), with phase1 applied on the target."""
+    if request.param == "one database":
+        settings, target, env = settings_for(legacy_url), legacy_url, {}
+    else:
+        target = make_db()
+        settings = settings_for(target).with_(source_url=legacy_url)
+        env = {"SOURCE_DATABASE_URL": legacy_url}
+    apply(settings_for(target), "phase1")
+    return settings, legacy_url, target, {"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path), **env}
+
+
+# -- what capture installs --------------------------------------------------------------------------------------------
+def test_capture_is_statement_level_grant_free_and_catches_nothing():
+    c = capture.Captured(capture.QualifiedName("customers", "public"), ("id",))
+    statements = capture.install_sql("phase2a", c)
+    text = "\n".join(statements)
+    assert "SECURITY DEFINER SET search_path = pg_catalog, pg_temp" in text
+    assert "EXCEPTION" not in text  # no subtransaction per statement, nothing swallowed (see capture.py)
+    assert text.count("FOR EACH STATEMENT") == 4 and "FOR EACH ROW" not in text
+    assert 'REFERENCING OLD TABLE AS "migrate_data_old" NEW TABLE AS "migrate_data_new"' in text
+    assert "ENABLE ALWAYS TRIGGER" in statements[-1]  # captured under session_replication_role = replica too
+    assert "REVOKE ALL ON FUNCTION" in text
+    lookup = capture.Captured(capture.QualifiedName("users", "public"), ("id",), watched=("phone_number",))
+    body = capture.function_sql("phase3", lookup)
+    assert '"phone_number"::text IS NOT DISTINCT FROM' in body  # a lookup's table logs only what the lookup reads
+
+
+def test_capture_starts_with_the_phase_and_a_delete_waits_for_the_later_phase_that_references_it(
+    legacy_url, settings_for
+):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1", "phase2a", "phase2b", "phase3")
+    registry = {
+        (r["phase"], r["source"]): (r["columns"], r["watched"])
+        for r in sql(legacy_url, "SELECT * FROM migrate_data.capture")
+    }
+    assert registry[("phase2a", "public.customers")] == (["id"], None)
+    assert registry[("phase2b", "public.provider_professions")] == (["provider_id", "profession_id"], None)
+    assert registry[("phase3", "public.users")] == (["id"], ["phone_number"])  # only a lookup's table in phase3
+    assert len(registry) == 2 + 3 + 5
+    assert all(
+        r["tgenabled"] == b"A"
+        for r in sql(legacy_url, "SELECT tgenabled FROM pg_trigger WHERE tgname LIKE 'md_capture_%'")
+    )
+    # an update of a users column no lookup reads is not phase3's business (phase2b copies users: it logs it)
+    sql(legacy_url, "UPDATE users SET email = 'x@example.com' WHERE id = (SELECT id FROM users ORDER BY id LIMIT 1)")
+    assert (waiting(legacy_url, "phase3"), waiting(legacy_url, "phase2b")) == (0, 1)
+    rows = {s.phase: s for s in run(api.status(settings))}
+    assert (rows["phase3"].capture, rows["phase2b"].capture, rows["phase1"].capture) == ("on", "on", "-")
+    assert rows["phase2b"].changes_waiting == 1 and rows["phase2b"].oldest_change_seconds >= 0
+    # a delete that a later phase's rows still reference waits for that phase to be synced too
+    customer = "(SELECT id FROM customers WHERE phone_number = '+593900000005')"  # it has service requests
+    sql(
+        legacy_url,
+        f"DELETE FROM service_requests WHERE customer_id = {customer}; DELETE FROM customers WHERE id = {customer}",
+    )
+    first = run(api.sync(settings, ["phase2a"])).phases[0]
+    assert (first.changes, first.deferred, first.waiting) == (0, 1, 1)  # solicitudes_servicio references it
+    both = run(api.sync(settings, ["phase3", "phase2a", "phase2b"]))
+    assert [(p.phase, p.waiting, p.deferred) for p in both.phases] == [
+        ("phase2a", 0, 0),
+        ("phase2b", 0, 0),
+        ("phase3", 0, 0),
+    ]
+    assert deep(settings, "phase2a") == (True, []) and deep(settings, "phase3") == (True, [])
+
+
+def test_a_rolled_back_write_leaves_nothing_and_a_role_without_grants_is_captured(legacy_url, settings_for):
+    apply(settings_for(legacy_url), "phase1", "phase2a")
+    role = f"app_{uuid.uuid4().hex[:8]}"
+    sql(legacy_url, f"CREATE ROLE {role}; GRANT SELECT, INSERT, UPDATE, DELETE ON customers TO {role}")
+    try:
+
+        async def go():
+            conn = await asyncpg.connect(legacy_url)
+            try:
+                async with conn.transaction():
+                    await conn.execute(NEW_CUSTOMER.format(id=uuid.uuid4(), phone="+593-rolled-back"))
+                    await conn.execute("UPDATE customers SET city = 'Tena'")
+                    raise RuntimeError("the application gives up")
+            except RuntimeError:
+                pass
+            assert await conn.fetchval("SELECT count(*) FROM migrate_data.changes") == 0
+            await conn.execute("SET session_replication_role = replica")  # e.g. a replication or restore job
+            await conn.execute(f"SET ROLE {role}")  # no privilege on migrate_data at all
+            await conn.execute("UPDATE customers SET city = 'Tena' WHERE phone_number = '+593900000001'")
+            await conn.execute("RESET ROLE")
+            return await conn.fetch("SELECT source, key, op FROM migrate_data.changes")
+
+        rows = run(go())
+    finally:
+        sql(legacy_url, f"DROP OWNED BY {role}; DROP ROLE {role}")
+    key = scalar(legacy_url, "SELECT id::text FROM customers WHERE phone_number = '+593900000001'")
+    assert [(r["source"], r["key"], r["op"]) for r in rows] == [("public.customers", [key], b"U")]
+
+
+# -- sync -----------------------------------------------------------------------------------------------------------
+def test_writes_during_the_copy_behind_and_ahead_of_the_cursor_are_synced_exactly(setup):
+    settings, source, target, env = setup
+    args = ["phase2a", "--yes", "--no-backup", "--batch-size", "100", "--jobs", "1"]
+    killed = kill_at("migrate_data.copier:Copier._batch:return", *args, url=target, cwd=ROOT, nth=3, env=env)
+    assert killed.returncode == -9, killed.stderr
+    last = scalar(target, "SELECT last_key[1] FROM migrate_data.checkpoints WHERE target = 'public.clientes'")
+    behind = f"(SELECT id FROM customers WHERE id < '{last}' ORDER BY id DESC LIMIT 1)"
+    sql(
+        source,
+        f"""UPDATE customers SET city = 'Behind', full_name = 'Cambiado' WHERE id = {behind};
+            DELETE FROM customers WHERE id = (SELECT id FROM {LONELY} x(id) ORDER BY id LIMIT 1);
+            {NEW_CUSTOMER.format(id="00000000-0000-4000-8000-000000000001", phone="+593-behind")};
+            {NEW_CUSTOMER.format(id="ffffffff-0000-4000-8000-000000000001", phone="+593-ahead")};
+            UPDATE customers SET city = 'Ahead' WHERE id = (SELECT id FROM customers WHERE id > '{last}' ORDER BY id DESC LIMIT 1);
+            UPDATE professions SET name = 'Renamed' WHERE id = (SELECT id FROM professions ORDER BY id LIMIT 1)""",
+    )
+    resumed = apply(settings, "phase2a", batch_size=100, jobs=1)[0]
+    assert not resumed.validation.ok  # the copy alone misses what changed behind its cursor
+    assert waiting(source, "phase2a") == 6  # insert x2, update x3 (the one ahead too), delete
+    result = run(api.sync(settings, ["phase2a"]))
+    (p,) = result.phases
+    assert (p.changes, p.waiting, p.deleted, p.rejected) == (6, 0, 1, 0)
+    assert deep(settings, "phase2a") == (True, [])
+    assert scalar(target, "SELECT nombre_completo FROM clientes WHERE ciudad = 'Behind'") == "Cambiado"
+    assert waiting(source, "phase2a") == 0
+
+
+def test_a_lookup_row_changed_during_the_copy_re_derives_the_rows_that_read_it(legacy_url, settings_for, tmp_path):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1", "phase2a", "phase2b")
+    args = ["phase3", "--yes", "--no-backup", "--batch-size", "500", "--jobs", "1"]
+    env = {"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)}
+    killed = kill_at("migrate_data.copier:Copier._batch:return", *args, url=legacy_url, cwd=ROOT, nth=5, env=env)
+    assert killed.returncode == -9, killed.stderr
+    # a user whose messages the copy has read (some or all of them) changes phone number
+    user = scalar(
+        legacy_url,
+        "SELECT m.user_id FROM messages m JOIN mensajes t USING (id) WHERE m.user_id IS NOT NULL AND t.telefono IS NOT NULL ORDER BY m.id LIMIT 1",
+    )
+    sql(legacy_url, "UPDATE users SET phone_number = '+593-nuevo' WHERE id = $1", user)
+    assert waiting(legacy_url, "phase3") == 1
+    apply(settings, "phase3", batch_size=500, jobs=1)
+    assert deep(settings, "phase3")[0] is False
+    result = run(api.sync(settings, ["phase3"]))
+    assert result.phases[0].upserted >= 2  # every message (and session) of that user
+    assert deep(settings, "phase3") == (True, [])
+    n = scalar(legacy_url, "SELECT count(*) FROM messages WHERE user_id = $1", user)
+    assert scalar(legacy_url, "SELECT count(*) FROM mensajes WHERE telefono = '+593-nuevo'") == n
+    # an earlier phase syncs while later ones are applied
+    sql(legacy_url, "UPDATE customers SET city = 'Puyo' WHERE phone_number = '+593900000002'")
+    run(api.sync(settings, ["phase2a", "phase2b"]))
+    assert deep(settings, "phase2a") == (True, []) and deep(settings, "phase2b") == (True, [])
+
+
+def test_rows_entering_and_leaving_the_where_and_quarantined_rows_follow_the_source(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1", "phase2a", "phase2b")
+    left = scalar(legacy_url, "SELECT provider_id::text FROM provider_professions ORDER BY 1 LIMIT 1")
+    joined = scalar(legacy_url, "SELECT id::text FROM users WHERE user_type = 'customer' ORDER BY id LIMIT 1")
+    sql(
+        legacy_url,
+        f"""UPDATE users SET user_type = 'customer' WHERE id = '{left}';
+            UPDATE users SET user_type = 'provider' WHERE id = '{joined}';
+            UPDATE customers SET notes = '{{not json' WHERE phone_number = '+593900000003'""",
+    )
+    run(api.sync(settings, ["phase2a", "phase2b"]))
+    assert deep(settings, "phase2a") == (True, []) and deep(settings, "phase2b") == (True, [])
+    assert scalar(legacy_url, "SELECT count(*) FROM proveedores WHERE id = $1::uuid", left) == 0
+    assert scalar(legacy_url, "SELECT count(*) FROM proveedores WHERE id = $1::uuid", joined) == 1
+    # its professions and services went with it (ON DELETE CASCADE): they are quarantined, not lost in silence
+    rejected = "SELECT count(*) FROM migrate_data.rejects WHERE phase = 'phase2b' AND row->>'provider_id' = $1"
+    children = (
+        "SELECT (SELECT count(*) FROM provider_professions WHERE provider_id = $1::uuid) + "
+        "(SELECT count(*) FROM provider_services WHERE provider_id = $1::uuid)"
+    )
+    assert scalar(legacy_url, rejected, left) == scalar(legacy_url, children, left) > 0
+    assert (
+        scalar(legacy_url, "SELECT sqlstate FROM migrate_data.rejects WHERE row->>'phone_number' = '+593900000003'")
+        == "22P02"
+    )
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes WHERE telefono = '+593900000003'") == 0
+    # fixed in the source: copied, and the rejects are cleared
+    sql(
+        legacy_url,
+        f"""UPDATE users SET user_type = 'provider' WHERE id = '{left}';
+            UPDATE customers SET notes = NULL WHERE phone_number = '+593900000003'""",
+    )
+    run(api.sync(settings, ["phase2a", "phase2b"]))
+    assert deep(settings, "phase2a") == (True, []) and deep(settings, "phase2b") == (True, [])
+    assert scalar(legacy_url, rejected + " AND sqlstate = '23503'", left) == 0
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes WHERE telefono = '+593900000003'") == 1
+
+
+WRITES = f"""UPDATE customers SET city = 'Sync ' || right(phone_number, 3) WHERE right(phone_number, 1) IN ('1', '4');
+INSERT INTO customers (phone_number, full_name) SELECT '+593-k-' || i, 'Nuevo ' || i FROM generate_series(1, 40) i;
+DELETE FROM customers WHERE id IN (SELECT id FROM {LONELY} x(id) WHERE id <> md5('customer7')::uuid ORDER BY id LIMIT 15);
+UPDATE customers SET notes = '{{not json' WHERE phone_number = '+593900000007'"""
+
+
+@pytest.mark.parametrize(
+    "at,nth",
+    [("migrate_data.sync:PhaseSyncer.apply:return", 2), ("migrate_data.sync:forget:enter", 3)],
+    ids=["after-a-batch", "between-apply-and-forget"],
+)
+def test_kill_9_during_sync_then_sync_again_is_exact(setup, at, nth):
+    settings, source, target, env = setup
+    apply(settings, "phase2a")
+    sql(source, WRITES)
+    logged = waiting(source, "phase2a")
+    assert logged > 200
+    killed = kill_at(at, "sync", "phase2a", "--batch-size", "50", url=target, cwd=ROOT, nth=nth, env=env)
+    assert killed.returncode == -9, killed.stderr
+    assert 0 < waiting(source, "phase2a") < logged
+    again = run_cli("sync", "phase2a", url=target, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "0 waiting" in again.stdout
+    assert deep(settings, "phase2a") == (True, [])
+    assert scalar(target, "SELECT count(*) FROM migrate_data.rejects WHERE sqlstate = '22P02'") == 4
+    # nothing doubled, nothing lost: the target is what one clean sync gives
+    assert scalar(target, "SELECT count(*) FROM clientes") == scalar(source, "SELECT count(*) FROM customers") - 4
+    assert run(api.rollback(settings, "phase2a")).deleted["public.clientes"] > 0  # every sync write is the phase's
+
+
+def test_rollback_removes_the_capture_its_log_and_the_rows_sync_wrote(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1", "phase2a")
+    sql(legacy_url, NEW_CUSTOMER.format(id=uuid.uuid4(), phone="+593-synced"))
+    run(api.sync(settings, ["phase2a"]))
+    sql(legacy_url, "UPDATE customers SET city = 'Ambato' WHERE phone_number = '+593900000009'")
+    assert capture_triggers(legacy_url) and waiting(legacy_url, "phase2a") == 1
+    run(api.rollback(settings, "phase2a"))  # no refusal: the rows sync wrote are the phase's
+    assert capture_triggers(legacy_url) == []
+    assert scalar(legacy_url, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'capture\\_%'") == 0
+    assert scalar(legacy_url, "SELECT count(*) FROM migrate_data.changes") == 0
+    assert scalar(legacy_url, "SELECT count(*) FROM migrate_data.capture") == 0
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 0
+    sql(legacy_url, "UPDATE customers SET city = 'Ambato'")  # writes go on, logged by nobody
+    assert waiting(legacy_url, "phase2a") == 0
+    with pytest.raises(RefusedError, match="phase2a is rolled_back"):
+        run(api.sync(settings, ["phase2a"]))
+
+
+def test_sync_follow_applies_as_writes_come_and_stops_on_sigint_with_130(legacy_url, settings_for, tmp_path):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1", "phase2a")
+    env = cli_env(legacy_url, MIGRATE_DATA_OUTPUT_DIR=str(tmp_path))
+    proc = subprocess.Popen(
+        run_cli_args("sync", "phase2a", "--follow", "--interval", "0.1"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)
+        sql(legacy_url, "UPDATE customers SET city = 'Macas' WHERE phone_number LIKE '+59390000001_'")
+        deadline = time.monotonic() + 10
+        while waiting(legacy_url, "phase2a") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert waiting(legacy_url, "phase2a") == 0
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "10 changes applied" in err and "0 changes waiting" in err
+    assert "HINT: continue with: migrate-data sync phase2a --follow" in err
+    assert deep(settings, "phase2a") == (True, [])
+    status = {s.phase: s for s in run(api.status(settings))}["phase2a"]
+    assert status.last_sync_at is not None and status.changes_waiting == 0
+
+
+def test_a_computed_key_cannot_be_captured_and_sync_says_why(db_url, tmp_path):
+    sql(db_url, "CREATE TABLE s (id int PRIMARY KEY, code text); CREATE TABLE t (code text PRIMARY KEY, id int)")
+    sql(db_url, "INSERT INTO s VALUES (1, 'a'), (2, 'b')")
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "mappings" / "p.yaml").write_text(
+        textwrap.dedent("""
+        tables:
+          - source: s
+            target: t
+            columns: {code: {sql: "upper(s.code)"}, id: id}
+        """)
+    )
+    settings = api.Settings(database_url=db_url, project_dir=tmp_path, output_dir=tmp_path)
+    planned = run(api.plan(settings, "p")).plan.findings  # said before the night, too
+    assert [f.message for f in planned if "cannot be captured" in f.message]
+    result = apply(settings, "p")[0]
+    assert result.validation.ok
+    assert [f.level for f in result.findings] == ["warning"]
+    assert "target key column code is computed (sql:)" in result.findings[0].message
+    assert capture_triggers(db_url) == []
+    out = run_cli("sync", "p", url=db_url, cwd=tmp_path, env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)})
+    assert out.returncode == 2
+    assert "p: its changes cannot be captured" in out.stderr and "is computed (sql:)" in out.stderr
+
+
+def test_sync_refuses_a_phase_whose_copy_is_not_finished(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1")
+    with pytest.raises(RefusedError, match="phase2a is pending"):
+        run(api.sync(settings, ["phase2a"]))
+
+
+def test_quoted_names_and_a_composite_key_sync_and_cut_over(db_url, tmp_path):
+    sql(
+        db_url,
+        """CREATE SCHEMA "Legacy Data";
+           CREATE TABLE "Legacy Data"."Old Orders" ("Shop" int, "order" int, name text, PRIMARY KEY ("Shop", "order"));
+           CREATE TABLE "Pedidos Nuevos" (tienda int, "Pedido" int, nombre text NOT NULL, PRIMARY KEY (tienda, "Pedido"));
+           INSERT INTO "Legacy Data"."Old Orders" SELECT i % 3, i, 'n' || i FROM generate_series(1, 30) i""",
+    )
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "mappings" / "p.yaml").write_text(
+        textwrap.dedent("""
+        tables:
+          - source: Legacy Data.Old Orders
+            target: Pedidos Nuevos
+            columns: {tienda: Shop, Pedido: order, nombre: name}
+        """)
+    )
+    settings = api.Settings(database_url=db_url, project_dir=tmp_path, output_dir=tmp_path)
+    apply(settings, "p")
+    sql(
+        db_url,
+        """UPDATE "Legacy Data"."Old Orders" SET name = NULL WHERE "order" = 4;
+           UPDATE "Legacy Data"."Old Orders" SET "Shop" = 7 WHERE "order" = 5;
+           DELETE FROM "Legacy Data"."Old Orders" WHERE "order" = 6""",
+    )
+    (p,) = run(api.sync(settings, ["p"])).phases
+    assert (p.changes, p.rejected, p.deleted) == (4, 1, 3)  # 4 quarantined and out; 5 moved (2 keys); 6 gone
+    assert deep(settings, "p") == (True, [])
+    assert scalar(db_url, 'SELECT nombre FROM "Pedidos Nuevos" WHERE tienda = 7') == "n5"
+    result = run(api.cutover(settings, ["p"]))
+    assert result.ok and result.blocked_tables == ("Legacy Data.Old Orders",) and capture_triggers(db_url) == []
