@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import asyncpg
+import pytest
 
 from conftest import cli_env, run_cli, run_cli_args, scalar, seed_legacy
 from migrate_data.rehearse import TablePrediction, advise, parse_window
@@ -118,8 +119,18 @@ def test_advice_for_a_phase_that_does_not_fit():
     assert advice[2].endswith("with --recheck inside the window as a catch-up: about 20m00s")
 
 
-def test_busy_production_is_copied_with_pg_dump_instead_of_template(legacy_url, make_db, tmp_path):
+@pytest.mark.parametrize("capture_on", [False, True])
+def test_busy_production_is_copied_with_pg_dump_instead_of_template(legacy_url, make_db, tmp_path, capture_on):
     staging = make_db()
+    if capture_on:  # production mid-migration: phase2a applied, its change capture on customers and professions
+        for phase in ("phase1", "phase2a"):
+            assert (
+                run_cli(
+                    phase, "--yes", "--no-backup", url=legacy_url, env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)}
+                ).returncode
+                == 0
+            )
+        assert scalar(legacy_url, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'md\\_capture\\_%'") > 0
 
     async def rehearse_while_busy():
         busy = await asyncpg.connect(legacy_url)  # an application session: TEMPLATE is impossible

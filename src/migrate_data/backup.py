@@ -214,10 +214,26 @@ def _data_line(t: QualifiedName) -> str:
     return rf"TABLE DATA {schema} {re.escape(t.name)} "
 
 
-async def restore_all(url: str, path: Path, *, server_major: int, keep_owner: bool = False) -> None:
+async def restore_all(
+    url: str, path: Path, *, server_major: int, keep_owner: bool = False, leave_out: str | None = None
+) -> None:
     """Restore a whole dump (structure and rows) in one transaction; ``keep_owner`` gives the objects back to the
-    roles that owned them (the same server), else they belong to the restoring role (a staging copy)."""
+    roles that owned them (the same server), else they belong to the restoring role (a staging copy).  ``leave_out``:
+    a regular expression of the table-of-contents lines not to restore (another database has no use for our change
+    capture triggers, and no function for them)."""
     pg_restore = await find_tool("pg_restore", server_major)
     dsn, env = _libpq(url)
     owner = [] if keep_owner else ["--no-owner"]
-    await _run([pg_restore, *owner, "--single-transaction", "--exit-on-error", "--dbname", dsn, str(path)], url, env)
+    only: list[str] = []
+    list_file = path.with_name(f"{path.name}.{os.getpid()}.restore-list")
+    if leave_out:
+        listing = await _run([pg_restore, "--list", str(path)], url, env)
+        keep = [line for line in listing.splitlines() if not re.search(leave_out, line)]
+        list_file.unlink(missing_ok=True)
+        files.write_private(list_file, "\n".join(keep) + "\n")
+        only = ["-L", str(list_file)]
+    try:
+        args = [pg_restore, *owner, *only, "--single-transaction", "--exit-on-error", "--dbname", dsn, str(path)]
+        await _run(args, url, env)
+    finally:
+        list_file.unlink(missing_ok=True)

@@ -907,6 +907,7 @@ def status(obj: Context, fmt: str, tz: str | None) -> None:
         )  # fmt: skip
         return
     show_timing = any(s.predicted_seconds is not None for s in phases)
+    show_capture = any(s.capture != "-" for s in phases)
     rows = []
     for s in phases:
         row: dict[str, Any] = {
@@ -919,12 +920,19 @@ def status(obj: Context, fmt: str, tz: str | None) -> None:
             "quarantined": s.quarantined,
             "validation": s.validation,
         }
+        if show_capture:
+            row["capture"] = s.capture
+            row["waiting"] = "-" if s.changes_waiting is None else f"{s.changes_waiting:,}"
+            row["oldest"] = console.dur(s.oldest_change_seconds) if s.oldest_change_seconds is not None else "-"
+            row[f"last sync ({console.zone_name(zone)})"] = (
+                console.clock(s.last_sync_at, zone, seconds=False, date=True) if s.last_sync_at else "-"
+            )
         if show_timing:
             row["predicted"] = console.dur(s.predicted_seconds)
             row["took"] = console.dur(s.actual_seconds)
         row["note"] = _live_text(s.progress, zone) if s.progress else (s.error or s.resume or "")
         rows.append(row)
-    click.echo(report.summary(rows, right=("rows", "quarantined", "predicted", "took")))
+    click.echo(report.summary(rows, right=("rows", "quarantined", "waiting", "oldest", "predicted", "took")))
     for s in phases:
         if s.state == "error" and s.resume:
             click.echo(f"\n{s.phase}: {s.error}\n  " + s.resume.replace("\n", "\n  "))

@@ -426,12 +426,14 @@ class CompiledTable:
             # Only a row this phase wrote (see ledger.writes) is brought up to date: a row that was there before,
             # or that the application wrote, is left as it is (validation then shows it), never overwritten.
             sets = ", ".join(f"{qi(c)} = EXCLUDED.{qi(c)}" for c in rest)
-            ours = f"w.target = {ql(str(self.target))}" + (f" AND w.phase = {ql(self.phase)}" if self.phase else "")
-            return (
-                f" ON CONFLICT ({qcols(self.key)}) DO UPDATE SET {sets} WHERE {qi(TARGET_ALIAS)}.xmin IN "
-                f"(SELECT w.xmin FROM {qi(LEDGER_SCHEMA)}.writes AS w WHERE {ours})"
-            )
+            return f" ON CONFLICT ({qcols(self.key)}) DO UPDATE SET {sets} WHERE {self.written_by_phase(TARGET_ALIAS)}"
         return f" ON CONFLICT ({qcols(self.key)}) DO NOTHING"
+
+    def written_by_phase(self, alias: str) -> str:
+        """True for a target row (``alias``) this phase wrote and nobody changed since (see ledger.writes): the only
+        rows a phase may update or delete."""
+        ours = f"w.target = {ql(str(self.target))}" + (f" AND w.phase = {ql(self.phase)}" if self.phase else "")
+        return f"{qi(alias)}.xmin IN (SELECT w.xmin FROM {qi(LEDGER_SCHEMA)}.writes AS w WHERE {ours})"
 
     @property
     def _insert_head(self) -> str:

@@ -255,7 +255,7 @@ async def build_staging(
     dump = production.backups_dir / f"staging-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}.dump"
     await backup.dump(production.database_url, tables, dump, server_major=major)
     try:
-        await backup.restore_all(staging_url, dump, server_major=major)
+        await backup.restore_all(staging_url, dump, server_major=major, leave_out=r" TRIGGER \S+ \S+ md_capture_")
     finally:
         dump.unlink(missing_ok=True)
     return "dump"

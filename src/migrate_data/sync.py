@@ -203,7 +203,7 @@ def delete_sql(st: SyncTable) -> str:
     on = " AND ".join(
         f"t.{qi(k)} = CAST(u.{qi(n)} AS {t})" for k, n, t in zip(ct.key, names, ct.key_types, strict=True)
     )
-    return f"DELETE FROM {ct.tgt} AS t USING {unnest} WHERE {on}"
+    return f"DELETE FROM {ct.tgt} AS t USING {unnest} WHERE {on} AND {ct.written_by_phase('t')}"
 
 
 def _head(st: SyncTable) -> str:
@@ -225,7 +225,12 @@ def _conflict(st: SyncTable) -> str:
     sets = ", ".join(f"{qi(c)} = EXCLUDED.{qi(c)}" for c in rest)
     old = "ROW(" + ", ".join(f"{qi('__target')}.{qi(c)}" for c in rest) + ")::text"
     new = "ROW(" + ", ".join(f"EXCLUDED.{qi(c)}" for c in rest) + ")::text"
-    return f" ON CONFLICT ({qcols(ct.key)}) DO UPDATE SET {sets} WHERE {old} IS DISTINCT FROM {new}"
+    # only a row the phase wrote (its copy or an earlier sync) is updated: one the application wrote, or that was
+    # there before the phase, is left as it is (validation shows it), never overwritten
+    return (
+        f" ON CONFLICT ({qcols(ct.key)}) DO UPDATE SET {sets} WHERE {old} IS DISTINCT FROM {new} "
+        f"AND {ct.written_by_phase('__target')}"
+    )
 
 
 def upsert_sql(st: SyncTable) -> str:
