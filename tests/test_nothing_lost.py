@@ -352,3 +352,15 @@ def test_rollback_of_phase5_restores_the_tables_as_the_backup_has_them(phase5_te
         == 1
     )
     assert scalar(url, "SELECT count(*) FROM customers WHERE vip") == 5
+
+
+def test_rollback_dry_run_lists_what_it_would_delete_keep_and_refuse_and_changes_nothing(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1", "phase2a")
+    sql(legacy_url, f"UPDATE clientes SET ciudad = 'cambiada' WHERE id = {FIRST}")
+    out = run_cli("rollback", "phase2a", "--dry-run", url=legacy_url)
+    assert out.returncode == 0, out.stderr
+    assert "public.clientes: 996 rows the phase wrote will be deleted, 1 rows it did not write (refused)" in out.stdout
+    assert "public.profesiones: 40 rows the phase wrote will be deleted" in out.stdout
+    assert "it would refuse" in out.stdout
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 997 and state(legacy_url, "phase2a") == "applied"
