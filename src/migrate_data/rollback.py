@@ -181,25 +181,7 @@ async def execute(
                 await conn.execute("SELECT setval($1::regclass, $2, $3)", seq, value, called)
     restore = bool(phase.backup)
     if plan.downgrade_to:
-        dropped = [t for t in plan.tables if t.dropped]
-
-        async def nothing_left(conn: asyncpg.Connection) -> None:
-            """In the downgrade's own transaction, before it drops them: writes blocked, and no row left."""
-            for t in dropped:
-                await conn.execute(f"LOCK TABLE {qname(t.qualified)} IN SHARE MODE")
-                n = await conn.fetchval(f"SELECT count(*) FROM {qname(t.qualified)}")
-                if n:
-                    raise RefusedError(
-                        f"{t.table} holds {n:,} rows written since the rollback looked; not dropping it",
-                        hint="see them, save them if they matter, and run the rollback again (with --force to save them)",
-                    )
-
-        async with schema.schema_transaction(
-            settings, target, downgrade_to=plan.downgrade_to, commit=True, before=nothing_left
-        ) as conn:
-            if not restore:
-                await _finish(conn, name)
-            await lock.check(conn)
+        await _downgrade(settings, plan, target, lock, finish=not restore)
     restored: tuple[str, ...] = ()
     if restore:
         lock.raise_if_lost()
@@ -211,6 +193,32 @@ async def execute(
             await _finish(conn, name)
     kept = {t.table: t.before for t in plan.tables if t.before and not t.dropped}
     return RollbackResult(name, deleted, dump, plan.downgrade_to, restored, 0.0, kept, plan)
+
+
+async def _downgrade(
+    settings: Settings, plan: RollbackPlan, target: asyncpg.Pool, lock: ledger.LockSession, *, finish: bool
+) -> None:
+    """The revision's downgrade; when nothing is left to restore, the ledger's last step commits with it.  The tables
+    it drops are checked again in its own transaction, writes to them blocked: a row written since the rollback
+    looked makes it refuse."""
+    dropped = [t for t in plan.tables if t.dropped]
+
+    async def nothing_left(conn: asyncpg.Connection) -> None:
+        for t in dropped:
+            await conn.execute(f"LOCK TABLE {qname(t.qualified)} IN SHARE MODE")
+            n = await conn.fetchval(f"SELECT count(*) FROM {qname(t.qualified)}")
+            if n:
+                raise RefusedError(
+                    f"{t.table} holds {n:,} rows written since the rollback looked; not dropping it",
+                    hint="see them, save them if they matter, and run the rollback again (with --force to save them)",
+                )
+
+    async with schema.schema_transaction(
+        settings, target, downgrade_to=plan.downgrade_to, commit=True, before=nothing_left
+    ) as conn:
+        if finish:
+            await _finish(conn, plan.phase)
+        await lock.check(conn)
 
 
 async def _finish(conn: asyncpg.Connection, phase: str) -> None:
