@@ -472,7 +472,13 @@ async def _run(
     pre_counts = (states[name]["pre_state"] and json.loads(states[name]["pre_state"]).get("counts")) or {}
     _step(on_event, "validate", "counts and checksums" if options.deep else "counts")
     validation = await validate_phase(
-        name, list(the_plan.tables), target=target, source=source, deep=options.deep, pre_counts=pre_counts
+        name,
+        list(the_plan.tables),
+        target=target,
+        source=source,
+        deep=options.deep,
+        pre_counts=pre_counts,
+        started_snapshot=states[name]["started_snapshot"],
     )
     validation = replace(
         await _describe(settings, target, validation, phase), run_seconds=round(time.monotonic() - started, 3)
@@ -606,10 +612,12 @@ async def validate(
         tables, findings = await compile_phase(phase, source=source, target=target)
         PhasePlan(phase, tuple(tables), tuple(findings)).raise_for_errors()
         pre_counts: dict[str, int] = {}
+        snapshot = None
         if await ledger.exists(target):
             st = (await ledger.phase_states(target)).get(name)
             if st is not None and st["pre_state"]:
                 pre_counts = json.loads(st["pre_state"]).get("counts", {})
+                snapshot = st["started_snapshot"]
         result = await validate_phase(
             name,
             tables,
@@ -619,6 +627,7 @@ async def validate(
             sample=sample,
             allow_rejects=allow_rejects,
             pre_counts=pre_counts,
+            started_snapshot=snapshot,
         )
         result = await _describe(settings, target, result, phase)
         if await ledger.exists(target):

@@ -344,6 +344,9 @@ class CompiledTable:
     key_injective: bool = True  # the key is a plain copy of unique source columns: no two rows share a target key
     hash_rows_by: str = "record"  # how --deep hashes rows: "record" (per column) or "text"
     phase: str = ""  # the phase that copies it: `on_conflict: update` only overwrites rows this phase wrote
+    # The phase's start snapshot (ledger.phases.started_snapshot): validation leaves out the target rows that were
+    # there before the phase, which the counts already subtract (None: every row is compared).
+    before_snapshot: str | None = None
     # A partitioned source: its leaf partitions, copied one by one (``for_leaf``); ``leaf`` is the one this copy
     # of the table reads (None: the whole table, as validation and the pre-flight read it).
     leaves: tuple[QualifiedName, ...] = ()
@@ -690,6 +693,11 @@ class CompiledTable:
         keys = ", ".join(f"t.{qi(k)} AS {qi('k_' + k)}" for k in self.key)
         row = ", ".join([f"t.{qi(c.target)}" for c in self.columns] + self._fits_flag(expected=False))
         conds = self._key_range("t", key_range[0], lower=key_range[1], upper=key_range[2]) if key_range else []
+        if self.before_snapshot:
+            conds.append(
+                f"NOT COALESCE(pg_visible_in_snapshot({qi(LEDGER_SCHEMA)}.full_xid(t.xmin), "
+                f"{ql(self.before_snapshot)}::pg_snapshot), false)"
+            )
         items = ([keys] if keys else []) + [f"{self._row_hash(row)} AS h"]
         return f"SELECT {', '.join(items)} FROM {self.tgt} AS t{self._where(conds)}"
 

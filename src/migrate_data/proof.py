@@ -76,7 +76,15 @@ async def prove_nothing_lost(
         reading = [(ct, t) for ct, t in tables if str(ct.source) in dropped]
         if reading:
             pre = json.loads(states[p]["pre_state"] or "{}").get("counts", {})
-            result = await validate_phase(p, reading, target=target, source=source, deep=True, pre_counts=pre)
+            result = await validate_phase(
+                p,
+                reading,
+                target=target,
+                source=source,
+                deep=True,
+                pre_counts=pre,
+                started_snapshot=states[p]["started_snapshot"],
+            )
             problems += [f"{p}: {t.target}: {'; '.join(t.problems)}" for t in result.tables if t.problems]
     if problems:
         raise RefusedError(
