@@ -71,11 +71,25 @@ async def waiting(url: str) -> tuple[int, float | None]:
         await conn.close()
 
 
-async def pgbench(url: str, script: Path, *, rate: int, seconds: int, clients: int, jobs: int) -> asyncio.subprocess.Process:
+async def pgbench(
+    url: str, script: Path, *, rate: int, seconds: int, clients: int, jobs: int
+) -> asyncio.subprocess.Process:
     exe = shutil.which("pgbench")
     assert exe, "pgbench is not installed (apt-get install postgresql-client)"
     return await asyncio.create_subprocess_exec(
-        exe, "-n", "-f", str(script), "-c", str(clients), "-j", str(jobs), "-R", str(rate), "-T", str(seconds), url,
+        exe,
+        "-n",
+        "-f",
+        str(script),
+        "-c",
+        str(clients),
+        "-j",
+        str(jobs),
+        "-R",
+        str(rate),
+        "-T",
+        str(seconds),
+        url,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -132,8 +146,10 @@ async def main() -> None:
         run = await api.run_phase(settings, PHASE, api.RunOptions(backup=False, deep=False))
         copied = next(r for r in run.tables if r.target.endswith("clientes"))
         copy_rps = copied.rows_written / copied.seconds
-        print(f"copy: {copied.rows_written:,} rows of clientes in {copied.seconds:.2f} s = {copy_rps:,.0f} rows/s",
-              flush=True)
+        print(
+            f"copy: {copied.rows_written:,} rows of clientes in {copied.seconds:.2f} s = {copy_rps:,.0f} rows/s",
+            flush=True,
+        )
         captured = (await sql(url, f"SELECT count(*) FROM migrate_data.capture WHERE phase = '{PHASE}'"))[0][0][0]
         assert captured, "phase2a did not turn capture on"
         n = counts(args.scale)["customers"]
@@ -181,12 +197,17 @@ async def main() -> None:
         flog = open(work / "follow.log", "w+")
         follower = subprocess.Popen(
             [sys.executable, "-m", "migrate_data", "sync", PHASE, "--follow"],
-            cwd=project, env=env, stdout=flog, stderr=subprocess.STDOUT,
+            cwd=project,
+            env=env,
+            stdout=flog,
+            stderr=subprocess.STDOUT,
         )
         await asyncio.sleep(3.0)  # let it start and take the lock
         assert follower.poll() is None, (work / "follow.log").read_text()
         samples: list[tuple[int, float]] = []
-        bench = await pgbench(url, script, rate=args.rate, seconds=args.lag_seconds, clients=args.clients, jobs=args.jobs)
+        bench = await pgbench(
+            url, script, rate=args.rate, seconds=args.lag_seconds, clients=args.clients, jobs=args.jobs
+        )
         done = asyncio.ensure_future(finish(bench))
         await sampled(url, done, samples)
         lag_load = done.result()
@@ -207,20 +228,28 @@ async def main() -> None:
         print(follow_out[-1500:], flush=True)
         counts_ = [s[0] for s in samples]
         ages = [s[1] for s in samples]
-        print(f"lag: {lag_load}; waiting max {max(counts_)} median {statistics.median(counts_)}; "
-              f"age max {max(ages):.2f} median {statistics.median(ages):.2f}; drained in {drain_s:.2f} s; "
-              f"follower exit {follow_rc}", flush=True)
+        print(
+            f"lag: {lag_load}; waiting max {max(counts_)} median {statistics.median(counts_)}; "
+            f"age max {max(ages):.2f} median {statistics.median(ages):.2f}; drained in {drain_s:.2f} s; "
+            f"follower exit {follow_rc}",
+            flush=True,
+        )
 
         # 3. cutover with a load's changes pending
-        bench = await pgbench(url, script, rate=args.rate, seconds=args.load_seconds, clients=args.clients, jobs=args.jobs)
+        bench = await pgbench(
+            url, script, rate=args.rate, seconds=args.load_seconds, clients=args.clients, jobs=args.jobs
+        )
         cut_load = await finish(bench)
         pending, pending_age = await waiting(url)
         t = time.perf_counter()
         cut = await api.cutover(settings, [PHASE])
         cut_s = time.perf_counter() - t
         cut_changes = sum(s.changes for s in cut.synced)
-        print(f"cutover: ok={cut.ok} blocked {cut.blocked_seconds:.2f} s of {cut_s:.2f} s; {cut_changes:,} changes; "
-              f"capture removed {cut.capture_removed}", flush=True)
+        print(
+            f"cutover: ok={cut.ok} blocked {cut.blocked_seconds:.2f} s of {cut_s:.2f} s; {cut_changes:,} changes; "
+            f"capture removed {cut.capture_removed}",
+            flush=True,
+        )
         load_after = os.getloadavg()
 
         def la(x: tuple[float, float, float]) -> str:
@@ -242,7 +271,7 @@ async def main() -> None:
             f"{copy_rps:,.0f} rows/s |\n"
             f"| changes made: UPDATE of {updated:,} rows (statements of 1,000), INSERT {inserted:,}, DELETE {deleted:,} "
             f"| {logged:,} log rows, written in {write_s:.2f} s |\n"
-            f"| `api.sync(settings, [\"phase2a\"])` (batch size 1,000) | {ps.changes:,} changes in {sync_s:.2f} s = "
+            f'| `api.sync(settings, ["phase2a"])` (batch size 1,000) | {ps.changes:,} changes in {sync_s:.2f} s = '
             f"**{sync_cps:,.0f} changes/s** ({ps.upserted:,} upserted, {ps.deleted:,} deleted: {sync_rps:,.0f} "
             "rows/s) |\n"
             f"| sync / copier | **{ratio:.2f}×** (target ≥ 0.5×) |\n"
@@ -256,7 +285,7 @@ async def main() -> None:
             f"{follow_rc} |\n"
             f"| load left pending for the cutover | pgbench -R {args.rate} -T {args.load_seconds}: {cut_load['tx']:,} "
             f"transactions, {pending:,} log rows waiting (oldest {pending_age or 0:.0f} s) |\n"
-            f"| `api.cutover(settings, [\"phase2a\"])` (= `migrate-data cutover phase2a --yes`) | ok={cut.ok}, "
+            f'| `api.cutover(settings, ["phase2a"])` (= `migrate-data cutover phase2a --yes`) | ok={cut.ok}, '
             f"{cut_changes:,} changes applied, **writes blocked {cut.blocked_seconds:.2f} s** (try {cut.attempts}), "
             f"{cut_s:.2f} s in all, capture removed: {cut.capture_removed} |\n"
         )
