@@ -10,9 +10,9 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-from killer import kill_at
 
 from conftest import ROOT, run, scalar
+from killer import kill_at
 from migrate_data import api, backup, files
 from migrate_data.errors import MigrationError, RefusedError
 from migrate_data.mapping import QualifiedName

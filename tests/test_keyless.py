@@ -7,9 +7,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from killer import kill_at
 
 from conftest import run, run_cli, scalar, sql
+from killer import kill_at
 from migrate_data import api
 from migrate_data.errors import PreflightError
 from migrate_data.settings import Settings

@@ -16,18 +16,8 @@ import pytest
 from conftest import run, run_cli, scalar, sql
 from migrate_data import api, ledger
 from migrate_data.errors import LockHeld, LockLost
+from test_copier import BIG, BIG_MAPPING
 
-BIG = """
-CREATE TABLE big (id int PRIMARY KEY, v text NOT NULL);
-INSERT INTO big SELECT i, 'v' || i FROM generate_series(1, 20000) i;
-CREATE TABLE grande (id int PRIMARY KEY, valor text NOT NULL);
-"""
-BIG_MAPPING = """
-tables:
-  - source: big
-    target: grande
-    columns: {id: id, valor: {sql: "upper(big.v)"}}
-"""
 THIS_DB = "database = (SELECT oid FROM pg_database WHERE datname = current_database())"
 LOCK_PID = (
     f"SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND {THIS_DB} "

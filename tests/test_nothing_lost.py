@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from killer import kill_at
 
 from conftest import ROOT, _create_database, _drop_database, run, run_cli, scalar, sql
+from killer import kill_at
 from migrate_data import api
 from migrate_data.errors import RefusedError
+from test_copier import project
 from test_orchestration import snapshot
 
 CLIENTE = "INSERT INTO clientes (id, telefono, nombre_completo) VALUES ({id}, '{tel}', 'Escrita por la aplicación')"
@@ -215,10 +216,7 @@ def test_a_table_is_not_finished_until_its_sequence_is_past_the_copied_ids(db_ur
         """CREATE TABLE src (id int PRIMARY KEY, v text); CREATE TABLE dst (id serial PRIMARY KEY, v text);
            INSERT INTO src SELECT i, 'v' || i FROM generate_series(1, 500) i;""",
     )
-    (tmp_path / "mappings").mkdir()
-    (tmp_path / "mappings" / "night.yaml").write_text(
-        "tables:\n  - {source: src, target: dst, columns: {id: id, v: v}}\n"
-    )
+    project(tmp_path, night="tables:\n  - {source: src, target: dst, columns: {id: id, v: v}}\n")
     args = ["night", "--yes", "--no-backup"]
     killed = kill_at("migrate_data.copier:Copier._fix_sequences:enter", *args, url=db_url, cwd=tmp_path)
     assert killed.returncode == -9 and scalar(db_url, "SELECT count(*) FROM dst") == 500
@@ -255,10 +253,7 @@ def test_a_large_share_of_rejects_fails_the_phase(db_url, tmp_path):
         """CREATE TABLE src (id int PRIMARY KEY, doc text); CREATE TABLE dst (id int PRIMARY KEY, doc jsonb);
            INSERT INTO src SELECT i, CASE WHEN i % 5 = 0 THEN 'not json' ELSE '{}' END FROM generate_series(1, 200) i;""",
     )
-    (tmp_path / "mappings").mkdir()
-    (tmp_path / "mappings" / "night.yaml").write_text(
-        "tables:\n  - {source: src, target: dst, columns: {id: id, doc: doc}}\n"
-    )
+    project(tmp_path, night="tables:\n  - {source: src, target: dst, columns: {id: id, doc: doc}}\n")
     settings = Settings(database_url=db_url, project_dir=tmp_path, output_dir=tmp_path)
     with pytest.raises(
         MigrationError, match=r"30 of the 200 source rows of public.dst rejected \(15.0%\), more than --max-rejects 10%"

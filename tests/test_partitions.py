@@ -10,9 +10,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from killer import kill_at
 
 from conftest import run, run_cli, scalar, sql
+from killer import kill_at
 from migrate_data import api, backup
 from migrate_data.mapping import QualifiedName
 from migrate_data.settings import Settings

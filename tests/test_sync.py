@@ -10,9 +10,9 @@ import uuid
 
 import asyncpg
 import pytest
-from killer import kill_at
 
 from conftest import ROOT, cli_env, run, run_cli, run_cli_args, scalar, sql
+from killer import kill_at
 from migrate_data import api, capture
 from migrate_data.errors import RefusedError
 

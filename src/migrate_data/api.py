@@ -485,11 +485,10 @@ async def _run(
     )
     paths = report.save(validation, settings.reports_dir)
     rows = {t.target: t.rows_written for t in tables}
-    async with target.acquire() as conn, conn.transaction():
+    async with ledger.committed_under(target, lock) as conn:
         await ledger.set_phase(
             conn, name, state="applied", revision=phase.revision, run_id=run_id, validated=validation.ok
         )
-        await lock.check(conn)
     await ledger.update_run(
         target,
         run_id,
@@ -1034,10 +1033,9 @@ async def cutover(
                     validations = tuple([await validate(settings, n, deep=True) for n in todo])
                     ok = all(v.ok for v in validations) and not any(t.waiting for t in totals.values())
                     if ok:
-                        async with target.acquire() as conn, conn.transaction():
+                        async with ledger.committed_under(target, lock) as conn:
                             for n in todo:
                                 await ledger.mark_cut_over(conn, n)
-                            await lock.check(conn)
                     else:
                         blocked.release_only = True
                 for n in todo:

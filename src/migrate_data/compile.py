@@ -16,6 +16,7 @@ from .catalog import ForeignKey, Table
 from .errors import PreflightError
 from .mapping import ColumnSpec, Lookup, QualifiedName, TableMapping, text_form
 from .sql import qcols, qi, ql, qname
+from .undo import written_by
 
 TARGET_ALIAS = "__target"  # the target table in INSERT … ON CONFLICT
 LEDGER_SCHEMA = "migrate_data"  # the copier's rejects live in this schema of the target (see ledger.py)
@@ -435,8 +436,7 @@ class CompiledTable:
     def written_by_phase(self, alias: str) -> str:
         """True for a target row (``alias``) this phase wrote and nobody changed since (see ledger.writes): the only
         rows a phase may update or delete."""
-        ours = f"w.target = {ql(str(self.target))}" + (f" AND w.phase = {ql(self.phase)}" if self.phase else "")
-        return f"{qi(alias)}.xmin IN (SELECT w.xmin FROM {qi(LEDGER_SCHEMA)}.writes AS w WHERE {ours})"
+        return written_by(qi(alias), ql(str(self.target)), ql(self.phase) if self.phase else None)
 
     @property
     def _insert_head(self) -> str:

@@ -192,7 +192,7 @@ class Copier:
             u.seconds += time.monotonic() - started
             # A table is finished only once its sequences are past the copied values: a kill before this line
             # leaves it unfinished, and the next run sets them without copying again.
-            async with self._locked() as conn:
+            async with ledger.committed_under(self.target_pool, self.lock) as conn:
                 await self._fix_sequences(u, conn)
                 if u.written or not finished:  # a new table has no statistics: the application's queries need them
                     await conn.execute(f"ANALYZE {qname(u.ct.target)}")
@@ -236,7 +236,7 @@ class Copier:
                     hint=f"roll the phase back and run it again to copy {u.ct.source} anew",
                 )
             if changes:  # --recheck: the parts are made anew for the partitions as they are now
-                async with self._locked() as conn:
+                async with ledger.committed_under(self.target_pool, self.lock) as conn:
                     await ledger.unmark_finished(conn, self.phase, name)
                     await conn.execute(
                         f"DELETE FROM {ledger.SCHEMA}.checkpoints WHERE phase = $1 AND target = $2", self.phase, name
@@ -246,7 +246,7 @@ class Copier:
             return parts  # copied before: skipped without reading the source
         u.total = await fetch_val(self.source_pool, u.ct.count_sql())
         if parts and self.options.recheck:
-            async with self._locked() as conn:
+            async with ledger.committed_under(self.target_pool, self.lock) as conn:
                 await ledger.unmark_finished(conn, self.phase, name)
                 await conn.execute(
                     f"UPDATE {ledger.SCHEMA}.checkpoints SET done = false, last_key = NULL, rows_read = 0, "
@@ -277,7 +277,7 @@ class Copier:
         else:
             bounds = await self._bounds(u.ct, u.total)
             rows = [(None, bounds[i], bounds[i + 1] if i + 1 < len(bounds) else None) for i in range(len(bounds))]
-        async with self._locked() as conn:
+        async with ledger.committed_under(self.target_pool, self.lock) as conn:
             await conn.executemany(
                 f"INSERT INTO {ledger.SCHEMA}.checkpoints (phase, target, part, lo, hi, source) "
                 f"VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
@@ -419,7 +419,7 @@ class Copier:
             n, new_last, done = bound["n"], bound["last"], bound["n"] < self.options.batch_size
         if n == 0:  # by blocks: empty blocks are passed over, the checkpoint moves on
             upto = new_last if ct.by_blocks else last
-            async with self._locked() as conn:
+            async with ledger.committed_under(self.target_pool, self.lock) as conn:
                 await self._checkpoint(conn, u, part, upto, 0, 0, 0, done=done or not ct.by_blocks)
             return 0, upto, 0, 0, done or not ct.by_blocks
         rng = [*(last or []), *new_last]
@@ -685,14 +685,6 @@ class Copier:
             )
 
     # -- after the copy ----------------------------------------------------------------------------
-    @asynccontextmanager
-    async def _locked(self) -> AsyncIterator[asyncpg.Connection]:
-        """A transaction on the target that commits only while this run holds the lock."""
-        async with self.target_pool.acquire() as conn, conn.transaction():
-            yield conn
-            if self.lock is not None:
-                await self.lock.check(conn)
-
     async def _fix_sequences(self, u: _Unit, conn: asyncpg.Connection) -> None:
         """Move serial and identity sequences of the target past the highest copied value."""
         for column, seq in await sequences(conn, u.target_table):

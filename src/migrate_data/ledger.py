@@ -594,3 +594,13 @@ async def add_rollback_dump(db: Executor, phase: str, path: str) -> None:
         phase,
         path,
     )
+
+
+@asynccontextmanager
+async def committed_under(pool: asyncpg.Pool, lock: LockSession | None) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction on ``pool`` that commits only while ``lock`` still holds the run's lock (its check is the last
+    statement before COMMIT; without the lock it raises LockLost and everything rolls back)."""
+    async with pool.acquire() as conn, conn.transaction():
+        yield conn
+        if lock is not None:
+            await lock.check(conn)

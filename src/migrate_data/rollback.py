@@ -22,8 +22,6 @@ import datetime as dt
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,7 +156,7 @@ async def execute(
     only while ``lock`` is held; a lost lock stops the rollback, and the same command finishes it."""
     name = phase.name
     lock.watch(stop)
-    async with _locked(target, lock) as conn:
+    async with ledger.committed_under(target, lock) as conn:
         await ledger.set_phase(conn, name, state="rolling_back", validated=None)
     await capture.remove(settings, target, name, lock=lock)  # its triggers and its change log (capture.py)
     saver = _Saver(settings, name, target) if (force and plan.at_risk) else None
@@ -175,7 +173,7 @@ async def execute(
             saver.close()
     dump = saver.path if saver is not None else None
     pre = json.loads(st["pre_state"]) if st["pre_state"] else {}
-    async with _locked(target, lock) as conn:
+    async with ledger.committed_under(target, lock) as conn:
         for seq, (value, called) in pre.get("sequences", {}).items():
             if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", seq):
                 await conn.execute("SELECT setval($1::regclass, $2, $3)", seq, value, called)
@@ -186,10 +184,10 @@ async def execute(
     if restore:
         lock.raise_if_lost()
         restored = await _restore_dropped(settings, phase, st, pre, target, lock)
-        async with _locked(target, lock) as conn:
+        async with ledger.committed_under(target, lock) as conn:
             await _finish(conn, name)
     elif not plan.downgrade_to:
-        async with _locked(target, lock) as conn:
+        async with ledger.committed_under(target, lock) as conn:
             await _finish(conn, name)
     kept = {t.table: t.before for t in plan.tables if t.before and not t.dropped}
     return RollbackResult(name, deleted, dump, plan.downgrade_to, restored, 0.0, kept, plan)
@@ -225,14 +223,6 @@ async def _finish(conn: asyncpg.Connection, phase: str) -> None:
     """The last step: the phase is rolled back and what the ledger kept of its writes is forgotten."""
     await ledger.set_phase(conn, phase, state="rolled_back", validated=None)
     await ledger.forget_phase_writes(conn, phase)
-
-
-@asynccontextmanager
-async def _locked(target: asyncpg.Pool, lock: ledger.LockSession) -> AsyncIterator[asyncpg.Connection]:
-    """A transaction that commits only while ``lock`` is held."""
-    async with target.acquire() as conn, conn.transaction():
-        yield conn
-        await lock.check(conn)
 
 
 class _Saver:
@@ -285,7 +275,7 @@ async def _delete(
         if stop.is_set():
             lock.raise_if_lost()
             raise Stopped(f"rollback stopped cleanly in {table} after {total:,} rows")
-        async with _locked(target, lock) as conn:
+        async with ledger.committed_under(target, lock) as conn:
             ctids = await conn.fetchval(pick, *args, batch_size)
             if not ctids:
                 return total
@@ -341,7 +331,7 @@ async def _restore_dropped(
             "again",
         )
     if present:
-        async with _locked(target, lock) as conn:
+        async with ledger.committed_under(target, lock) as conn:
             await conn.execute(f"DROP TABLE {', '.join(qname(t.qualified) for t in present)}")
     lock.raise_if_lost()
     major = int(await fetch_val(target, "SHOW server_version_num")) // 10000

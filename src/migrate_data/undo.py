@@ -23,7 +23,16 @@ SCHEMA = "migrate_data"
 
 # Every statement binds the same parameters: $1 phase, $2 target table (text), $3 the phase's start snapshot.
 PARAMS = "WITH p AS (SELECT $1::text AS phase, $2::text AS target, $3::text::pg_snapshot AS snap) "
-OURS = f"t.xmin IN (SELECT w.xmin FROM {qi(SCHEMA)}.writes AS w WHERE w.phase = p.phase AND w.target = p.target)"
+
+
+def written_by(alias: str, target: str, phase: str | None) -> str:
+    """True for a row (``alias``, already quoted) that the phase wrote and nobody changed since: its xmin is one of
+    the phase's write marks.  ``target`` and ``phase`` are SQL expressions (a literal or a parameter)."""
+    which = f"w.phase = {phase} AND w.target = {target}" if phase else f"w.target = {target}"
+    return f"{alias}.xmin IN (SELECT w.xmin FROM {qi(SCHEMA)}.writes AS w WHERE {which})"
+
+
+OURS = written_by("t", "p.target", "p.phase")
 BEFORE = f"COALESCE(pg_visible_in_snapshot({qi(SCHEMA)}.full_xid(t.xmin), p.snap), false)"
 CLASS = {
     "ours": OURS,
