@@ -151,7 +151,7 @@ def phase5_template(server_url, legacy_template, tmp_path_factory):
         ("migrate_data.schema:_run:return", 2),  # the downgrade ran (the 1st is inspect's, rolled back), not committed
         ("migrate_data.backup:restore_all:enter", 1),  # the recreated legacy tables dropped, not restored yet
         ("migrate_data.backup:restore_all:return", 1),  # the backup restored, the ledger not told yet
-        ("migrate_data.rollback:_finish:enter", 1),
+        ("migrate_data.rollback:finish:enter", 1),
         ("migrate_data.ledger:update_run:enter", 1),
     ],
 )
@@ -187,10 +187,10 @@ def test_phase5_refuses_to_drop_when_a_legacy_row_is_not_in_the_spanish_tables(l
 @pytest.mark.parametrize(
     "step",
     [
-        "migrate_data.api:_backup:return",
+        "migrate_data.steps:take_backup:return",
         "migrate_data.copier:Copier._batch:return",
         "migrate_data.copier:Copier._fix_sequences:enter",  # the last batch committed, the table not finished
-        "migrate_data.api:validate_phase:enter",
+        "migrate_data.steps:validate_phase:enter",
         "migrate_data.ledger:set_phase:enter",
     ],
 )

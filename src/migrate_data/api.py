@@ -7,7 +7,6 @@ import datetime as dt
 import functools
 import json
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -16,21 +15,18 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from . import backup as backups
-from . import capture, ledger, report, schema
+from . import capture, ledger, report, schema, steps
 from . import rollback as undo_phase
 from . import sync as syncing
-from .catalog import Table, read_table, sequences
-from .compile import CompiledTable
-from .copier import Copier, CopyEvent, CopyOptions, TableResult
+from .copier import CopyEvent, CopyOptions, TableResult
 from .db import Executor, fetch_val, open_pool
 from .errors import BadInput, MigrationError, PrivilegeMissing, RefusedError, Stopped, database_error, postgres_error
 from .mapping import Phase, Phases, QualifiedName, load_phases
 from .preflight import Finding, PhasePlan, compile_phase, preflight
-from .proof import prove_nothing_lost
 from .rollback import RollbackResult
 from .settings import Settings, redact
 from .sql import qname
+from .steps import RunOptions
 from .validate import ValidationResult, validate_phase
 
 log = logging.getLogger(__name__)
@@ -89,16 +85,6 @@ def database_errors(fn: F) -> F:
 
 
 @dataclass(frozen=True)
-class RunOptions(CopyOptions):
-    """The copier's options, and what a whole run adds to them."""
-
-    backup: bool = True
-    deep: bool = True  # validate with checksums after the copy (counts only when False)
-    dry_run: bool = False
-    accept_unmapped: bool = False  # a phase that drops tables may drop data no mapping copies (kept in its backup)
-
-
-@dataclass(frozen=True)
 class RunResult:
     phase: str
     status: str  # "done" | "invalid" | "dry-run"
@@ -115,7 +101,7 @@ class RunResult:
 class PlanResult:
     plan: PhasePlan
     ddl: str | None
-    statements: dict[str, dict[str, str]]
+    steps: tuple[steps.StepPlan, ...] = ()  # what each step runs, in order: the statements a run executes
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -127,11 +113,13 @@ class PlanResult:
             "findings": [
                 {"level": f.level, "table": f.table, "message": f.message, "count": f.count} for f in self.plan.findings
             ],
+            "steps": [s.to_dict() for s in self.steps],
             "tables": [
                 {
                     "source": str(ct.source),
                     "target": str(ct.target),
-                    **self.statements[str(ct.target)],
+                    "copy": ct.insert_sql(lower=True, upper=True),
+                    "count": ct.count_sql(),
                     "preview": self.plan.previews.get(str(ct.target)),
                 }
                 for ct, _ in self.plan.tables
@@ -246,20 +234,18 @@ async def plan(settings: Settings, name: str, *, sql: bool = False, preview_rows
     """Pre-flight a phase and render what it would run; never writes (DDL is applied and rolled back)."""
     phases, phase = get_phase(settings, name)
     async with connect(settings) as (target, source):
-        the_plan = await _preflight(settings, phase, target, source, coverage=True, preview_rows=preview_rows)
-        found = await capture.check(source, name, the_plan.tables)  # can the writes between nights be captured?
-        the_plan = replace(the_plan, findings=(*the_plan.findings, *found))
+        async with schema.schema_transaction(settings, target, upgrade_to=phase.revision, commit=False) as conn:
+            src = conn if settings.same_database else source
+            the_plan = await preflight(
+                phase, source=src, target=conn, same_db=settings.same_database, coverage=True, preview_rows=preview_rows
+            )
+            found = await capture.check(src, name, the_plan.tables)  # can the writes between nights be captured?
+            the_plan = replace(the_plan, findings=(*the_plan.findings, *found))
+            described = (
+                () if the_plan.errors else await steps.describe(steps.Describing(settings, phase, the_plan, conn, src))
+            )
     ddl = schema.offline_sql(settings, phase.revision) if (sql and phase.revision) else None
-    statements = {
-        str(ct.target): {
-            "copy": ct.insert_sql(lower=True, upper=True)
-            if settings.same_database
-            else ct.source_text_sql(lower=True, upper=True),
-            "count": ct.count_sql(),
-        }
-        for ct, _ in the_plan.tables
-    }
-    return PlanResult(the_plan, ddl, statements)
+    return PlanResult(the_plan, ddl, described)
 
 
 async def _preflight(
@@ -351,7 +337,8 @@ async def run_phase(
                 f"a rollback of {name} was stopped before it finished; not running {name} over it",
                 hint=f"finish it first: `migrate-data rollback {name}`",
             )
-        _step(on_event, "preflight", f"{len(phase.tables)} tables against the live catalogs")
+        if on_event is not None:
+            on_event(CopyEvent.step("preflight", f"{len(phase.tables)} tables against the live catalogs"))
         the_plan = await _preflight(settings, phase, target, source, coverage=options.dry_run)
         the_plan.raise_for_errors()
         if options.dry_run:
@@ -363,16 +350,19 @@ async def run_phase(
             if predicted is not None:
                 await ledger.update_run(lock, run_id, predicted_seconds=predicted)
             result = await _run(
-                settings, phase, options, target, source, lock, run_id, states.get(name), on_event=on_event, stop=stop
+                settings,
+                phases,
+                phase,
+                options,
+                target,
+                source,
+                lock,
+                run_id,
+                states.get(name),
+                on_event=on_event,
+                stop=stop,
             )
         return replace(result, seconds=time.monotonic() - started)
-
-
-def _step(on_event: Callable[[CopyEvent], None] | None, name: str, note: str = "") -> None:
-    """Tell the progress display that a step starts (``CopyEvent.step``)."""
-    log.debug("step %s: %s", name, note)
-    if on_event is not None:
-        on_event(CopyEvent.step(name, note))
 
 
 def _check_requires(phases: dict[str, Phase], phase: Phase, states: dict[str, asyncpg.Record]) -> None:
@@ -391,6 +381,7 @@ def _check_requires(phases: dict[str, Phase], phase: Phase, states: dict[str, as
 
 async def _run(
     settings: Settings,
+    phases: dict[str, Phase],
     phase: Phase,
     options: RunOptions,
     target: asyncpg.Pool,
@@ -402,202 +393,26 @@ async def _run(
     on_event: Callable[[CopyEvent], None] | None,
     stop: asyncio.Event | None,
 ) -> RunResult:
-    name = phase.name
-    started = time.monotonic()
-    resuming = state is not None and state["state"] in ("partial", "applied")
-    backup_path = state["backup_path"] if (state is not None and resuming) else None
+    """The phase's steps applied in order (steps.py), after the checks that need the lock."""
     if (d := options.deadline) is not None and d - dt.datetime.now(dt.timezone.utc) < dt.timedelta(minutes=1):
         # no batch could run: no backup, no schema step (the CLI refuses this too, before its confirmation)
         zone = getattr(d.tzinfo, "key", None) or d.tzname()
         raise RefusedError(f"--until: the window closes at {d:%H:%M} {zone}, too soon for a batch; nothing was done")
-    if phase.backup and not options.backup:
-        raise RefusedError(f"{name} drops data and needs a verified backup; not running it with --no-backup")
-    if phase.backup and not resuming:
-        # A phase that drops tables: writes to them blocked, a backup of exactly what is dropped, proof that
-        # every row is in its target, and the drop, all in one transaction.
-        _step(on_event, "backup", f"pg_dump of {len(phase.backup)} tables, proof that nothing is lost, then the drop")
-        backup_path, the_plan = await _drop_with_proof(
-            settings, phase, target, source, run_id, lock, accept_unkept=options.accept_unmapped
-        )
-    else:
-        if options.backup and not backup_path:
-            _step(on_event, "backup", "pg_dump of the tables it reads and writes")
-            backup_path = str(await _backup(settings, phase, target))
-            await ledger.update_run(target, run_id, backup_path=backup_path)
-        _step(on_event, "schema", f"alembic upgrade {phase.revision}" if phase.revision else "no revision")
-        # The schema step and the ledger's record of it commit together.
-        async with schema.schema_transaction(settings, target, upgrade_to=phase.revision, commit=True) as conn:
-            the_plan = await preflight(
-                phase,
-                source=conn if settings.same_database else source,
-                target=conn,
-                same_db=settings.same_database,
-                coverage=False,
-            )
-            the_plan.raise_for_errors()
-            pre_state = None if resuming else await _pre_state(conn, the_plan.tables)
-            await ledger.set_phase(
-                conn,
-                name,
-                state="partial",
-                revision=phase.revision,
-                run_id=run_id,
-                backup_path=backup_path,
-                pre_state=pre_state,
-                start=not resuming,
-            )
-            # Change capture starts in this same transaction (one database), or commits just before it (two): every
-            # write to the phase's source and lookup tables from now on is logged for `sync` (capture.py).
-            found = await capture.install(conn if settings.same_database else source, name, the_plan.tables)
-            the_plan = replace(the_plan, findings=(*the_plan.findings, *found))
-            await lock.check(conn)
-    if not resuming:
-        await ledger.clear_rejects(target, name)
-    if options.recheck:
-        await ledger.clear_rejects(target, name)
-    _step(on_event, "copy", f"{len(the_plan.tables)} tables")
-    copier = Copier(
-        phase=name,
-        tables=list(the_plan.tables),
-        target_pool=target,
-        source_pool=source,
-        run_id=run_id,
-        options=options,
-        stop=stop,
-        on_event=on_event,
-        lock=lock,
+    r = steps.PhaseRun(
+        settings, phase, options, target, source, lock, run_id, state, phases=phases, on_event=on_event, stop=stop
     )
-    tables = await copier.run()
-    states = await ledger.phase_states(target)
-    pre_counts = (states[name]["pre_state"] and json.loads(states[name]["pre_state"]).get("counts")) or {}
-    _step(on_event, "validate", "counts and checksums" if options.deep else "counts")
-    validation = await validate_phase(
-        name,
-        list(the_plan.tables),
-        target=target,
-        source=source,
-        deep=options.deep,
-        pre_counts=pre_counts,
-        started_snapshot=states[name]["started_snapshot"],
-    )
-    validation = replace(
-        await _describe(settings, target, validation, phase), run_seconds=round(time.monotonic() - started, 3)
-    )
-    paths = report.save(validation, settings.reports_dir)
-    rows = {t.target: t.rows_written for t in tables}
-    async with ledger.committed_under(target, lock) as conn:
-        await ledger.set_phase(
-            conn, name, state="applied", revision=phase.revision, run_id=run_id, validated=validation.ok
-        )
-    await ledger.update_run(
-        target,
-        run_id,
-        status="done" if validation.ok else "invalid",
-        rows=rows,
-        rejects=sum(t.rejected for t in tables),
-        validation_ok=validation.ok,
-        report_path=str(paths["html"]),
-    )
+    await steps.run(steps.phase_steps(phase), r)
+    assert r.plan is not None
     return RunResult(
-        phase=name,
-        status="done" if validation.ok else "invalid",
-        tables=tuple(tables),
-        validation=validation,
-        reports={k: str(v) for k, v in paths.items()},
-        backup_path=backup_path,
-        findings=the_plan.findings,
+        phase=phase.name,
+        status="done" if r.validation is None or r.validation.ok else "invalid",
+        tables=tuple(r.tables),
+        validation=r.validation,
+        reports=r.reports,
+        backup_path=r.backup_path,
+        findings=r.plan.findings,
         revision=phase.revision,
     )
-
-
-async def _describe(settings: Settings, db: Executor, v: ValidationResult, phase: Phase) -> ValidationResult:
-    who = await fetch_val(db, "SELECT current_user")
-    return replace(
-        v, database=redact(settings.database_url), revision=phase.revision, operator=who, host=socket.gethostname()
-    )
-
-
-async def _pre_state(conn: asyncpg.Connection, tables: tuple[tuple[CompiledTable, Table], ...]) -> dict[str, Any]:
-    counts: dict[str, int] = {}
-    seqs: dict[str, list[Any]] = {}
-    for ct, tgt in tables:
-        counts[str(ct.target)] = await conn.fetchval(ct.target_count_sql())
-        for _, seq in await sequences(conn, tgt):
-            row = await conn.fetchrow(f"SELECT last_value, is_called FROM {seq}")
-            seqs[seq] = [row["last_value"], row["is_called"]]
-    return {"counts": counts, "sequences": seqs}
-
-
-async def _backup(settings: Settings, phase: Phase, target: asyncpg.Pool, *, snapshot: str | None = None) -> str:
-    tables: list[QualifiedName] = []
-    for t in [*(tm.source for tm in phase.tables), *(tm.target for tm in phase.tables), *phase.backup]:
-        if await fetch_val(target, "SELECT to_regclass($1) IS NOT NULL", qname(t)) and t not in tables:
-            tables.append(t)
-    if not settings.same_database and phase.tables:
-        log.info("source tables live in another database; backing up the target tables only")
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    path = settings.backups_dir / f"{phase.name}-{stamp}.dump"
-    if not tables:
-        return ""
-    major = await _server_major(target)
-    need = await backups.estimate_bytes(target, tables)  # refused before pg_dump starts when the disk is short
-    return str(
-        await backups.dump(settings.database_url, tables, path, server_major=major, snapshot=snapshot, need_bytes=need)
-    )
-
-
-async def _drop_with_proof(
-    settings: Settings,
-    phase: Phase,
-    target: asyncpg.Pool,
-    source: asyncpg.Pool,
-    run_id: int,
-    lock: ledger.LockSession,
-    *,
-    accept_unkept: bool,
-) -> tuple[str, PhasePlan]:
-    """Drop the tables of a phase's ``backup:`` list only with proof that nothing is lost: in the transaction that
-    drops them, writes to them are blocked first (SHARE lock: reads go on), pg_dump takes exactly what is dropped
-    (the transaction's exported snapshot), every data phase that reads them is validated live with checksums, and
-    their row counts are recorded for the restore to check."""
-    tables = [t for t in [await read_table(target, n) for n in phase.backup] if t is not None]
-    holder: dict[str, Any] = {}
-
-    async def prove(conn: asyncpg.Connection) -> None:
-        names = ", ".join(qname(t.qualified) for t in tables)
-        if names:
-            await conn.execute(f"LOCK TABLE {names} IN SHARE MODE")
-        snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
-        holder["backup"] = str(await _backup(settings, phase, target, snapshot=snapshot))
-        await ledger.update_run(target, run_id, backup_path=holder["backup"])
-        await prove_nothing_lost(
-            phase,
-            project_phases(settings),
-            {str(t.qualified) for t in tables},
-            target,
-            source,
-            accept_unkept=accept_unkept,
-        )
-        holder["dropped"] = {
-            str(t.qualified): await conn.fetchval(f"SELECT count(*) FROM {qname(t.qualified)}") for t in tables
-        }
-
-    async with schema.schema_transaction(
-        settings, target, upgrade_to=phase.revision, commit=True, before=prove
-    ) as conn:
-        the_plan = PhasePlan(phase, (), ())
-        await ledger.set_phase(
-            conn,
-            phase.name,
-            state="partial",
-            revision=phase.revision,
-            run_id=run_id,
-            backup_path=holder["backup"],
-            pre_state={"counts": {}, "sequences": {}, "dropped": holder["dropped"]},
-            start=True,
-        )
-        await lock.check(conn)
-    return holder["backup"], the_plan
 
 
 # -- validate -------------------------------------------------------------------------------------
@@ -628,7 +443,7 @@ async def validate(
             pre_counts=pre_counts,
             started_snapshot=snapshot,
         )
-        result = await _describe(settings, target, result, phase)
+        result = await steps.signed(settings, target, result, phase)
         if await ledger.exists(target):
             try:  # best-effort: a read-only role validates too, it only leaves no record
                 run_id = await ledger.start_run(target, kind="validate", phase=name)
@@ -669,17 +484,10 @@ async def rollback(
         if plan.at_risk and not force:
             raise plan.refusal()
         async with _recorded(target, lock, kind="rollback", phase=name) as run_id:
-            result = await undo_phase.execute(
-                settings,
-                phase,
-                st,
-                plan,
-                target,
-                lock=lock,
-                force=force,
-                batch_size=batch_size,
-                stop=stop or asyncio.Event(),
-            )
+            u = steps.PhaseUndo(settings, phase, st, plan, target, lock, force, batch_size, stop or asyncio.Event())
+            await steps.undo(steps.phase_steps(phase), u)
+        kept = {t.table: t.before for t in plan.tables if t.before and not t.dropped}
+        result = RollbackResult(name, u.deleted, u.dump, plan.downgrade_to, u.restored, 0.0, kept, plan)
         await ledger.update_run(target, run_id, status="done", rows={k: -v for k, v in result.deleted.items()})
         return replace(result, seconds=time.monotonic() - started)
 

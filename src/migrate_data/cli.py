@@ -664,21 +664,16 @@ def plan(obj: Context, phase: str, fmt: str, sql: bool) -> None:
         _json(data)
     else:
         click.echo(f"-- phase {phase}: {result.plan.phase.description}")
-        for t in data["tables"]:
-            click.echo(f"\n-- {t['source']} -> {t['target']}\n{t['copy']};")
-            pv = t.get("preview") or {}
-            if pv.get("error"):
-                click.echo(f"-- preview failed: {pv['error']}")
-            elif pv.get("rows"):
-                click.echo("-- preview (first rows, computed and rolled back):")
-                click.echo(
-                    "\n".join(
-                        "--   " + line
-                        for line in report.summary(
-                            [{k: _short(v) for k, v in r.items()} for r in pv["rows"]]
-                        ).splitlines()
-                    )
-                )
+        previews = {f"{t['source']} -> {t['target']}": t.get("preview") or {} for t in data["tables"]}
+        for i, st in enumerate(result.steps, 1):
+            click.echo(f"\n-- step {i}. {st.step}: {st.summary}" + (f"\n--   undo: {st.undo}" if st.undo else ""))
+            for command in st.commands:
+                click.echo(f"--   $ {command}")
+            for heading, statements in st.parts or (("", st.statements),):
+                if heading:
+                    click.echo(f"\n-- {heading}")
+                click.echo("".join(f"{x.rstrip().rstrip(';')};\n" for x in statements), nl=False)
+                _print_preview(previews.get(heading) or {})
         click.echo("")
         for f in result.plan.findings:
             click.echo(str(f))
@@ -687,6 +682,15 @@ def plan(obj: Context, phase: str, fmt: str, sql: bool) -> None:
             click.echo(f"DDL: migrate-data plan {phase} --sql")
     if result.plan.errors:
         sys.exit(2)
+
+
+def _print_preview(pv: dict[str, Any]) -> None:
+    if pv.get("error"):
+        click.echo(f"-- preview failed: {pv['error']}")
+    elif pv.get("rows"):
+        click.echo("-- preview (first rows, computed and rolled back):")
+        rows = [{k: _short(v) for k, v in r.items()} for r in pv["rows"]]
+        click.echo("\n".join("--   " + line for line in report.summary(rows).splitlines()))
 
 
 def _short(v: Any, width: int = 24) -> str:

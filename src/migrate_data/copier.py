@@ -195,7 +195,7 @@ class Copier:
             async with ledger.committed_under(self.target_pool, self.lock) as conn:
                 await self._fix_sequences(u, conn)
                 if u.written or not finished:  # a new table has no statistics: the application's queries need them
-                    await conn.execute(f"ANALYZE {qname(u.ct.target)}")
+                    await conn.execute(analyze_sql(u.ct))
                 await ledger.mark_finished(conn, self.phase, name)
             final = await ledger.checkpoints(self.target_pool, self.phase, name)
             u.rows = sum(p["rows_read"] for p in final)
@@ -688,11 +688,7 @@ class Copier:
     async def _fix_sequences(self, u: _Unit, conn: asyncpg.Connection) -> None:
         """Move serial and identity sequences of the target past the highest copied value."""
         for column, seq in await sequences(conn, u.target_table):
-            await conn.execute(
-                f"SELECT setval($1::regclass, m) FROM (SELECT max({qi(column)}) AS m FROM {qname(u.ct.target)}) x "
-                f"WHERE m > COALESCE(pg_sequence_last_value($1::regclass), 0)",
-                seq,
-            )
+            await conn.execute(setval_sql(u.ct, column), seq)
 
     async def _check_cycles_allowed(self) -> None:
         if not any(u.cyclic or u.ct.replica for u in self.units.values()):
@@ -731,6 +727,34 @@ class Copier:
                         hint="the rows were copied with the foreign keys deferred; fix the mapping so every "
                         "reference has its parent, then run again",
                     )
+
+
+def setval_sql(ct: CompiledTable, column: str) -> str:
+    """Move the sequence ``$1`` of ``column`` past the highest copied value (never back)."""
+    return (
+        f"SELECT setval($1::regclass, m) FROM (SELECT max({qi(column)}) AS m FROM {qname(ct.target)}) x "
+        f"WHERE m > COALESCE(pg_sequence_last_value($1::regclass), 0)"
+    )
+
+
+def analyze_sql(ct: CompiledTable) -> str:
+    return f"ANALYZE {qname(ct.target)}"
+
+
+def statements(ct: CompiledTable, serial_columns: list[str], *, same_db: bool) -> list[str]:
+    """The statements the copy of one table runs that write the target (parameters as ``$n``), for ``plan``: the
+    first batch's and every later batch's, the sequences moved past the copied values, ANALYZE.  Across two
+    databases the batches read the source with the text query and COPY it into the target (a staging table and
+    ON CONFLICT when a batch conflicts or holds a bad row)."""
+    out: list[str] = []
+    for c in [ct.for_leaf(leaf) for leaf in ct.leaves] or [ct]:
+        if same_db:
+            out += [c.insert_sql(lower=False, upper=True), c.insert_sql(lower=True, upper=True)]
+        else:
+            out += [c.source_text_sql(lower=False, upper=True), c.source_text_sql(lower=True, upper=True)]
+    if not same_db:
+        out += [f"COPY {qname(ct.target)} FROM STDIN", ct.stage_insert_sql("<stage>", sub=False)]
+    return list(dict.fromkeys([*out, *(setval_sql(ct, col) for col in serial_columns), analyze_sql(ct)]))
 
 
 async def _write(conn: asyncpg.Connection, ct: CompiledTable, sql: str, *args: object) -> int:

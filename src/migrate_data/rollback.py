@@ -1,18 +1,21 @@
-"""Undo a phase: remove exactly what it wrote, downgrade its revision, restore what it dropped.
+"""Undo a phase: what a rollback would do (``inspect``), and the procedures the steps' ``undo`` run (steps.py).
 
-The steps run in the reverse order of the phase's own (copy, schema, backup), each idempotent, and the ledger says
-``rolled_back`` only once the data is back: a rollback killed at any point finishes when run again.
+The steps are undone in the reverse order of the phase's own (validate, copy, schema or drop, backup), each
+idempotent, and the ledger says ``rolled_back`` only once the data is back: a rollback killed at any point finishes
+when run again.
 
 1. inspect (no writes): per target table, the rows the phase wrote and nobody changed since, the rows that were there
    before it, and someone else's (see ``undo.py``); the tables the revision's downgrade would drop, found by running
    it in a transaction that is rolled back.  Someone else's rows, and any row of a table the downgrade drops that
    the phase did not write, make the rollback refuse unless ``force``, which saves every such row to a file first;
 2. ``rolling_back`` is recorded: from now on the phase cannot be run, only rolled back;
-3. delete, children first, in batches of one transaction each;
-4. sequences back to their values before the phase;
-5. the schema downgrade (Alembic), in one transaction with the ledger when nothing is left to restore;
-6. the dropped tables' rows restored from the phase's backup (pg_restore in one transaction), checked against the
-   row counts recorded when they were dropped; then ``rolled_back``.
+3. copy undone: delete, children first, in batches of one transaction each (``delete_written``); sequences back to
+   their values before the phase (``restore_sequences``);
+4. schema undone: change capture removed, the schema downgrade (Alembic, ``downgrade``);
+   or, for a phase that dropped tables: the downgrade, then the dropped tables restored from the phase's backup
+   (pg_restore in one transaction, ``restore_dropped``), checked against the row counts recorded when they were
+   dropped;
+5. ``rolled_back`` (``finish``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 import asyncpg
 
 from . import backup as backups
-from . import capture, ledger, schema, undo
+from . import ledger, schema, undo
 from .catalog import Table, parents_first, read_table
 from .db import fetch_all, fetch_one, fetch_val, rowcount
 from .errors import MigrationError, RefusedError, Stopped
@@ -140,9 +143,9 @@ async def _dropped_by_downgrade(settings: Settings, target: asyncpg.Pool, to: st
     return before - after
 
 
-async def execute(
+async def delete_written(
     settings: Settings,
-    phase: Phase,
+    name: str,
     st: asyncpg.Record,
     plan: RollbackPlan,
     target: asyncpg.Pool,
@@ -151,14 +154,10 @@ async def execute(
     force: bool,
     batch_size: int,
     stop: asyncio.Event,
-) -> RollbackResult:
-    """Carry out a rollback ``plan`` (already checked: nothing at risk, or ``force``).  Every transaction commits
-    only while ``lock`` is held; a lost lock stops the rollback, and the same command finishes it."""
-    name = phase.name
-    lock.watch(stop)
-    async with ledger.committed_under(target, lock) as conn:
-        await ledger.set_phase(conn, name, state="rolling_back", validated=None)
-    await capture.remove(settings, target, name, lock=lock)  # its triggers and its change log (capture.py)
+) -> tuple[dict[str, int], str | None]:
+    """Delete the rows the phase wrote, children first, in batches of one transaction each; with ``force``, also the
+    rows at risk (``plan.at_risk``), each saved to a file before its batch commits.  Returns the rows deleted per
+    table and that file."""
     saver = _Saver(settings, name, target) if (force and plan.at_risk) else None
     deleted: dict[str, int] = {}
     try:
@@ -171,34 +170,20 @@ async def execute(
     finally:
         if saver is not None:
             saver.close()
-    dump = saver.path if saver is not None else None
-    pre = json.loads(st["pre_state"]) if st["pre_state"] else {}
+    return deleted, saver.path if saver is not None else None
+
+
+async def restore_sequences(target: asyncpg.Pool, lock: ledger.LockSession, pre: dict[str, Any]) -> None:
+    """The target's sequences back to their values before the phase (``pre_state``), where they still exist."""
     async with ledger.committed_under(target, lock) as conn:
         for seq, (value, called) in pre.get("sequences", {}).items():
             if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", seq):
                 await conn.execute("SELECT setval($1::regclass, $2, $3)", seq, value, called)
-    restore = bool(phase.backup)
-    if plan.downgrade_to:
-        await _downgrade(settings, plan, target, lock, finish=not restore)
-    restored: tuple[str, ...] = ()
-    if restore:
-        lock.raise_if_lost()
-        restored = await _restore_dropped(settings, phase, st, pre, target, lock)
-        async with ledger.committed_under(target, lock) as conn:
-            await _finish(conn, name)
-    elif not plan.downgrade_to:
-        async with ledger.committed_under(target, lock) as conn:
-            await _finish(conn, name)
-    kept = {t.table: t.before for t in plan.tables if t.before and not t.dropped}
-    return RollbackResult(name, deleted, dump, plan.downgrade_to, restored, 0.0, kept, plan)
 
 
-async def _downgrade(
-    settings: Settings, plan: RollbackPlan, target: asyncpg.Pool, lock: ledger.LockSession, *, finish: bool
-) -> None:
-    """The revision's downgrade; when nothing is left to restore, the ledger's last step commits with it.  The tables
-    it drops are checked again in its own transaction, writes to them blocked: a row written since the rollback
-    looked makes it refuse."""
+async def downgrade(settings: Settings, plan: RollbackPlan, target: asyncpg.Pool, lock: ledger.LockSession) -> None:
+    """The revision's downgrade.  The tables it drops are checked again in its own transaction, writes to them
+    blocked: a row written since the rollback looked makes it refuse."""
     dropped = [t for t in plan.tables if t.dropped]
 
     async def nothing_left(conn: asyncpg.Connection) -> None:
@@ -214,12 +199,10 @@ async def _downgrade(
     async with schema.schema_transaction(
         settings, target, downgrade_to=plan.downgrade_to, commit=True, before=nothing_left
     ) as conn:
-        if finish:
-            await _finish(conn, plan.phase)
         await lock.check(conn)
 
 
-async def _finish(conn: asyncpg.Connection, phase: str) -> None:
+async def finish(conn: asyncpg.Connection, phase: str) -> None:
     """The last step: the phase is rolled back and what the ledger kept of its writes is forgotten."""
     await ledger.set_phase(conn, phase, state="rolled_back", validated=None)
     await ledger.forget_phase_writes(conn, phase)
@@ -300,7 +283,7 @@ async def _delete(
             return total
 
 
-async def _restore_dropped(
+async def restore_dropped(
     settings: Settings,
     phase: Phase,
     st: asyncpg.Record,
