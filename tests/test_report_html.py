@@ -13,8 +13,8 @@ import pytest
 from clikit import invoke
 
 from conftest import run, sql
-from migrate_data import api, report
-from migrate_data.rehearse import Drift, PhasePrediction, RehearsalResult, Step, TablePrediction
+from migrate_data import api, rehearsal, report
+from migrate_data.rehearsal import Drift, PhasePrediction, RehearsalResult, Step, TablePrediction
 from migrate_data.validate import TableValidation, ValidationResult
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -119,10 +119,10 @@ def test_reports_fit_1150_and_1920_px_in_chromium(legacy_url, settings_for, tmp_
         invoke("validate", "phase2a", "--deep", "--format", "html", "--output", str(failed), url=legacy_url).exit_code
         == 3
     )
-    rehearsal = tmp_path / "rehearsal.html"
-    rehearsal.write_text(report.rehearsal_html(_rehearsal()))
+    rehearsed = tmp_path / "rehearsal.html"
+    rehearsed.write_text(rehearsal.rehearsal_html(_rehearsal()))
     keep = Path(os.environ["MIGRATE_DATA_SCREENSHOTS"]) if os.environ.get("MIGRATE_DATA_SCREENSHOTS") else None
-    for page in (passed, failed, rehearsal):
+    for page in (passed, failed, rehearsed):
         for width in WIDTHS:
             shot, scroll, window = _browser(page, tmp_path, width)
             assert shot.is_file() and shot.stat().st_size > 10_000

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from . import capture, ledger, report, schema, steps
+from . import capture, ledger, rehearsal, schema, steps
 from . import rollback as undo_phase
 from . import sync as syncing
 from .copier import CopyEvent, CopyOptions, TableResult
@@ -346,7 +346,7 @@ async def run_phase(
                 name, "dry-run", findings=the_plan.findings, revision=phase.revision, seconds=time.monotonic() - started
             )
         async with _recorded(target, lock, kind="run", phase=name) as run_id:
-            predicted = report.predicted_seconds(settings, name)
+            predicted = rehearsal.predicted_seconds(settings, name)
             if predicted is not None:
                 await ledger.update_run(lock, run_id, predicted_seconds=predicted)
             result = await _run(

@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 
-from . import __version__, api, console, report
+from . import __version__, api, console, rehearsal, report
 from .copier import CopyOptions
 from .errors import BadInput, MigrationError, PrivilegeMissing, RefusedError, Stopped, database_error, postgres_error
 from .files import write_private
@@ -1025,7 +1025,7 @@ def rehearse(
     if fmt == "json":
         _json(result.to_dict())
     else:
-        click.echo(report.rehearsal_markdown(result))
+        click.echo(rehearsal.rehearsal_markdown(result))
         click.echo(f"reports: {result.reports.get('html')}")
     if not result.validations_ok:
         sys.exit(3)

@@ -8,12 +8,12 @@ import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
 
-from . import api, backup, ledger, report
+from . import api, backup, ledger
 from .catalog import Table, parents_first, read_table
 from .compile import CompiledTable
 from .copier import CopyEvent, CopyOptions
@@ -21,79 +21,20 @@ from .db import fetch_all, fetch_one, fetch_val, open_pool
 from .errors import BadInput, MigrationError, RefusedError
 from .mapping import Phase, QualifiedName
 from .preflight import compile_phase
+from .rehearsal import (
+    MARGIN,
+    Drift,
+    PhasePrediction,
+    RehearsalResult,
+    Step,
+    TablePrediction,
+    save_predictions,
+    save_rehearsal,
+)
 from .settings import DatabaseURL, Settings, redact
 from .sql import qi, qname
 
 log = logging.getLogger(__name__)
-MARGIN = 0.30  # the prediction is given as p ± 30 %
-
-
-@dataclass(frozen=True)
-class Step:
-    phase: str
-    step: str  # setup | run | rollback | rerun | recheck
-    table: str | None
-    start: float  # seconds since the rehearsal began
-    seconds: float
-    rows: int = 0
-
-
-@dataclass(frozen=True)
-class TablePrediction:
-    phase: str
-    target: str
-    source: str
-    staging_rows: int
-    production_rows: int
-    staging_seconds: float
-    rows_per_second: float
-    predicted_seconds: float
-
-
-@dataclass(frozen=True)
-class PhasePrediction:
-    phase: str
-    staging_seconds: float
-    predicted_seconds: float
-    low: float
-    high: float
-    catch_up_seconds: float  # a --recheck pass in production, for "bulk ahead, catch up in the window"
-    fits: bool | None
-    advice: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Drift:
-    kind: str  # schema | values | rows
-    table: str
-    message: str
-
-
-@dataclass(frozen=True)
-class RehearsalResult:
-    phases: tuple[str, ...]
-    staging: str
-    production: str
-    built: str  # template | dump | existing
-    steps: tuple[Step, ...]
-    tables: tuple[TablePrediction, ...]
-    predictions: tuple[PhasePrediction, ...]
-    drift: tuple[Drift, ...]
-    window: str | None
-    window_seconds: float | None
-    started_at: str
-    seconds: float
-    validations_ok: bool
-    reports: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.validations_ok and all(p.fits is not False for p in self.predictions)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ok"] = self.ok
-        return d
 
 
 def parse_window(text: str) -> tuple[dt.time, dt.time, float]:
@@ -420,8 +361,8 @@ async def rehearse(
         seconds=round(time.monotonic() - started, 3),
         validations_ok=valid,
     )
-    paths = report.save_rehearsal(result, production.reports_dir)
-    report.save_predictions(result, production.reports_dir)
+    paths = save_rehearsal(result, production.reports_dir)
+    save_predictions(result, production.reports_dir)
     return RehearsalResult(**{**result.__dict__, "reports": {k: str(v) for k, v in paths.items()}})
 
 
