@@ -1,6 +1,6 @@
 """Change capture between nights: triggers that log which rows of a phase's source tables change.
 
-From the transaction that starts a phase (``api._run``) until its cutover, statement-level ``AFTER INSERT / UPDATE /
+From the transaction that starts a phase (steps.Start) until its cutover, statement-level ``AFTER INSERT / UPDATE /
 DELETE`` triggers with transition tables, on every source table of the phase and on every table one of its lookups
 reads, write the keys of the rows each statement changed to ``migrate_data.changes`` in the SOURCE database, inside the
 writer's own transaction: a write that rolls back leaves no log row, one that commits commits its log row with it.

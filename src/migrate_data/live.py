@@ -1,0 +1,205 @@
+"""Between nights: ``sync`` applies the changes captured since a phase's copy, ``cutover`` applies the last ones
+with writes blocked, validates and removes the capture (capture.py, sync.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import asyncpg
+
+from . import capture, ledger
+from . import sync as syncing
+from .errors import BadInput, MigrationError, RefusedError, Stopped
+from .preflight import PhasePlan, compile_phase
+from .runtime import check_schema_agrees, connect, database_errors, get_phase, project_phases, recorded
+from .settings import Settings
+from .status import validate
+from .validate import ValidationResult
+
+log = logging.getLogger(__name__)
+
+
+# -- live sync between nights (capture.py, sync.py) ---------------------------------------------------------------
+@dataclass(frozen=True)
+class CutoverResult:
+    phases: tuple[str, ...]
+    ok: bool  # validated with checksums while writes were blocked
+    validations: tuple[ValidationResult, ...] = ()
+    synced: tuple[syncing.PhaseSync, ...] = ()  # the last changes, applied while writes were blocked
+    blocked_tables: tuple[str, ...] = ()
+    blocked_seconds: float = 0.0
+    attempts: int = 0  # tries it took to block writes
+    capture_removed: bool = False
+    already: tuple[str, ...] = ()  # phases that were cut over before
+    seconds: float = 0.0
+
+
+def _in_order(settings: Settings, names: list[str]) -> list[str]:
+    """The named phases (each checked), in the project's order: an earlier phase's parents are synced first."""
+    if not names:
+        raise BadInput("name at least one phase")
+    for n in names:
+        get_phase(settings, n)
+    order = list(project_phases(settings))
+    return sorted(dict.fromkeys(names), key=order.index)
+
+
+async def _syncers(
+    settings: Settings,
+    names: list[str],
+    target: asyncpg.Pool,
+    source: asyncpg.Pool,
+    lock: ledger.LockSession,
+    states: dict[str, asyncpg.Record],
+    *,
+    batch_size: int,
+) -> list[syncing.PhaseSyncer]:
+    out = []
+    for name in names:
+        _, phase = get_phase(settings, name)
+        st = states.get(name)
+        if st is None or st["state"] != "applied":
+            now = st["state"] if st else "pending"
+            raise RefusedError(
+                f"{name} is {now}: its changes are applied once its copy is done",
+                hint=f"run `migrate-data {name}` first" if now in ("pending", "partial", "rolled_back") else None,
+            )
+        if st["cut_over_at"] is not None:
+            raise RefusedError(
+                f"{name} was cut over at {st['cut_over_at']:%Y-%m-%d %H:%M}: nothing is captured any more"
+            )
+        tables, findings = await compile_phase(phase, source=source, target=target)
+        PhasePlan(phase, tuple(tables), tuple(findings)).raise_for_errors()
+        s = syncing.PhaseSyncer(
+            phase=name,
+            tables=tables,
+            target=target,
+            source=source,
+            lock=lock,
+            batch_size=batch_size,
+        )
+        await s.prepare()
+        out.append(s)
+    return out
+
+
+@database_errors
+async def sync(
+    settings: Settings,
+    names: list[str],
+    options: syncing.SyncOptions | None = None,
+    *,
+    stop: asyncio.Event | None = None,
+) -> syncing.SyncResult:
+    """Apply the changes captured since the phases' copies to their target tables, through their own mappings.
+
+    An earlier phase can be synced while later ones are applied.  With ``options.follow`` it keeps going until
+    ``stop`` is set (then raises Stopped: the same command goes on where it stopped)."""
+    started = time.monotonic()
+    names = _in_order(settings, names)
+    options = options or syncing.SyncOptions()
+    stop = stop or asyncio.Event()
+    async with connect(settings) as (target, source):
+        await ledger.ensure(target)
+        async with ledger.exclusive(target, url=settings.database_url, what=f"sync of {', '.join(names)}") as lock:
+            lock.watch(stop)
+            await ledger.close_abandoned_runs(target)
+            states = await ledger.phase_states(target)
+            await check_schema_agrees(settings, target, project_phases(settings), states)
+            syncers = await _syncers(settings, names, target, source, lock, states, batch_size=options.batch_size)
+            async with AsyncExitStack() as runs:
+                for s in syncers:  # a refusal above leaves no run behind
+                    s.run_id = await runs.enter_async_context(recorded(target, lock, kind="sync", phase=s.phase))
+                totals = await syncing.sync(syncers, options, stop=stop)
+                lock.raise_if_lost()
+                if stop.is_set():
+                    applied = sum(t.changes for t in totals.values())
+                    raise Stopped(f"sync stopped cleanly after {applied:,} changes; what is left is still in the log")
+                for s in syncers:
+                    t = totals[s.phase]
+                    assert s.run_id is not None
+                    await ledger.update_run(
+                        target, s.run_id, status="done", rows={"changes": t.changes}, rejects=t.rejected
+                    )
+    return syncing.SyncResult(tuple(totals[n] for n in names), time.monotonic() - started)
+
+
+@database_errors
+async def cutover(
+    settings: Settings,
+    names: list[str],
+    *,
+    lock_wait: str = "2s",
+    retries: int = 5,
+    batch_size: int = syncing.SyncOptions.batch_size,
+    on_blocked: Callable[[], Awaitable[None]] | None = None,
+) -> CutoverResult:
+    """Cut phases over: block writes to their source (and lookup) tables, apply the last captured changes, validate
+    with checksums, then record the cutover, release the writes and remove the capture.  When validation fails,
+    writes are released and capture stays on (``ok`` False).  ``on_blocked`` runs while writes are blocked."""
+    started = time.monotonic()
+    names = _in_order(settings, names)
+    async with connect(settings) as (target, source):
+        await ledger.ensure(target)
+        async with ledger.exclusive(target, url=settings.database_url, what=f"cutover of {', '.join(names)}") as lock:
+            await ledger.close_abandoned_runs(target)
+            states = await ledger.phase_states(target)
+            await check_schema_agrees(settings, target, project_phases(settings), states)
+            already = tuple(n for n in names if (states.get(n) or {}).get("cut_over_at") is not None)
+            todo = [n for n in names if n not in already]
+            for n in already:  # a cutover killed after it recorded the phase: finish removing the capture
+                await capture.remove(settings, target, n, lock=lock)
+            if not todo:
+                return CutoverResult(tuple(names), True, capture_removed=True, already=already)
+            syncers = await _syncers(settings, todo, target, source, lock, states, batch_size=batch_size)
+            async with AsyncExitStack() as runs:
+                run_ids = {}
+                for s in syncers:
+                    s.run_id = run_ids[s.phase] = await runs.enter_async_context(
+                        recorded(target, lock, kind="cutover", phase=s.phase)
+                    )
+                tables = {n: r for s in syncers for n, r in (await capture.relations(source, s.phase)).items()}
+                tables = dict(sorted(tables.items()))
+                async with syncing.writes_blocked(source, tables, wait=lock_wait, retries=retries) as blocked:
+                    if on_blocked is not None:
+                        await on_blocked()
+                    totals = await syncing.sync(
+                        syncers, syncing.SyncOptions(batch_size=batch_size), stop=asyncio.Event(), bounded=False
+                    )
+                    validations = tuple([await validate(settings, n, deep=True) for n in todo])
+                    ok = all(v.ok for v in validations) and not any(t.waiting for t in totals.values())
+                    if ok:
+                        async with ledger.committed_under(target, lock) as conn:
+                            for n in todo:
+                                await ledger.mark_cut_over(conn, n)
+                    else:
+                        blocked.release_only = True
+                for n in todo:
+                    changes = {"changes": totals[n].changes}
+                    status = "done" if ok else "invalid"
+                    await ledger.update_run(target, run_ids[n], status=status, rows=changes, validation_ok=ok)
+            removed = False
+            if ok:
+                try:
+                    for n in todo:
+                        await capture.remove(settings, target, n, lock=lock)
+                    removed = True
+                except MigrationError as e:  # the phase is cut over: the triggers only log what nobody reads
+                    log.warning("capture of %s not removed yet: %s; `migrate-data cutover` again removes it", todo, e)
+            return CutoverResult(
+                tuple(names),
+                ok,
+                validations,
+                tuple(totals[n] for n in todo),
+                blocked.tables,
+                blocked.seconds or 0.0,
+                blocked.attempts,
+                removed,
+                already,
+                time.monotonic() - started,
+            )
