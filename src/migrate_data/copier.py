@@ -238,9 +238,7 @@ class Copier:
             if changes:  # --recheck: the parts are made anew for the partitions as they are now
                 async with ledger.committed_under(self.target_pool, self.lock) as conn:
                     await ledger.unmark_finished(conn, self.phase, name)
-                    await conn.execute(
-                        f"DELETE FROM {ledger.SCHEMA}.checkpoints WHERE phase = $1 AND target = $2", self.phase, name
-                    )
+                    await ledger.reset_checkpoints(conn, self.phase, name)
                 parts = []
         if parts and all(p["done"] for p in parts) and not self.options.recheck:
             return parts  # copied before: skipped without reading the source
@@ -248,12 +246,7 @@ class Copier:
         if parts and self.options.recheck:
             async with ledger.committed_under(self.target_pool, self.lock) as conn:
                 await ledger.unmark_finished(conn, self.phase, name)
-                await conn.execute(
-                    f"UPDATE {ledger.SCHEMA}.checkpoints SET done = false, last_key = NULL, rows_read = 0, "
-                    f"rows_written = 0, rejected = 0, seconds = 0 WHERE phase = $1 AND target = $2",
-                    self.phase,
-                    name,
-                )
+                await ledger.restart_checkpoints(conn, self.phase, name)
             parts = await ledger.checkpoints(self.target_pool, self.phase, name)
         if parts:
             return parts
@@ -278,11 +271,7 @@ class Copier:
             bounds = await self._bounds(u.ct, u.total)
             rows = [(None, bounds[i], bounds[i + 1] if i + 1 < len(bounds) else None) for i in range(len(bounds))]
         async with ledger.committed_under(self.target_pool, self.lock) as conn:
-            await conn.executemany(
-                f"INSERT INTO {ledger.SCHEMA}.checkpoints (phase, target, part, lo, hi, source) "
-                f"VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-                [(self.phase, name, i, lo, hi, leaf) for i, (leaf, lo, hi) in enumerate(rows)],
-            )
+            await ledger.add_checkpoints(conn, self.phase, name, rows)
         return await ledger.checkpoints(self.target_pool, self.phase, name)
 
     async def _bounds(self, ct: CompiledTable, total: int) -> list[list[str] | None]:
@@ -603,21 +592,15 @@ class Copier:
                     stack += [(mid, j), (i, mid)]
                     continue
                 rejected += 1
-                await conn.execute(
-                    f"""INSERT INTO {ledger.SCHEMA}.rejects (phase, target, source, source_key, sqlstate, message, detail, row, run_id)
-                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9)
-                        ON CONFLICT (phase, target, source_key) DO UPDATE SET sqlstate = EXCLUDED.sqlstate,
-                            message = EXCLUDED.message, detail = EXCLUDED.detail, row = EXCLUDED.row,
-                            run_id = EXCLUDED.run_id, created_at = clock_timestamp()""",
-                    self.phase,
-                    str(u.ct.target),
-                    str(u.ct.source),
-                    key_of(i),
-                    e.sqlstate,
-                    str(e),
-                    getattr(e, "detail", None),
-                    await source_row(i),
-                    self.run_id,
+                await ledger.quarantine(
+                    conn,
+                    phase=self.phase,
+                    target=str(u.ct.target),
+                    source=str(u.ct.source),
+                    key=key_of(i),
+                    error=e,
+                    row=await source_row(i),
+                    run_id=self.run_id,
                 )
                 log.debug("%s: row %s rejected: %s %s", u.ct.target, key_of(i), e.sqlstate, e)
         return written, rejected
@@ -641,19 +624,7 @@ class Copier:
         *,
         done: bool,
     ) -> None:
-        await db.execute(
-            f"""UPDATE {ledger.SCHEMA}.checkpoints SET last_key = $4, rows_read = rows_read + $5,
-                    rows_written = rows_written + $6, rejected = rejected + $7, done = $8, updated_at = clock_timestamp()
-                WHERE phase = $1 AND target = $2 AND part = $3""",
-            self.phase,
-            str(u.ct.target),
-            part,
-            last,
-            n,
-            written,
-            rejected,
-            done,
-        )
+        await ledger.advance_checkpoint(db, self.phase, str(u.ct.target), part, last, n, written, rejected, done=done)
 
     async def _check_max_rejects(self) -> None:
         """Fail the run when more rows are quarantined than ``max_rejects`` allows: a count for the phase, or a

@@ -17,13 +17,12 @@ and are never looked at.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import asyncpg
 
-from .compile import LEDGER_SCHEMA, CompiledTable
-from .sql import qi
+from . import ledger
+from .compile import CompiledTable
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +80,7 @@ async def _quarantine(
     groups: dict[tuple[str, ...], list[asyncpg.Record]] = {}
     for m in members:
         groups.setdefault(tuple(m["k"]), []).append(m)
-    rejected = {
-        tuple(r["source_key"])
-        for r in await conn.fetch(
-            f"SELECT source_key FROM {qi(LEDGER_SCHEMA)}.rejects WHERE phase = $1 AND target = $2 "
-            f"AND source_key IN (SELECT ARRAY(SELECT jsonb_array_elements_text(k)) "
-            f"FROM jsonb_array_elements($3::jsonb) AS k)",
-            phase,
-            str(ct.target),
-            json.dumps([list(m["bk"]) for m in members]),
-        )
-    }
+    rejected = await ledger.rejected_among(conn, phase, str(ct.target), [list(m["bk"]) for m in members])
     out = 0
     for key, rows in groups.items():
         if not any(r["in_batch"] for r in rows):
@@ -113,24 +102,19 @@ async def _quarantine(
             if r is kept or not r["in_batch"]:
                 continue
             assert kept is not None
-            await conn.execute(
-                f"""INSERT INTO {qi(LEDGER_SCHEMA)}.rejects (phase, target, source, source_key, sqlstate, message,
-                                                          detail, row, run_id)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9)
-                    ON CONFLICT (phase, target, source_key) DO UPDATE SET sqlstate = EXCLUDED.sqlstate,
-                        message = EXCLUDED.message, detail = EXCLUDED.detail, row = EXCLUDED.row,
-                        run_id = EXCLUDED.run_id, created_at = clock_timestamp()""",
-                phase,
-                str(ct.target),
-                str(ct.source),
-                list(r["bk"]),
-                DUPLICATE_STATE,
-                f"duplicate target key ({', '.join(ct.key)}) of {ct.target}: another source row produces it",
-                f"Key ({', '.join(ct.key)})=({', '.join(_text(k) for k in key)}) is produced by source rows "
+            await ledger.quarantine(
+                conn,
+                phase=phase,
+                target=str(ct.target),
+                source=str(ct.source),
+                key=list(r["bk"]),
+                sqlstate=DUPLICATE_STATE,
+                message=f"duplicate target key ({', '.join(ct.key)}) of {ct.target}: another source row produces it",
+                detail=f"Key ({', '.join(ct.key)})=({', '.join(_text(k) for k in key)}) is produced by source rows "
                 f"({', '.join(ct.batch_by)})=({', '.join(_text(k) for k in kept['bk'])}), which is kept, and "
                 f"({', '.join(_text(k) for k in r['bk'])}).",
-                await source.fetchval(ct.source_row_sql(), *r["bk"]),
-                run_id,
+                row=await source.fetchval(ct.source_row_sql(), *r["bk"]),
+                run_id=run_id,
             )
             out += 1
             log.debug("%s: row %s quarantined: duplicate target key %s", ct.target, list(r["bk"]), list(key))

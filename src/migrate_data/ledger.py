@@ -167,11 +167,17 @@ async def quarantine(
     target: str,
     source: str,
     key: list[str],
-    error: asyncpg.PostgresError,
+    error: asyncpg.PostgresError | None = None,
     row: str | None,
     run_id: int | None,
+    sqlstate: str | None = None,
+    message: str | None = None,
+    detail: str | None = None,
 ) -> None:
-    """Put one source row in migrate_data.rejects (or refresh its entry), as the copier does."""
+    """Put one source row in migrate_data.rejects (or refresh its entry): the error that refused it, or the
+    ``sqlstate``, ``message`` and ``detail`` given."""
+    if error is not None:
+        sqlstate, message, detail = error.sqlstate, str(error), getattr(error, "detail", None)
     await conn.execute(
         f"""INSERT INTO {SCHEMA}.rejects (phase, target, source, source_key, sqlstate, message, detail, row, run_id)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9)
@@ -182,12 +188,26 @@ async def quarantine(
         target,
         source,
         key,
-        error.sqlstate,
-        str(error),
-        getattr(error, "detail", None),
+        sqlstate,
+        message,
+        detail,
         row,
         run_id,
     )
+
+
+async def rejected_among(
+    conn: asyncpg.Connection, phase: str, target: str, keys: list[list[str]]
+) -> set[tuple[str, ...]]:
+    """Which of these source keys are quarantined for ``target``."""
+    rows = await conn.fetch(
+        f"""SELECT source_key FROM {SCHEMA}.rejects WHERE phase = $1 AND target = $2 AND source_key IN
+            (SELECT ARRAY(SELECT jsonb_array_elements_text(k)) FROM jsonb_array_elements($3::jsonb) AS k)""",
+        phase,
+        target,
+        json.dumps(keys),
+    )
+    return {tuple(r["source_key"]) for r in rows}
 
 
 async def clear_rejects_of(conn: asyncpg.Connection, phase: str, target: str, keys: list[list[str]]) -> int:
@@ -525,8 +545,69 @@ async def checkpoints(db: Executor, phase: str, target: str | None = None) -> li
     )
 
 
-async def reset_checkpoints(db: Executor, phase: str) -> None:
-    await execute(db, f"DELETE FROM {SCHEMA}.checkpoints WHERE phase = $1", phase)
+async def reset_checkpoints(db: Executor, phase: str, target: str | None = None) -> None:
+    """Forget the key ranges of a phase (of one of its tables): the next run makes them anew."""
+    await execute(
+        db, f"DELETE FROM {SCHEMA}.checkpoints WHERE phase = $1 AND ($2::text IS NULL OR target = $2)", phase, target
+    )
+
+
+async def restart_checkpoints(db: Executor, phase: str, target: str) -> None:
+    """Keep a table's key ranges but start each one again from its beginning (``--recheck``)."""
+    await execute(
+        db,
+        f"UPDATE {SCHEMA}.checkpoints SET done = false, last_key = NULL, rows_read = 0, rows_written = 0, rejected = 0, "
+        "seconds = 0 WHERE phase = $1 AND target = $2",
+        phase,
+        target,
+    )
+
+
+async def add_checkpoints(
+    conn: asyncpg.Connection, phase: str, target: str, parts: list[tuple[str | None, Any, Any]]
+) -> None:
+    """A table's key ranges, ``(leaf partition or None, lo, hi)`` each, numbered in order; existing ones are kept."""
+    await conn.executemany(
+        f"INSERT INTO {SCHEMA}.checkpoints (phase, target, part, lo, hi, source) "
+        "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        [(phase, target, i, lo, hi, leaf) for i, (leaf, lo, hi) in enumerate(parts)],
+    )
+
+
+async def advance_checkpoint(
+    db: Executor, phase: str, target: str, part: int, last: Any, read: int, written: int, rejected: int, *, done: bool
+) -> None:
+    """One batch of a key range committed (in the batch's own transaction): where the range is now, and its counts."""
+    await execute(
+        db,
+        f"""UPDATE {SCHEMA}.checkpoints SET last_key = $4, rows_read = rows_read + $5,
+                rows_written = rows_written + $6, rejected = rejected + $7, done = $8, updated_at = clock_timestamp()
+            WHERE phase = $1 AND target = $2 AND part = $3""",
+        phase,
+        target,
+        part,
+        last,
+        read,
+        written,
+        rejected,
+        done,
+    )
+
+
+async def progress_by_table(db: Executor, phase: str) -> list[asyncpg.Record]:
+    """Rows read so far per table of a phase, whether all its ranges are done, and the time of the reading."""
+    return await fetch_all(
+        db,
+        f"""SELECT target, sum(rows_read)::bigint AS rows, bool_and(done) AS done, clock_timestamp() AS at
+            FROM {SCHEMA}.checkpoints WHERE phase = $1 GROUP BY target""",
+        phase,
+    )
+
+
+async def latest_runs(db: Executor) -> dict[str, int]:
+    """The id of the latest run (kind ``run``) of each phase."""
+    rows = await fetch_all(db, f"SELECT phase, max(id) AS id FROM {SCHEMA}.runs WHERE kind = 'run' GROUP BY phase")
+    return {r["phase"]: r["id"] for r in rows}
 
 
 async def reject_counts(db: Executor, phase: str) -> dict[str, int]:

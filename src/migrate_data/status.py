@@ -197,11 +197,9 @@ async def _live_progress(
     run's session is gone (it died: the next run marks it interrupted)."""
     if not await fetch_val(target, "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)", run["pid"]):
         return None
-    by_table = f"""SELECT target, sum(rows_read)::bigint AS rows, bool_and(done) AS done, clock_timestamp() AS at
-                   FROM {ledger.SCHEMA}.checkpoints WHERE phase = $1 GROUP BY target"""
-    first = await target.fetch(by_table, phase.name)
+    first = await ledger.progress_by_table(target, phase.name)
     await asyncio.sleep(sample_seconds)
-    now = {r["target"]: r for r in await target.fetch(by_table, phase.name)}
+    now = {r["target"]: r for r in await ledger.progress_by_table(target, phase.name)}
     finished = await ledger.finished_tables(target, phase.name)
     rows = sum(r["rows"] for r in now.values())
     before = sum(r["rows"] for r in first)
@@ -246,11 +244,7 @@ async def history(settings: Settings, *, phase: str | None = None, limit: int = 
         if not await ledger.exists(target):
             return []
         records = await ledger.runs(target, phase=phase, limit=limit)
-        latest: dict[str, int] = {}
-        for r in await target.fetch(
-            f"SELECT phase, max(id) AS id FROM {ledger.SCHEMA}.runs WHERE kind = 'run' GROUP BY phase"
-        ):
-            latest[r["phase"]] = r["id"]
+        latest = await ledger.latest_runs(target)
         out = []
         for r in records:
             rows: int | None = sum(json.loads(r["rows"]).values())

@@ -125,19 +125,7 @@ async def validate_phase(
                     ct, target, sample, phase if has_ledger else None, tgt_rows, split_rows=split_rows
                 )
             else:
-                rejected_keys = (
-                    [
-                        list(r["source_key"])
-                        for r in await fetch_all(
-                            target,
-                            f"SELECT source_key FROM {ledger.SCHEMA}.rejects WHERE phase = $1 AND target = $2",
-                            phase,
-                            name,
-                        )
-                    ]
-                    if has_ledger
-                    else []
-                )
+                rejected_keys = await ledger.rejected_keys(target, phase, name) if has_ledger else []
                 missing, extra, differs, samples = await _deep_two_databases(
                     ct, source, target, sample, rejected_keys, tgt_rows
                 )
