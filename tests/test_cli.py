@@ -171,7 +171,7 @@ def test_a_phase_that_drops_tables_lists_them_with_their_rows_and_how_to_restore
 ):
     settings = settings_for(legacy_url)
     apply(settings, "phase1", "phase2a", "phase2b", "phase3", "phase4")
-    monkeypatch.setattr(cli, "_interactive", lambda: True)
+    monkeypatch.setattr(cli.base, "interactive", lambda: True)
     result = invoke("phase5", url=legacy_url, output_dir=tmp_path, input="n\n")
     assert result.exit_code == 2
     prompt = result.stderr

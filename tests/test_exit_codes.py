@@ -82,7 +82,7 @@ def test_exit_code(case: Case, legacy_url, server_url, settings_for, tmp_path, m
     if case.given == "tampered":
         sql(legacy_url, "DELETE FROM clientes WHERE id IN (SELECT id FROM clientes LIMIT 2)")
     if "terminal" in case.given:
-        monkeypatch.setattr(cli, "_interactive", lambda: True)
+        monkeypatch.setattr(cli.base, "interactive", lambda: True)
     if case.given == "no server":
         url = "postgresql://postgres@127.0.0.1:1/nowhere"
     holder = _hold_lock(url) if case.given == "lock held" else None

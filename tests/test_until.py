@@ -10,6 +10,7 @@ import pytest
 
 from conftest import ROOT, run, scalar
 from migrate_data import api, cli
+from migrate_data.cli import times
 from migrate_data.errors import BadInput, RefusedError, Stopped
 
 GYE = ZoneInfo("America/Guayaquil")  # UTC-5, no DST
@@ -30,9 +31,9 @@ def at(zone, *fields):
     ],
 )
 def test_until_means_the_next_occurrence_in_the_given_zone(now, until, expected):
-    deadline = cli._until(until, "America/Guayaquil", now=now)
+    deadline = times.until_deadline(until, "America/Guayaquil", now=now)
     assert deadline == expected and deadline.tzinfo == GYE
-    assert cli._label(deadline) == f"{expected:%H:%M} America/Guayaquil"
+    assert times.label(deadline) == f"{expected:%H:%M} America/Guayaquil"
 
 
 @pytest.mark.parametrize(
@@ -48,24 +49,24 @@ def test_until_means_the_next_occurrence_in_the_given_zone(now, until, expected)
 )
 def test_until_refuses_a_time_that_passed_or_is_too_close(now, until, message):
     with pytest.raises(BadInput, match=re.escape(message)) as e:
-        cli._until(until, "America/Guayaquil", now=now)
+        times.until_deadline(until, "America/Guayaquil", now=now)
     assert e.value.exit_code == 2
 
 
 def test_until_counts_real_hours_across_a_dst_change():
     # 2026-03-08: New York skips 02:00-03:00.  At 23:00 the night before, 05:30 is 5 h 30 min away, not 6 h 30.
-    deadline = cli._until("05:30", "America/New_York", now=at(NY, 2026, 3, 7, 23, 0))
+    deadline = times.until_deadline("05:30", "America/New_York", now=at(NY, 2026, 3, 7, 23, 0))
     assert deadline.astimezone(dt.timezone.utc) == dt.datetime(2026, 3, 8, 9, 30, tzinfo=dt.timezone.utc)
     # 16:00 the next day: 05:30 was 10 h 30 min ago in real time (11 h 30 min on the wall clock): passed
     with pytest.raises(BadInput, match="has passed \\(10 h 30 min ago\\)"):
-        cli._until("05:30", "America/New_York", now=at(NY, 2026, 3, 8, 16, 0))
+        times.until_deadline("05:30", "America/New_York", now=at(NY, 2026, 3, 8, 16, 0))
 
 
 def test_until_in_a_skipped_hour_is_when_the_clocks_jump_and_a_repeated_hour_is_its_first_time():
-    skipped = cli._until("02:30", "America/New_York", now=at(NY, 2026, 3, 8, 0, 30))
+    skipped = times.until_deadline("02:30", "America/New_York", now=at(NY, 2026, 3, 8, 0, 30))
     assert skipped.astimezone(dt.timezone.utc) == dt.datetime(2026, 3, 8, 7, 0, tzinfo=dt.timezone.utc)
-    assert cli._label(skipped) == "03:00 America/New_York"
-    repeated = cli._until("01:30", "America/New_York", now=at(NY, 2026, 11, 1, 0, 30))
+    assert times.label(skipped) == "03:00 America/New_York"
+    repeated = times.until_deadline("01:30", "America/New_York", now=at(NY, 2026, 11, 1, 0, 30))
     assert repeated.astimezone(dt.timezone.utc) == dt.datetime(2026, 11, 1, 5, 30, tzinfo=dt.timezone.utc)
 
 
@@ -75,7 +76,7 @@ def test_until_in_a_skipped_hour_is_when_the_clocks_jump_and_a_repeated_hour_is_
 )
 def test_until_rejects_bad_input(until, tz, message):
     with pytest.raises(BadInput, match=message):
-        cli._until(until, tz, now=dt.datetime(2026, 11, 23, 1, 0, tzinfo=dt.timezone.utc))
+        times.until_deadline(until, tz, now=dt.datetime(2026, 11, 23, 1, 0, tzinfo=dt.timezone.utc))
 
 
 # -- the command ---------------------------------------------------------------------------------------------------

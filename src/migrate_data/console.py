@@ -1,6 +1,6 @@
 """What the DBA watches: a run's live progress and its closing summary.
 
-The presentation layer shared by ``cli.py`` and the demo (``project.py``); the library never prints.  A
+The presentation layer shared by the ``cli`` package and the demo (``project.py``); the library never prints.  A
 :class:`Tracker` turns the library's :class:`~migrate_data.copier.CopyEvent` stream (steps, table starts, batches,
 table ends) into the state of the run; :class:`TerminalProgress` draws it with rich on a terminal and
 :class:`LineProgress` writes a stable, grep-able line every few seconds otherwise.  :func:`summary` is the closing

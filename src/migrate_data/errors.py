@@ -1,6 +1,6 @@
 """One error root for everything the tool reports to a DBA.
 
-Each class maps to one exit code, decided in ``cli.py``.  ``detail`` and ``hint``
+Each class maps to one exit code, decided in the ``cli`` package.  ``detail`` and ``hint``
 are printed like psql prints them.
 """
 
