@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,18 @@ def test_a_failed_table_never_draws_two_equal_bars():
     ok = report.to_html(_validation(source_rows=100, target_rows=97, rejected=3, status="ok"))
     assert "title='97 in the target'" in _target_track(ok) and "title='3 quarantined'" in _target_track(ok)
     assert "seg m" not in _target_track(ok)
+
+
+def test_names_and_messages_from_the_database_cannot_inject_markup_into_the_report():
+    hostile = "<script>alert('x')</script>"
+    result = replace(
+        _validation(source_rows=10, target_rows=9, status="failed", problems=(f"{hostile} differs",)),
+        database=f"postgresql://h/{hostile}",
+        rejects=({"target": hostile, "source_key": [hostile], "sqlstate": "22P02", "message": hostile},),
+    )
+    page = report.to_html(result, steps=[(hostile, 0.0, 1.0)], next_step=f"see {hostile}; migrate-data rollback x")
+    assert "<script>" not in page and page.count("&lt;script&gt;") >= 5
+    assert "<code>migrate-data rollback x</code>" in page  # the command is still shown as code
 
 
 def test_the_timeline_scales_with_the_page():

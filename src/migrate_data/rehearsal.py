@@ -4,14 +4,13 @@ rehearsal)."""
 
 from __future__ import annotations
 
-import html
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import files
-from .report import CSS, stamp, timeline_html
+from .report import CSS, stamp, template, timeline
 from .settings import Settings, redact
 
 MARGIN = 0.30  # the prediction is given as p ± 30 %
@@ -137,56 +136,27 @@ def rehearsal_markdown(r: RehearsalResult) -> str:
 
 
 def rehearsal_html(r: RehearsalResult) -> str:
-    e = html.escape
     lanes: dict[tuple[str, str], list[tuple[str, float, float]]] = {}
     for s in sorted(r.steps, key=lambda s: s.start):
         lanes.setdefault((s.phase, s.table or "(phase)"), []).append((s.step, s.start, s.seconds))
-    timeline = timeline_html([(f"{p} · {t}", bars) for (p, t), bars in lanes.items()], title="rehearsal timeline")
     win = r.window_seconds or max([p.high for p in r.predictions] + [1.0])
-    preds = []
+    predictions = []
     for p in r.predictions:
         scale = 100 / max(win, p.high)
-        preds.append(
-            f"<tr><td>{e(p.phase)}</td><td style='width:55%'><div style='position:relative;height:18px;background:#eef1f6'>"
-            f"<div style='position:absolute;left:{p.low * scale:.1f}%;width:{(p.high - p.low) * scale:.1f}%;height:18px;"
-            f"background:{'#2e9e5b' if p.fits is not False else '#b42318'};opacity:.35'></div>"
-            f"<div style='position:absolute;left:{p.predicted_seconds * scale:.1f}%;width:2px;height:18px;background:#1d2433'></div>"
-            + (
-                f"<div style='position:absolute;left:{win * scale:.1f}%;width:2px;height:18px;background:#b42318'></div>"
-                if r.window_seconds
-                else ""
-            )
-            + f"</div></td><td class='n'>{_dur(p.predicted_seconds)} ({_dur(p.low)} – {_dur(p.high)})</td>"
-            f"<td>{'-' if p.fits is None else 'fits' if p.fits else 'does not fit'}</td></tr>"
-        )
-    advice = "".join(f"<li><b>{e(p.phase)}</b>: {e(a)}</li>" for p in r.predictions for a in p.advice)
-    tables = "".join(
-        f"<tr><td>{e(t.phase)}</td><td>{e(t.target)}</td><td class='n'>{t.staging_rows:,}</td>"
-        f"<td class='n'>{t.production_rows:,}</td><td class='n'>{t.rows_per_second:,.0f}</td>"
-        f"<td class='n'>{_dur(t.predicted_seconds)}</td></tr>"
-        for t in r.tables
+        predictions.append((p, {"low": f"{p.low * scale:.1f}%", "range": f"{(p.high - p.low) * scale:.1f}%",
+                                "predicted": f"{p.predicted_seconds * scale:.1f}%",
+                                "window": f"{win * scale:.1f}%" if r.window_seconds else None}))  # fmt: skip
+    return str(
+        template("rehearsal.html").render(
+            r=r,
+            css=CSS,
+            verdict="FITS" if r.ok else ("DOES NOT FIT" if r.window else "DONE"),
+            dur=_dur,
+            predictions=predictions,
+            advice=[(p.phase, a) for p in r.predictions for a in p.advice],
+            timeline=timeline([(f"{p} · {t}", bars) for (p, t), bars in lanes.items()], title="rehearsal timeline"),
+        )  # fmt: skip
     )
-    drift = (
-        "".join(f"<li>{e(d.kind)}: <b>{e(d.table)}</b>: {e(d.message)}</li>" for d in r.drift) or "<li>none found</li>"
-    )
-    verdict = "FITS" if r.ok else ("DOES NOT FIT" if r.window else "DONE")
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Rehearsal: {verdict}</title>
-<meta name="viewport" content="width=device-width"><style>{CSS}</style></head><body>
-<h1>Rehearsal of <code>{e(", ".join(r.phases))}</code>
-<span class="verdict {"ok" if r.ok else "failed"}">{verdict}</span></h1>
-<dl><dt>production (read only)</dt><dd><code>{e(r.production)}</code></dd><dt>staging</dt><dd><code>{e(r.staging)}</code>
-(built by {e(r.built)})</dd><dt>window</dt><dd>{e(r.window or "-")}</dd><dt>when</dt><dd>{e(r.started_at)}, took {_dur(r.seconds)}</dd>
-<dt>validations</dt><dd>{"all passed" if r.validations_ok else "NOT all passed"}</dd></dl>
-<h2>Prediction against the window</h2>
-<table><tr><th>phase</th><th>predicted (bar: ±30%, line: window end)</th><th>time</th><th></th></tr>{"".join(preds)}</table>
-{f"<h3>What would make it fit</h3><ul>{advice}</ul>" if advice else ""}
-<h2>Timeline of the rehearsal</h2>{timeline}
-<h2>Tables</h2><table><tr><th>phase</th><th>table</th><th>staging rows</th><th>production rows</th><th>rows/s</th>
-<th>predicted</th></tr>{tables}</table>
-<h2>Drift between staging and production</h2><ul>{drift}</ul>
-</body></html>
-"""
 
 
 def save_rehearsal(result: RehearsalResult, directory: Path) -> dict[str, Path]:
