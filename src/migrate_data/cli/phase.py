@@ -50,140 +50,142 @@ def _destroys(settings: Settings, tables: list[str]) -> str:
     return f"  DROPS {len(tables)} tables, {total:,} rows (after a verified backup and proof that every row is in its target):\n{listed}"
 
 
+PHASE_OPTIONS = (
+    click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation."),
+    click.option("--dry-run", is_flag=True, help="Stop after the pre-flight; print what would happen."),
+    click.option("--no-backup", is_flag=True, help="Skip pg_dump (rehearsals only)."),
+    click.option("--batch-size", default=CopyOptions.batch_size, show_default=True, type=click.IntRange(1)),
+    click.option("--jobs", default=2, show_default=True, type=click.IntRange(1, 64), help="Concurrent batches."),
+    click.option("--recheck", is_flag=True, help="Pass over finished tables again (idempotent)."),
+    click.option(
+        "--max-rejects", type=RejectLimit(), default="10%", show_default=True,
+        help="Fail when more rows are quarantined: a count for the phase (100) or a share of each table (5%).",
+    ),
+    click.option("--until", help="Stop cleanly before HH:MM (the end of the window)."),
+    click.option("--tz", help="Time zone of --until and of the times shown, e.g. America/Guayaquil (default: local)."),
+    click.option(
+        "--accept-unmapped", is_flag=True,
+        help="Let a phase that drops tables drop data no mapping copies (it stays in the phase's backup).",
+    ),
+    click.option(
+        "--deep/--counts-only", default=True, show_default=True, help="Validate with checksums (default) or counts only."
+    ),
+    format_option(),
+)  # fmt: skip
+
+
 def phase_command(name: str, path: Path) -> click.Command:
+    """The command of one phase file: ``migrate-data NAME``."""
     help_text = _phase_help(path)
 
-    @click.command(
-        name=name,
-        help=f"{help_text}\n\nPre-flight, backup, schema, copy and validate phase {name}; resumable at the last "
-        "checkpoint.",
-        epilog=f"\b\nExamples:\n  migrate-data {name} --dry-run\n  migrate-data {name} --until 05:30 --tz "
-        f"America/Guayaquil\n  migrate-data {name} --yes --format json > {name}.json\n  migrate-data rollback {name}",
-        short_help=help_text,
-    )
-    @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-    @click.option("--dry-run", is_flag=True, help="Stop after the pre-flight; print what would happen.")
-    @click.option("--no-backup", is_flag=True, help="Skip pg_dump (rehearsals only).")
-    @click.option("--batch-size", default=CopyOptions.batch_size, show_default=True, type=click.IntRange(1))
-    @click.option("--jobs", default=2, show_default=True, type=click.IntRange(1, 64), help="Concurrent batches.")
-    @click.option("--recheck", is_flag=True, help="Pass over finished tables again (idempotent).")
-    @click.option(
-        "--max-rejects",
-        type=RejectLimit(),
-        default="10%",
-        show_default=True,
-        help="Fail when more rows are quarantined: a count for the phase (100) or a share of each table (5%).",
-    )
-    @click.option("--until", help="Stop cleanly before HH:MM (the end of the window).")
-    @click.option("--tz", help="Time zone of --until and of the times shown, e.g. America/Guayaquil (default: local).")
-    @click.option(
-        "--accept-unmapped",
-        is_flag=True,
-        help="Let a phase that drops tables drop data no mapping copies (it stays in the phase's backup).",
-    )
-    @click.option(
-        "--deep/--counts-only",
-        default=True,
-        show_default=True,
-        help="Validate with checksums (default) or counts only.",
-    )
-    @format_option()
-    @pass_ctx
-    def command(
-        obj: Context,
-        yes: bool,
-        dry_run: bool,
-        no_backup: bool,
-        batch_size: int,
-        jobs: int,
-        recheck: bool,
-        max_rejects: tuple[int | None, float | None],
-        until: str | None,
-        tz: str | None,
-        accept_unmapped: bool,
-        deep: bool,
-        fmt: str,
-    ) -> None:
-        settings = obj.settings()
-        zone = zone_of(tz)
-        deadline = until_deadline(until, tz)
-        if deadline is not None:
-            click.echo(
-                f"the window closes at {label(deadline)} ({deadline:%Y-%m-%d}, in "
-                f"{span(deadline - dt.datetime.now(dt.timezone.utc))}): no batch starts that would not finish by then",
-                err=True,
-            )
-        phases, phase = api.get_phase(settings, name)
-        if phase.backup and not dry_run:
-            destroys = _destroys(settings, [str(t) for t in phase.backup])
-            if yes:
-                click.echo(f"phase {name}:\n{destroys}\n  to restore them: migrate-data rollback {name}", err=True)
-        if not dry_run and not yes:
-            tables = ", ".join(f"{t.source}→{t.target}" for t in phase.tables) or "no tables (schema only)"
-            confirm(
-                f"run {name}",
-                f"phase {name}: {phase.description}\n  database: {redact(settings.database_url)}\n"
-                f"  revision: {phase.revision or '-'}\n  tables: {tables}\n  backup: {'no' if no_backup else 'yes'}\n"
-                + (f"{destroys}\n  to restore them: migrate-data rollback {name}\n" if phase.backup else "")
-                + "run it?",
-            )
-        options = api.RunOptions(
-            batch_size=batch_size,
-            jobs=jobs,
-            recheck=recheck,
-            max_rejects=max_rejects[0],
-            max_reject_share=max_rejects[1],
-            deadline=deadline,
-            backup=not no_backup,
-            deep=deep,
-            dry_run=dry_run,
-            accept_unmapped=accept_unmapped,
-        )
-        tracker = console.Tracker(name, deadline=deadline)
-        terminal = sys.stderr if sys.stderr.isatty() else None
-        say = lambda line: click.echo(line, err=True)  # noqa: E731
-        with console.progress(tracker, terminal=terminal, say=say, every=progress_every(), zone=zone):
-            try:
-                result = run(lambda stop: api.run_phase(settings, name, options, on_event=tracker, stop=stop))
-            except PrivilegeMissing as e:
-                if not dry_run:
-                    raise
-                result = _read_only_dry_run(settings, name, e)
-            except Stopped as e:
-                tracker.finish()
-                with contextlib.suppress(OSError):
-                    click.echo(
-                        "\n".join([f"phase {name} stopped at a checkpoint:", *console.stopped_lines(tracker)]), err=True
-                    )
-                e.hint = f"resume with: migrate-data {name} --yes" + (
-                    f" --until {until}" + (f" --tz {shlex.quote(tz)}" if tz else "") if until else ""
-                )
-                if deadline is not None and not e.detail:
-                    e.detail = f"--until {until}: the window closes at {label(deadline)}"
-                raise
-        following = console.next_step(result, obj.phase_order())
-        if result.validation is not None:
-            report.add_run_details(
-                result.reports, result.validation, steps=console.timer_list(tracker), next_step=following
-            )
-        if fmt == "json":
-            print_json(_run_dict(result, tracker, zone, following))
-        elif result.status == "dry-run":
-            for f in result.findings:
-                click.echo(str(f))
-            click.echo(
-                f"dry run of {name}: pre-flight passed; would back up, "
-                f"{'upgrade to ' + phase.revision + ', ' if phase.revision else ''}copy "
-                f"{len(phase.tables)} tables and validate\nnext:   {following}"
-            )
-        else:
-            for f in result.findings:
-                click.echo(str(f))
-            click.echo(console.summary(result, tracker, next_step=following, zone=zone))
-        if result.status == "invalid":
-            sys.exit(3)
+    def command(obj: Context, /, **flags: Any) -> None:
+        run_phase_command(obj, name, **flags)
 
-    return with_global_options(command)
+    command = pass_ctx(command)
+    for option in reversed(PHASE_OPTIONS):
+        command = option(command)
+    return with_global_options(
+        click.command(
+            name=name,
+            help=f"{help_text}\n\nPre-flight, backup, schema, copy and validate phase {name}; resumable at the last "
+            "checkpoint.",
+            epilog=f"\b\nExamples:\n  migrate-data {name} --dry-run\n  migrate-data {name} --until 05:30 --tz "
+            f"America/Guayaquil\n  migrate-data {name} --yes --format json > {name}.json\n  migrate-data rollback {name}",
+            short_help=help_text,
+        )(command)
+    )
+
+
+def run_phase_command(
+    obj: Context,
+    name: str,
+    *,
+    yes: bool,
+    dry_run: bool,
+    no_backup: bool,
+    until: str | None,
+    tz: str | None,
+    fmt: str,
+    max_rejects: tuple[int | None, float | None],
+    **copy: Any,
+) -> None:
+    """Say when the window closes, confirm, run the phase with live progress, print the outcome (exit 3: invalid)."""
+    settings = obj.settings()
+    zone = zone_of(tz)
+    deadline = until_deadline(until, tz)
+    if deadline is not None:
+        left = span(deadline - dt.datetime.now(dt.timezone.utc))
+        click.echo(f"the window closes at {label(deadline)} ({deadline:%Y-%m-%d}, in {left}): no batch starts that "
+                   "would not finish by then", err=True)  # fmt: skip
+    _, phase = api.get_phase(settings, name)
+    if not dry_run:
+        _confirm_run(settings, phase, yes=yes, backup=not no_backup)
+    options = api.RunOptions(max_rejects=max_rejects[0], max_reject_share=max_rejects[1], deadline=deadline,
+                             backup=not no_backup, dry_run=dry_run, **copy)  # fmt: skip
+    tracker = console.Tracker(name, deadline=deadline)
+    terminal = sys.stderr if sys.stderr.isatty() else None
+    say = lambda line: click.echo(line, err=True)  # noqa: E731
+    with console.progress(tracker, terminal=terminal, say=say, every=progress_every(), zone=zone):
+        try:
+            result = run(lambda stop: api.run_phase(settings, name, options, on_event=tracker, stop=stop))
+        except PrivilegeMissing as e:
+            if not dry_run:
+                raise
+            result = _read_only_dry_run(settings, name, e)
+        except Stopped as e:
+            tracker.finish()
+            with contextlib.suppress(OSError):
+                click.echo(
+                    "\n".join([f"phase {name} stopped at a checkpoint:", *console.stopped_lines(tracker)]), err=True
+                )
+            e.hint = f"resume with: migrate-data {name} --yes" + (
+                f" --until {until}" + (f" --tz {shlex.quote(tz)}" if tz else "") if until else ""
+            )
+            if deadline is not None and not e.detail:
+                e.detail = f"--until {until}: the window closes at {label(deadline)}"
+            raise
+    _print_outcome(obj, result, tracker, zone, fmt=fmt)
+
+
+def _confirm_run(settings: Settings, phase: Any, *, yes: bool, backup: bool) -> None:
+    """Ask before a run (a phase that drops tables lists them with their rows); with --yes only say what it drops."""
+    name = phase.name
+    destroys = _destroys(settings, [str(t) for t in phase.backup]) if phase.backup else ""
+    restore = f"{destroys}\n  to restore them: migrate-data rollback {name}"
+    if yes:
+        if phase.backup:
+            click.echo(f"phase {name}:\n{restore}", err=True)
+        return
+    tables = ", ".join(f"{t.source}→{t.target}" for t in phase.tables) or "no tables (schema only)"
+    confirm(
+        f"run {name}",
+        f"phase {name}: {phase.description}\n  database: {redact(settings.database_url)}\n"
+        f"  revision: {phase.revision or '-'}\n  tables: {tables}\n  backup: {'yes' if backup else 'no'}\n"
+        + (f"{restore}\n" if phase.backup else "")
+        + "run it?",
+    )
+
+
+def _print_outcome(obj: Context, result: api.RunResult, tracker: console.Tracker, zone: dt.tzinfo, *, fmt: str) -> None:
+    following = console.next_step(result, obj.phase_order())
+    if result.validation is not None:
+        report.add_run_details(
+            result.reports, result.validation, steps=console.timer_list(tracker), next_step=following
+        )
+    if fmt == "json":
+        print_json(_run_dict(result, tracker, zone, following))
+    else:
+        for f in result.findings:
+            click.echo(str(f))
+        if result.status == "dry-run":
+            rev = f"upgrade to {result.revision}, " if result.revision else ""
+            n = len(api.get_phase(obj.settings(), result.phase)[1].tables)
+            click.echo(f"dry run of {result.phase}: pre-flight passed; would back up, {rev}copy {n} tables and "
+                       f"validate\nnext:   {following}")  # fmt: skip
+        else:
+            click.echo(console.summary(result, tracker, next_step=following, zone=zone))
+    if result.status == "invalid":
+        sys.exit(3)
 
 
 def _read_only_dry_run(settings: Settings, name: str, why: PrivilegeMissing) -> api.RunResult:
