@@ -81,7 +81,7 @@ def phase_command(name: str, path: Path) -> click.Command:
     def command(obj: Context, /, **flags: Any) -> None:
         run_phase_command(obj, name, **flags)
 
-    command = pass_ctx(command)
+    command = pass_ctx(command)  # type: ignore[arg-type]
     for option in reversed(PHASE_OPTIONS):
         command = option(command)
     return with_global_options(
