@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -22,16 +23,13 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
-def _wrapped_driver_errors() -> tuple[type[BaseException], ...]:
-    """SQLAlchemy's wrapper of a driver error (the Alembic step runs through SQLAlchemy)."""
-    try:
-        from sqlalchemy.exc import DBAPIError
-    except ImportError:  # pragma: no cover
-        return ()
-    return (DBAPIError,)
-
-
-_WRAPPED_DRIVER_ERRORS = _wrapped_driver_errors()
+def _is_driver_error(e: BaseException) -> bool:
+    """A driver error, raw or as SQLAlchemy wraps it (the Alembic step runs through SQLAlchemy).  SQLAlchemy is not
+    imported for this: when it was never imported, no error of its can be raised."""
+    if isinstance(e, asyncpg.PostgresError):
+        return True
+    exc = sys.modules.get("sqlalchemy.exc")
+    return exc is not None and isinstance(e, exc.DBAPIError)
 
 
 def database_errors(fn: F) -> F:
@@ -60,15 +58,15 @@ def database_errors(fn: F) -> F:
                     e.message, detail=e.detail or better.message, hint=better.hint, sqlstate="42501"
                 ) from e
             raise
-        except (asyncpg.PostgresError, *_WRAPPED_DRIVER_ERRORS) as e:
-            if postgres_error(e) is None:
-                raise
-            raise database_error(e, doing=doing, role=role) from e
-        except (OSError, asyncpg.InterfaceError) as e:
-            raise MigrationError(
-                f"lost the connection to the database during {doing}: {e}",
-                hint="every batch is checkpointed; run the same command again",
-            ) from e
+        except Exception as e:
+            if _is_driver_error(e) and postgres_error(e) is not None:
+                raise database_error(e, doing=doing, role=role) from e
+            if isinstance(e, (OSError, asyncpg.InterfaceError)) and not _is_driver_error(e):
+                raise MigrationError(
+                    f"lost the connection to the database during {doing}: {e}",
+                    hint="every batch is checkpointed; run the same command again",
+                ) from e
+            raise
 
     return wrapper  # type: ignore[return-value]
 
