@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from . import backup as backups
-from . import capture, ledger, report, schema
+from . import capture, dependents, ledger, report, schema
 from . import rollback as undo_phase
 from . import sync as syncing
 from .catalog import Table, read_table, sequences
@@ -96,6 +96,7 @@ class RunOptions(CopyOptions):
     deep: bool = True  # validate with checksums after the copy (counts only when False)
     dry_run: bool = False
     accept_unmapped: bool = False  # a phase that drops tables may drop data no mapping copies (kept in its backup)
+    force: bool = False  # ... and the objects that depend on them, with no `dependents:` decision (saved first)
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,11 @@ class PlanResult:
     plan: PhasePlan
     ddl: str | None
     statements: dict[str, dict[str, str]]
+    dependents: tuple[dependents.Dependent, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "dependents": [d.to_dict() for d in self.dependents],
             "phase": self.plan.phase.name,
             "ok": not self.plan.errors,
             "revision": self.plan.phase.revision,
@@ -248,7 +251,8 @@ async def plan(settings: Settings, name: str, *, sql: bool = False, preview_rows
     async with connect(settings) as (target, source):
         the_plan = await _preflight(settings, phase, target, source, coverage=True, preview_rows=preview_rows)
         found = await capture.check(source, name, the_plan.tables)  # can the writes between nights be captured?
-        the_plan = replace(the_plan, findings=(*the_plan.findings, *found))
+        deps, about = await dependents.for_plan(target, source, phase)  # views, functions... on what it reads, drops
+        the_plan = replace(the_plan, findings=(*the_plan.findings, *found, *about))
     ddl = schema.offline_sql(settings, phase.revision) if (sql and phase.revision) else None
     statements = {
         str(ct.target): {
@@ -259,7 +263,7 @@ async def plan(settings: Settings, name: str, *, sql: bool = False, preview_rows
         }
         for ct, _ in the_plan.tables
     }
-    return PlanResult(the_plan, ddl, statements)
+    return PlanResult(the_plan, ddl, statements, tuple(deps))
 
 
 async def _preflight(
@@ -271,7 +275,10 @@ async def _preflight(
     coverage: bool,
     preview_rows: int = 0,
 ) -> PhasePlan:
-    async with schema.schema_transaction(settings, target, upgrade_to=phase.revision, commit=False) as conn:
+    out_of_the_way = dependents.dropped_first(phase)  # what the drop would refuse over, dropped in this transaction too
+    async with schema.schema_transaction(
+        settings, target, upgrade_to=phase.revision, commit=False, before=out_of_the_way
+    ) as conn:
         return await preflight(
             phase,
             source=conn if settings.same_database else source,
@@ -352,6 +359,7 @@ async def run_phase(
                 hint=f"finish it first: `migrate-data rollback {name}`",
             )
         _step(on_event, "preflight", f"{len(phase.tables)} tables against the live catalogs")
+        await dependents.check(target, phase, force=options.force)  # refused here: nothing is written
         the_plan = await _preflight(settings, phase, target, source, coverage=options.dry_run)
         the_plan.raise_for_errors()
         if options.dry_run:
@@ -417,7 +425,7 @@ async def _run(
         # every row is in its target, and the drop, all in one transaction.
         _step(on_event, "backup", f"pg_dump of {len(phase.backup)} tables, proof that nothing is lost, then the drop")
         backup_path, the_plan = await _drop_with_proof(
-            settings, phase, target, source, run_id, lock, accept_unkept=options.accept_unmapped
+            settings, phase, target, source, run_id, lock, accept_unkept=options.accept_unmapped, force=options.force
         )
     else:
         if options.backup and not backup_path:
@@ -555,6 +563,7 @@ async def _drop_with_proof(
     lock: ledger.LockSession,
     *,
     accept_unkept: bool,
+    force: bool = False,
 ) -> tuple[str, PhasePlan]:
     """Drop the tables of a phase's ``backup:`` list only with proof that nothing is lost: in the transaction that
     drops them, writes to them are blocked first (SHARE lock: reads go on), pg_dump takes exactly what is dropped
@@ -567,6 +576,7 @@ async def _drop_with_proof(
         names = ", ".join(qname(t.qualified) for t in tables)
         if names:
             await conn.execute(f"LOCK TABLE {names} IN SHARE MODE")
+        holder["deps"], holder["saved"] = await dependents.before_drop(conn, phase, settings.backups_dir, force=force)
         snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
         holder["backup"] = str(await _backup(settings, phase, target, snapshot=snapshot))
         await ledger.update_run(target, run_id, backup_path=holder["backup"])
@@ -581,11 +591,12 @@ async def _drop_with_proof(
         holder["dropped"] = {
             str(t.qualified): await conn.fetchval(f"SELECT count(*) FROM {qname(t.qualified)}") for t in tables
         }
+        await dependents.drop_dependents(conn, holder["deps"])  # each on its own, never CASCADE
 
     async with schema.schema_transaction(
         settings, target, upgrade_to=phase.revision, commit=True, before=prove
     ) as conn:
-        the_plan = PhasePlan(phase, (), ())
+        the_plan = PhasePlan(phase, (), tuple(dependents.saved_findings(holder["deps"], holder["saved"])))
         await ledger.set_phase(
             conn,
             phase.name,
@@ -593,7 +604,7 @@ async def _drop_with_proof(
             revision=phase.revision,
             run_id=run_id,
             backup_path=holder["backup"],
-            pre_state={"counts": {}, "sequences": {}, "dropped": holder["dropped"]},
+            pre_state={"counts": {}, "sequences": {}, "dropped": holder["dropped"], **dependents.state(holder["deps"])},
             start=True,
         )
         await lock.check(conn)

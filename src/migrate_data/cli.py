@@ -505,6 +505,12 @@ def phase_command(name: str, path: Path) -> click.Command:
         help="Let a phase that drops tables drop data no mapping copies (it stays in the phase's backup).",
     )
     @click.option(
+        "--force",
+        is_flag=True,
+        help="Let a phase that drops tables drop the views, functions, foreign keys... that depend on them, with no "
+        "`dependents:` decision in its file (their definitions are saved first; rollback restores them).",
+    )
+    @click.option(
         "--deep/--counts-only",
         default=True,
         show_default=True,
@@ -524,6 +530,7 @@ def phase_command(name: str, path: Path) -> click.Command:
         until: str | None,
         tz: str | None,
         accept_unmapped: bool,
+        force: bool,
         deep: bool,
         fmt: str,
     ) -> None:
@@ -561,6 +568,7 @@ def phase_command(name: str, path: Path) -> click.Command:
             deep=deep,
             dry_run=dry_run,
             accept_unmapped=accept_unmapped,
+            force=force,
         )
         tracker = console.Tracker(name, deadline=deadline)
         terminal = sys.stderr if sys.stderr.isatty() else None

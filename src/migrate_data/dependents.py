@@ -19,7 +19,7 @@ import datetime as dt
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -250,7 +250,7 @@ def blocking(deps: Iterable[Dependent], decision: dict[str, str], *, force: bool
     return out
 
 
-def refusal(phase: Phase, blocked: list[Dependent], *, force: bool = False) -> RefusedError:
+def refusal(phase: Phase, blocked: list[Dependent]) -> RefusedError:
     unsaved = [d for d in blocked if d.effect == UNSAVED]
     if unsaved:
         hint = "change or drop these objects yourself first (their definitions cannot be saved and replayed)"
@@ -308,6 +308,27 @@ def _fate(d: Dependent) -> str:
 def decision(phase: Phase) -> dict[str, str]:
     """The phase's ``dependents:`` decision per dropped table (unlisted: refuse)."""
     return dict(phase.dependents)
+
+
+def saved_findings(deps: list[Dependent], path: str | None) -> list[Finding]:
+    """What a run that dropped tables says about their dependents: where their definitions are."""
+    if not path:
+        return []
+    again = len(replay_order(deps)) + sum(d.effect == WITH_TABLE and d.kind != "publication relation" for d in deps)
+    return [
+        Finding(
+            "info",
+            None,
+            f"the definitions of {len(deps)} objects that depended on the dropped tables are saved in {path}; "
+            f"`rollback` restores {again} of them (the others were kept)",
+            count=len(deps),
+        )
+    ]
+
+
+def state(deps: list[Dependent]) -> dict[str, Any]:
+    """What the ledger keeps for the rollback (in the phase's ``pre_state``): the definitions it replays."""
+    return {"dependents": [d.to_dict() for d in replay_order(deps)]} if deps else {}
 
 
 def definitions_text(phase: str, deps: list[Dependent]) -> str:
@@ -372,12 +393,23 @@ async def _find(conn: asyncpg.Connection, oids: dict[int, str]) -> list[Dependen
     return out
 
 
+async def for_plan(target: Executor, source: Executor, phase: Phase) -> tuple[list[Dependent], list[Finding]]:
+    """The dependents of the tables ``phase`` reads (in the source) and drops (in the target), and what plan says."""
+    reads: list[QualifiedName] = []
+    for tm in phase.tables:
+        reads += [tm.source, *(c.lookup.table for c in tm.columns if c.lookup is not None)]
+    read = await find(source, list(dict.fromkeys(reads)))
+    dropped = await find(target, phase.backup)
+    deps = read + [d for d in dropped if d.table not in {r.table for r in read}]
+    return deps, findings(deps, phase, reads={str(t) for t in reads})
+
+
 async def check(db: Executor, phase: Phase, *, force: bool = False) -> list[Dependent]:
     """Refuse, before anything is written, when the tables ``phase`` drops have dependents it has no decision for."""
     deps = await find(db, phase.backup)
     blocked = blocking(deps, decision(phase), force=force)
     if blocked:
-        raise refusal(phase, blocked, force=force)
+        raise refusal(phase, blocked)
     return deps
 
 
@@ -403,6 +435,18 @@ async def drop_dependents(conn: asyncpg.Connection, deps: list[Dependent]) -> No
         log.info("dropping %s %s before the tables it depends on", d.kind, d.name)
         assert d.drop is not None
         await conn.execute(d.drop)
+
+
+def dropped_first(phase: Phase) -> Callable[[asyncpg.Connection], Awaitable[None]] | None:
+    """For a transaction that is rolled back (plan, pre-flight): drop what a drop of the phase's tables would refuse
+    over, so that the revision's DDL can be tried; None when the phase drops nothing."""
+    if not phase.backup:
+        return None
+
+    async def hook(conn: asyncpg.Connection) -> None:
+        await drop_dependents(conn, await find(conn, phase.backup))
+
+    return hook
 
 
 async def _exists(conn: asyncpg.Connection, d: Dependent) -> bool:

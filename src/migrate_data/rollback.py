@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg
 
 from . import backup as backups
-from . import capture, ledger, schema, undo
+from . import capture, dependents, ledger, schema, undo
 from .catalog import Table, parents_first, read_table
 from .db import fetch_all, fetch_one, fetch_val, rowcount
 from .errors import MigrationError, RefusedError, Stopped
@@ -184,6 +184,7 @@ async def execute(
     if restore:
         lock.raise_if_lost()
         restored = await _restore_dropped(settings, phase, st, pre, target, lock)
+        await dependents.replay(target, lock, pre.get("dependents"))  # what depended on them and is not in the backup
         async with ledger.committed_under(target, lock) as conn:
             await _finish(conn, name)
     elif not plan.downgrade_to:
