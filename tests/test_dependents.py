@@ -10,8 +10,8 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-
 from clikit import invoke
+
 from conftest import run, scalar, sql
 from migrate_data import api
 from migrate_data.errors import MappingError, RefusedError
@@ -121,7 +121,9 @@ def test_plan_lists_the_objects_that_depend_on_a_table_it_reads_and_on_one_it_dr
     assert listed == DEPENDENTS
     drops = invoke("plan", "drop", url=url, project=project)
     assert drops.exit_code == 2, drops.output  # it would refuse: no decision
-    assert "ERROR: things: view public.thing_names depends on it (dropped by CASCADE); the phase drops it" in drops.stdout
+    assert (
+        "ERROR: things: view public.thing_names depends on it (dropped by CASCADE); the phase drops it" in drops.stdout
+    )
     assert "ERROR: things: plpgsql function public.last_thing() depends on it (may reference)" in drops.stdout
     assert "not_about_things" not in drops.stdout
     text = invoke("plan", "copy", url=url, project=project)
@@ -157,7 +159,9 @@ def test_with_a_decision_the_drop_saves_the_definitions_and_the_rollback_restore
     if how == "mapping":
         (project / "mappings" / "drop.yaml").write_text(textwrap.dedent(DROP) + "dependents:\n  things: drop\n")
     result = run(api.run_phase(settings, "drop", api.RunOptions(force=how == "force")))
-    saved = Path(next(f.message for f in result.findings if "are saved in" in f.message).split(" saved in ")[1].split(";")[0])
+    saved = Path(
+        next(f.message for f in result.findings if "are saved in" in f.message).split(" saved in ")[1].split(";")[0]
+    )
     assert stat.S_IMODE(saved.stat().st_mode) == 0o600 and stat.S_IMODE(saved.parent.stat().st_mode) == 0o700
     kept = json.loads(saved.read_text())["dependents"]
     assert {(d["kind"], d["name"]) for d in kept} == set(DEPENDENTS)
@@ -197,7 +201,9 @@ def test_rollback_killed_after_the_restore_recreates_the_dependents_when_run_aga
     monkeypatch.setattr(dependents, "replay", dies)
     with pytest.raises(KeyboardInterrupt):
         run(api.rollback(settings, "drop"))
-    assert scalar(url, "SELECT count(*) FROM things") == 200 and scalar(url, "SELECT to_regclass('thing_names')") is None
+    assert (
+        scalar(url, "SELECT count(*) FROM things") == 200 and scalar(url, "SELECT to_regclass('thing_names')") is None
+    )
     monkeypatch.setattr(dependents, "replay", real)
     run(api.rollback(settings, "drop"))
     assert scalar(url, "SELECT count(*) FROM first_things") == 10

@@ -50,7 +50,8 @@ OWN_SCHEMA = ledger.SCHEMA
 # functions that CASCADE would drop too.  A view is reached through its _RETURN rule; the tables' own indexes,
 # constraints, defaults and sequences are part of them (and of their backup) and left out; so are extension members
 # and migrate-data's own change capture.  ``rel`` is the table an object belongs to, ``depth`` its longest path.
-WALK_SQL = """
+WALK_SQL = (
+    """
 WITH RECURSIVE walk(classid, objid, objsubid, root, depth, path) AS (
     SELECT 'pg_class'::regclass::oid, c.oid, 0, c.oid, 0, ARRAY[c.oid] FROM pg_class c WHERE c.oid = ANY($1::oid[])
     UNION ALL
@@ -156,13 +157,18 @@ LEFT JOIN pg_publication pub ON pub.oid = pr.prpubid
 LEFT JOIN pg_attrdef ad ON d.classid = 'pg_attrdef'::regclass AND ad.oid = d.objid
 WHERE NOT (d.classid IN ('pg_constraint'::regclass, 'pg_attrdef'::regclass) AND d.rel = ANY($1::oid[]))
   AND NOT (d.classid = 'pg_class'::regclass AND d.objid = ANY($1::oid[]))
-  AND d.schema IS DISTINCT FROM '""" + OWN_SCHEMA + """'
+  AND d.schema IS DISTINCT FROM '"""
+    + OWN_SCHEMA
+    + """'
   AND NOT coalesce(tg.tgfoid IN (SELECT p.oid FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-                                 WHERE n.nspname = '""" + OWN_SCHEMA + """'),
+                                 WHERE n.nspname = '"""
+    + OWN_SCHEMA
+    + """'),
                    false)
   AND NOT EXISTS (SELECT 1 FROM pg_depend e WHERE e.classid = d.classid AND e.objid = d.objid AND e.deptype = 'e')
 ORDER BY d.depth, d.root, d.type, d.identity
 """
+)
 
 # Functions whose body is text only (no prosqlbody) and contains a table's name: candidates, checked word by word in
 # Python (``mentions``).  $1: the tables' own names (no schema).
@@ -363,7 +369,10 @@ async def _find(conn: asyncpg.Connection, oids: dict[int, str]) -> list[Dependen
     if not oids:
         return []
     present = list(oids)
-    named = {r["r"]: oids[r["o"]] for r in await conn.fetch("SELECT o, o::regclass::text AS r FROM unnest($1::oid[]) o", list(oids))}
+    named = {
+        r["r"]: oids[r["o"]]
+        for r in await conn.fetch("SELECT o, o::regclass::text AS r FROM unnest($1::oid[]) o", list(oids))
+    }
     out: list[Dependent] = []
     for r in await conn.fetch(WALK_SQL, present):
         effect = WITH_TABLE if r["attached"] else CASCADE if r["create_sql"] else UNSAVED
