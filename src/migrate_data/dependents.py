@@ -347,6 +347,8 @@ async def find(db: Executor, tables: Iterable[QualifiedName]) -> list[Dependent]
     """Every object that depends on, or may reference, the tables that exist of ``tables``.  The definitions are
     read with ``search_path`` set to pg_catalog only, so every name in them is schema-qualified."""
     given = {qname(t): str(t) for t in tables}
+    if not given:
+        return []
     async with _connection(db) as conn, conn.transaction():
         rows = await conn.fetch("SELECT t, to_regclass(t)::oid AS r FROM unnest($1::text[]) t", list(given))
         old = await conn.fetchval("SELECT current_setting('search_path')")
