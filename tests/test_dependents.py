@@ -12,7 +12,8 @@ import asyncpg
 import pytest
 from clikit import invoke
 
-from conftest import run, scalar, sql
+from conftest import run, run_cli, scalar, sql
+from killer import kill_at
 from migrate_data import api
 from migrate_data.errors import MappingError, RefusedError
 from migrate_data.mapping import load_phase
@@ -188,25 +189,55 @@ def test_with_a_decision_the_drop_saves_the_definitions_and_the_rollback_restore
         sql(url, "INSERT INTO notes VALUES (99, 999)")
 
 
-def test_rollback_killed_after_the_restore_recreates_the_dependents_when_run_again(legacy, monkeypatch):
+def working_dependents(url: str) -> list:
+    return [
+        scalar(url, "SELECT count(*) FROM things"),
+        scalar(url, "SELECT count(*) FROM first_things"),
+        scalar(url, "SELECT n FROM thing_count"),
+        scalar(url, "SELECT count_things()"),
+        scalar(url, "SELECT count(*) FROM pg_publication_rel"),
+        scalar(url, "SELECT count(*) FROM pg_constraint WHERE conname = 'notes_thing_id_fkey'"),
+        scalar(url, "SELECT count(*) FROM pg_trigger WHERE tgname = 'things_stamp'"),
+        scalar(url, "SELECT count(*) FROM pg_policy WHERE polname = 'things_visible'"),
+    ]
+
+
+WORKING = [200, 10, 200, 200, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        "migrate_data.dependents:before_drop:return",  # definitions saved, nothing committed
+        "migrate_data.dependents:drop_dependents:return",  # dependents dropped in the transaction, not committed
+    ],
+)
+def test_a_drop_killed_before_it_commits_leaves_every_dependent_and_runs_again(legacy, step):
+    url, project, settings = legacy
+    args = ["--project", str(project), "drop", "--yes", "--force"]
+    env = {"MIGRATE_DATA_OUTPUT_DIR": str(settings.output_dir)}
+    killed = kill_at(step, *args, url=url, cwd=project, env=env)
+    assert killed.returncode == -9, killed.stderr
+    assert working_dependents(url) == WORKING
+    assert scalar(url, "SELECT version_num FROM alembic_version") == "cosas"
+    again = run_cli(*args, url=url, cwd=project, env=env)
+    assert again.returncode == 0, again.stderr
+    assert scalar(url, "SELECT to_regclass('things') IS NULL AND to_regclass('first_things') IS NULL")
+
+
+@pytest.mark.parametrize("step", ["migrate_data.dependents:replay:enter", "migrate_data.dependents:replay:return"])
+def test_a_rollback_killed_around_the_replay_recreates_the_dependents_when_run_again(legacy, step):
     url, project, settings = legacy
     run(api.run_phase(settings, "drop", api.RunOptions(force=True)))
-    from migrate_data import dependents
-
-    real = dependents.replay
-
-    async def dies(*args, **kwargs):
-        raise KeyboardInterrupt  # killed between the restore of the tables and the replay
-
-    monkeypatch.setattr(dependents, "replay", dies)
-    with pytest.raises(KeyboardInterrupt):
-        run(api.rollback(settings, "drop"))
-    assert (
-        scalar(url, "SELECT count(*) FROM things") == 200 and scalar(url, "SELECT to_regclass('thing_names')") is None
-    )
-    monkeypatch.setattr(dependents, "replay", real)
-    run(api.rollback(settings, "drop"))
-    assert scalar(url, "SELECT count(*) FROM first_things") == 10
+    env = {"MIGRATE_DATA_OUTPUT_DIR": str(settings.output_dir)}
+    args = ["--project", str(project), "rollback", "drop", "--yes"]
+    killed = kill_at(step, *args, url=url, cwd=project, env=env)
+    assert killed.returncode == -9, killed.stderr
+    assert scalar(url, "SELECT count(*) FROM things") == 200  # the tables are back, the phase is not rolled back yet
+    assert scalar(url, "SELECT state FROM migrate_data.phases WHERE phase = 'drop'") == "rolling_back"
+    again = run_cli(*args, url=url, cwd=project, env=env)
+    assert again.returncode == 0, again.stderr
+    assert working_dependents(url) == WORKING
     assert scalar(url, "SELECT state FROM migrate_data.phases WHERE phase = 'drop'") == "rolled_back"
 
 
