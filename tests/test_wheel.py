@@ -31,7 +31,8 @@ def test_the_demo_runs_from_an_installed_wheel_in_an_empty_directory(tmp_path, m
     (wheel,) = (tmp_path / "dist").glob("migrate_data-*.whl")
     venv = tmp_path / "venv"
     sh(sys.executable, "-m", "venv", venv, cwd=tmp_path)
-    sh(venv / "bin" / "python", "-m", "pip", "install", "-q", wheel, cwd=tmp_path)
+    # with the embedded extra, as the README installs it: its PostgreSQL's pg_dump backs up an embedded server
+    sh(venv / "bin" / "python", "-m", "pip", "install", "-q", f"{wheel}[embedded]", cwd=tmp_path)
     installed = Path(
         sh(venv / "bin" / "python", "-c", "import migrate_data; print(migrate_data.__file__)", cwd=tmp_path).strip()
     )
