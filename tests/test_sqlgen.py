@@ -118,3 +118,60 @@ def test_tables_are_ordered_parents_first_and_cycles_are_found():
     assert [t.name for t in parents_first([child, parent])] == ["padre", "hijo"]
     assert graph.cycles({"a": {"b"}, "b": {"a"}, "c": {"c"}, "d": {"a"}}) == [{"a", "b"}, {"c"}]
     assert graph.parents_first(["c", "b", "a"], {"c": {"a"}}) == ["a", "c", "b"]
+
+
+# -- dependents (dependents.py): the pure decisions --------------------------------------------------------------
+def _dep(kind: str, name: str, effect: str, depth: int = 1, table: str = "things"):
+    from migrate_data.dependents import Dependent
+
+    return Dependent(table, kind, name, effect, create=f"CREATE {name}", drop=f"DROP {name}", depth=depth)
+
+
+def test_a_function_mentions_a_table_only_as_a_whole_word_in_any_case():
+    from migrate_data.dependents import mentions
+
+    assert mentions("BEGIN RETURN (SELECT max(id) FROM Things); END", "things")
+    assert mentions('SELECT 1 FROM public."things"', "things")
+    assert not mentions("SELECT 1 FROM things_archive", "things")
+    assert not mentions("SELECT 1 FROM old_things", "things")
+    assert not mentions("SELECT $things$", "things$x")
+
+
+def test_refuse_blocks_every_dependent_keep_only_those_the_drop_destroys_drop_only_the_unsaved():
+    from migrate_data.dependents import CASCADE, MAY_REFERENCE, PUBLISHES, UNSAVED, WITH_TABLE, blocking
+
+    deps = [
+        _dep("view", "v", CASCADE),
+        _dep("trigger", "t on things", WITH_TABLE),
+        _dep("plpgsql function", "f()", MAY_REFERENCE),
+        _dep("publication", "p (FOR ALL TABLES)", PUBLISHES),
+        _dep("column", "other.c", UNSAVED),
+    ]
+    names = lambda ds: [d.name for d in ds]  # noqa: E731
+    assert names(blocking(deps, {})) == names(deps)
+    assert names(blocking(deps, {"things": "keep"})) == ["v", "t on things", "other.c"]
+    assert names(blocking(deps, {"things": "drop"})) == ["other.c"]
+    assert names(blocking(deps, {}, force=True)) == ["other.c"]
+    assert names(blocking(deps, {"others": "drop"})) == names(deps)  # decided for another table only
+
+
+def test_dependents_are_recreated_in_dependency_order_and_dropped_in_the_reverse():
+    from migrate_data.dependents import CASCADE, MAY_REFERENCE, WITH_TABLE, drop_order, replay_order
+
+    deps = [
+        _dep("view", "first_things", CASCADE, depth=2),
+        _dep("view", "thing_names", CASCADE),
+        _dep("function", "count_things()", CASCADE),
+        _dep("table constraint", "fk on notes", CASCADE),
+        _dep("publication relation", "things in pub", WITH_TABLE),
+        _dep("trigger", "stamp on things", WITH_TABLE),  # comes back with the table's backup
+        _dep("plpgsql function", "last_thing()", MAY_REFERENCE),  # never dropped
+    ]
+    assert [d.name for d in replay_order(deps)] == [
+        "count_things()",
+        "thing_names",
+        "fk on notes",
+        "things in pub",
+        "first_things",
+    ]
+    assert [d.name for d in drop_order(deps)] == ["first_things", "fk on notes", "thing_names", "count_things()"]

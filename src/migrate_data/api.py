@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from . import capture, ledger, rehearsal, schema, steps
+from . import capture, dependents, ledger, rehearsal, schema, steps
 from . import rollback as undo_phase
 from .copier import CopyEvent, CopyOptions, TableResult
 from .errors import RefusedError
@@ -61,9 +61,11 @@ class PlanResult:
     plan: PhasePlan
     ddl: str | None
     steps: tuple[steps.StepPlan, ...] = ()  # what each step runs, in order: the statements a run executes
+    dependents: tuple[dependents.Dependent, ...] = ()  # views, functions... on the tables it reads or drops
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "dependents": [d.to_dict() for d in self.dependents],
             "phase": self.plan.phase.name,
             "ok": not self.plan.errors,
             "revision": self.plan.phase.revision,
@@ -92,18 +94,22 @@ async def plan(settings: Settings, name: str, *, sql: bool = False, preview_rows
     """Pre-flight a phase and render what it would run; never writes (DDL is applied and rolled back)."""
     phases, phase = get_phase(settings, name)
     async with connect(settings) as (target, source):
-        async with schema.schema_transaction(settings, target, upgrade_to=phase.revision, commit=False) as conn:
+        deps, about = await dependents.for_plan(target, source, phase)  # views, functions... on what it reads, drops
+        out_of_the_way = dependents.dropped_first(phase)  # what the drop would refuse over, dropped here too
+        async with schema.schema_transaction(
+            settings, target, upgrade_to=phase.revision, commit=False, before=out_of_the_way
+        ) as conn:
             src = conn if settings.same_database else source
             the_plan = await preflight(
                 phase, source=src, target=conn, same_db=settings.same_database, coverage=True, preview_rows=preview_rows
             )
             found = await capture.check(src, name, the_plan.tables)  # can the writes between nights be captured?
-            the_plan = replace(the_plan, findings=(*the_plan.findings, *found))
+            the_plan = replace(the_plan, findings=(*the_plan.findings, *found, *about))
             described = (
                 () if the_plan.errors else await steps.describe(steps.Describing(settings, phase, the_plan, conn, src))
             )
     ddl = schema.offline_sql(settings, phase.revision) if (sql and phase.revision) else None
-    return PlanResult(the_plan, ddl, described)
+    return PlanResult(the_plan, ddl, described, tuple(deps))
 
 
 async def _preflight(
@@ -115,7 +121,10 @@ async def _preflight(
     coverage: bool,
     preview_rows: int = 0,
 ) -> PhasePlan:
-    async with schema.schema_transaction(settings, target, upgrade_to=phase.revision, commit=False) as conn:
+    out_of_the_way = dependents.dropped_first(phase)  # what the drop would refuse over, dropped in this transaction too
+    async with schema.schema_transaction(
+        settings, target, upgrade_to=phase.revision, commit=False, before=out_of_the_way
+    ) as conn:
         return await preflight(
             phase,
             source=conn if settings.same_database else source,
@@ -153,6 +162,7 @@ async def run_phase(
             )
         if on_event is not None:
             on_event(CopyEvent.step("preflight", f"{len(phase.tables)} tables against the live catalogs"))
+        await dependents.check(target, phase, force=options.force)  # refused here: nothing is written
         the_plan = await _preflight(settings, phase, target, source, coverage=options.dry_run)
         the_plan.raise_for_errors()
         if options.dry_run:

@@ -118,6 +118,9 @@ class Phase:
     tables: tuple[TableMapping, ...] = field(default_factory=tuple)
     timezone: str | None = None  # the zone of every timestamp <-> timestamptz conversion of the phase
     target_triggers: str | None = None  # the default of the phase's tables: "fire" | "skip"
+    # what a drop of each ``backup:`` table does with the objects that depend on it: "keep" | "drop" (unlisted:
+    # refuse); see dependents.py and docs/mapping.md
+    dependents: tuple[tuple[str, str], ...] = ()
 
     def table(self, target: str) -> TableMapping | None:
         return next((t for t in self.tables if str(t.target) == target or t.target.name == target), None)
@@ -365,6 +368,35 @@ def _table(
     )
 
 
+DEPENDENT_DECISIONS = ("keep", "drop")
+
+
+def _dependents(ctx: _Ctx, entry: tuple[Node, Node], backup: tuple[QualifiedName, ...]) -> tuple[tuple[str, str], ...]:
+    """``dependents: drop`` (every dropped table) or ``dependents: {table: keep|drop}``."""
+    key, node = entry
+    if not backup:
+        raise ctx.error(key, "dependents", "only a phase that drops tables (`backup:`) has dependents to decide on")
+    dropped = [str(t) for t in backup]
+
+    def one(n: Node, where: str) -> str:
+        text = ctx.string(n, where)
+        if text not in DEPENDENT_DECISIONS:
+            raise ctx.error(n, where, f"{text!r}: expected keep or drop")
+        return text
+
+    if isinstance(node, ScalarNode):
+        how = one(node, "dependents")
+        return tuple((t, how) for t in dropped)
+    if not isinstance(node, MappingNode) or not node.value:
+        raise ctx.error(node, "dependents", "expected keep, drop, or a mapping of dropped table: keep|drop")
+    out = []
+    for name, (k, v) in ctx.mapping(node, "dependents", ()).items():
+        if name not in dropped:
+            raise ctx.error(k, f"dependents.{name}", f"{name!r} is not one of the tables the phase drops (`backup:`)")
+        out.append((name, one(v, f"dependents.{name}")))
+    return tuple(out)
+
+
 def load_phase(path: str | Path) -> Phase:
     """Load one phase file; raise MappingError naming file, line and path on any problem."""
     path = Path(path)
@@ -390,7 +422,9 @@ def load_phase(path: str | Path) -> Phase:
     if root is None:
         raise ctx.error(None, "", "the file is empty")
     top = ctx.mapping(
-        root, "", ("description", "requires", "revision", "backup", "timezone", "target_triggers", "tables")
+        root,
+        "",
+        ("description", "requires", "revision", "backup", "dependents", "timezone", "target_triggers", "tables"),
     )
     timezone = ctx.zone(top["timezone"][1], "timezone") if "timezone" in top else None
     triggers = _trigger_mode(ctx, top["target_triggers"][1], "target_triggers") if "target_triggers" in top else None
@@ -411,13 +445,15 @@ def load_phase(path: str | Path) -> Phase:
                     f"{t.target} is already the target of tables[{seen[str(t.target)]}]",
                 )
             seen[str(t.target)] = i
+    backup = tuple(QualifiedName.parse(n) for n in ctx.names(top["backup"][1], "backup")) if "backup" in top else ()
     return Phase(
         name=name,
         path=path,
         description=ctx.string(top["description"][1], "description") if "description" in top else "",
         requires=ctx.names(top["requires"][1], "requires") if "requires" in top else (),
         revision=ctx.string(top["revision"][1], "revision", identifier=True) if "revision" in top else None,
-        backup=tuple(QualifiedName.parse(n) for n in ctx.names(top["backup"][1], "backup")) if "backup" in top else (),
+        backup=backup,
+        dependents=_dependents(ctx, top["dependents"], backup) if "dependents" in top else (),
         tables=tables,
         timezone=timezone,
         target_triggers=triggers,

@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from . import api, console, report
@@ -14,6 +15,10 @@ from .errors import BadInput
 
 log = logging.getLogger(__name__)
 TEMPLATES = Path(__file__).parent / "templates"
+# The demo's sample project: in a wheel, the copy the build put in the package (setup.py); from a source tree (an
+# editable install), the repository's own alembic.ini, alembic/, mappings/ and scripts/.
+SAMPLES = (Path(__file__).parent / "sample", Path(__file__).resolve().parents[2])
+SEED = Path("scripts") / "seed_legacy.py"
 
 
 def init_project(directory: Path) -> list[Path]:
@@ -35,13 +40,23 @@ def init_project(directory: Path) -> list[Path]:
     return created
 
 
-def _seed_module(project: Path):  # type: ignore[no-untyped-def]
-    path = project / "scripts" / "seed_legacy.py"
-    if not path.is_file():
+def sample_project(settings: api.Settings) -> api.Settings:
+    """The settings the demo runs with: the project's own when it has the sample's seed script (the repository),
+    else the sample shipped with migrate-data, with reports and backups in the working directory."""
+    if (settings.project_dir / SEED).is_file():
+        return settings
+    sample = next((d for d in SAMPLES if (d / SEED).is_file() and (d / "mappings").is_dir()), None)
+    if sample is None:
         raise BadInput(
-            f"{path}: the demo needs the project's sample-data script",
-            hint="run the demo from the migrate-data repository, or pass --project pointing at it",
+            f"{settings.project_dir / SEED}: the demo needs the sample project, and this installation has none",
+            hint="reinstall migrate-data from its wheel or its repository, or pass --project pointing at the repository",
         )
+    log.info("the demo runs the sample project in %s", sample)
+    return replace(settings, project_dir=sample, output_dir=settings.output_dir or Path.cwd())
+
+
+def _seed_module(project: Path):  # type: ignore[no-untyped-def]
+    path = project / SEED
     spec = importlib.util.spec_from_file_location("seed_legacy", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -51,6 +66,7 @@ def _seed_module(project: Path):  # type: ignore[no-untyped-def]
 
 async def demo(settings: api.Settings, *, scale: float, say: Callable[[str], None]) -> int:
     """Seed the sample database, run the phases up to the last data phase, roll that back and run it again."""
+    settings = sample_project(settings)
     seed = _seed_module(settings.project_dir)
     async with open_pool(settings.database_url, max_size=1) as pool, pool.acquire() as conn:
         if await conn.fetchval("SELECT to_regclass('customers') IS NOT NULL"):

@@ -133,7 +133,7 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-TEMPLATES = Path(__file__).resolve().parent / "templates" / "reports"
+TEMPLATES = Path(__file__).resolve().parent / "templates" / "html"
 CSS = (TEMPLATES / "report.css").read_text()
 
 

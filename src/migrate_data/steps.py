@@ -24,7 +24,7 @@ from typing import Any
 import asyncpg
 
 from . import backup as backups
-from . import capture, copier, ledger, report, schema
+from . import capture, copier, dependents, ledger, report, schema
 from . import rollback as undoing
 from .catalog import Table, read_table, sequences
 from .compile import CompiledTable
@@ -49,6 +49,7 @@ class RunOptions(CopyOptions):
     deep: bool = True  # validate with checksums after the copy (counts only when False)
     dry_run: bool = False
     accept_unmapped: bool = False  # a phase that drops tables may drop data no mapping copies (kept in its backup)
+    force: bool = False  # ... and the objects that depend on them, with no `dependents:` decision (saved first)
 
 
 @dataclass(frozen=True)
@@ -271,8 +272,9 @@ class DropLegacy(Step):
                         "alembic downgrade, then the backup restored whole (pg_restore in one transaction)")  # fmt: skip
 
     async def apply(self, run: PhaseRun) -> None:
-        if run.resuming:
+        if run.resuming:  # the drop committed (the phase's start is in its transaction): nothing is left to do
             run.backup_path = run.state["backup_path"] if run.state is not None else None
+            run.plan = PhasePlan(run.phase, (), ())
             return
         if not run.options.backup:
             raise RefusedError(
@@ -286,6 +288,9 @@ class DropLegacy(Step):
         async def prove(conn: asyncpg.Connection) -> None:
             if tables:
                 await conn.execute(f"LOCK TABLE {', '.join(qname(t.qualified) for t in tables)} IN SHARE MODE")
+            held["deps"], held["saved"] = await dependents.before_drop(
+                conn, phase, settings.backups_dir, force=run.options.force
+            )
             snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
             held["backup"] = await take_backup(settings, phase, target, snapshot=snapshot)
             await ledger.update_run(target, run.run_id, backup_path=held["backup"])
@@ -294,23 +299,26 @@ class DropLegacy(Step):
             held["dropped"] = {
                 str(t.qualified): await conn.fetchval(f"SELECT count(*) FROM {qname(t.qualified)}") for t in tables
             }
+            await dependents.drop_dependents(conn, held["deps"])  # each on its own, never CASCADE
 
         async with schema.schema_transaction(
             settings, target, upgrade_to=phase.revision, commit=True, before=prove
         ) as c:
             await ledger.set_phase(
                 c, phase.name, state="partial", revision=phase.revision, run_id=run.run_id, backup_path=held["backup"],
-                pre_state={"counts": {}, "sequences": {}, "dropped": held["dropped"]}, start=True,
+                pre_state={"counts": {}, "sequences": {}, "dropped": held["dropped"], **dependents.state(held["deps"])},
+                start=True,
             )  # fmt: skip
             await run.lock.check(c)
         run.backup_path = held["backup"]
-        run.plan = PhasePlan(phase, (), ())
+        run.plan = PhasePlan(phase, (), tuple(dependents.saved_findings(held["deps"], held["saved"])))
 
     async def undo(self, u: PhaseUndo) -> None:
         if u.plan.downgrade_to:
             await undoing.downgrade(u.settings, u.plan, u.target, u.lock)
         u.lock.raise_if_lost()
         u.restored = await undoing.restore_dropped(u.settings, u.phase, u.state, u.pre, u.target, u.lock)
+        await dependents.replay(u.target, u.lock, u.pre.get("dependents"))  # what depended on them, not in the backup
 
 
 class Copy(Step):

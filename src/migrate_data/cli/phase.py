@@ -68,6 +68,11 @@ PHASE_OPTIONS = (
         help="Let a phase that drops tables drop data no mapping copies (it stays in the phase's backup).",
     ),
     click.option(
+        "--force", is_flag=True,
+        help="Let a phase that drops tables drop the views, functions, foreign keys... that depend on them, with no "
+        "`dependents:` decision in its file (their definitions are saved first; rollback restores them).",
+    ),
+    click.option(
         "--deep/--counts-only", default=True, show_default=True, help="Validate with checksums (default) or counts only."
     ),
     format_option(),
