@@ -1,0 +1,118 @@
+"""Tables outside public: the same name in two schemas, mixed-case and spaced schema names, a DBA whose search_path
+puts a schema with same-named tables first.  Everything is schema-qualified end to end: the copy, checkpoints,
+rejects, capture and sync, validation (--deep), the backup and the rollback."""
+
+from __future__ import annotations
+
+import subprocess
+from urllib.parse import urlsplit
+
+import pytest
+
+from conftest import run, scalar, sql, with_database
+from migrate_data import api, backup
+from test_partitions import project, settings
+
+# sales.customers and public.customers have the same name and other rows; the targets are in "Ventas" (mixed case)
+# and "my schema", both named "Clientes".  decoy has tables of all these names (other columns, no rows): a search_path
+# that puts it first must change nothing.  Dirt: 6 names too long for varchar(10) (22001).
+SOURCE = """
+CREATE SCHEMA sales; CREATE SCHEMA "Ventas"; CREATE SCHEMA "my schema"; CREATE SCHEMA decoy;
+CREATE TABLE sales.customers (id int PRIMARY KEY, name text NOT NULL, email text);
+CREATE TABLE sales.orders (id int PRIMARY KEY, customer_id int NOT NULL REFERENCES sales.customers, total numeric(10,2));
+CREATE TABLE public.customers (id int PRIMARY KEY, name text NOT NULL, email text);
+INSERT INTO sales.customers SELECT i, CASE WHEN i % 50 = 0 THEN 'a name far too long' ELSE 'c' || i END,
+    'c' || i || '@x' FROM generate_series(1, 300) i;
+INSERT INTO sales.orders SELECT i, 1 + i % 300, i * 1.5 FROM generate_series(1, 400) i WHERE (1 + i % 300) % 50 <> 0;
+INSERT INTO public.customers SELECT i, 'p' || i, NULL FROM generate_series(1, 120) i;
+CREATE TABLE "Ventas"."Clientes" (id int PRIMARY KEY, nombre varchar(10) NOT NULL, correo text);
+CREATE TABLE "Ventas".pedidos (id int PRIMARY KEY, cliente_id int NOT NULL REFERENCES "Ventas"."Clientes",
+    total numeric(10,2));
+CREATE TABLE "my schema"."Clientes" (id int PRIMARY KEY, nombre text NOT NULL, correo text);
+CREATE TABLE decoy.customers (id int, other text);
+CREATE TABLE decoy.orders (id int, other text);
+CREATE TABLE decoy."Clientes" (id int, other text);
+CREATE TABLE decoy.pedidos (id int, other text);
+CREATE TABLE decoy.checkpoints (id int);
+CREATE TABLE decoy.rejects (id int);
+"""
+MAPPING = """
+tables:
+  - source: sales.orders
+    target: Ventas.pedidos
+    columns: {id: id, cliente_id: customer_id, total: total}
+  - source: sales.customers
+    target: Ventas.Clientes
+    columns: {id: id, nombre: name, correo: email}
+  - source: public.customers
+    target: '"my schema"."Clientes"'
+    columns: {id: id, nombre: name, correo: email}
+"""
+TARGETS = {"Ventas.Clientes": 294, "Ventas.pedidos": 392, "my schema.Clientes": 120}
+
+
+@pytest.fixture
+def shop(db_url: str) -> str:
+    sql(db_url, SOURCE)
+    return db_url
+
+
+def dba_url(url: str, how: str) -> str:
+    """``url`` as a DBA whose search_path puts decoy first (and leaves public out)."""
+    if how == "url options":
+        return url + ("&" if "?" in url else "?") + "options=-csearch_path%3Ddecoy"
+    if how == "role setting":
+        name = urlsplit(url).path.lstrip("/")
+        sql(with_database(url, "postgres"), f'ALTER ROLE CURRENT_USER IN DATABASE "{name}" SET search_path = decoy')
+    return url
+
+
+DECOYS = ("customers", "orders", "Clientes", "pedidos", "checkpoints", "rejects")
+
+
+def restore_list(url: str, path: str) -> str:
+    major = scalar(url, "SELECT current_setting('server_version_num')::int / 10000")
+    pg_restore = run(backup.find_tool("pg_restore", major))
+    return subprocess.run([pg_restore, "--list", path], capture_output=True, text=True, check=True).stdout
+
+
+def decoys_untouched(url: str) -> bool:
+    return all(scalar(url, f'SELECT count(*) FROM decoy."{t}"') == 0 for t in DECOYS)
+
+
+@pytest.mark.parametrize("how", ["default", "url options", "role setting"])
+def test_same_name_in_two_schemas_copied_validated_backed_up_and_rolled_back_whatever_the_search_path(
+    shop, tmp_path, how
+):
+    url = dba_url(shop, how)
+    if how != "default":
+        assert scalar(url, "SHOW search_path") == "decoy"
+    proj = project(tmp_path, MAPPING)
+    result = run(api.run_phase(settings(url, proj), "night", api.RunOptions(batch_size=50, jobs=2)))
+    assert result.validation.ok and result.validation.deep
+    assert {t.target: t.rows_written for t in result.tables} == TARGETS
+    assert {t.source for t in result.tables} == {"sales.customers", "sales.orders", "public.customers"}
+    # each row went to its own schema's table; the decoys got nothing
+    assert scalar(shop, 'SELECT count(*) FROM "my schema"."Clientes" WHERE nombre LIKE $1', "p%") == 120
+    assert scalar(shop, 'SELECT count(*) FROM "Ventas"."Clientes" WHERE nombre LIKE $1', "c%") == 294
+    assert decoys_untouched(shop)
+    # checkpoints and rejects name the schema-qualified tables
+    assert {r[0] for r in sql(shop, "SELECT target FROM migrate_data.checkpoints WHERE done")} == set(TARGETS)
+    rejects = sql(shop, "SELECT target, source, sqlstate, count(*) FROM migrate_data.rejects GROUP BY 1, 2, 3")
+    assert [tuple(r) for r in rejects] == [("Ventas.Clientes", "sales.customers", "22001", 6)]
+    # the backup holds the data of exactly these tables, not of the decoys
+    listing = restore_list(shop, result.backup_path)
+    data = sorted(line.split(" TABLE DATA ")[1].rsplit(" ", 1)[0] for line in listing.splitlines() if " TABLE DATA " in line)
+    assert data == sorted(
+        ["sales customers", "sales orders", "public customers", "Ventas Clientes", "Ventas pedidos", "my schema Clientes"]
+    )
+    # --deep compares each target with its own source: a row changed in "my schema" is found there only
+    sql(shop, """UPDATE "my schema"."Clientes" SET nombre = 'changed' WHERE id = 7""")
+    deep = run(api.validate(settings(url, proj), "night", deep=True))
+    assert not deep.ok
+    assert {t.target: t.differs for t in deep.tables} == {**{t: 0 for t in TARGETS}, "my schema.Clientes": 1}
+    undone = run(api.rollback(settings(url, proj), "night", force=True))
+    assert undone.deleted == TARGETS
+    assert scalar(shop, 'SELECT count(*) FROM "Ventas"."Clientes"') == 0
+    assert scalar(shop, 'SELECT count(*) FROM "my schema"."Clientes"') == 0
+    assert scalar(shop, "SELECT count(*) FROM public.customers") == 120  # the sources are untouched
