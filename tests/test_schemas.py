@@ -11,6 +11,7 @@ import pytest
 
 from conftest import run, scalar, sql, with_database
 from migrate_data import api, backup
+from migrate_data.project import init_project
 from test_partitions import project, settings
 
 # sales.customers and public.customers have the same name and other rows; the targets are in "Ventas" (mixed case)
@@ -116,3 +117,43 @@ def test_same_name_in_two_schemas_copied_validated_backed_up_and_rolled_back_wha
     assert scalar(shop, 'SELECT count(*) FROM "Ventas"."Clientes"') == 0
     assert scalar(shop, 'SELECT count(*) FROM "my schema"."Clientes"') == 0
     assert scalar(shop, "SELECT count(*) FROM public.customers") == 120  # the sources are untouched
+
+
+REVISION = '''
+from alembic import op
+
+revision = "r1"
+down_revision = None
+
+
+def upgrade():
+    op.execute('CREATE TABLE "Ventas"."Notas" (id int PRIMARY KEY, texto text)')
+
+
+def downgrade():
+    op.execute('DROP TABLE "Ventas"."Notas"')
+'''
+
+
+def test_a_revision_under_another_search_path_keeps_alembic_version_in_public_and_rolls_back(shop, tmp_path):
+    proj = project(tmp_path, "revision: r1\n" + MAPPING)
+    init_project(tmp_path / "scaffold")
+    (proj / "alembic.ini").write_text((tmp_path / "scaffold" / "alembic.ini").read_text())
+    (proj / "alembic" / "versions").mkdir(parents=True)
+    (proj / "alembic" / "env.py").write_text((tmp_path / "scaffold" / "alembic" / "env.py").read_text())
+    (proj / "alembic" / "versions" / "r1.py").write_text(REVISION)
+    url = dba_url(shop, "role setting")
+    result = run(api.run_phase(settings(url, proj), "night", api.RunOptions(backup=False)))
+    assert result.validation.ok
+    # Alembic's version table is where a DBA with the default search_path looks for it
+    assert [tuple(r) for r in sql(shop, "SELECT schemaname, tablename FROM pg_tables WHERE tablename = 'alembic_version'")] == [
+        ("public", "alembic_version")
+    ]
+    assert scalar(shop, "SELECT version_num FROM public.alembic_version") == "r1"
+    # another DBA, with the default search_path, sees the phase as applied and rolls it back
+    sql(with_database(shop, "postgres"), f'ALTER ROLE CURRENT_USER IN DATABASE "{urlsplit(shop).path.lstrip("/")}" RESET search_path')
+    assert run(api.validate(settings(shop, proj), "night")).ok
+    undone = run(api.rollback(settings(shop, proj), "night", force=True))
+    assert {t: n for t, n in undone.deleted.items() if n} == TARGETS
+    assert scalar(shop, """SELECT to_regclass('"Ventas"."Notas"') IS NULL""")
+    assert scalar(shop, "SELECT count(*) FROM public.alembic_version") == 0
