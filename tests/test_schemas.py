@@ -7,11 +7,13 @@ from __future__ import annotations
 import subprocess
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 
 from conftest import run, scalar, sql, with_database
 from migrate_data import api, backup
 from migrate_data.project import init_project
+from migrate_data.rehearse import rehearse
 from test_partitions import project, settings
 
 # sales.customers and public.customers have the same name and other rows; the targets are in "Ventas" (mixed case)
@@ -136,12 +138,7 @@ def downgrade():
 
 
 def test_a_revision_under_another_search_path_keeps_alembic_version_in_public_and_rolls_back(shop, tmp_path):
-    proj = project(tmp_path, "revision: r1\n" + MAPPING)
-    init_project(tmp_path / "scaffold")
-    (proj / "alembic.ini").write_text((tmp_path / "scaffold" / "alembic.ini").read_text())
-    (proj / "alembic" / "versions").mkdir(parents=True)
-    (proj / "alembic" / "env.py").write_text((tmp_path / "scaffold" / "alembic" / "env.py").read_text())
-    (proj / "alembic" / "versions" / "r1.py").write_text(REVISION)
+    proj = revision_project(tmp_path, REVISION, MAPPING)
     url = dba_url(shop, "role setting")
     result = run(api.run_phase(settings(url, proj), "night", api.RunOptions(backup=False)))
     assert result.validation.ok
@@ -157,3 +154,84 @@ def test_a_revision_under_another_search_path_keeps_alembic_version_in_public_an
     assert {t: n for t, n in undone.deleted.items() if n} == TARGETS
     assert scalar(shop, """SELECT to_regclass('"Ventas"."Notas"') IS NULL""")
     assert scalar(shop, "SELECT count(*) FROM public.alembic_version") == 0
+
+
+def test_changes_captured_in_schemas_outside_the_search_path_are_synced(shop, tmp_path):
+    url = dba_url(shop, "url options")
+    proj = project(tmp_path, MAPPING)
+    assert run(api.run_phase(settings(url, proj), "night", api.RunOptions(backup=False))).validation.ok
+    sql(
+        shop,
+        """INSERT INTO sales.customers VALUES (301, 'new', NULL); UPDATE public.customers SET name = 'renamed' WHERE id = 5;
+        DELETE FROM public.customers WHERE id = 6; UPDATE sales.orders SET total = 0 WHERE id = 1;
+        INSERT INTO decoy.customers VALUES (1, 'not captured')""",
+    )
+    logged = {r[0]: r[1] for r in sql(shop, "SELECT source, count(*) FROM migrate_data.changes GROUP BY 1")}
+    assert logged == {"sales.customers": 1, "public.customers": 2, "sales.orders": 1}
+    synced = run(api.sync(settings(url, proj), ["night"]))
+    assert synced.phases[0].changes == 4
+    assert scalar(shop, 'SELECT nombre FROM "my schema"."Clientes" WHERE id = 5') == "renamed"
+    assert scalar(shop, 'SELECT count(*) FROM "my schema"."Clientes" WHERE id = 6') == 0
+    assert scalar(shop, 'SELECT nombre FROM "Ventas"."Clientes" WHERE id = 301') == "new"
+    assert scalar(shop, 'SELECT nombre FROM "Ventas"."Clientes" WHERE id = 5') == "c5"  # the other customers
+    assert run(api.validate(settings(url, proj), "night", deep=True)).ok
+
+
+# The targets come from the phase's revision, so that a staging copy built with pg_dump has them too.
+STAGED_REVISION = '''
+from alembic import op
+
+revision = "r1"
+down_revision = None
+
+
+def upgrade():
+    op.execute('CREATE SCHEMA "Ventas"')
+    op.execute('CREATE SCHEMA "my schema"')
+    op.execute('CREATE TABLE "Ventas"."Clientes" (id int PRIMARY KEY, nombre varchar(10) NOT NULL, correo text)')
+    op.execute('CREATE TABLE "Ventas".pedidos (id int PRIMARY KEY, cliente_id int NOT NULL '
+               'REFERENCES "Ventas"."Clientes", total numeric(10,2))')
+    op.execute('CREATE TABLE "my schema"."Clientes" (id int PRIMARY KEY, nombre text NOT NULL, correo text)')
+
+
+def downgrade():
+    op.execute('DROP SCHEMA "Ventas" CASCADE')
+    op.execute('DROP SCHEMA "my schema" CASCADE')
+'''
+
+
+def revision_project(tmp_path, revision: str, mapping: str):
+    proj = project(tmp_path, "revision: r1\n" + mapping)
+    init_project(tmp_path / "scaffold")
+    (proj / "alembic.ini").write_text((tmp_path / "scaffold" / "alembic.ini").read_text())
+    (proj / "alembic" / "versions").mkdir(parents=True)
+    (proj / "alembic" / "env.py").write_text((tmp_path / "scaffold" / "alembic" / "env.py").read_text())
+    (proj / "alembic" / "versions" / "r1.py").write_text(revision)
+    return proj
+
+
+@pytest.mark.parametrize("built", ["template", "dump"])
+def test_rehearsal_of_tables_outside_public(db_url, make_db, tmp_path, built):
+    sources = SOURCE.split('CREATE TABLE "Ventas"')[0].replace('CREATE SCHEMA "Ventas"; CREATE SCHEMA "my schema"; ', "")
+    sql(db_url, sources)
+    proj = revision_project(tmp_path, STAGED_REVISION, MAPPING)
+    staging = with_database(db_url, "md_test_staging_" + urlsplit(db_url).path.lstrip("/")[-12:])
+
+    async def go():
+        busy = await asyncpg.connect(db_url) if built == "dump" else None  # TEMPLATE is refused: pg_dump instead
+        try:
+            return await rehearse(settings(db_url, proj), ["night"], staging_url=staging, rebuild=True)
+        finally:
+            if busy is not None:
+                await busy.close()
+
+    try:
+        result = run(go())
+        assert result.built == built and result.validations_ok
+        assert {t.target: t.staging_rows for t in result.tables} == {
+            "Ventas.Clientes": 300, "Ventas.pedidos": 392, "my schema.Clientes": 120
+        }
+        assert scalar(staging, 'SELECT count(*) FROM "my schema"."Clientes"') == 120
+        assert scalar(db_url, "SELECT to_regnamespace('Ventas') IS NULL AND to_regnamespace('migrate_data') IS NULL")
+    finally:
+        sql(with_database(db_url, "postgres"), f'DROP DATABASE IF EXISTS "{urlsplit(staging).path[1:]}" WITH (FORCE)')
