@@ -12,6 +12,7 @@ import pytest
 
 from conftest import run, scalar, sql, with_database
 from migrate_data import api, backup
+from migrate_data.mapping import QualifiedName
 from migrate_data.project import init_project
 from migrate_data.rehearse import rehearse
 from test_partitions import project, settings
@@ -235,3 +236,21 @@ def test_rehearsal_of_tables_outside_public(db_url, make_db, tmp_path, built):
         assert scalar(db_url, "SELECT to_regnamespace('Ventas') IS NULL AND to_regnamespace('migrate_data') IS NULL")
     finally:
         sql(with_database(db_url, "postgres"), f'DROP DATABASE IF EXISTS "{urlsplit(staging).path[1:]}" WITH (FORCE)')
+
+
+def test_backup_takes_exactly_the_named_table_when_its_name_looks_like_a_pattern(db_url, tmp_path):
+    # unquoted, pg_dump -t would read . as a separator, * and ? as wildcards and fold the case: all of these match
+    sql(
+        db_url,
+        """CREATE SCHEMA "odd.Sch*"; CREATE TABLE "odd.Sch*"."Ta?ble" (id int); CREATE TABLE "odd.Sch*"."Taxble" (id int);
+        CREATE SCHEMA odd; CREATE TABLE odd."Sch*.Ta?ble" (id int); CREATE TABLE "odd.Sch*".ta_ble (id int)""",
+    )
+    name = QualifiedName.parse('"odd.Sch*"."Ta?ble"')
+    assert (name.schema, name.name) == ("odd.Sch*", "Ta?ble") and QualifiedName.parse(str(name)) == name
+    major = scalar(db_url, "SELECT current_setting('server_version_num')::int / 10000")
+    path = run(backup.dump(db_url, [name], tmp_path / "b.dump", server_major=major))
+    listing = restore_list(db_url, str(path)).splitlines()
+    assert [line.split(" TABLE ")[1].rsplit(" ", 1)[0] for line in listing if " TABLE " in line] == [
+        "odd.Sch* Ta?ble",
+        "DATA odd.Sch* Ta?ble",
+    ]
