@@ -18,6 +18,14 @@ class Column:
     has_default: bool
     identity: str  # "" | "a" (ALWAYS) | "d" (BY DEFAULT)
     generated: bool  # GENERATED ALWAYS AS (expr) STORED: cannot be written
+    type_kind: str = ""  # pg_type.typtype: "b" base, "e" enum, "d" domain, "r" range, "c" composite, "m" multirange
+    labels: tuple[str, ...] = ()  # the labels of an enum type (or of the enum under a domain), in their order
+    expression: str = ""  # a generated column's expression
+
+    @property
+    def is_enum(self) -> bool:
+        """An enum, or a domain over one: only its labels are values."""
+        return bool(self.labels)
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,19 @@ class Table:
         return any(set(k) == set(columns) for k in self.unique_keys)
 
 
+# A column's type as the session names it (format_type: schema-qualified when the search_path does not show it), its
+# kind, the labels of an enum (or of the enum a domain is over) and a generated column's expression.
+COLUMNS_SQL = """SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull, a.atthasdef,
+       a.attidentity::text, a.attgenerated::text <> '' AS generated, t.typtype::text AS type_kind,
+       array(SELECT e.enumlabel::text FROM pg_enum e
+             WHERE e.enumtypid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+             ORDER BY e.enumsortorder) AS labels,
+       CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END AS expression
+FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"""
+
+
 async def read_table(db: Executor, name: QualifiedName) -> Table | None:
     """Return the table ``name`` (schema from search_path when unqualified), or None if it does not exist."""
     row = await fetch_one(
@@ -95,9 +116,7 @@ async def read_table(db: Executor, name: QualifiedName) -> Table | None:
     oid = row["oid"]
     cols = await fetch_all(
         db,
-        """SELECT attname, format_type(atttypid, atttypmod) AS type, attnotnull, atthasdef, attidentity::text,
-                  attgenerated::text <> '' AS generated
-           FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum""",
+        COLUMNS_SQL,
         oid,
     )
     keys = await fetch_all(
@@ -129,7 +148,17 @@ async def read_table(db: Executor, name: QualifiedName) -> Table | None:
         schema=row["nspname"],
         name=row["relname"],
         columns=tuple(
-            Column(c["attname"], c["type"], c["attnotnull"], c["atthasdef"], c["attidentity"], c["generated"])
+            Column(
+                c["attname"],
+                c["type"],
+                c["attnotnull"],
+                c["atthasdef"],
+                c["attidentity"],
+                c["generated"],
+                c["type_kind"],
+                tuple(c["labels"]),
+                c["expression"] or "",
+            )
             for c in cols
         ),
         primary_key=pk,

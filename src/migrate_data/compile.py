@@ -843,7 +843,11 @@ def compile_table(
                 hint=f"columns of {target.name}: {', '.join(c.name for c in target.columns)}",
             )
         if tcol.generated:
-            raise PreflightError(f"{where}: {target.name}.{spec.target} is a generated column and cannot be written")
+            raise PreflightError(
+                f"{where}: columns.{spec.target} (line {spec.line}): {target.name}.{spec.target} is a generated "
+                f"column (GENERATED ALWAYS AS ({tcol.expression}) STORED) and cannot be written",
+                hint="leave it out of the mapping: PostgreSQL computes it from the columns that are copied",
+            )
         value_type: str | None = None  # the type of the base's values, when known
         if spec.kind == "column":
             assert spec.column is not None
@@ -856,6 +860,8 @@ def compile_table(
             base = f"{qi(alias)}.{qi(spec.column)}"
             base_type: str | None = scol.type
             value_type = scol.type
+            if scol.is_enum and scol.type != tcol.type:  # no cast joins two enums: through the label's text
+                base, base_type = f"CAST({base} AS text)", "text"
         elif spec.kind == "value":
             base, base_type = ql(spec.value), None
         elif spec.kind == "sql":
@@ -921,7 +927,7 @@ def compile_table(
                 kind2 = change_kind(cast_type, tcol.type)
                 if kind2 is not None:
                     steps.append(Step(tcol.type, kind2, _allowed(spec, kind2)))
-        for what, constant in _constants(spec):
+        for what, constant in constants(spec):
             for step in steps or [Step(tcol.type)]:
                 if not literal_fits(constant, step.type) and not (spec.truncate or spec.round):
                     raise PreflightError(
@@ -1035,7 +1041,7 @@ def _allowed(spec: ColumnSpec, kind: str | None) -> bool:
     return (kind == "cut" and spec.truncate) or (kind == "round" and spec.round)
 
 
-def _constants(spec: ColumnSpec) -> list[tuple[str, object]]:
+def constants(spec: ColumnSpec) -> list[tuple[str, object]]:
     """The mapping's own constants that can reach the column: ``value``, the map's values, ``else``, ``default``."""
     out: list[tuple[str, object]] = []
     if spec.kind == "value":

@@ -26,6 +26,7 @@ from .compile import (
     preview_sql,
     unmapped_values_sql,
 )
+from .enums import label_problems
 from .db import Executor, fetch_all, fetch_one, fetch_val, rolled_back
 from .errors import PreflightError
 from .mapping import Phase, QualifiedName, TableMapping, display_path
@@ -139,6 +140,15 @@ async def _compile(
                         "decide the instants; give `timezone:` (e.g. UTC) for the phase or the column",
                     )
                 )
+        for p in label_problems(ct, src, tgt):
+            findings.append(
+                Finding(
+                    "error",
+                    name,
+                    f"{display_path(phase.path)}:{p.line} tables[{i}].columns.{p.column}: {p.message()}; fix the "
+                    f"mapping, or add the label to {p.enum} (ALTER TYPE … ADD VALUE) in the phase's revision",
+                )
+            )
     return compiled, findings
 
 
