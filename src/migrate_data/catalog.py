@@ -21,6 +21,10 @@ class Column:
     type_kind: str = ""  # pg_type.typtype: "b" base, "e" enum, "d" domain, "r" range, "c" composite, "m" multirange
     labels: tuple[str, ...] = ()  # the labels of an enum type (or of the enum under a domain), in their order
     expression: str = ""  # a generated column's expression
+    base_type: str = ""  # a domain over a built-in type: that type (casts are checked against it)
+    # A type of this database (an enum, a domain, …): the built-in type both databases know, to compare its values
+    # across two databases (its base type, else text or text[]); "" for a built-in type.
+    portable: str = ""
 
     @property
     def is_enum(self) -> bool:
@@ -91,13 +95,19 @@ class Table:
 
 
 # A column's type as the session names it (format_type: schema-qualified when the search_path does not show it), its
-# kind, the labels of an enum (or of the enum a domain is over) and a generated column's expression.
+# kind, the labels of an enum (or of the enum a domain is over), a generated column's expression, and for a type of
+# the database itself (oid 16384 and up: FirstNormalObjectId) what it is compared as across two databases.
 COLUMNS_SQL = """SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull, a.atthasdef,
        a.attidentity::text, a.attgenerated::text <> '' AS generated, t.typtype::text AS type_kind,
        array(SELECT e.enumlabel::text FROM pg_enum e
              WHERE e.enumtypid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
              ORDER BY e.enumsortorder) AS labels,
-       CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END AS expression
+       CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END AS expression,
+       CASE WHEN t.typtype = 'd' AND t.typbasetype < 16384 THEN format_type(t.typbasetype, t.typtypmod) ELSE '' END
+           AS base_type,
+       CASE WHEN t.oid < 16384 THEN '' WHEN t.typtype = 'd' AND t.typbasetype < 16384
+            THEN format_type(t.typbasetype, t.typtypmod) WHEN t.typcategory = 'A' THEN 'text[]' ELSE 'text' END
+           AS portable
 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"""
@@ -158,6 +168,8 @@ async def read_table(db: Executor, name: QualifiedName) -> Table | None:
                 c["type_kind"],
                 tuple(c["labels"]),
                 c["expression"] or "",
+                c["base_type"],
+                c["portable"],
             )
             for c in cols
         ),
