@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from clikit import invoke
 from conftest import run, scalar, sql
 from migrate_data import api
 from migrate_data.errors import PreflightError
@@ -171,3 +172,13 @@ def test_an_enum_into_another_enum_with_the_same_labels_needs_no_map(db_url, tmp
     assert result.validation.ok and result.validation.deep
     assert result.tables[0].rejected == 10  # 'happy' is too long for varchar(3): 22001
     assert scalar(db_url, "SELECT count(*) FROM personas WHERE animo::text = etiqueta") == 20
+
+
+def test_plan_across_two_databases_previews_values_of_types_the_source_lacks(db_url, make_db, tmp_path):
+    source = make_db()
+    sql(source, SOURCE)
+    sql(db_url, TARGET)
+    out = invoke("plan", "night", url=db_url, project=project(tmp_path, MAPPING), env={"SOURCE_DATABASE_URL": source})
+    assert out.exit_code == 0, out.output
+    assert "preview failed" not in out.stdout and "verificado" in out.stdout
+    assert "precio: 2 rows have values that numeric(10,2) would have rounded" in out.stdout

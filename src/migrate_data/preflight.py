@@ -194,7 +194,8 @@ async def preflight(
         )
     if preview_rows:
         for ct, _ in tables:
-            previews[str(ct.target)] = await _preview(ct, source, preview_rows)
+            # across two databases the source may lack the target's own types: their values are shown as built-in ones
+            previews[str(ct.target)] = await _preview(ct if same_db else ct.portable(), source, preview_rows)
     return PhasePlan(phase=phase, tables=tuple(tables), findings=tuple(findings), previews=previews)
 
 
