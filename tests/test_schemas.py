@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
+from clikit import invoke
 from conftest import run, scalar, sql, with_database
 from migrate_data import api, backup
 from migrate_data.mapping import QualifiedName
@@ -31,7 +32,7 @@ INSERT INTO sales.orders SELECT i, 1 + i % 300, i * 1.5 FROM generate_series(1, 
 INSERT INTO public.customers SELECT i, 'p' || i, NULL FROM generate_series(1, 120) i;
 CREATE TABLE "Ventas"."Clientes" (id int PRIMARY KEY, nombre varchar(10) NOT NULL, correo text);
 CREATE TABLE "Ventas".pedidos (id int PRIMARY KEY, cliente_id int NOT NULL REFERENCES "Ventas"."Clientes",
-    total numeric(10,2));
+    total numeric(10,2), correo text);
 CREATE TABLE "my schema"."Clientes" (id int PRIMARY KEY, nombre text NOT NULL, correo text);
 CREATE TABLE decoy.customers (id int, other text);
 CREATE TABLE decoy.orders (id int, other text);
@@ -44,7 +45,11 @@ MAPPING = """
 tables:
   - source: sales.orders
     target: Ventas.pedidos
-    columns: {id: id, cliente_id: customer_id, total: total}
+    columns:
+      id: id
+      cliente_id: customer_id
+      total: total
+      correo: {lookup: {table: sales.customers, on: customer_id, key: id, column: email}}
   - source: sales.customers
     target: Ventas.Clientes
     columns: {id: id, nombre: name, correo: email}
@@ -175,6 +180,12 @@ def test_changes_captured_in_schemas_outside_the_search_path_are_synced(shop, tm
     assert scalar(shop, 'SELECT count(*) FROM "my schema"."Clientes" WHERE id = 6') == 0
     assert scalar(shop, 'SELECT nombre FROM "Ventas"."Clientes" WHERE id = 301') == "new"
     assert scalar(shop, 'SELECT nombre FROM "Ventas"."Clientes" WHERE id = 5') == "c5"  # the other customers
+    assert scalar(shop, 'SELECT count(*) FROM "Ventas".pedidos WHERE correo = $1', "moved@x") == 0
+    sql(shop, "UPDATE sales.customers SET email = 'moved@x' WHERE id = 9")  # read by the orders' lookup
+    run(api.sync(settings(url, proj), ["night"]))
+    assert scalar(shop, 'SELECT count(*) FROM "Ventas".pedidos WHERE correo = $1', "moved@x") == scalar(
+        shop, "SELECT count(*) FROM sales.orders WHERE customer_id = 9"
+    )
     assert run(api.validate(settings(url, proj), "night", deep=True)).ok
 
 
@@ -191,7 +202,7 @@ def upgrade():
     op.execute('CREATE SCHEMA "my schema"')
     op.execute('CREATE TABLE "Ventas"."Clientes" (id int PRIMARY KEY, nombre varchar(10) NOT NULL, correo text)')
     op.execute('CREATE TABLE "Ventas".pedidos (id int PRIMARY KEY, cliente_id int NOT NULL '
-               'REFERENCES "Ventas"."Clientes", total numeric(10,2))')
+               'REFERENCES "Ventas"."Clientes", total numeric(10,2), correo text)')
     op.execute('CREATE TABLE "my schema"."Clientes" (id int PRIMARY KEY, nombre text NOT NULL, correo text)')
 
 
@@ -254,3 +265,14 @@ def test_backup_takes_exactly_the_named_table_when_its_name_looks_like_a_pattern
         "odd.Sch* Ta?ble",
         "DATA odd.Sch* Ta?ble",
     ]
+
+
+def test_the_commands_name_each_table_with_its_schema(shop, tmp_path):
+    proj = project(tmp_path, MAPPING)
+    out = invoke("night", "--yes", "--no-backup", url=shop, project=proj, output_dir=tmp_path / "out")
+    assert out.exit_code == 0, out.output
+    lines = [" ".join(line.split()) for line in out.stdout.splitlines()]
+    assert "public.customers my schema.Clientes 120 120 0" in " | ".join(lines)
+    assert any(line.startswith("Ventas.Clientes 6 22001 value of column nombre too long") for line in lines)
+    out = invoke("rollback", "night", "--dry-run", url=shop, project=proj, output_dir=tmp_path / "out")
+    assert "my schema.Clientes: 120 rows the phase wrote will be deleted" in out.stdout

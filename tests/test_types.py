@@ -103,6 +103,8 @@ def test_real_types_are_copied_validated_deep_and_rolled_back(db_url, make_db, t
     )
     assert same == 194
     assert scalar(items, "SELECT count(DISTINCT codigo) FROM inventario.articulos") == 194
+    # the identity that the copy wrote past is moved on, so that the application's next row does not collide
+    assert scalar(items, "SELECT last_value FROM inventario.articulos_id_seq") == 199  # 200 is rejected
     # --deep sees a changed value of each kind
     for column, change in [
         ("etiquetas", "array_append(etiquetas, 'z')"),
@@ -122,6 +124,9 @@ def test_real_types_are_copied_validated_deep_and_rolled_back(db_url, make_db, t
     undone = run(api.rollback(where, "night", force=True))
     assert scalar(items, "SELECT count(*) FROM inventario.articulos") == 0
     assert sum(undone.deleted.values()) == 194
+    # and both identities are back where they were
+    assert [tuple(r) for r in sql(items, "SELECT is_called FROM inventario.articulos_id_seq UNION ALL "
+                                  "SELECT is_called FROM inventario.articulos_codigo_seq")] == [(False,), (False,)]
 
 
 def test_a_map_value_the_target_enum_lacks_is_refused_naming_the_line_the_value_and_the_enum(items, tmp_path):

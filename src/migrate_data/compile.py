@@ -905,7 +905,8 @@ def compile_table(
                 cond = " AND ".join(
                     f"{qi(la)}.{qi(k)} = {qi(alias)}.{qi(o)}" for o, k in zip(lk.on, lk.key, strict=True)
                 )
-                joins.append(f"LEFT JOIN {qname(lk.table)} AS {qi(la)} ON {cond}")
+                resolved = (lookup_tables or {}).get(lk.table)  # schema-qualified, whatever the search_path
+                joins.append(f"LEFT JOIN {qname(resolved.qualified if resolved else lk.table)} AS {qi(la)} ON {cond}")
                 lookups.append((la, lk))
             base, base_type = f"{qi(la)}.{qi(lk.column)}", None
             lcol = (lookup_tables or {}).get(lk.table)
