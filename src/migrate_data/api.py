@@ -791,7 +791,9 @@ async def _live_progress(
     rate = (rows - before) / took if took > 0 and rows > before else None
     total: int | None = 0
     for t in phase.tables:
-        done = next((r for n, r in now.items() if n == str(t.target) or n.rpartition(".")[2] == t.target.name), None)
+        done = now.get(str(t.target)) or next(  # an unqualified target: the search_path's, named by its table
+            (r for n, r in now.items() if t.target.schema is None and n.rpartition(".")[2] == t.target.name), None
+        )
         if done is not None and done["done"]:
             total = (total or 0) + done["rows"]
             continue

@@ -868,7 +868,7 @@ def compile_table(
         if tcol.generated:
             raise PreflightError(
                 f"{where}: columns.{spec.target} (line {spec.line}): {target.name}.{spec.target} is a generated "
-                f"column (GENERATED ALWAYS AS ({tcol.expression}) STORED) and cannot be written",
+                f"column (GENERATED ALWAYS AS {_parenthesized(tcol.expression)} STORED) and cannot be written",
                 hint="leave it out of the mapping: PostgreSQL computes it from the columns that are copied",
             )
         value_type: str | None = None  # the type of the base's values, when known
@@ -1064,6 +1064,10 @@ def compile_table(
         replica=replica,
         fk_checks=target.foreign_keys if replica else (),  # replica mode silences them: the insert checks them
     )
+
+
+def _parenthesized(expression: str) -> str:
+    return expression if expression.startswith("(") and expression.endswith(")") else f"({expression})"
 
 
 def _allowed(spec: ColumnSpec, kind: str | None) -> bool:

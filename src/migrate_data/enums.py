@@ -28,7 +28,7 @@ class LabelProblem:
 
     def message(self) -> str:
         return (
-            f"{self.what} {self.value!r} is not a label of the enum {self.enum} "
+            f"{self.what}: {self.value!r} is not a label of the enum {self.enum} "
             f"(its labels: {', '.join(self.labels)}): every row that gets it would be refused (22P02)"
         )
 
