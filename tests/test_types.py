@@ -166,20 +166,28 @@ def test_an_enum_into_another_enum_with_the_same_labels_needs_no_map(db_url, tmp
         db_url,
         """CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy'); CREATE TYPE animo AS ENUM ('sad', 'ok', 'happy', 'euforico');
         CREATE TABLE people (id int PRIMARY KEY, m mood, ms mood[]);
-        INSERT INTO people SELECT i, (enum_range(NULL::mood))[1 + i % 3], NULL FROM generate_series(1, 30) i;
-        CREATE TABLE personas (id int PRIMARY KEY, animo animo, etiqueta varchar(3))""",
+        INSERT INTO people SELECT i, (enum_range(NULL::mood))[1 + i % 3], ARRAY[(enum_range(NULL::mood))[1 + i % 3], 'ok']
+        FROM generate_series(1, 30) i;
+        CREATE TABLE personas (id int PRIMARY KEY, animo animo, etiqueta varchar(3), animos animo[])""",
     )
     mapping = """
     tables:
       - source: people
         target: personas
-        columns: {id: id, animo: m, etiqueta: m}
+        columns: {id: id, animo: m, etiqueta: m, animos: ms}
     """
     opts = api.RunOptions(backup=False, max_reject_share=None)
     result = run(api.run_phase(settings(db_url, project(tmp_path, mapping)), "night", opts))
     assert result.validation.ok and result.validation.deep
     assert result.tables[0].rejected == 10  # 'happy' is too long for varchar(3): 22001
     assert scalar(db_url, "SELECT count(*) FROM personas WHERE animo::text = etiqueta") == 20
+    assert scalar(db_url, "SELECT count(*) FROM personas WHERE animos = ARRAY[animo, 'ok']") == 20
+    run(api.rollback(settings(db_url, project(tmp_path, mapping)), "night"))
+    # an array of labels the target's enum lacks is refused before anything is copied
+    sql(db_url, "CREATE TYPE poco AS ENUM ('sad', 'ok'); ALTER TABLE personas ALTER animos TYPE poco[] USING NULL")
+    with pytest.raises(PreflightError) as e:
+        run(api.run_phase(settings(db_url, project(tmp_path, mapping)), "night", opts))
+    assert "columns.animos: label of mood: 'happy' is not a label of the enum poco (its labels: sad, ok)" in e.value.detail
 
 
 def test_plan_across_two_databases_previews_values_of_types_the_source_lacks(db_url, make_db, tmp_path):

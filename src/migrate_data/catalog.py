@@ -19,7 +19,7 @@ class Column:
     identity: str  # "" | "a" (ALWAYS) | "d" (BY DEFAULT)
     generated: bool  # GENERATED ALWAYS AS (expr) STORED: cannot be written
     type_kind: str = ""  # pg_type.typtype: "b" base, "e" enum, "d" domain, "r" range, "c" composite, "m" multirange
-    labels: tuple[str, ...] = ()  # the labels of an enum type (or of the enum under a domain), in their order
+    labels: tuple[str, ...] = ()  # the labels of an enum type (of the enum under a domain, of an array's), in order
     expression: str = ""  # a generated column's expression
     base_type: str = ""  # a domain over a built-in type: that type (casts are checked against it)
     # A type of this database (an enum, a domain, …): the built-in type both databases know, to compare its values
@@ -29,7 +29,11 @@ class Column:
     @property
     def is_enum(self) -> bool:
         """An enum, or a domain over one: only its labels are values."""
-        return bool(self.labels)
+        return bool(self.labels) and not self.is_array
+
+    @property
+    def is_array(self) -> bool:
+        return self.type.endswith("]")
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,8 @@ class Table:
 COLUMNS_SQL = """SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull, a.atthasdef,
        a.attidentity::text, a.attgenerated::text <> '' AS generated, t.typtype::text AS type_kind,
        array(SELECT e.enumlabel::text FROM pg_enum e
-             WHERE e.enumtypid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+             WHERE e.enumtypid = CASE WHEN t.typtype = 'd' THEN t.typbasetype WHEN t.typcategory = 'A' THEN t.typelem
+                                      ELSE t.oid END
              ORDER BY e.enumsortorder) AS labels,
        CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END AS expression,
        CASE WHEN t.typtype = 'd' AND t.typbasetype < 16384 THEN format_type(t.typbasetype, t.typtypmod) ELSE '' END

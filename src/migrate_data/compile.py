@@ -883,8 +883,9 @@ def compile_table(
             base = f"{qi(alias)}.{qi(spec.column)}"
             base_type: str | None = scol.type
             value_type = scol.type
-            if scol.is_enum and scol.type != tcol.type:  # no cast joins two enums: through the label's text
-                base, base_type = f"CAST({base} AS text)", "text"
+            if scol.labels and scol.type != tcol.type:  # no cast joins two enums: through the labels' text
+                text = "text[]" if scol.is_array else "text"
+                base, base_type = f"CAST({base} AS {text})", text
         elif spec.kind == "value":
             base, base_type = ql(spec.value), None
         elif spec.kind == "sql":

@@ -38,17 +38,25 @@ def label_problems(ct: CompiledTable, source: Table, target: Table) -> list[Labe
     out: list[LabelProblem] = []
     for c in ct.columns:
         tcol = target.column(c.target)
-        if tcol is None or not tcol.is_enum:
+        if tcol is None or not tcol.labels:
             continue
         spec = c.spec
-        values = [(what, text_form(v) or "") for what, v in constants(spec)]
+        # an array's constants are whole arrays, which PostgreSQL checks element by element when they are cast
+        values = [] if tcol.is_array else [(what, text_form(v) or "") for what, v in constants(spec)]
         scol = source.column(spec.column) if spec.kind == "column" and spec.column else None
-        if scol is not None and scol.is_enum and scol.type != tcol.type and not spec.has_else:
-            covered = {k for k, _ in spec.map}
+        if (
+            scol is not None
+            and scol.labels
+            and scol.is_array == tcol.is_array
+            and scol.type != tcol.type
+            and not spec.has_else
+        ):
+            covered = set() if scol.is_array else {k for k, _ in spec.map}
             unmapped = " (not in the map)" if spec.map else ""
-            values += [(f"label of {scol.type}{unmapped}", label) for label in scol.labels if label not in covered]
+            of = scol.type.removesuffix("[]")
+            values += [(f"label of {of}{unmapped}", label) for label in scol.labels if label not in covered]
         out += [
-            LabelProblem(c.target, spec.line, what, value, tcol.type, tcol.labels)
+            LabelProblem(c.target, spec.line, what, value, tcol.type.removesuffix("[]"), tcol.labels)
             for what, value in values
             if value not in tcol.labels
         ]
