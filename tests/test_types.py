@@ -121,9 +121,25 @@ def test_real_types_are_copied_validated_deep_and_rolled_back(db_url, make_db, t
         sql(items, "INSERT INTO inventario.articulos (id, estado, etiquetas, puntos, precio, foto, documento, vigencia, "
             "atributos, cantidad, precio_unitario) OVERRIDING SYSTEM VALUE SELECT id, 'en_espera', tags, scores, price, "
             "photo, doc, valid, attrs, qty, unit_price FROM items WHERE id = 3")
+    # changes between nights are synced through the same conversions: a new label, a new array, a row gone
+    source_url = where.effective_source_url
+    sql(
+        source_url,
+        """UPDATE items SET status = 'rejected', tags = ARRAY['new'], valid = 'empty', photo = '\\x' WHERE id = 5;
+        INSERT INTO items SELECT 201, 'pending', '{}', '{}', 9.99, NULL, to_tsvector('simple', 'x'), '[2025-01-01,)',
+            '[]', 1, 1; DELETE FROM items WHERE id = 6""",
+    )
+    assert run(api.sync(where, ["night"])).phases[0].changes == 3
+    row = sql(items, "SELECT estado::text, etiquetas, isempty(vigencia), foto FROM inventario.articulos WHERE id = 5")
+    assert tuple(row[0]) == ("rechazado", ["new"], True, b"")
+    assert scalar(items, "SELECT total FROM inventario.articulos WHERE id = 201") == 1
+    assert scalar(items, "SELECT last_value FROM inventario.articulos_id_seq") == 201  # past the synced identity
+    assert scalar(items, "SELECT count(*) FROM inventario.articulos WHERE id = 6") == 0
+    v = run(api.validate(where, "night", deep=True))
+    assert v.ok
     undone = run(api.rollback(where, "night", force=True))
     assert scalar(items, "SELECT count(*) FROM inventario.articulos") == 0
-    assert sum(undone.deleted.values()) == 194
+    assert sum(undone.deleted.values()) == 194  # 194 copied, 1 synced in, 1 synced out
     # and both identities are back where they were
     assert [tuple(r) for r in sql(items, "SELECT is_called FROM inventario.articulos_id_seq UNION ALL "
                                   "SELECT is_called FROM inventario.articulos_codigo_seq")] == [(False,), (False,)]

@@ -45,6 +45,17 @@ class CopyOptions:
     retries: int = 3
 
 
+async def advance_sequences(conn: asyncpg.Connection, table: Table) -> None:
+    """Move the serial and identity sequences of ``table`` past the highest value its column holds (rows written
+    with their own values, by the copy or by sync, must not collide with the application's next row)."""
+    for column, seq in await sequences(conn, table):
+        await conn.execute(
+            f"SELECT setval($1::regclass, m) FROM (SELECT max({qi(column)}) AS m FROM {qname(table.qualified)}) x "
+            f"WHERE m > COALESCE(pg_sequence_last_value($1::regclass), 0)",
+            seq,
+        )
+
+
 @dataclass(frozen=True)
 class CopyEvent:
     """What a progress display needs; sent after every batch and at each table's start and end, and (kind "step",
@@ -686,13 +697,7 @@ class Copier:
 
     # -- after the copy ----------------------------------------------------------------------------
     async def _fix_sequences(self, u: _Unit, conn: asyncpg.Connection) -> None:
-        """Move serial and identity sequences of the target past the highest copied value."""
-        for column, seq in await sequences(conn, u.target_table):
-            await conn.execute(
-                f"SELECT setval($1::regclass, m) FROM (SELECT max({qi(column)}) AS m FROM {qname(u.ct.target)}) x "
-                f"WHERE m > COALESCE(pg_sequence_last_value($1::regclass), 0)",
-                seq,
-            )
+        await advance_sequences(conn, u.target_table)
 
     async def _check_cycles_allowed(self) -> None:
         if not any(u.cyclic or u.ct.replica for u in self.units.values()):
