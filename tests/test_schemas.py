@@ -9,14 +9,14 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-
 from clikit import invoke
+from test_partitions import project, settings
+
 from conftest import run, scalar, sql, with_database
 from migrate_data import api, backup
 from migrate_data.mapping import QualifiedName
 from migrate_data.project import init_project
 from migrate_data.rehearse import rehearse
-from test_partitions import project, settings
 
 # sales.customers and public.customers have the same name and other rows; the targets are in "Ventas" (mixed case)
 # and "my schema", both named "Clientes".  decoy has tables of all these names (other columns, no rows): a search_path
@@ -111,9 +111,18 @@ def test_same_name_in_two_schemas_copied_validated_backed_up_and_rolled_back_wha
     assert [tuple(r) for r in rejects] == [("Ventas.Clientes", "sales.customers", "22001", 6)]
     # the backup holds the data of exactly these tables, not of the decoys
     listing = restore_list(shop, result.backup_path)
-    data = sorted(line.split(" TABLE DATA ")[1].rsplit(" ", 1)[0] for line in listing.splitlines() if " TABLE DATA " in line)
+    data = sorted(
+        line.split(" TABLE DATA ")[1].rsplit(" ", 1)[0] for line in listing.splitlines() if " TABLE DATA " in line
+    )
     assert data == sorted(
-        ["sales customers", "sales orders", "public customers", "Ventas Clientes", "Ventas pedidos", "my schema Clientes"]
+        [
+            "sales customers",
+            "sales orders",
+            "public customers",
+            "Ventas Clientes",
+            "Ventas pedidos",
+            "my schema Clientes",
+        ]
     )
     # --deep compares each target with its own source: a row changed in "my schema" is found there only
     sql(shop, """UPDATE "my schema"."Clientes" SET nombre = 'changed' WHERE id = 7""")
@@ -127,7 +136,7 @@ def test_same_name_in_two_schemas_copied_validated_backed_up_and_rolled_back_wha
     assert scalar(shop, "SELECT count(*) FROM public.customers") == 120  # the sources are untouched
 
 
-REVISION = '''
+REVISION = """
 from alembic import op
 
 revision = "r1"
@@ -140,7 +149,7 @@ def upgrade():
 
 def downgrade():
     op.execute('DROP TABLE "Ventas"."Notas"')
-'''
+"""
 
 
 def test_a_revision_under_another_search_path_keeps_alembic_version_in_public_and_rolls_back(shop, tmp_path):
@@ -149,12 +158,15 @@ def test_a_revision_under_another_search_path_keeps_alembic_version_in_public_an
     result = run(api.run_phase(settings(url, proj), "night", api.RunOptions(backup=False)))
     assert result.validation.ok
     # Alembic's version table is where a DBA with the default search_path looks for it
-    assert [tuple(r) for r in sql(shop, "SELECT schemaname, tablename FROM pg_tables WHERE tablename = 'alembic_version'")] == [
-        ("public", "alembic_version")
-    ]
+    assert [
+        tuple(r) for r in sql(shop, "SELECT schemaname, tablename FROM pg_tables WHERE tablename = 'alembic_version'")
+    ] == [("public", "alembic_version")]
     assert scalar(shop, "SELECT version_num FROM public.alembic_version") == "r1"
     # another DBA, with the default search_path, sees the phase as applied and rolls it back
-    sql(with_database(shop, "postgres"), f'ALTER ROLE CURRENT_USER IN DATABASE "{urlsplit(shop).path.lstrip("/")}" RESET search_path')
+    sql(
+        with_database(shop, "postgres"),
+        f'ALTER ROLE CURRENT_USER IN DATABASE "{urlsplit(shop).path.lstrip("/")}" RESET search_path',
+    )
     assert run(api.validate(settings(shop, proj), "night")).ok
     undone = run(api.rollback(settings(shop, proj), "night", force=True))
     assert {t: n for t, n in undone.deleted.items() if n} == TARGETS
@@ -190,7 +202,7 @@ def test_changes_captured_in_schemas_outside_the_search_path_are_synced(shop, tm
 
 
 # The targets come from the phase's revision, so that a staging copy built with pg_dump has them too.
-STAGED_REVISION = '''
+STAGED_REVISION = """
 from alembic import op
 
 revision = "r1"
@@ -209,7 +221,7 @@ def upgrade():
 def downgrade():
     op.execute('DROP SCHEMA "Ventas" CASCADE')
     op.execute('DROP SCHEMA "my schema" CASCADE')
-'''
+"""
 
 
 def revision_project(tmp_path, revision: str, mapping: str):
@@ -224,7 +236,9 @@ def revision_project(tmp_path, revision: str, mapping: str):
 
 @pytest.mark.parametrize("built", ["template", "dump"])
 def test_rehearsal_of_tables_outside_public(db_url, make_db, tmp_path, built):
-    sources = SOURCE.split('CREATE TABLE "Ventas"')[0].replace('CREATE SCHEMA "Ventas"; CREATE SCHEMA "my schema"; ', "")
+    sources = SOURCE.split('CREATE TABLE "Ventas"')[0].replace(
+        'CREATE SCHEMA "Ventas"; CREATE SCHEMA "my schema"; ', ""
+    )
     sql(db_url, sources)
     proj = revision_project(tmp_path, STAGED_REVISION, MAPPING)
     staging = with_database(db_url, "md_test_staging_" + urlsplit(db_url).path.lstrip("/")[-12:])
@@ -241,7 +255,9 @@ def test_rehearsal_of_tables_outside_public(db_url, make_db, tmp_path, built):
         result = run(go())
         assert result.built == built and result.validations_ok
         assert {t.target: t.staging_rows for t in result.tables} == {
-            "Ventas.Clientes": 300, "Ventas.pedidos": 392, "my schema.Clientes": 120
+            "Ventas.Clientes": 300,
+            "Ventas.pedidos": 392,
+            "my schema.Clientes": 120,
         }
         assert scalar(staging, 'SELECT count(*) FROM "my schema"."Clientes"') == 120
         assert scalar(db_url, "SELECT to_regnamespace('Ventas') IS NULL AND to_regnamespace('migrate_data') IS NULL")

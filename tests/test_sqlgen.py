@@ -124,7 +124,11 @@ def test_real_types_enums_through_text_domains_through_their_base_and_portable_c
     src = Table(
         "sales",
         "items",
-        (col("id", not_null=True), Column("st", "status", False, False, "", False, "e", ("a", "b")), col("p", "numeric")),
+        (
+            col("id", not_null=True),
+            Column("st", "status", False, False, "", False, "e", ("a", "b")),
+            col("p", "numeric"),
+        ),
         ("id",),
         (("id",),),
         (),
@@ -135,7 +139,9 @@ def test_real_types_enums_through_text_domains_through_their_base_and_portable_c
         (
             col("id", not_null=True),
             Column("estado", "estado", False, False, "", False, "e", ("a", "b"), portable="text"),
-            Column("precio", "precio", False, False, "", False, "d", base_type="numeric(10,2)", portable="numeric(10,2)"),
+            Column(
+                "precio", "precio", False, False, "", False, "d", base_type="numeric(10,2)", portable="numeric(10,2)"
+            ),
         ),
         ("id",),
         (("id",),),
@@ -161,5 +167,7 @@ def test_real_types_enums_through_text_domains_through_their_base_and_portable_c
     two = ct.portable()
     assert 'CAST(CAST("items"."st" AS text) AS text)' in two.expected_sql()  # across two databases: as built-in types
     assert "AS estado)" not in two.expected_sql() and "END AS numeric(10,2))" in two.expected_sql()
-    assert 'CAST("t"."estado" AS text)' in two.actual_sql() and 'CAST("t"."precio" AS numeric(10,2))' in two.actual_sql()
+    assert (
+        'CAST("t"."estado" AS text)' in two.actual_sql() and 'CAST("t"."precio" AS numeric(10,2))' in two.actual_sql()
+    )
     assert '"t"."id"' in two.actual_sql() and 'CAST("t"."id"' not in two.actual_sql()  # built-in types as they are

@@ -5,12 +5,12 @@ that does not fit is quarantined with its SQLSTATE; the pre-flight refuses what 
 from __future__ import annotations
 
 import pytest
-
 from clikit import invoke
+from test_partitions import project, settings
+
 from conftest import run, scalar, sql
 from migrate_data import api
 from migrate_data.errors import PreflightError
-from test_partitions import project, settings
 
 # 200 items; dirt: 4 negative prices, which the domain's CHECK refuses (23514), and 2 prices with a third decimal,
 # which its numeric(10,2) would round (22003).
@@ -86,9 +86,16 @@ def test_real_types_are_copied_validated_deep_and_rolled_back(db_url, make_db, t
     assert result.validation.ok and result.validation.deep, result.validation
     [table] = result.tables
     assert (table.rows_read, table.rows_written, table.rejected) == (200, 194, 6)
-    rejects = {r[0][0]: (r[1], r[2]) for r in sql(items, "SELECT source_key, sqlstate, message FROM migrate_data.rejects")}
+    rejects = {
+        r[0][0]: (r[1], r[2]) for r in sql(items, "SELECT source_key, sqlstate, message FROM migrate_data.rejects")
+    }
     assert {k: v[0] for k, v in rejects.items()} == {
-        "50": "23514", "100": "23514", "150": "23514", "200": "23514", "70": "22003", "140": "22003"
+        "50": "23514",
+        "100": "23514",
+        "150": "23514",
+        "200": "23514",
+        "70": "22003",
+        "140": "22003",
     }
     assert "precio_positivo" in rejects["50"][1] and "would be rounded to numeric(10,2)" in rejects["70"][1]
     # every value arrived as it was; the generated column was computed, the identity kept the source's ids
@@ -118,9 +125,12 @@ def test_real_types_are_copied_validated_deep_and_rolled_back(db_url, make_db, t
         deep = run(api.validate(where, "night", deep=True))
         assert not deep.ok and deep.tables[0].differs == 1, column
         sql(items, "DELETE FROM inventario.articulos WHERE id = 3")
-        sql(items, "INSERT INTO inventario.articulos (id, estado, etiquetas, puntos, precio, foto, documento, vigencia, "
+        sql(
+            items,
+            "INSERT INTO inventario.articulos (id, estado, etiquetas, puntos, precio, foto, documento, vigencia, "
             "atributos, cantidad, precio_unitario) OVERRIDING SYSTEM VALUE SELECT id, 'en_espera', tags, scores, price, "
-            "photo, doc, valid, attrs, qty, unit_price FROM items WHERE id = 3")
+            "photo, doc, valid, attrs, qty, unit_price FROM items WHERE id = 3",
+        )
     # changes between nights are synced through the same conversions: a new label, a new array, a row gone
     source_url = where.effective_source_url
     sql(
@@ -141,8 +151,14 @@ def test_real_types_are_copied_validated_deep_and_rolled_back(db_url, make_db, t
     assert scalar(items, "SELECT count(*) FROM inventario.articulos") == 0
     assert sum(undone.deleted.values()) == 194  # 194 copied, 1 synced in, 1 synced out
     # and both identities are back where they were
-    assert [tuple(r) for r in sql(items, "SELECT is_called FROM inventario.articulos_id_seq UNION ALL "
-                                  "SELECT is_called FROM inventario.articulos_codigo_seq")] == [(False,), (False,)]
+    assert [
+        tuple(r)
+        for r in sql(
+            items,
+            "SELECT is_called FROM inventario.articulos_id_seq UNION ALL "
+            "SELECT is_called FROM inventario.articulos_codigo_seq",
+        )
+    ] == [(False,), (False,)]
 
 
 def test_a_map_value_the_target_enum_lacks_is_refused_naming_the_line_the_value_and_the_enum(items, tmp_path):
@@ -160,10 +176,15 @@ def test_a_source_label_that_reaches_the_target_unmapped_is_refused(items, tmp_p
     mapping = MAPPING.replace(", on_hold: en_espera", "")
     with pytest.raises(PreflightError) as e:
         run(api.run_phase(settings(items, project(tmp_path, mapping)), "night", api.RunOptions(backup=False)))
-    assert "columns.estado: label of status (not in the map): 'on_hold' is not a label of the enum estado" in e.value.detail
+    assert (
+        "columns.estado: label of status (not in the map): 'on_hold' is not a label of the enum estado"
+        in e.value.detail
+    )
     # with `else:` every label is covered
     fixed = mapping.replace("rejected: rechazado}", "rejected: rechazado}\n        else: en_espera")
-    assert run(api.run_phase(settings(items, project(tmp_path, fixed)), "night", api.RunOptions(backup=False))).validation.ok
+    assert run(
+        api.run_phase(settings(items, project(tmp_path, fixed)), "night", api.RunOptions(backup=False))
+    ).validation.ok
 
 
 def test_writing_a_generated_column_is_refused_naming_it(items, tmp_path):
@@ -203,7 +224,9 @@ def test_an_enum_into_another_enum_with_the_same_labels_needs_no_map(db_url, tmp
     sql(db_url, "CREATE TYPE poco AS ENUM ('sad', 'ok'); ALTER TABLE personas ALTER animos TYPE poco[] USING NULL")
     with pytest.raises(PreflightError) as e:
         run(api.run_phase(settings(db_url, project(tmp_path, mapping)), "night", opts))
-    assert "columns.animos: label of mood: 'happy' is not a label of the enum poco (its labels: sad, ok)" in e.value.detail
+    assert (
+        "columns.animos: label of mood: 'happy' is not a label of the enum poco (its labels: sad, ok)" in e.value.detail
+    )
 
 
 def test_plan_across_two_databases_previews_values_of_types_the_source_lacks(db_url, make_db, tmp_path):

@@ -231,7 +231,9 @@ class _Ctx:
         try:
             name = QualifiedName.parse(text)
         except ValueError as e:
-            raise self.error(node, where, f"{e}; write schema.table, with double quotes around a part that has a .")
+            raise self.error(
+                node, where, f"{e}; write schema.table, with double quotes around a part that has a ."
+            ) from e
         for part in (name.schema, name.name):
             if part is not None and len(part) > MAX_IDENTIFIER:
                 raise self.error(node, where, f"identifier {part!r} is longer than {MAX_IDENTIFIER} characters")

@@ -26,8 +26,8 @@ from .compile import (
     preview_sql,
     unmapped_values_sql,
 )
-from .enums import label_problems
 from .db import Executor, fetch_all, fetch_one, fetch_val, rolled_back
+from .enums import label_problems
 from .errors import PreflightError
 from .mapping import Phase, QualifiedName, TableMapping, display_path
 from .sql import qname
