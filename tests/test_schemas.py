@@ -292,3 +292,15 @@ def test_the_commands_name_each_table_with_its_schema(shop, tmp_path):
     assert any(line.startswith("Ventas.Clientes 6 22001 value of column nombre too long") for line in lines)
     out = invoke("rollback", "night", "--dry-run", url=shop, project=proj, output_dir=tmp_path / "out")
     assert "my schema.Clientes: 120 rows the phase wrote will be deleted" in out.stdout
+
+
+def test_plan_warns_when_an_unqualified_name_has_namesakes_in_other_schemas(shop, tmp_path):
+    mapping = MAPPING.replace("source: public.customers", "source: customers")
+    result = run(api.plan(settings(shop, project(tmp_path, mapping)), "night"))
+    assert not result.plan.errors
+    [warning] = [f.message for f in result.plan.findings if "the same name" in f.message]
+    assert warning == (
+        'mappings line 13: source customers is public.customers through the search_path ("$user", public), and '
+        "decoy.customers, sales.customers have the same name: write public.customers in the mapping, so that another "
+        "search_path cannot pick another table"
+    )

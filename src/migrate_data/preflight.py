@@ -30,6 +30,7 @@ from .db import Executor, fetch_all, fetch_one, fetch_val, rolled_back
 from .enums import label_problems
 from .errors import PreflightError
 from .mapping import Phase, QualifiedName, TableMapping, display_path
+from .names import namesakes_warning
 from .sql import qname
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,10 @@ async def _compile(
             )
         if src is None or tgt is None:
             continue
+        for db, written, table, what in ((source, tm.source, src, "source"), (target, tm.target, tgt, "target")):
+            warning = await namesakes_warning(db, written, table, what)
+            if warning:
+                findings.append(Finding("warning", name, f"mappings line {tm.line}: {warning}"))
         try:
             lookups = {lk.table: await read_table(source, lk.table) for lk in _lookups(tm)}
             known = {k: v for k, v in lookups.items() if v is not None}
