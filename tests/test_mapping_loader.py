@@ -157,3 +157,39 @@ def test_phase_file_named_like_a_command_is_refused(tmp_path):
     out = run_cli("--project", str(tmp_path), "status", url="postgresql://nobody@127.0.0.1:1/none")
     assert out.returncode == 2
     assert "phase name 'status' is a built-in command" in out.stderr
+
+
+def test_schema_qualified_names_keep_their_case_and_quoted_parts(tmp_path):
+    p = load_phase(
+        write(
+            tmp_path,
+            """
+        backup: ['"my.schema"."Old ""T"', sales.orders]
+        tables:
+          - source: Sales.Customers
+            target: '"my schema"."Clientes"'
+            columns:
+              x: {lookup: {table: 'ref."Users"', on: uid, key: id, column: phone}}
+    """,
+        )
+    )
+    t = p.tables[0]
+    assert (t.source.schema, t.source.name) == ("Sales", "Customers")
+    assert (t.target.schema, t.target.name) == ("my schema", "Clientes") and str(t.target) == "my schema.Clientes"
+    assert (t.columns[0].lookup.table.schema, t.columns[0].lookup.table.name) == ("ref", "Users")
+    assert [(b.schema, b.name) for b in p.backup] == [("my.schema", 'Old "T'), ("sales", "orders")]
+    assert str(p.backup[0]) == '"my.schema"."Old ""T"' and str(p.backup[1]) == "sales.orders"
+
+
+def test_a_malformed_quoted_name_names_file_and_line(tmp_path):
+    msg = error_of(
+        tmp_path,
+        """
+        tables:
+          - source: '"sales.customers'
+            target: clientes
+            columns: {id: id}
+    """,
+    )
+    assert "phase9.yaml:3:" in msg
+    assert "tables[0].source" in msg and "unterminated quote" in msg

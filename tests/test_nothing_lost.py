@@ -323,7 +323,9 @@ def test_rollback_refuses_to_cascade_into_rows_written_after_it_looked(legacy_ur
         legacy_url,
         f"INSERT INTO servicios_proveedor (proveedor_id, titulo) VALUES ('{proveedor}', 'escrito por la aplicación')",
     )
-    with pytest.raises(RefusedError, match=r"1 rows of servicios_proveedor reference rows of public.proveedores"):
+    with pytest.raises(
+        RefusedError, match=r"1 rows of public.servicios_proveedor reference rows of public.proveedores"
+    ):
         run(api.rollback(settings, "phase2b"))
     assert (
         scalar(legacy_url, "SELECT count(*) FROM servicios_proveedor WHERE titulo = 'escrito por la aplicación'") == 1

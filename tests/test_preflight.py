@@ -84,7 +84,7 @@ def test_plan_of_phase3_shows_sql_preview_and_coverage_warnings(legacy_url, sett
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert 'INSERT INTO "public"."mensajes"' in text and 'ON CONFLICT ("id") DO NOTHING' in text
-    assert 'LEFT JOIN "users" AS "lookup1" ON "lookup1"."id" = "messages"."user_id"' in text
+    assert 'LEFT JOIN "public"."users" AS "lookup1" ON "lookup1"."id" = "messages"."user_id"' in text
     assert "preview (first rows, computed and rolled back)" in text
     assert "WARNING: public.mensajes: tipo_mensaje: value 'sticker' is not in the map (5 rows)" in text
     assert "WARNING: public.mensajes: lookup in users finds nothing for" in text

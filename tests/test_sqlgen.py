@@ -175,3 +175,56 @@ def test_dependents_are_recreated_in_dependency_order_and_dropped_in_the_reverse
         "first_things",
     ]
     assert [d.name for d in drop_order(deps)] == ["first_things", "fk on notes", "thing_names", "count_things()"]
+
+
+def test_real_types_enums_through_text_domains_through_their_base_and_portable_comparison(tmp_path):
+    src = Table(
+        "sales",
+        "items",
+        (
+            col("id", not_null=True),
+            Column("st", "status", False, False, "", False, "e", ("a", "b")),
+            col("p", "numeric"),
+        ),
+        ("id",),
+        (("id",),),
+        (),
+    )
+    tgt = Table(
+        "Ventas",
+        "Artículos",
+        (
+            col("id", not_null=True),
+            Column("estado", "estado", False, False, "", False, "e", ("a", "b"), portable="text"),
+            Column(
+                "precio", "precio", False, False, "", False, "d", base_type="numeric(10,2)", portable="numeric(10,2)"
+            ),
+        ),
+        ("id",),
+        (("id",),),
+        (),
+    )
+    tm = mapping(
+        tmp_path,
+        """
+        tables:
+          - source: sales.items
+            target: '"Ventas"."Artículos"'
+            columns: {id: id, estado: st, precio: p}
+        """,
+    )
+    ct = compile_table(tm, src, tgt)
+    copy = ct.insert_sql(lower=True, upper=True)
+    assert 'INSERT INTO "Ventas"."Artículos"' in copy and 'FROM "sales"."items" AS "items"' in copy
+    assert 'CAST(CAST("items"."st" AS text) AS estado)' in copy  # no cast joins two enums
+    # the domain: the cast to numeric(10,2) is checked (22003), then the domain's CHECKs
+    assert "CAST(CASE WHEN" in copy and "would be rounded to numeric(10,2)" in copy and "AS precio)" in copy
+    one = ct.expected_sql()
+    assert "AS estado)" in one and "AS precio)" in one
+    two = ct.portable()
+    assert 'CAST(CAST("items"."st" AS text) AS text)' in two.expected_sql()  # across two databases: as built-in types
+    assert "AS estado)" not in two.expected_sql() and "END AS numeric(10,2))" in two.expected_sql()
+    assert (
+        'CAST("t"."estado" AS text)' in two.actual_sql() and 'CAST("t"."precio" AS numeric(10,2))' in two.actual_sql()
+    )
+    assert '"t"."id"' in two.actual_sql() and 'CAST("t"."id"' not in two.actual_sql()  # built-in types as they are

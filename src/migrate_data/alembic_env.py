@@ -28,7 +28,9 @@ def _database_url() -> str:
 
 
 def _run_on(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=None)
+    # migrate-data says where the version table is (schema.version_schema), so that the search_path does not
+    schema = context.config.attributes.get("version_table_schema")
+    context.configure(connection=connection, target_metadata=None, version_table_schema=schema)
     with context.begin_transaction():
         context.run_migrations()
 

@@ -18,6 +18,22 @@ class Column:
     has_default: bool
     identity: str  # "" | "a" (ALWAYS) | "d" (BY DEFAULT)
     generated: bool  # GENERATED ALWAYS AS (expr) STORED: cannot be written
+    type_kind: str = ""  # pg_type.typtype: "b" base, "e" enum, "d" domain, "r" range, "c" composite, "m" multirange
+    labels: tuple[str, ...] = ()  # the labels of an enum type (of the enum under a domain, of an array's), in order
+    expression: str = ""  # a generated column's expression
+    base_type: str = ""  # a domain over a built-in type: that type (casts are checked against it)
+    # A type of this database (an enum, a domain, …): the built-in type both databases know, to compare its values
+    # across two databases (its base type, else text or text[]); "" for a built-in type.
+    portable: str = ""
+
+    @property
+    def is_enum(self) -> bool:
+        """An enum, or a domain over one: only its labels are values."""
+        return bool(self.labels) and not self.is_array
+
+    @property
+    def is_array(self) -> bool:
+        return self.type.endswith("]")
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,26 @@ class Table:
         return any(set(k) == set(columns) for k in self.unique_keys)
 
 
+# A column's type as the session names it (format_type: schema-qualified when the search_path does not show it), its
+# kind, the labels of an enum (or of the enum a domain is over), a generated column's expression, and for a type of
+# the database itself (oid 16384 and up: FirstNormalObjectId) what it is compared as across two databases.
+COLUMNS_SQL = """SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull, a.atthasdef,
+       a.attidentity::text, a.attgenerated::text <> '' AS generated, t.typtype::text AS type_kind,
+       array(SELECT e.enumlabel::text FROM pg_enum e
+             WHERE e.enumtypid = CASE WHEN t.typtype = 'd' THEN t.typbasetype WHEN t.typcategory = 'A' THEN t.typelem
+                                      ELSE t.oid END
+             ORDER BY e.enumsortorder) AS labels,
+       CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END AS expression,
+       CASE WHEN t.typtype = 'd' AND t.typbasetype < 16384 THEN format_type(t.typbasetype, t.typtypmod) ELSE '' END
+           AS base_type,
+       CASE WHEN t.oid < 16384 THEN '' WHEN t.typtype = 'd' AND t.typbasetype < 16384
+            THEN format_type(t.typbasetype, t.typtypmod) WHEN t.typcategory = 'A' THEN 'text[]' ELSE 'text' END
+           AS portable
+FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"""
+
+
 async def read_table(db: Executor, name: QualifiedName) -> Table | None:
     """Return the table ``name`` (schema from search_path when unqualified), or None if it does not exist."""
     row = await fetch_one(
@@ -95,9 +131,7 @@ async def read_table(db: Executor, name: QualifiedName) -> Table | None:
     oid = row["oid"]
     cols = await fetch_all(
         db,
-        """SELECT attname, format_type(atttypid, atttypmod) AS type, attnotnull, atthasdef, attidentity::text,
-                  attgenerated::text <> '' AS generated
-           FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum""",
+        COLUMNS_SQL,
         oid,
     )
     keys = await fetch_all(
@@ -129,7 +163,19 @@ async def read_table(db: Executor, name: QualifiedName) -> Table | None:
         schema=row["nspname"],
         name=row["relname"],
         columns=tuple(
-            Column(c["attname"], c["type"], c["attnotnull"], c["atthasdef"], c["attidentity"], c["generated"])
+            Column(
+                c["attname"],
+                c["type"],
+                c["attnotnull"],
+                c["atthasdef"],
+                c["attidentity"],
+                c["generated"],
+                c["type_kind"],
+                tuple(c["labels"]),
+                c["expression"] or "",
+                c["base_type"],
+                c["portable"],
+            )
             for c in cols
         ),
         primary_key=pk,

@@ -262,6 +262,24 @@ class CompiledColumn:
     value_type: str | None = None  # the type of the mapped values before any conversion, when known (a map: text)
     zone: str | None = None  # the time zone of a timestamp <-> timestamptz conversion applied in pre_cast
     zone_conversion: str | None = None  # "to_tz" | "from_tz" when the value needs a time zone to convert
+    # The target's type is one of its database's own (an enum, a domain): across two databases the values are compared
+    # as this built-in type (see ``portable``); ``compare_as`` is set once they are.
+    portable_type: str | None = None
+    compare_as: str | None = None
+
+    def portable(self) -> CompiledColumn:
+        """This column compared as a type both databases know: the casts to the target's own type left out, the
+        value cast to ``portable_type`` on both sides (an enum's hash is its label's oid, which differs between
+        databases, and the source database may not have the type at all)."""
+        if self.portable_type is None:
+            return self
+        steps = tuple(s for s in self.steps if s.type != self.target_type) + (Step(self.portable_type),)
+        return replace(self, steps=steps, compare_as=self.portable_type)
+
+    def actual(self, alias: str) -> str:
+        """The target's value as validation compares it."""
+        v = f"{qi(alias)}.{qi(self.target)}"
+        return f"CAST({v} AS {self.compare_as})" if self.compare_as else v
 
     def convert(self, v: str) -> str:
         """The copy's expression for a pre-cast value ``v`` (a column of the staging table, across databases)."""
@@ -297,7 +315,7 @@ class CompiledColumn:
     def expected_text(self) -> str:
         """The expected value as text, the source's own value where it does not fit (differing-column samples)."""
         if self.fits is None:
-            return f"({self.expr})::text"
+            return f"({self.expected})::text"
         return f"CASE WHEN {self.fits} THEN ({self.expected})::text ELSE CAST({self.pre_cast} AS text) END"
 
     @property
@@ -367,6 +385,11 @@ class CompiledTable:
         """``batch_by: ctid``: batches are ranges of physical blocks, ``ctid > '(b,0)' AND ctid <= '(b2,0)'``
         (no row has offset 0, so that is exactly the blocks b … b2-1), read with a TID range scan."""
         return self.batch_by == ("ctid",)
+
+    def portable(self) -> CompiledTable:
+        """This table's validation across two databases: each column of a type of the target's own compared as a
+        built-in type (see CompiledColumn.portable)."""
+        return replace(self, columns=tuple(c.portable() for c in self.columns))
 
     def for_leaf(self, leaf: QualifiedName) -> CompiledTable:
         """This table's copy reading one leaf partition (same key, same SQL, another relation in FROM)."""
@@ -691,7 +714,7 @@ class CompiledTable:
 
     def actual_sql(self, *, key_range: tuple[int, bool, bool] | None = None) -> str:
         keys = ", ".join(f"t.{qi(k)} AS {qi('k_' + k)}" for k in self.key)
-        row = ", ".join([f"t.{qi(c.target)}" for c in self.columns] + self._fits_flag(expected=False))
+        row = ", ".join([c.actual("t") for c in self.columns] + self._fits_flag(expected=False))
         conds = self._key_range("t", key_range[0], lower=key_range[1], upper=key_range[2]) if key_range else []
         if self.before_snapshot:
             conds.append(
@@ -843,7 +866,11 @@ def compile_table(
                 hint=f"columns of {target.name}: {', '.join(c.name for c in target.columns)}",
             )
         if tcol.generated:
-            raise PreflightError(f"{where}: {target.name}.{spec.target} is a generated column and cannot be written")
+            raise PreflightError(
+                f"{where}: columns.{spec.target} (line {spec.line}): {target.name}.{spec.target} is a generated "
+                f"column (GENERATED ALWAYS AS {_parenthesized(tcol.expression)} STORED) and cannot be written",
+                hint="leave it out of the mapping: PostgreSQL computes it from the columns that are copied",
+            )
         value_type: str | None = None  # the type of the base's values, when known
         if spec.kind == "column":
             assert spec.column is not None
@@ -856,6 +883,9 @@ def compile_table(
             base = f"{qi(alias)}.{qi(spec.column)}"
             base_type: str | None = scol.type
             value_type = scol.type
+            if scol.labels and scol.type != tcol.type:  # no cast joins two enums: through the labels' text
+                text = "text[]" if scol.is_array else "text"
+                base, base_type = f"CAST({base} AS {text})", text
         elif spec.kind == "value":
             base, base_type = ql(spec.value), None
         elif spec.kind == "sql":
@@ -876,7 +906,8 @@ def compile_table(
                 cond = " AND ".join(
                     f"{qi(la)}.{qi(k)} = {qi(alias)}.{qi(o)}" for o, k in zip(lk.on, lk.key, strict=True)
                 )
-                joins.append(f"LEFT JOIN {qname(lk.table)} AS {qi(la)} ON {cond}")
+                resolved = (lookup_tables or {}).get(lk.table)  # schema-qualified, whatever the search_path
+                joins.append(f"LEFT JOIN {qname(resolved.qualified if resolved else lk.table)} AS {qi(la)} ON {cond}")
                 lookups.append((la, lk))
             base, base_type = f"{qi(la)}.{qi(lk.column)}", None
             lcol = (lookup_tables or {}).get(lk.table)
@@ -921,7 +952,11 @@ def compile_table(
                 kind2 = change_kind(cast_type, tcol.type)
                 if kind2 is not None:
                     steps.append(Step(tcol.type, kind2, _allowed(spec, kind2)))
-        for what, constant in _constants(spec):
+        if tcol.base_type and steps and steps[-1].type == tcol.type:
+            # a domain: what can cut or round is the cast to its base type; then the domain's CHECKs, which refuse
+            kind = change_kind(vtype if len(steps) == 1 else steps[-2].type, tcol.base_type) if passes_through else None
+            steps[-1:] = [Step(tcol.base_type, kind, _allowed(spec, kind)), Step(tcol.type)]
+        for what, constant in constants(spec):
             for step in steps or [Step(tcol.type)]:
                 if not literal_fits(constant, step.type) and not (spec.truncate or spec.round):
                     raise PreflightError(
@@ -943,6 +978,7 @@ def compile_table(
             value_type=source_type,
             zone=zone if zconv else None,
             zone_conversion=zconv,
+            portable_type=tcol.portable or None,
         )
         columns.append(replace(column, expr=column.convert(pre_cast)))
 
@@ -1031,11 +1067,15 @@ def compile_table(
     )
 
 
+def _parenthesized(expression: str) -> str:
+    return expression if expression.startswith("(") and expression.endswith(")") else f"({expression})"
+
+
 def _allowed(spec: ColumnSpec, kind: str | None) -> bool:
     return (kind == "cut" and spec.truncate) or (kind == "round" and spec.round)
 
 
-def _constants(spec: ColumnSpec) -> list[tuple[str, object]]:
+def constants(spec: ColumnSpec) -> list[tuple[str, object]]:
     """The mapping's own constants that can reach the column: ``value``, the map's values, ``else``, ``default``."""
     out: list[tuple[str, object]] = []
     if spec.kind == "value":

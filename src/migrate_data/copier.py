@@ -26,6 +26,7 @@ from .catalog import Table, fk_cycles, sequences
 from .compile import CompiledTable, orphans_sql
 from .db import fetch_val, is_data_error, is_transient_error, rowcount
 from .errors import MigrationError, RefusedError, Stopped
+from .mapping import QualifiedName
 from .sql import qi, qname
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,13 @@ class CopyOptions:
     deadline: dt.datetime | None = None
     split_rows: int = 200_000  # a table with more source rows is copied in `jobs` concurrent key ranges
     retries: int = 3
+
+
+async def advance_sequences(conn: asyncpg.Connection, table: Table) -> None:
+    """Move the serial and identity sequences of ``table`` past the highest value its column holds (rows written
+    with their own values, by the copy or by sync, must not collide with the application's next row)."""
+    for column, seq in await sequences(conn, table):
+        await conn.execute(setval_sql(table.qualified, column), seq)
 
 
 @dataclass(frozen=True)
@@ -657,9 +665,7 @@ class Copier:
 
     # -- after the copy ----------------------------------------------------------------------------
     async def _fix_sequences(self, u: _Unit, conn: asyncpg.Connection) -> None:
-        """Move serial and identity sequences of the target past the highest copied value."""
-        for column, seq in await sequences(conn, u.target_table):
-            await conn.execute(setval_sql(u.ct, column), seq)
+        await advance_sequences(conn, u.target_table)
 
     async def _check_cycles_allowed(self) -> None:
         if not any(u.cyclic or u.ct.replica for u in self.units.values()):
@@ -700,10 +706,10 @@ class Copier:
                     )
 
 
-def setval_sql(ct: CompiledTable, column: str) -> str:
-    """Move the sequence ``$1`` of ``column`` past the highest copied value (never back)."""
+def setval_sql(target: QualifiedName, column: str) -> str:
+    """Move the sequence ``$1`` of ``column`` past the highest value in ``target`` (never back)."""
     return (
-        f"SELECT setval($1::regclass, m) FROM (SELECT max({qi(column)}) AS m FROM {qname(ct.target)}) x "
+        f"SELECT setval($1::regclass, m) FROM (SELECT max({qi(column)}) AS m FROM {qname(target)}) x "
         f"WHERE m > COALESCE(pg_sequence_last_value($1::regclass), 0)"
     )
 
@@ -725,7 +731,7 @@ def statements(ct: CompiledTable, serial_columns: list[str], *, same_db: bool) -
             out += [c.source_text_sql(lower=False, upper=True), c.source_text_sql(lower=True, upper=True)]
     if not same_db:
         out += [f"COPY {qname(ct.target)} FROM STDIN", ct.stage_insert_sql("<stage>", sub=False)]
-    return list(dict.fromkeys([*out, *(setval_sql(ct, col) for col in serial_columns), analyze_sql(ct)]))
+    return list(dict.fromkeys([*out, *(setval_sql(ct.target, col) for col in serial_columns), analyze_sql(ct)]))
 
 
 async def _write(conn: asyncpg.Connection, ct: CompiledTable, sql: str, *args: object) -> int:

@@ -35,13 +35,61 @@ class QualifiedName:
 
     @classmethod
     def parse(cls, text: str) -> QualifiedName:
-        if "." in text:
-            schema, name = text.split(".", 1)
-            return cls(name=name, schema=schema)
-        return cls(name=text)
+        """``name``, ``schema.name``, or either part in double quotes (``"my.schema"."Tabla"``, ``""`` for a quote).
+
+        Case is kept, quoted or not: ``Ventas.Clientes`` is the schema ``Ventas`` and the table ``Clientes``.  Without
+        quotes the first ``.`` separates the schema.  Raise ValueError on a malformed quoted name."""
+        if '"' not in text:
+            schema, dot, name = text.partition(".")
+            return cls(name=name, schema=schema) if dot else cls(name=text)
+        parts = _quoted_parts(text)
+        if len(parts) > 2:
+            raise ValueError(f"{text!r} has {len(parts)} parts; expected [schema.]table")
+        return cls(name=parts[-1], schema=parts[0] if len(parts) == 2 else None)
 
     def __str__(self) -> str:
-        return f"{self.schema}.{self.name}" if self.schema else self.name
+        """``schema.name`` as written; a part with a ``.`` or a ``"`` in double quotes, so that parse() reads it back."""
+        name = _display_part(self.name)
+        return f"{_display_part(self.schema)}.{name}" if self.schema else name
+
+
+def _display_part(part: str) -> str:
+    return '"' + part.replace('"', '""') + '"' if ("." in part or '"' in part) else part
+
+
+def _quoted_parts(text: str) -> list[str]:
+    """Split ``a."b.c"`` into its parts, each unquoted (``""`` inside quotes is one ``"``)."""
+    parts: list[str] = []
+    i = 0
+    while True:
+        if text.startswith('"', i):
+            end, buf = i + 1, []
+            while True:
+                q = text.find('"', end)
+                if q < 0:
+                    raise ValueError(f"{text!r}: unterminated quote")
+                buf.append(text[end:q])
+                if text.startswith('"', q + 1):
+                    buf.append('"')
+                    end = q + 2
+                    continue
+                i = q + 1
+                break
+            part = "".join(buf)
+        else:
+            dot = text.find(".", i)
+            part = text[i:] if dot < 0 else text[i:dot]
+            if '"' in part:
+                raise ValueError(f"{text!r}: a quote inside an unquoted name")
+            i = len(text) if dot < 0 else dot
+        if not part:
+            raise ValueError(f"{text!r}: an empty name")
+        parts.append(part)
+        if i == len(text):
+            return parts
+        if text[i] != ".":
+            raise ValueError(f"{text!r}: expected a . after the quoted name")
+        i += 1
 
 
 @dataclass(frozen=True)
@@ -180,6 +228,20 @@ class _Ctx:
                     raise self.error(node, where, f"identifier {part!r} is longer than {MAX_IDENTIFIER} characters")
         return text
 
+    def qualified(self, node: Node, where: str) -> QualifiedName:
+        """A ``[schema.]table`` (see QualifiedName.parse), with the file's line on an error."""
+        text = self.string(node, where, identifier=True)
+        try:
+            name = QualifiedName.parse(text)
+        except ValueError as e:
+            raise self.error(
+                node, where, f"{e}; write schema.table, with double quotes around a part that has a ."
+            ) from e
+        for part in (name.schema, name.name):
+            if part is not None and len(part) > MAX_IDENTIFIER:
+                raise self.error(node, where, f"identifier {part!r} is longer than {MAX_IDENTIFIER} characters")
+        return name
+
     def boolean(self, node: Node, where: str) -> bool:
         value = self.value(node) if isinstance(node, ScalarNode) else None
         if not isinstance(value, bool):
@@ -270,7 +332,7 @@ def _column(ctx: _Ctx, target: str, node: Node, where: str) -> ColumnSpec:
         if len(on) != len(key):
             raise ctx.error(vnode, f"{where}.lookup", f"'on' has {len(on)} columns but 'key' has {len(key)}")
         spec["lookup"] = Lookup(
-            table=QualifiedName.parse(ctx.string(lk["table"][1], f"{where}.lookup.table", identifier=True)),
+            table=ctx.qualified(lk["table"][1], f"{where}.lookup.table"),
             on=on,
             key=key,
             column=ctx.string(lk["column"][1], f"{where}.lookup.column", identifier=True),
@@ -351,8 +413,8 @@ def _table(
                 keys["batch_by"][1], f"{where}.batch_by", "ctid pages by physical blocks on its own: give it alone"
             )
     return TableMapping(
-        source=QualifiedName.parse(ctx.string(keys["source"][1], f"{where}.source", identifier=True)),
-        target=QualifiedName.parse(ctx.string(keys["target"][1], f"{where}.target", identifier=True)),
+        source=ctx.qualified(keys["source"][1], f"{where}.source"),
+        target=ctx.qualified(keys["target"][1], f"{where}.target"),
         columns=columns,
         line=node.start_mark.line + 1,
         where=ctx.string(keys["where"][1], f"{where}.where") if "where" in keys else None,
@@ -395,6 +457,12 @@ def _dependents(ctx: _Ctx, entry: tuple[Node, Node], backup: tuple[QualifiedName
             raise ctx.error(k, f"dependents.{name}", f"{name!r} is not one of the tables the phase drops (`backup:`)")
         out.append((name, one(v, f"dependents.{name}")))
     return tuple(out)
+
+
+def _backup_tables(ctx: _Ctx, node: Node) -> tuple[QualifiedName, ...]:
+    ctx.names(node, "backup")  # a name or a non-empty list, none twice
+    nodes = [node] if isinstance(node, ScalarNode) else list(node.value)
+    return tuple(ctx.qualified(n, f"backup[{i}]") for i, n in enumerate(nodes))
 
 
 def load_phase(path: str | Path) -> Phase:
@@ -445,7 +513,7 @@ def load_phase(path: str | Path) -> Phase:
                     f"{t.target} is already the target of tables[{seen[str(t.target)]}]",
                 )
             seen[str(t.target)] = i
-    backup = tuple(QualifiedName.parse(n) for n in ctx.names(top["backup"][1], "backup")) if "backup" in top else ()
+    backup = _backup_tables(ctx, top["backup"][1]) if "backup" in top else ()
     return Phase(
         name=name,
         path=path,

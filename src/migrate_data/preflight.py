@@ -27,8 +27,10 @@ from .compile import (
     unmapped_values_sql,
 )
 from .db import Executor, fetch_all, fetch_one, fetch_val, rolled_back
+from .enums import label_problems
 from .errors import PreflightError
 from .mapping import Phase, QualifiedName, TableMapping, display_path
+from .names import namesakes_warning
 from .sql import qname
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,10 @@ async def _compile(
             )
         if src is None or tgt is None:
             continue
+        for db, written, table, what in ((source, tm.source, src, "source"), (target, tm.target, tgt, "target")):
+            warning = await namesakes_warning(db, written, table, what)
+            if warning:
+                findings.append(Finding("warning", name, f"mappings line {tm.line}: {warning}"))
         try:
             lookups = {lk.table: await read_table(source, lk.table) for lk in _lookups(tm)}
             known = {k: v for k, v in lookups.items() if v is not None}
@@ -139,6 +145,15 @@ async def _compile(
                         "decide the instants; give `timezone:` (e.g. UTC) for the phase or the column",
                     )
                 )
+        for p in label_problems(ct, src, tgt):
+            findings.append(
+                Finding(
+                    "error",
+                    name,
+                    f"{display_path(phase.path)}:{p.line} tables[{i}].columns.{p.column}: {p.message()}; fix the "
+                    f"mapping, or add the label to {p.enum} (ALTER TYPE … ADD VALUE) in the phase's revision",
+                )
+            )
     return compiled, findings
 
 
@@ -184,7 +199,8 @@ async def preflight(
         )
     if preview_rows:
         for ct, _ in tables:
-            previews[str(ct.target)] = await _preview(ct, source, preview_rows)
+            # across two databases the source may lack the target's own types: their values are shown as built-in ones
+            previews[str(ct.target)] = await _preview(ct if same_db else ct.portable(), source, preview_rows)
     return PhasePlan(phase=phase, tables=tuple(tables), findings=tuple(findings), previews=previews)
 
 

@@ -195,6 +195,9 @@ async def build_staging(
         major = int(await fetch_val(prod_pool, "SHOW server_version_num")) // 10000
     dump = production.backups_dir / f"staging-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}.dump"
     await backup.dump(production.database_url, tables, dump, server_major=major)
+    async with open_pool(staging_url, max_size=1) as stag:  # pg_dump -t dumps no schema, not even a table's own
+        for schema in dict.fromkeys(t.schema for t in tables if t.schema):
+            await stag.execute(f"CREATE SCHEMA IF NOT EXISTS {qi(schema)}")
     try:
         await backup.restore_all(staging_url, dump, server_major=major, leave_out=r" TRIGGER \S+ \S+ md_capture_")
     finally:

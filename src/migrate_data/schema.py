@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from .db import Executor, fetch_val
+from .db import Executor, fetch_all, fetch_val
 from .errors import BadInput, MigrationError
 from .settings import APPLICATION_NAME, Settings, redact, redact_text
+from .sql import qi
 
 if TYPE_CHECKING:  # Alembic and SQLAlchemy are imported only when a schema step runs (a quicker start)
     from alembic.config import Config
@@ -58,10 +59,29 @@ def check_revision(settings: Settings, revision: str) -> None:
     predecessor(settings, revision)
 
 
+# Where Alembic's version table is, whatever the session's search_path: in public unless it is somewhere else already
+# (Alembic alone would create it in, and look for it in, the first schema of the search_path: a DBA with another
+# search_path would see no revision at all).
+VERSION_SCHEMAS_SQL = """SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname = 'alembic_version' AND c.relkind IN ('r', 'p') ORDER BY n.nspname <> 'public', n.nspname"""
+
+
+async def version_schema(db: Executor) -> str:
+    """The schema of the Alembic version table: public, or the one schema that has it; BadInput when several do."""
+    found = [r[0] for r in await fetch_all(db, VERSION_SCHEMAS_SQL)]
+    if len(found) > 1 and found[0] != "public":
+        raise BadInput(
+            f"alembic_version is in {len(found)} schemas ({', '.join(found)}): which one is this project's is unclear",
+            hint="drop the stale one, or move this project's to public",
+        )
+    return found[0] if found else "public"
+
+
 async def current_revision(db: Executor) -> str | None:
-    if not await fetch_val(db, "SELECT to_regclass('alembic_version') IS NOT NULL"):
+    table = f"{qi(await version_schema(db))}.alembic_version"
+    if not await fetch_val(db, "SELECT to_regclass($1) IS NOT NULL", table):
         return None
-    return await fetch_val(db, "SELECT version_num FROM alembic_version LIMIT 1")
+    return await fetch_val(db, f"SELECT version_num FROM {table} LIMIT 1")
 
 
 def _engine(settings: Settings) -> Any:
@@ -81,10 +101,11 @@ def _engine(settings: Settings) -> Any:
     )
 
 
-def _run(connection: Connection, cfg: Config, verb: str, revision: str) -> None:
+def _run(connection: Connection, cfg: Config, verb: str, revision: str, version_schema: str) -> None:
     from alembic import command
 
     cfg.attributes["connection"] = connection
+    cfg.attributes["version_table_schema"] = version_schema  # read by alembic_env.run
     getattr(command, verb)(cfg, revision)
 
 
@@ -125,6 +146,7 @@ async def schema_transaction(
                 yield conn
         return
     cfg = alembic_config(settings)
+    versions = await version_schema(pool)
     engine = _engine(settings)
     try:
         async with engine.connect() as sa_conn:
@@ -134,10 +156,10 @@ async def schema_transaction(
                     await before((await sa_conn.get_raw_connection()).driver_connection)
                 if upgrade_to:
                     log.info("alembic upgrade %s", upgrade_to)
-                    await sa_conn.run_sync(_run, cfg, "upgrade", upgrade_to)
+                    await sa_conn.run_sync(_run, cfg, "upgrade", upgrade_to, versions)
                 if downgrade_to:
                     log.info("alembic downgrade %s", downgrade_to)
-                    await sa_conn.run_sync(_run, cfg, "downgrade", downgrade_to)
+                    await sa_conn.run_sync(_run, cfg, "downgrade", downgrade_to, versions)
                 raw = await sa_conn.get_raw_connection()
                 yield raw.driver_connection
     except (OSError, asyncpg.PostgresError) as e:

@@ -207,12 +207,14 @@ async def _live_progress(
     rate = (rows - before) / took if took > 0 and rows > before else None
     total: int | None = 0
     for t in phase.tables:
-        done = next((r for n, r in now.items() if n == str(t.target) or n.rpartition(".")[2] == t.target.name), None)
+        done = now.get(str(t.target)) or next(  # an unqualified target: the search_path's, named by its table
+            (r for n, r in now.items() if t.target.schema is None and n.rpartition(".")[2] == t.target.name), None
+        )
         if done is not None and done["done"]:
             total = (total or 0) + done["rows"]
             continue
         estimate = await fetch_val(
-            source, "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass($1)", str(t.source)
+            source, "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass($1)", qname(t.source)
         )
         if estimate is not None and estimate < 0:  # never analyzed: no estimate, count it (a new, small table)
             estimate = await fetch_val(source, f"SELECT count(*) FROM {qname(t.source)}")
@@ -282,8 +284,7 @@ async def row_counts(settings: Settings, tables: list[str]) -> dict[str, int | N
     async with connect(settings) as (target, _):
         out: dict[str, int | None] = {}
         for name in tables:
-            exists = await fetch_val(target, "SELECT to_regclass($1) IS NOT NULL", name)
-            out[name] = (
-                await fetch_val(target, f"SELECT count(*) FROM {qname(QualifiedName.parse(name))}") if exists else None
-            )
+            table = qname(QualifiedName.parse(name))
+            exists = await fetch_val(target, "SELECT to_regclass($1) IS NOT NULL", table)
+            out[name] = await fetch_val(target, f"SELECT count(*) FROM {table}") if exists else None
         return out

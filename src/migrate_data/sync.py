@@ -38,6 +38,7 @@ import asyncpg
 from . import capture, ledger
 from .catalog import ForeignKey, Table, read_table
 from .compile import CompiledTable
+from .copier import advance_sequences
 from .db import is_data_error, rowcount
 from .errors import MigrationError, RefusedError
 from .sql import qcols, qi
@@ -447,6 +448,9 @@ class PhaseSyncer:
                 await self._upsert(conn, i, items, b, last_try=True)
             for i in range(len(self.tables)):  # the children of rows the last tries quarantined
                 await self._rederive(conn, src, i, b, last_try=True)
+            if b.counts.get("upserted"):
+                for _, tgt in self.pairs:  # an identity or serial written with the source's values
+                    await advance_sequences(conn, tgt)
             ids = [r["id"] for r in rows if r["id"] not in b.deferred]
             if self.same_db and ids:
                 await forget(conn, self.phase, ids)

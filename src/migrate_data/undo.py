@@ -82,12 +82,15 @@ def delete_sql(table: QualifiedName, which: str, *, returning: bool) -> str:
 
 # The foreign keys whose ON DELETE would change other tables' rows (CASCADE, SET NULL, SET DEFAULT): $1 = the
 # referenced table.
-CASCADES_SQL = """SELECT c.conrelid::regclass::text AS child, c.conname,
+# ``child`` is quoted and schema-qualified whatever the search_path (``conrelid::regclass::text`` would drop the schema
+# of a table the search_path shows, and a DBA with another search_path would read another table).
+CASCADES_SQL = """SELECT format('%I.%I', cn.nspname, cc.relname) AS child, c.conname,
        ARRAY(SELECT a.attname FROM unnest(c.conkey) WITH ORDINALITY k(n, o)
              JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY k.o) AS cols,
        ARRAY(SELECT a.attname FROM unnest(c.confkey) WITH ORDINALITY k(n, o)
              JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n ORDER BY k.o) AS ref_cols
-FROM pg_constraint c WHERE c.contype = 'f' AND c.confrelid = $1::regclass AND c.confdeltype IN ('c', 'n', 'd')"""
+FROM pg_constraint c JOIN pg_class cc ON cc.oid = c.conrelid JOIN pg_namespace cn ON cn.oid = cc.relnamespace
+WHERE c.contype = 'f' AND c.confrelid = $1::regclass AND c.confdeltype IN ('c', 'n', 'd')"""
 
 
 def referencing_sql(child: str, cols: list[str], table: QualifiedName, ref_cols: list[str]) -> str:

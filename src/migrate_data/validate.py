@@ -291,6 +291,7 @@ async def _deep_two_databases(
     rows_n: int,
 ) -> tuple[int, int, int, list[dict[str, Any]]]:
     """``--deep`` across two databases: the keys that differ, and samples with the columns that differ."""
+    ct = ct.portable()  # the source database may not have the target's own types (enums, domains)
     if not ct.key:
         return await _deep_multiset(ct, source, target, None, rejected_keys)
     found = await compare_two_databases(ct, source, target, rejected_keys, rows_n)
