@@ -23,7 +23,8 @@ import asyncpg
 
 from . import duplicates, ledger, partitions
 from .catalog import Table, fk_cycles, sequences
-from .compile import CompiledTable, orphans_sql
+from .check_sql import orphans_sql
+from .compile import CompiledTable
 from .db import fetch_val, is_data_error, is_transient_error, rowcount
 from .errors import MigrationError, RefusedError, Stopped
 from .mapping import QualifiedName

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from .compile import LEDGER_SCHEMA as OWN_SCHEMA
+from .sql import LEDGER_SCHEMA as OWN_SCHEMA
 
 # Every object tied to the tables in ``$1``, through pg_depend, recursively through the views and
 # functions that CASCADE would drop too.  A view is reached through its _RETURN rule; the tables' own indexes,

@@ -10,22 +10,18 @@ import asyncpg
 
 from . import partitions
 from .catalog import Table, Trigger, fk_cycles, parents_first, read_table, user_triggers
-from .compile import (
-    DEFAULT_TARGET_TRIGGERS,
-    HELPERS_EXIST_SQL,
-    HELPERS_SQL,
-    KEYLESS_HINT,
+from .check_sql import (
     TARGET_CHECKS_SQL,
     TARGET_DEFAULTS_SQL,
-    CompiledTable,
     change_count_sql,
     check_violations_sql,
-    compile_table,
     coverage_sql,
     null_counts_sql,
     preview_sql,
     unmapped_values_sql,
 )
+from .compile import DEFAULT_TARGET_TRIGGERS, KEYLESS_HINT, CompiledTable, compile_table
+from .conversions import HELPERS_EXIST_SQL, HELPERS_SQL
 from .db import Executor, fetch_all, fetch_one, fetch_val, rolled_back
 from .enums import label_problems
 from .errors import PreflightError

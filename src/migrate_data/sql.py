@@ -35,3 +35,6 @@ def qcols(names: tuple[str, ...] | list[str], prefix: str | None = None) -> str:
     """Quote a column list, optionally qualified by an alias."""
     p = f"{qi(prefix)}." if prefix else ""
     return ", ".join(p + qi(n) for n in names)
+
+
+LEDGER_SCHEMA = "migrate_data"  # the tool's own schema, in the target (and, for change capture, in the source)

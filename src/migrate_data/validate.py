@@ -14,7 +14,8 @@ import asyncpg
 
 from . import ledger
 from .catalog import Table, read_table, sequences
-from .compile import CompiledTable, orphans_sql, reject_causes_sql
+from .check_sql import orphans_sql, reject_causes_sql
+from .compile import CompiledTable
 from .db import fetch_all, fetch_one, fetch_val
 from .sql import qi, qname
 

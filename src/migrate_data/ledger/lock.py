@@ -10,10 +10,10 @@ from typing import Any
 
 import asyncpg
 
-from ..compile import LEDGER_SCHEMA as SCHEMA
 from ..db import Executor, fetch_one
 from ..errors import LockHeld, LockLost, MigrationError
 from ..settings import APPLICATION_NAME, DatabaseURL, redact_text
+from ..sql import LEDGER_SCHEMA as SCHEMA
 from .schema import LOCK_KEY
 
 __all__ = [

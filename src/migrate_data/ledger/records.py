@@ -9,8 +9,8 @@ from typing import Any
 
 import asyncpg
 
-from ..compile import LEDGER_SCHEMA as SCHEMA
 from ..db import Executor, execute, fetch_all, fetch_val
+from ..sql import LEDGER_SCHEMA as SCHEMA
 
 __all__ = [
     "mark_synced",

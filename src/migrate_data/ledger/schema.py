@@ -8,9 +8,9 @@ import logging
 
 import asyncpg
 
-from ..compile import LEDGER_SCHEMA as SCHEMA
 from ..db import Executor, fetch_val
 from ..errors import BadInput
+from ..sql import LEDGER_SCHEMA as SCHEMA
 
 __all__ = ["LOCK_KEY", "DDL", "CAPTURE_DDL", "VERSIONS", "VERSION_DDL", "ensure", "exists", "ensure_capture", "SCHEMA"]
 
