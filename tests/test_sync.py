@@ -63,7 +63,7 @@ def test_capture_is_statement_level_grant_free_and_catches_nothing():
     c = capture.Captured(capture.QualifiedName("customers", "public"), ("id",))
     statements = capture.install_sql("phase2a", c)
     text = "\n".join(statements)
-    assert "SECURITY DEFINER SET search_path = pg_catalog, pg_temp" in text
+    assert "SECURITY DEFINER" in text and "SET search_path" not in text  # a SET clause costs every call
     assert "EXCEPTION" not in text  # no subtransaction per statement, nothing swallowed (see capture.py)
     assert text.count("FOR EACH STATEMENT") == 4 and "FOR EACH ROW" not in text
     assert 'REFERENCING OLD TABLE AS "migrate_data_old" NEW TABLE AS "migrate_data_new"' in text
@@ -71,7 +71,7 @@ def test_capture_is_statement_level_grant_free_and_catches_nothing():
     assert "REVOKE ALL ON FUNCTION" in text
     lookup = capture.Captured(capture.QualifiedName("users", "public"), ("id",), watched=("phone_number",))
     body = capture.function_sql("phase3", lookup)
-    assert '"phone_number"::text IS NOT DISTINCT FROM' in body  # a lookup's table logs only what the lookup reads
+    assert '"phone_number"::pg_catalog.text OPERATOR(pg_catalog.=)' in body  # a lookup's table: what it reads
 
 
 def test_capture_starts_with_the_phase_and_a_delete_waits_for_the_later_phase_that_references_it(
@@ -112,6 +112,39 @@ def test_capture_starts_with_the_phase_and_a_delete_waits_for_the_later_phase_th
         ("phase3", 0, 0),
     ]
     assert deep(settings, "phase2a") == (True, []) and deep(settings, "phase3") == (True, [])
+
+
+def test_a_writers_search_path_cannot_put_its_own_operator_or_type_in_the_definer_trigger(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1", "phase2a", "phase2b", "phase3")  # users: a lookup's table (phase3), compared with =
+    schema = f"evil_{uuid.uuid4().hex[:8]}"
+    sql(
+        legacy_url,
+        f"""CREATE SCHEMA {schema};
+        CREATE FUNCTION {schema}.eq(text, text) RETURNS boolean LANGUAGE plpgsql AS
+            $$ BEGIN RAISE EXCEPTION 'hijacked: % = %', $1, $2; END $$;
+        CREATE OPERATOR {schema}.= (LEFTARG = text, RIGHTARG = text, FUNCTION = {schema}.eq);
+        CREATE DOMAIN {schema}.text AS pg_catalog.text CHECK (VALUE <> VALUE)""",
+    )
+    user = "(SELECT id FROM users ORDER BY id LIMIT 1)"
+
+    async def go():
+        conn = await asyncpg.connect(legacy_url)
+        try:
+            await conn.execute(f"SET search_path = {schema}, public, pg_catalog")  # its = and its text come first
+            with pytest.raises(asyncpg.RaiseError, match="hijacked"):  # the session's own statements use them
+                await conn.execute("SELECT 'a'::pg_catalog.text = 'b'::pg_catalog.text")
+            with pytest.raises(asyncpg.CheckViolationError):
+                await conn.execute("SELECT 'a'::text")
+            await conn.execute(f"UPDATE users SET phone_number = phone_number || '9' WHERE id = {user}")
+            await conn.execute(
+                "UPDATE customers SET city = 'Tena' WHERE phone_number OPERATOR(pg_catalog.=) '+593900000001'"
+            )
+        finally:
+            await conn.close()
+
+    run(go())
+    assert waiting(legacy_url, "phase3") == 1 and waiting(legacy_url, "phase2a") == 1
 
 
 def test_a_rolled_back_write_leaves_nothing_and_a_role_without_grants_is_captured(legacy_url, settings_for):
