@@ -204,6 +204,33 @@ def test_writes_during_the_copy_behind_and_ahead_of_the_cursor_are_synced_exactl
     assert waiting(source, "phase2a") == 0
 
 
+def test_a_bad_row_in_a_batch_is_quarantined_alone_and_the_rest_of_the_batch_is_written(setup):
+    settings, source, target, env = setup
+    apply(settings, "phase2a")
+    gone = "00000000-0000-4000-8000-0000000000aa"
+    sql(
+        source,
+        f"""UPDATE customers SET city = 'Lote' WHERE right(phone_number, 1) = '2';
+            UPDATE customers SET notes = '{{not json' WHERE phone_number = '+593900000012';
+            {NEW_CUSTOMER.format(id=gone, phone="+593-gone")};
+            DELETE FROM customers WHERE id = '{gone}';
+            {NEW_CUSTOMER.format(id="00000000-0000-4000-8000-0000000000bb", phone="+593-kept")}""",
+    )
+    updated = scalar(source, "SELECT count(*) FROM customers WHERE city = 'Lote'")
+    (p,) = run(api.sync(settings, ["phase2a"])).phases
+    assert (p.rejected, p.waiting) == (1, 0)
+    assert p.upserted == updated - 1 + 1  # every updated row but the bad one, and the new customer
+    assert scalar(target, "SELECT count(*) FROM clientes WHERE ciudad = 'Lote'") == updated - 1
+    assert scalar(target, "SELECT count(*) FROM clientes WHERE telefono IN ('+593-gone', '+593-kept')") == 1
+    assert deep(settings, "phase2a") == (True, [])
+    sql(source, "UPDATE customers SET notes = NULL WHERE phone_number = '+593900000012'")  # fixed: copied, cleared
+    (p,) = run(api.sync(settings, ["phase2a"])).phases
+    assert (p.upserted, p.cleared, p.rejected) == (1, 1, 0)
+    bad = "SELECT count(*) FROM migrate_data.rejects WHERE row->>'phone_number' = '+593900000012'"
+    assert scalar(target, bad) == 0
+    assert scalar(target, "SELECT count(*) FROM clientes WHERE ciudad = 'Lote'") == updated
+
+
 def test_a_lookup_row_changed_during_the_copy_re_derives_the_rows_that_read_it(legacy_url, settings_for, tmp_path):
     settings = settings_for(legacy_url)
     apply(settings, "phase1", "phase2a", "phase2b")

@@ -554,6 +554,12 @@ async def rejected_keys(db: Executor, phase: str, target: str) -> list[list[str]
     return [list(r["source_key"]) for r in rows]
 
 
+async def rejected_tables(db: Executor, phase: str) -> set[str]:
+    """The target tables of ``phase`` with rows in quarantine."""
+    rows = await fetch_all(db, f"SELECT DISTINCT target FROM {SCHEMA}.rejects WHERE phase = $1", phase)
+    return {r["target"] for r in rows}
+
+
 async def clear_rejects(db: Executor, phase: str) -> None:
     await execute(db, f"DELETE FROM {SCHEMA}.rejects WHERE phase = $1", phase)
 

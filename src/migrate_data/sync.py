@@ -284,6 +284,7 @@ class _Batch:
     work: list[_Work]
     counts: dict[str, int] = field(default_factory=lambda: {"upserted": 0, "deleted": 0, "rejected": 0, "cleared": 0})
     deferred: set[int] = field(default_factory=set)  # log rows kept: their delete waits for referencing rows
+    rejected: set[str] = field(default_factory=set)  # target tables with rows in quarantine: rejects to clear
     again: list[tuple[int, list[tuple[list[str], list[str]]]]] = field(default_factory=list)
 
 
@@ -437,6 +438,7 @@ class PhaseSyncer:
             ]
         async with self.target.acquire() as conn, conn.transaction():
             src = conn if self.same_db else self.source
+            b.rejected = await ledger.rejected_tables(conn, self.phase)
             for i in reversed(range(len(self.tables))):  # deletes: children first
                 await self._deletes(conn, src, i, by_source.get(self.tables[i].source, []), b)
             for i in range(len(self.tables)):  # upserts: parents first
@@ -466,11 +468,41 @@ class PhaseSyncer:
         b.work[i] = _Work(values=[[] for _ in st.lookups])
         if not keys and not any(values) and not feeds:
             return
+        if not any(values) and not feeds and await self._upsert_keys(conn, i, keys, b):
+            return
         resolved = await self._resolve(src, st, keys, values, feeds)
         present = {tuple(bk) for bk, _ in resolved}
         gone = [list(k) for k in {tuple(k) for k in keys} - present]  # deleted, or out of the `where`
         b.counts["cleared"] += await ledger.clear_rejects_of(conn, self.phase, st.name, gone)
         await self._upsert(conn, i, resolved, b, last_try=last_try)
+
+    async def _upsert_keys(self, conn: asyncpg.Connection, i: int, keys: list[list[str]], b: _Batch) -> bool:
+        """The common case in one statement: re-derive these batch keys of table ``i`` without resolving them first.
+        When it works, every key is either written or gone from the source: their rejects, if the table has any, are
+        cleared.  False, with nothing written, when a row fails: the caller then resolves the keys and writes them by
+        halves around the bad rows."""
+        st = self.tables[i]
+        args = _columns(keys, len(st.ct.batch_by))
+        try:
+            async with conn.transaction():
+                if self.same_db:
+                    n = rowcount(await conn.execute(upsert_sql(st), *args))
+                else:
+                    stage = f"migrate_data_sync_{i}"
+                    await conn.execute(f"DROP TABLE IF EXISTS pg_temp.{qi(stage)}")
+                    await conn.execute(stage_table_sql(st, stage))
+                    staged = await _pipe(self.source, source_rows_sql(st), args, conn, stage)
+                    n = rowcount(await conn.execute(stage_upsert_sql(st, stage), list(range(1, staged + 1))))
+                await ledger.mark_write(conn, self.phase, st.name, self.run_id)
+        except asyncpg.PostgresError as e:
+            if not is_data_error(e):
+                raise
+            log.debug("%s: a row of the batch fails (%s %s): row by row", st.name, e.sqlstate, e)
+            return False
+        b.counts["upserted"] += n
+        if st.name in b.rejected:
+            b.counts["cleared"] += await ledger.clear_rejects_of(conn, self.phase, st.name, keys)
+        return True
 
     async def _note_children(self, conn: asyncpg.Connection, i: int, keys: list[Any], b: _Batch) -> None:
         """Before target rows of table ``i`` go, find the rows of the phase's other tables that reference them (a
@@ -487,7 +519,9 @@ class PhaseSyncer:
         st = self.tables[i]
         ids: dict[tuple[str, ...], list[int]] = {}
         for r in logged:
-            ids.setdefault(tuple(r["key"][p] for p in st.feed_positions), []).append(r["id"])
+            # an INSERT's key was there when it committed; if the row is gone now, a later log row says so
+            if r["op"] != "I":
+                ids.setdefault(tuple(r["key"][p] for p in st.feed_positions), []).append(r["id"])
         if not ids:
             return
         keys = list(ids)
@@ -582,6 +616,7 @@ class PhaseSyncer:
             await ledger.quarantine(
                 conn, phase=self.phase, target=st.name, source=st.source, key=bk, error=e, row=row, run_id=self.run_id
             )
+            b.rejected.add(st.name)
             b.counts["rejected"] += 1
             await self._note_children(conn, i, [tk], b)
             try:  # a quarantined row is not in the target (as after the copy)
