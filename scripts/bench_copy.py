@@ -237,6 +237,34 @@ def write(args, rows, seed_s, results, startup: float) -> None:
     write_section(args.output, "\n".join(lines) + "\n")
 
 
+async def server_stats(url: str) -> bool:
+    """Reset pg_stat_statements in ``url``'s database (creating the extension); False where the server does not load
+    it (``shared_preload_libraries``)."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await conn.execute("SELECT pg_stat_statements_reset()")
+        return True
+    except asyncpg.PostgresError:
+        return False
+    finally:
+        await conn.close()
+
+
+async def server_time(url: str) -> tuple[float, int]:
+    """Milliseconds of server execution and number of top-level statements in ``url``'s database since the reset."""
+    conn = await asyncpg.connect(url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT COALESCE(sum(total_exec_time), 0)::float8 AS ms, COALESCE(sum(calls), 0)::bigint AS n "
+            "FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND query NOT LIKE '%pg_stat_statements%'"
+        )
+        return row["ms"], row["n"]
+    finally:
+        await conn.close()
+
+
 def write_section(output: str, section: str) -> None:
     """Put ``section`` first under the results marker of BENCHMARKS.md (newest first), and print it."""
     path = Path(output)

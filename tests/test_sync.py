@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, cli_env, run, run_cli, run_cli_args, scalar, sql
 from killer import kill_at
 from migrate_data import api, capture
-from migrate_data.errors import RefusedError
+from migrate_data.errors import MigrationError, RefusedError
 
 NEW_CUSTOMER = (
     "INSERT INTO customers (id, phone_number, full_name, city, notes) VALUES ('{id}', '{phone}', 'Nuevo', 'Quito', "
@@ -231,6 +231,17 @@ def test_a_bad_row_in_a_batch_is_quarantined_alone_and_the_rest_of_the_batch_is_
     assert scalar(target, "SELECT count(*) FROM clientes WHERE ciudad = 'Lote'") == updated
 
 
+def test_a_truncated_source_table_makes_sync_refuse_and_its_log_rows_stay(setup):
+    settings, source, target, env = setup
+    apply(settings, "phase2a")
+    sql(source, "UPDATE customers SET city = 'Antes' WHERE phone_number = '+593900000001'; TRUNCATE professions CASCADE")
+    logged = waiting(source, "phase2a")
+    with pytest.raises(MigrationError, match="was truncated after phase2a copied it"):
+        run(api.sync(settings, ["phase2a"]))
+    assert waiting(source, "phase2a") == logged  # nothing taken, nothing applied
+    assert scalar(target, "SELECT count(*) FROM clientes WHERE ciudad = 'Antes'") == 0
+
+
 def test_a_lookup_row_changed_during_the_copy_re_derives_the_rows_that_read_it(legacy_url, settings_for, tmp_path):
     settings = settings_for(legacy_url)
     apply(settings, "phase1", "phase2a", "phase2b")
@@ -301,8 +312,8 @@ UPDATE customers SET notes = '{{not json' WHERE phone_number = '+593900000007'""
 
 @pytest.mark.parametrize(
     "at,nth",
-    [("migrate_data.sync:PhaseSyncer.apply:return", 2), ("migrate_data.sync:forget:enter", 3)],
-    ids=["after-a-batch", "between-apply-and-forget"],
+    [("migrate_data.sync:PhaseSyncer.apply:return", 2), ("migrate_data.sync:keep_deferred:enter", 3)],
+    ids=["after-a-batch", "between-apply-and-the-log-commit"],
 )
 def test_kill_9_during_sync_then_sync_again_is_exact(setup, at, nth):
     settings, source, target, env = setup
