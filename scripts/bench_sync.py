@@ -44,7 +44,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_copy import CLEAN, bench_project, db, parser, server_stats, server_time, sql, write_section  # noqa: E402
+from bench_copy import (  # noqa: E402
+    CLEAN,
+    BackendCPU,
+    bench_project,
+    db,
+    parser,
+    server_stats,
+    server_time,
+    sql,
+    write_section,
+)
 from migrate_data import api  # noqa: E402
 from migrate_data import sync as syncing  # noqa: E402
 from migrate_data.db import open_pool  # noqa: E402
@@ -185,7 +195,8 @@ async def throughput_round(url: str, settings: Settings, n: int, stats: bool) ->
         await server_stats(url)
     cpu = time.process_time()
     t = time.perf_counter()
-    res = await api.sync(settings, [PHASE])
+    async with BackendCPU(url) as used:
+        res = await api.sync(settings, [PHASE])
     sync_s = time.perf_counter() - t
     cpu = time.process_time() - cpu
     server_ms, calls = await server_time(url) if stats else (0.0, 0)
@@ -193,7 +204,8 @@ async def throughput_round(url: str, settings: Settings, n: int, stats: bool) ->
     assert ps.waiting == 0, ps
     print(
         f"sync: {ps} in {sync_s:.2f} s = {ps.changes / sync_s:,.0f} changes/s; bare upsert {bare_rows:,} rows in "
-        f"{bare_s:.2f} s; server {server_ms:.0f} ms in {calls} statements; client CPU {cpu:.2f} s",
+        f"{bare_s:.2f} s; server {server_ms:.0f} ms in {calls} statements; server CPU {used.seconds:.2f} s; client CPU "
+        f"{cpu:.2f} s",
         flush=True,
     )
     return {
@@ -211,6 +223,7 @@ async def throughput_round(url: str, settings: Settings, n: int, stats: bool) ->
         "calls": calls * 1000 / ps.changes,
         "wall_us": sync_s * 1e6 / ps.changes,
         "cpu_us": cpu * 1e6 / ps.changes,
+        "server_cpu_us": used.seconds * 1e6 / ps.changes,
     }
 
 
@@ -341,11 +354,14 @@ async def main() -> None:
         ratio = sync_cps / copy_rps
         bare_rps = statistics.median(r["bare_rows"] / r["bare_s"] for r in rounds)
         server = (
-            f"| server execution time of the sync (pg_stat_statements: all its statements) | **{med('server_us'):.1f} µs "
-            f"a change**{each('server_us', '.1f')}, {med('calls'):.0f} statements a 1,000 changes; wall clock "
-            f"{med('wall_us'):.1f} µs, client CPU {med('cpu_us'):.1f} µs a change |\n"
+            f"| server execution time of the sync (pg_stat_statements: all its statements) | {med('server_us'):.1f} µs "
+            f"a change{each('server_us', '.1f')}, {med('calls'):.0f} statements a 1,000 changes |\n"
             if stats
             else ""
+        ) + (
+            f"| a change costs (median of the rounds) | **{med('server_cpu_us'):.1f} µs of server CPU** (its server "
+            f"processes' on-CPU time, /proc/<pid>/schedstat){each('server_cpu_us', '.1f')}, {med('cpu_us'):.1f} µs of "
+            f"client CPU, {med('wall_us'):.1f} µs of wall clock |\n"
         )
         section = (
             f"### live sync: throughput, lag, cutover — scale {args.scale} — {time.strftime('%Y-%m-%d')}, "
