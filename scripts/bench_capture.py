@@ -7,11 +7,15 @@ lookup's table).  pgbench then runs a custom script of inserts and updates on cu
 
   none       no triggers
   statement  capture's statement-level triggers with transition tables (what migrate-data installs)
+  pinned     the same with the ``SET search_path = pg_catalog, pg_temp`` clause the trigger function had before
+             (the function is otherwise identical): what that clause costs
   row        the same log written by row-level triggers (``capture.function_sql(level="row")``)
 
 Two workloads: "oltp" (a transaction of 4 one-row statements, as the application writes) and "batch" (one UPDATE
 of 100 messages per transaction).  The variants alternate for ``--rounds`` rounds; the table shows the median tps
-and its ratio to "none".  The change log is emptied between runs (nobody syncs during the benchmark).  Results go to
+and its ratio to "none".  The change log is emptied between runs (nobody syncs during the benchmark).  Where the
+server loads pg_stat_statements, each run also gives the server's execution time per statement of the workload's
+script (the triggers' time included), a figure the machine's other load moves much less than tps.  Results go to
 BENCHMARKS.md.
 
     python scripts/bench_capture.py --server postgresql://postgres@127.0.0.1:5432/postgres --scale 0.05
@@ -39,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_copy import write_section  # noqa: E402
+from bench_copy import BackendCPU, server_stats, server_time, write_section  # noqa: E402
 from migrate_data import api, capture, ledger  # noqa: E402
 from migrate_data.db import open_pool  # noqa: E402
 from migrate_data.preflight import compile_phase  # noqa: E402
@@ -47,7 +51,8 @@ from migrate_data.settings import Settings  # noqa: E402
 from seed_legacy import counts, seed  # noqa: E402
 
 PHASES = ("phase2a", "phase3")
-VARIANTS = ("none", "statement", "row")
+VARIANTS = ("none", "statement", "pinned", "row")
+PINNED = "SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS"
 OLTP = """\\set c random(1, {customers})
 \\set m random(1, {messages})
 \\set u random(1, {users})
@@ -81,6 +86,15 @@ async def set_capture(url: str, settings: Settings, variant: str) -> None:
             if variant == "statement":
                 await capture.install(pool, phase, tables)
                 continue
+            if variant == "pinned":
+                await capture.install(pool, phase, tables)
+                plan = await capture.capture_plan(pool, phase, [ct for ct, _ in tables])
+                async with pool.acquire() as conn:
+                    for c in plan.tables:
+                        sql_ = capture.function_sql(phase, c).replace("SECURITY DEFINER AS", PINNED, 1)
+                        assert PINNED in sql_
+                        await conn.execute(sql_)
+                continue
             plan = await capture.capture_plan(pool, phase, [ct for ct, _ in tables])
             async with pool.acquire() as conn, conn.transaction():
                 await ledger.ensure_capture(conn)
@@ -107,21 +121,28 @@ SERVER_LOOPS = {  # the server's own cost, without the client, the network and t
 
 
 async def server_cost(url: str, loop: str, n: int) -> float:
-    """Microseconds per statement of ``loop``, in a fresh session, rolled back."""
+    """Microseconds per statement of ``loop``, in a fresh session, rolled back: its server process's on-CPU time
+    (/proc/<pid>/schedstat) where the server is on this machine, else the wall clock."""
     conn = await asyncpg.connect(url)
     try:
+        stat = Path(f"/proc/{await conn.fetchval('SELECT pg_backend_pid()')}/schedstat")
+
+        def on_cpu() -> float:
+            return int(stat.read_text().split()[0]) / 1e9 if stat.exists() else time.perf_counter()
+
         tr = conn.transaction()
         await tr.start()
-        started = time.perf_counter()
+        started = on_cpu()
         await conn.execute(SERVER_LOOPS[loop].format(n=n))
-        took = time.perf_counter() - started
+        took = on_cpu() - started
         await tr.rollback()
         return took * 1e6 / n
     finally:
         await conn.close()
 
 
-def pgbench(url: str, script: Path, *, seconds: int, clients: int, jobs: int) -> float:
+def pgbench(url: str, script: Path, *, seconds: int, clients: int, jobs: int) -> tuple[float, int]:
+    """tps and transactions of one pgbench run."""
     exe = shutil.which("pgbench")
     assert exe, "pgbench is not installed (apt-get install postgresql-client)"
     out = subprocess.run(
@@ -131,8 +152,9 @@ def pgbench(url: str, script: Path, *, seconds: int, clients: int, jobs: int) ->
         check=True,
     ).stdout
     m = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out)
-    assert m, out
-    return float(m.group(1))
+    tx = re.search(r"number of transactions actually processed: (\d+)", out)
+    assert m and tx, out
+    return float(m.group(1)), int(tx.group(1))
 
 
 async def main() -> None:
@@ -176,6 +198,9 @@ async def main() -> None:
             paths[k].write_text(text)
         tps: dict[tuple[str, str], list[float]] = {}
         cost: dict[tuple[str, str], list[float]] = {}
+        served: dict[tuple[str, str], list[float]] = {}  # µs of server execution per statement of the script
+        cpu_tx: dict[tuple[str, str], list[float]] = {}  # µs of server CPU per transaction
+        stats = await server_stats(url)
         for r in range(args.rounds):
             for variant in VARIANTS:
                 await set_capture(url, settings, variant)
@@ -183,9 +208,21 @@ async def main() -> None:
                     n = 2000 if loop == "one row" else max(10, n_messages // 100 - 2)
                     cost.setdefault((loop, variant), []).append(await server_cost(url, loop, n))
                 for workload, path in paths.items():
-                    value = pgbench(url, path, seconds=args.seconds, clients=args.clients, jobs=args.jobs)
+                    if stats:
+                        await server_stats(url)
+                    async with BackendCPU(url) as used:
+                        value, tx = await asyncio.to_thread(
+                            pgbench, url, path, seconds=args.seconds, clients=args.clients, jobs=args.jobs
+                        )
                     tps.setdefault((workload, variant), []).append(value)
-                    print(f"round {r + 1} {workload:5} {variant:9} {value:10.1f} tps", flush=True)
+                    cpu_tx.setdefault((workload, variant), []).append(used.seconds * 1e6 / tx)
+                    extra = f" {used.seconds * 1e6 / tx:8.1f} µs server CPU/transaction"
+                    if stats:
+                        ms, calls = await server_time(url)
+                        per = ms * 1e3 / max(calls, 1)
+                        served.setdefault((workload, variant), []).append(per)
+                        extra = f" {per:8.1f} µs/statement"
+                    print(f"round {r + 1} {workload:5} {variant:9} {value:10.1f} tps{extra}", flush=True)
                     c = await asyncpg.connect(url)
                     logged = await c.fetchval("SELECT count(*) FROM migrate_data.changes") if variant != "none" else 0
                     await c.execute("TRUNCATE migrate_data.changes") if variant != "none" else None
@@ -202,7 +239,7 @@ async def main() -> None:
         for workload in paths:
             base = tps[(workload, "none")]
             cells = [f"{statistics.median(base):,.0f}"]
-            for variant in ("statement", "row"):
+            for variant in ("statement", "pinned", "row"):
                 # the ratio of each round (the variants of a round run back to back: the machine's load is shared)
                 ratios = [v / b for v, b in zip(tps[(workload, variant)], base, strict=True)]
                 cells += [
@@ -214,27 +251,67 @@ async def main() -> None:
         for loop in SERVER_LOOPS:
             base = min(cost[(loop, "none")])
             cells = [f"{base:.1f} µs"]
-            for variant in ("statement", "row"):
+            for variant in ("statement", "pinned", "row"):
                 extra = min(cost[(loop, variant)]) - base
                 cells.append(f"+{extra:.1f} µs" + (f" ({extra / 100:.2f} µs a row)" if loop == "100 rows" else ""))
             costs.append(f"| UPDATE of {loop} | " + " | ".join(cells) + " |")
+        cpu_rows = []
+        for workload in paths:
+            base_c = statistics.median(cpu_tx[(workload, "none")])
+            cells = [f"{base_c:.0f} µs"]
+            for variant in ("statement", "pinned", "row"):
+                # per round, against the round's own "none"
+                d = [v - b for v, b in zip(cpu_tx[(workload, variant)], cpu_tx[(workload, "none")], strict=True)]
+                cells.append(
+                    f"+{statistics.median(d):.0f} µs = {statistics.median(d) / base_c:+.0%} "
+                    f"({min(d):+.0f} to {max(d):+.0f})"
+                )
+            cpu_rows.append(f"| {label[workload]} | " + " | ".join(cells) + " |")
+        cpu_table = (
+            "Server CPU per transaction: the on-CPU time of the database's server processes (/proc/<pid>/schedstat, "
+            "sampled every 20 ms) over the transactions pgbench made; waiting for a CPU that the machine's other "
+            "load holds is not in it (median of the rounds; the spread of the per-round difference):\n\n"
+            "| workload | no capture | statement-level adds | with SET search_path adds | row-level adds |\n"
+            "|---|--:|--:|--:|--:|\n" + "\n".join(cpu_rows) + "\n\n"
+        )
+        served_rows = []
+        for workload in paths if stats else ():
+            base_s = statistics.median(served[(workload, "none")])
+            cells = [f"{base_s:.1f} µs"]
+            for variant in ("statement", "pinned", "row"):
+                v = served[(workload, variant)]
+                cells.append(
+                    f"+{statistics.median(v) - base_s:.1f} µs ({min(v) - base_s:+.1f} to {max(v) - base_s:+.1f})"
+                )
+            served_rows.append(f"| {label[workload]} | " + " | ".join(cells) + " |")
+        served_table = (
+            "Server execution time per statement of the pgbench script, triggers included (pg_stat_statements, "
+            "`BEGIN`/`END` counted as statements; the median of the rounds, and the spread of the difference):\n\n"
+            "| workload | no capture | statement-level adds | with SET search_path adds | row-level adds |\n"
+            "|---|--:|--:|--:|--:|\n" + "\n".join(served_rows) + "\n\n"
+            if stats
+            else ""
+        )
         pgv = subprocess.run(["pgbench", "--version"], capture_output=True, text=True).stdout.strip()
         section = (
             f"### change capture: statement-level vs row-level triggers — {time.strftime('%Y-%m-%d')}, "
             f"{os.cpu_count()} cores, {platform.python_version()}\n\n"
             f"`python scripts/bench_capture.py --scale {args.scale} --seconds {args.seconds} --rounds {args.rounds} "
             f"--clients {args.clients} --jobs {args.jobs}` ({pgv}, PostgreSQL {version}; seeding took {seeded:.1f} s; "
-            f"{args.rounds} rounds of {args.seconds} s runs, the three variants back to back in each; capture on "
+            f"{args.rounds} rounds of {args.seconds} s runs, the four variants back to back in each; capture on "
             "phase2a and phase3, as a phase start installs it; the change log grows during a run, as when nobody "
             f"syncs; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f})\n\n"
             "| workload | no capture (tps, median) | statement-level (tps) | ratio, median of the rounds (min–max) "
-            "| row-level (tps) | ratio (min–max) |\n"
-            "|---|--:|--:|--:|--:|--:|\n" + "\n".join(rows) + "\n\n"
-            "The server's own cost per statement (a DO loop in one transaction, rolled back: no client, no network, no "
-            "commit; the best of the rounds, so the machine's load counts least):\n\n"
-            "| statement | no capture | statement-level adds | row-level adds |\n|---|--:|--:|--:|\n"
-            + "\n".join(costs)
-            + "\n"
+            "| with SET search_path (tps) | ratio (min–max) | row-level (tps) | ratio (min–max) |\n"
+            "|---|--:|--:|--:|--:|--:|--:|--:|\n"
+            + "\n".join(rows)
+            + "\n\n"
+            + cpu_table
+            + served_table
+            + "The server's own cost per statement (a DO loop in one transaction, rolled back: no client, no network, no "
+            "commit; its server process's on-CPU time; the best of the rounds):\n\n"
+            "| statement | no capture | statement-level adds | with SET search_path adds | row-level adds |\n"
+            "|---|--:|--:|--:|--:|\n" + "\n".join(costs) + "\n"
         )
         write_section(args.output, section)
     finally:

@@ -237,6 +237,84 @@ def write(args, rows, seed_s, results, startup: float) -> None:
     write_section(args.output, "\n".join(lines) + "\n")
 
 
+async def server_stats(url: str) -> bool:
+    """Reset pg_stat_statements in ``url``'s database (creating the extension); False where the server does not load
+    it (``shared_preload_libraries``)."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await conn.execute("SELECT pg_stat_statements_reset()")
+        return True
+    except asyncpg.PostgresError:
+        return False
+    finally:
+        await conn.close()
+
+
+async def server_time(url: str) -> tuple[float, int]:
+    """Milliseconds of server execution and number of top-level statements in ``url``'s database since the reset."""
+    conn = await asyncpg.connect(url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT COALESCE(sum(total_exec_time), 0)::float8 AS ms, COALESCE(sum(calls), 0)::bigint AS n "
+            "FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND query NOT LIKE '%pg_stat_statements%'"
+        )
+        return row["ms"], row["n"]
+    finally:
+        await conn.close()
+
+
+class BackendCPU:
+    """On-CPU seconds of the server processes of ``url``'s database while the block runs (sampled every ``every`` s
+    from /proc/<pid>/schedstat, so only for a server on this machine): time spent waiting for a CPU the machine's
+    other load holds is not in it, which makes it the steadiest figure a shared machine gives."""
+
+    def __init__(self, url: str, every: float = 0.02) -> None:
+        self.url, self.every = url, every
+        self.first: dict[int, int] = {}  # a backend there at the start counts from then, a new one from its start
+        self.last: dict[int, int] = {}
+        self.started = False
+
+    @staticmethod
+    def available() -> bool:
+        return Path("/proc/self/schedstat").exists()
+
+    async def __aenter__(self) -> BackendCPU:
+        self.conn = await asyncpg.connect(self.url)
+        await self._sample()
+        self.started = True
+        self.task = asyncio.create_task(self._poll())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self._sample()
+        await self.conn.close()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            await self._sample()
+
+    async def _sample(self) -> None:
+        pids = await self.conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        for (pid,) in pids:
+            try:
+                ns = int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+            except (OSError, ValueError):
+                continue
+            self.first.setdefault(pid, 0 if self.started else ns)
+            self.last[pid] = ns
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.last[p] - self.first[p] for p in self.last) / 1e9
+
+
 def write_section(output: str, section: str) -> None:
     """Put ``section`` first under the results marker of BENCHMARKS.md (newest first), and print it."""
     path = Path(output)

@@ -6,7 +6,11 @@ copies professions and customers -> clientes (the copier's rows/s for clientes c
 change capture on.  Then:
 
   1. throughput  UPDATE 10 % of customers in statements of 1,000 rows, insert 1 % in statements of 1,000 and delete
-                 half of those; ``api.sync(settings, ["phase2a"])`` is timed -> changes/s against the copier's rows/s
+                 half of those; ``api.sync(settings, ["phase2a"])`` is timed -> changes/s against the copier's rows/s;
+                 ``--rounds`` times (median and spread).  Each round also times one bare upsert of every changed key
+                 (the sync's own INSERT … ON CONFLICT, rolled back): the limit for these changes in one statement.
+                 Where the server loads pg_stat_statements, the server's execution time of the sync is summed too
+                 (a figure the machine's other load moves much less than the wall clock)
   2. lag         ``migrate-data sync phase2a --follow`` runs while pgbench writes customers at a fixed rate (an
                  INSERT and a one-row UPDATE per transaction); the change log is sampled every second; the follower
                  is stopped with SIGINT (exit 130)
@@ -40,8 +44,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_copy import CLEAN, bench_project, db, parser, sql, write_section  # noqa: E402
+from bench_copy import (  # noqa: E402
+    CLEAN,
+    BackendCPU,
+    bench_project,
+    db,
+    parser,
+    server_stats,
+    server_time,
+    sql,
+    write_section,
+)
 from migrate_data import api  # noqa: E402
+from migrate_data import sync as syncing  # noqa: E402
+from migrate_data.db import open_pool  # noqa: E402
+from migrate_data.preflight import compile_phase  # noqa: E402
 from migrate_data.settings import Settings  # noqa: E402
 from seed_legacy import counts, seed  # noqa: E402
 
@@ -114,6 +131,102 @@ async def sampled(url: str, until: asyncio.Future, samples: list[tuple[int, floa
         await asyncio.sleep(1.0)
 
 
+def changes(n: int) -> tuple[list[str], int, int, int]:
+    """The statements of one round of changes to customers: (statements, updated, inserted, deleted)."""
+    statements = []
+    updated = 0
+    for start in range(1, n + 1, 10_000):  # 1,000 of every 10,000: 10 %, spread over the table
+        end = min(start + 999, n)
+        statements.append(
+            f"UPDATE customers SET city = 'Cuenca', updated_at = now() "
+            f"WHERE phone_number BETWEEN '{phone(start)}' AND '{phone(end)}'"
+        )
+        updated += end - start + 1
+    inserted = max(n // 100, 10)
+    for start in range(0, inserted, 1000):
+        k = min(1000, inserted - start)
+        statements.append(
+            "INSERT INTO customers (phone_number, full_name, city) "
+            f"SELECT '+b' || nextval('bench_phone'), 'Bench', 'Quito' FROM generate_series(1, {k})"
+        )
+    # deletes of copied rows (those no service request references; from the half of the table not updated)
+    deleted = max(n // 200, 5)
+    statements.append(
+        f"DELETE FROM customers c WHERE c.id IN (SELECT id FROM customers x WHERE x.phone_number BETWEEN "
+        f"'{phone(5001)}' AND '{phone(n)}' AND NOT EXISTS (SELECT FROM service_requests s WHERE s.customer_id = x.id) "
+        f"ORDER BY x.phone_number LIMIT {deleted})"
+    )
+    return statements, updated, inserted, deleted
+
+
+async def bare_upsert(url: str, settings: Settings) -> tuple[int, float]:
+    """One INSERT … ON CONFLICT of sync's own for every key of customers in the log, rolled back: (rows, seconds)."""
+    _, phase = api.get_phase(settings, PHASE)
+    async with open_pool(url, max_size=2) as pool:
+        tables, _ = await compile_phase(phase, source=pool, target=pool)
+        syncer = syncing.PhaseSyncer(phase=PHASE, tables=tables, target=pool, source=pool, lock=None)  # type: ignore[arg-type]
+        await syncer.prepare()
+        st = next(t for t in syncer.tables if t.source == "public.customers")
+        async with pool.acquire() as conn:
+            keys = await conn.fetchval(
+                "SELECT array_agg(DISTINCT key[$2]) FROM migrate_data.changes WHERE phase = $1 AND source = $3",
+                PHASE,
+                st.bk_positions[0] + 1,
+                st.source,
+            )
+            tr = conn.transaction()
+            await tr.start()
+            t = time.perf_counter()
+            status = await conn.execute(syncing.upsert_sql(st), keys)
+            took = time.perf_counter() - t
+            await tr.rollback()
+    return int(status.rsplit(" ", 1)[-1]), took
+
+
+async def throughput_round(url: str, settings: Settings, n: int, stats: bool) -> dict:
+    """Change customers, then time one bare upsert of the changed keys and the sync of the change log."""
+    statements, updated, inserted, deleted = changes(n)
+    t = time.perf_counter()
+    await sql(url, *statements)
+    write_s = time.perf_counter() - t
+    logged, _ = await waiting(url)
+    bare_rows, bare_s = await bare_upsert(url, settings)
+    if stats:
+        await server_stats(url)
+    cpu = time.process_time()
+    t = time.perf_counter()
+    async with BackendCPU(url) as used:
+        res = await api.sync(settings, [PHASE])
+    sync_s = time.perf_counter() - t
+    cpu = time.process_time() - cpu
+    server_ms, calls = await server_time(url) if stats else (0.0, 0)
+    ps = res.phases[0]
+    assert ps.waiting == 0, ps
+    print(
+        f"sync: {ps} in {sync_s:.2f} s = {ps.changes / sync_s:,.0f} changes/s; bare upsert {bare_rows:,} rows in "
+        f"{bare_s:.2f} s; server {server_ms:.0f} ms in {calls} statements; server CPU {used.seconds:.2f} s; client CPU "
+        f"{cpu:.2f} s",
+        flush=True,
+    )
+    return {
+        "updated": updated,
+        "inserted": inserted,
+        "deleted": deleted,
+        "logged": logged,
+        "write_s": write_s,
+        "ps": ps,
+        "sync_s": sync_s,
+        "cps": ps.changes / sync_s,
+        "bare_rows": bare_rows,
+        "bare_s": bare_s,
+        "server_us": server_ms * 1e3 / ps.changes,
+        "calls": calls * 1000 / ps.changes,
+        "wall_us": sync_s * 1e6 / ps.changes,
+        "cpu_us": cpu * 1e6 / ps.changes,
+        "server_cpu_us": used.seconds * 1e6 / ps.changes,
+    }
+
+
 async def main() -> None:
     p = parser(__doc__)
     p.add_argument("--scale", type=float, default=0.2)
@@ -122,6 +235,7 @@ async def main() -> None:
     p.add_argument("--load-seconds", type=int, default=60, help="pgbench -T of the load left pending for the cutover")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1, help="rounds of changes + sync for the throughput")
     args = p.parse_args()
     load_before = os.getloadavg()
     name = "md_bench_sync"
@@ -153,41 +267,10 @@ async def main() -> None:
         captured = (await sql(url, f"SELECT count(*) FROM migrate_data.capture WHERE phase = '{PHASE}'"))[0][0][0]
         assert captured, "phase2a did not turn capture on"
         n = counts(args.scale)["customers"]
-        statements = []
-        updated = 0
-        for start in range(1, n + 1, 10_000):  # 1,000 of every 10,000: 10 %, spread over the table
-            end = min(start + 999, n)
-            statements.append(
-                f"UPDATE customers SET city = 'Cuenca', updated_at = now() "
-                f"WHERE phone_number BETWEEN '{phone(start)}' AND '{phone(end)}'"
-            )
-            updated += end - start + 1
-        inserted = max(n // 100, 10)
-        for start in range(0, inserted, 1000):
-            k = min(1000, inserted - start)
-            statements.append(
-                "INSERT INTO customers (phone_number, full_name, city) "
-                f"SELECT '+b' || nextval('bench_phone'), 'Bench', 'Quito' FROM generate_series(1, {k})"
-            )
-        # deletes of copied rows (those no service request references; from the half of the table not updated)
-        deleted = max(n // 200, 5)
-        statements.append(
-            f"DELETE FROM customers c WHERE c.id IN (SELECT id FROM customers x WHERE x.phone_number BETWEEN "
-            f"'{phone(5001)}' AND '{phone(n)}' AND NOT EXISTS (SELECT FROM service_requests s WHERE s.customer_id = x.id) "
-            f"ORDER BY x.phone_number LIMIT {deleted})"
-        )
-        t = time.perf_counter()
-        await sql(url, *statements)
-        write_s = time.perf_counter() - t
-        logged, _ = await waiting(url)
-        t = time.perf_counter()
-        res = await api.sync(settings, [PHASE])
-        sync_s = time.perf_counter() - t
-        ps = res.phases[0]
-        assert ps.waiting == 0, ps
-        sync_cps = ps.changes / sync_s
-        sync_rps = (ps.upserted + ps.deleted) / sync_s
-        print(f"sync: {ps} in {sync_s:.2f} s = {sync_cps:,.0f} changes/s", flush=True)
+        stats = await server_stats(url)
+        rounds = [await throughput_round(url, settings, n, stats) for _ in range(args.rounds)]
+        first = rounds[0]
+        ps = first["ps"]
 
         # 2. lag under a steady load, with sync --follow
         script = work / "load.sql"
@@ -258,9 +341,28 @@ async def main() -> None:
         pgv = subprocess.run(["pgbench", "--version"], capture_output=True, text=True).stdout.strip()
         command = (
             f"python scripts/bench_sync.py --scale {args.scale} --rate {args.rate} --lag-seconds {args.lag_seconds} "
-            f"--load-seconds {args.load_seconds} --clients {args.clients} --jobs {args.jobs}"
+            f"--load-seconds {args.load_seconds} --clients {args.clients} --jobs {args.jobs} --rounds {args.rounds}"
         )
+
+        def med(key: str) -> float:
+            return statistics.median(r[key] for r in rounds)
+
+        def each(key: str, fmt: str) -> str:
+            return f" (rounds: {', '.join(format(r[key], fmt) for r in rounds)})" if len(rounds) > 1 else ""
+
+        sync_cps = med("cps")
         ratio = sync_cps / copy_rps
+        bare_rps = statistics.median(r["bare_rows"] / r["bare_s"] for r in rounds)
+        server = (
+            f"| server execution time of the sync (pg_stat_statements: all its statements) | {med('server_us'):.1f} µs "
+            f"a change{each('server_us', '.1f')}, {med('calls'):.0f} statements a 1,000 changes |\n"
+            if stats
+            else ""
+        ) + (
+            f"| a change costs (median of the rounds) | **{med('server_cpu_us'):.1f} µs of server CPU** (its server "
+            f"processes' on-CPU time, /proc/<pid>/schedstat){each('server_cpu_us', '.1f')}, {med('cpu_us'):.1f} µs of "
+            f"client CPU, {med('wall_us'):.1f} µs of wall clock |\n"
+        )
         section = (
             f"### live sync: throughput, lag, cutover — scale {args.scale} — {time.strftime('%Y-%m-%d')}, "
             f"{os.cpu_count()} cores, {platform.python_version()}\n\n"
@@ -269,12 +371,16 @@ async def main() -> None:
             "| measure | result |\n|---|--:|\n"
             f"| copier, clientes (phase2a run, counts only) | {copied.rows_written:,} rows in {copied.seconds:.2f} s = "
             f"{copy_rps:,.0f} rows/s |\n"
-            f"| changes made: UPDATE of {updated:,} rows (statements of 1,000), INSERT {inserted:,}, DELETE {deleted:,} "
-            f"| {logged:,} log rows, written in {write_s:.2f} s |\n"
-            f'| `api.sync(settings, ["phase2a"])` (batch size 1,000) | {ps.changes:,} changes in {sync_s:.2f} s = '
-            f"**{sync_cps:,.0f} changes/s** ({ps.upserted:,} upserted, {ps.deleted:,} deleted: {sync_rps:,.0f} "
-            "rows/s) |\n"
-            f"| sync / copier | **{ratio:.2f}×** (target ≥ 0.5×) |\n"
+            f"| changes made, each round: UPDATE of {first['updated']:,} rows (statements of 1,000), INSERT "
+            f"{first['inserted']:,}, DELETE {first['deleted']:,} | {first['logged']:,} log rows, written in "
+            f"{first['write_s']:.2f} s |\n"
+            f"| one bare upsert of the changed keys (sync's own statement, one for all, rolled back) | "
+            f"{first['bare_rows']:,} rows in {first['bare_s']:.2f} s; median {bare_rps:,.0f} rows/s |\n"
+            f'| `api.sync(settings, ["phase2a"])` (batch size 1,000) | {ps.changes:,} changes ({ps.upserted:,} '
+            f"upserted, {ps.deleted:,} deleted) in {first['sync_s']:.2f} s; median of {len(rounds)} round(s) "
+            f"**{sync_cps:,.0f} changes/s**{each('cps', ',.0f')} |\n"
+            + server
+            + f"| sync / copier | **{ratio:.2f}×** (target ≥ 0.5×); sync / one bare upsert {sync_cps / bare_rps:.2f}× |\n"
             f"| write load with `sync phase2a --follow` | pgbench -R {args.rate} -T {args.lag_seconds} -c "
             f"{args.clients}: {lag_load['tx']:,} transactions, {lag_load['tps']:.0f} tps, "
             f"{lag_load['latency_ms']:.1f} ms average latency |\n"

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, cli_env, run, run_cli, run_cli_args, scalar, sql
 from killer import kill_at
 from migrate_data import api, capture
-from migrate_data.errors import RefusedError
+from migrate_data.errors import MigrationError, RefusedError
 
 NEW_CUSTOMER = (
     "INSERT INTO customers (id, phone_number, full_name, city, notes) VALUES ('{id}', '{phone}', 'Nuevo', 'Quito', "
@@ -63,7 +63,7 @@ def test_capture_is_statement_level_grant_free_and_catches_nothing():
     c = capture.Captured(capture.QualifiedName("customers", "public"), ("id",))
     statements = capture.install_sql("phase2a", c)
     text = "\n".join(statements)
-    assert "SECURITY DEFINER SET search_path = pg_catalog, pg_temp" in text
+    assert "SECURITY DEFINER" in text and "SET search_path" not in text  # a SET clause costs every call
     assert "EXCEPTION" not in text  # no subtransaction per statement, nothing swallowed (see capture.py)
     assert text.count("FOR EACH STATEMENT") == 4 and "FOR EACH ROW" not in text
     assert 'REFERENCING OLD TABLE AS "migrate_data_old" NEW TABLE AS "migrate_data_new"' in text
@@ -71,7 +71,7 @@ def test_capture_is_statement_level_grant_free_and_catches_nothing():
     assert "REVOKE ALL ON FUNCTION" in text
     lookup = capture.Captured(capture.QualifiedName("users", "public"), ("id",), watched=("phone_number",))
     body = capture.function_sql("phase3", lookup)
-    assert '"phone_number"::text IS NOT DISTINCT FROM' in body  # a lookup's table logs only what the lookup reads
+    assert '"phone_number"::pg_catalog.text OPERATOR(pg_catalog.=)' in body  # a lookup's table: what it reads
 
 
 def test_capture_starts_with_the_phase_and_a_delete_waits_for_the_later_phase_that_references_it(
@@ -112,6 +112,39 @@ def test_capture_starts_with_the_phase_and_a_delete_waits_for_the_later_phase_th
         ("phase3", 0, 0),
     ]
     assert deep(settings, "phase2a") == (True, []) and deep(settings, "phase3") == (True, [])
+
+
+def test_a_writers_search_path_cannot_put_its_own_operator_or_type_in_the_definer_trigger(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1", "phase2a", "phase2b", "phase3")  # users: a lookup's table (phase3), compared with =
+    schema = f"evil_{uuid.uuid4().hex[:8]}"
+    sql(
+        legacy_url,
+        f"""CREATE SCHEMA {schema};
+        CREATE FUNCTION {schema}.eq(text, text) RETURNS boolean LANGUAGE plpgsql AS
+            $$ BEGIN RAISE EXCEPTION 'hijacked: % = %', $1, $2; END $$;
+        CREATE OPERATOR {schema}.= (LEFTARG = text, RIGHTARG = text, FUNCTION = {schema}.eq);
+        CREATE DOMAIN {schema}.text AS pg_catalog.text CHECK (VALUE <> VALUE)""",
+    )
+    user = "(SELECT id FROM users ORDER BY id LIMIT 1)"
+
+    async def go():
+        conn = await asyncpg.connect(legacy_url)
+        try:
+            await conn.execute(f"SET search_path = {schema}, public, pg_catalog")  # its = and its text come first
+            with pytest.raises(asyncpg.RaiseError, match="hijacked"):  # the session's own statements use them
+                await conn.execute("SELECT 'a'::pg_catalog.text = 'b'::pg_catalog.text")
+            with pytest.raises(asyncpg.CheckViolationError):
+                await conn.execute("SELECT 'a'::text")
+            await conn.execute(f"UPDATE users SET phone_number = phone_number || '9' WHERE id = {user}")
+            await conn.execute(
+                "UPDATE customers SET city = 'Tena' WHERE phone_number OPERATOR(pg_catalog.=) '+593900000001'"
+            )
+        finally:
+            await conn.close()
+
+    run(go())
+    assert waiting(legacy_url, "phase3") == 1 and waiting(legacy_url, "phase2a") == 1
 
 
 def test_a_rolled_back_write_leaves_nothing_and_a_role_without_grants_is_captured(legacy_url, settings_for):
@@ -169,6 +202,46 @@ def test_writes_during_the_copy_behind_and_ahead_of_the_cursor_are_synced_exactl
     assert deep(settings, "phase2a") == (True, [])
     assert scalar(target, "SELECT nombre_completo FROM clientes WHERE ciudad = 'Behind'") == "Cambiado"
     assert waiting(source, "phase2a") == 0
+
+
+def test_a_bad_row_in_a_batch_is_quarantined_alone_and_the_rest_of_the_batch_is_written(setup):
+    settings, source, target, env = setup
+    apply(settings, "phase2a")
+    gone = "00000000-0000-4000-8000-0000000000aa"
+    sql(
+        source,
+        f"""UPDATE customers SET city = 'Lote' WHERE right(phone_number, 1) = '2';
+            UPDATE customers SET notes = '{{not json' WHERE phone_number = '+593900000012';
+            {NEW_CUSTOMER.format(id=gone, phone="+593-gone")};
+            DELETE FROM customers WHERE id = '{gone}';
+            {NEW_CUSTOMER.format(id="00000000-0000-4000-8000-0000000000bb", phone="+593-kept")}""",
+    )
+    updated = scalar(source, "SELECT count(*) FROM customers WHERE city = 'Lote'")
+    (p,) = run(api.sync(settings, ["phase2a"])).phases
+    assert (p.rejected, p.waiting) == (1, 0)
+    assert p.upserted == updated - 1 + 1  # every updated row but the bad one, and the new customer
+    assert scalar(target, "SELECT count(*) FROM clientes WHERE ciudad = 'Lote'") == updated - 1
+    assert scalar(target, "SELECT count(*) FROM clientes WHERE telefono IN ('+593-gone', '+593-kept')") == 1
+    assert deep(settings, "phase2a") == (True, [])
+    sql(source, "UPDATE customers SET notes = NULL WHERE phone_number = '+593900000012'")  # fixed: copied, cleared
+    (p,) = run(api.sync(settings, ["phase2a"])).phases
+    assert (p.upserted, p.cleared, p.rejected) == (1, 1, 0)
+    bad = "SELECT count(*) FROM migrate_data.rejects WHERE row->>'phone_number' = '+593900000012'"
+    assert scalar(target, bad) == 0
+    assert scalar(target, "SELECT count(*) FROM clientes WHERE ciudad = 'Lote'") == updated
+
+
+def test_a_truncated_source_table_makes_sync_refuse_and_its_log_rows_stay(setup):
+    settings, source, target, env = setup
+    apply(settings, "phase2a")
+    sql(
+        source, "UPDATE customers SET city = 'Antes' WHERE phone_number = '+593900000001'; TRUNCATE professions CASCADE"
+    )
+    logged = waiting(source, "phase2a")
+    with pytest.raises(MigrationError, match="was truncated after phase2a copied it"):
+        run(api.sync(settings, ["phase2a"]))
+    assert waiting(source, "phase2a") == logged  # nothing taken, nothing applied
+    assert scalar(target, "SELECT count(*) FROM clientes WHERE ciudad = 'Antes'") == 0
 
 
 def test_a_lookup_row_changed_during_the_copy_re_derives_the_rows_that_read_it(legacy_url, settings_for, tmp_path):
@@ -241,8 +314,8 @@ UPDATE customers SET notes = '{{not json' WHERE phone_number = '+593900000007'""
 
 @pytest.mark.parametrize(
     "at,nth",
-    [("migrate_data.sync:PhaseSyncer.apply:return", 2), ("migrate_data.sync:forget:enter", 3)],
-    ids=["after-a-batch", "between-apply-and-forget"],
+    [("migrate_data.sync:PhaseSyncer.apply:return", 2), ("migrate_data.sync:keep_deferred:enter", 3)],
+    ids=["after-a-batch", "between-apply-and-the-log-commit"],
 )
 def test_kill_9_during_sync_then_sync_again_is_exact(setup, at, nth):
     settings, source, target, env = setup

@@ -11,8 +11,13 @@ An UPDATE logs the keys before and after it (both, when it changes a key).  A TR
 Why capture cannot make an application write fail, and why nothing is caught:
 
 - No privilege is needed: the trigger function is ``SECURITY DEFINER``, owned by the role that ran the phase (which
-  owns the log), with a pinned ``search_path`` and schema-qualified names.  ``EXECUTE`` is revoked from PUBLIC: a
-  trigger function is not checked for the writer's ``EXECUTE`` when it fires.
+  owns the log).  ``EXECUTE`` is revoked from PUBLIC: a trigger function is not checked for the writer's ``EXECUTE``
+  when it fires.  Nothing in its body is looked up through the writer's ``search_path``: the log is
+  ``"migrate_data".changes``, every type is ``pg_catalog.``-qualified and every operator is
+  ``OPERATOR(pg_catalog.=)`` (``IS [NOT] DISTINCT FROM`` is spelled out with it), so a writer's schema cannot put its
+  own function, operator or type in the definer's way.  That is what a pinned ``SET search_path`` would ensure too,
+  but a ``SET`` clause makes every call save and restore the setting: about 2.5 µs of the ~14 µs capture added to a
+  one-row statement (BENCHMARKS.md).
 - The log has nothing an insert could violate: no unique key (ids come from a sequence), no foreign key, no CHECK;
   a key becomes ``text[]`` with ``::text``, which every type has.  It is append-only for writers; sync deletes the
   rows it applied by id, so the writer and sync never wait for each other.
@@ -177,8 +182,12 @@ def trigger_name(phase: str, table: str, event: str) -> str:
     return f"md_capture_{phase[:30]}_{_digest(phase, table)[:6]}_{event}"
 
 
+TEXT = "pg_catalog.text"  # never the writer's ``text``: see the module's docstring
+EQ = "OPERATOR(pg_catalog.=)"
+
+
 def _key(alias: str, columns: tuple[str, ...]) -> str:
-    return "ARRAY[" + ", ".join(f"{alias}.{qi(c)}::text" for c in columns) + "]"
+    return "ARRAY[" + ", ".join(f"{alias}.{qi(c)}::{TEXT}" for c in columns) + "]"
 
 
 def _log(phase: str, c: Captured, op: str, select: str) -> str:
@@ -189,7 +198,13 @@ def _log(phase: str, c: Captured, op: str, select: str) -> str:
 
 
 def _same(a: str, b: str, columns: tuple[str, ...]) -> str:
-    return " AND ".join(f"{a}.{qi(col)}::text IS NOT DISTINCT FROM {b}.{qi(col)}::text" for col in columns)
+    """``a.col IS NOT DISTINCT FROM b.col`` for every column, compared as text, with pg_catalog's ``=`` by name (NULL
+    when only one side is NULL: only ever used where NULL counts as not the same)."""
+    out = []
+    for col in columns:
+        x, y = f"{a}.{qi(col)}::{TEXT}", f"{b}.{qi(col)}::{TEXT}"
+        out.append(f"({x} {EQ} {y} OR ({x} IS NULL AND {y} IS NULL))")
+    return " AND ".join(out)
 
 
 def function_sql(phase: str, c: Captured, *, level: str = "statement") -> str:
@@ -206,14 +221,14 @@ def function_sql(phase: str, c: Captured, *, level: str = "statement") -> str:
                 f"{_same('o', 'n', keep)}) UNION SELECT {_key('o', c.columns)} FROM {o} AS o WHERE NOT EXISTS "
                 f"(SELECT 1 FROM {n} AS n WHERE {_same('n', 'o', keep)})"
             )
-        body = f"""    IF TG_OP = 'INSERT' THEN
+        body = f"""    IF TG_OP {EQ} 'INSERT' THEN
         {_log(phase, c, "I", f"SELECT {_key('n', c.columns)} FROM {n} AS n")};
-    ELSIF TG_OP = 'UPDATE' THEN
+    ELSIF TG_OP {EQ} 'UPDATE' THEN
         {_log(phase, c, "U", update)};
-    ELSIF TG_OP = 'DELETE' THEN
+    ELSIF TG_OP {EQ} 'DELETE' THEN
         {_log(phase, c, "D", f"SELECT {_key('o', c.columns)} FROM {o} AS o")};
     ELSE
-        {_log(phase, c, "T", "SELECT '{}'::text[]")};
+        {_log(phase, c, "T", f"SELECT '{{}}'::{TEXT}[]")};
     END IF;
     RETURN NULL;"""
     elif level == "row":
@@ -221,24 +236,24 @@ def function_sql(phase: str, c: Captured, *, level: str = "statement") -> str:
         changed = "true"
         if c.watched is not None:
             keep = (*c.columns, *c.watched)
-            changed = " OR ".join(f"NEW.{qi(x)}::text IS DISTINCT FROM OLD.{qi(x)}::text" for x in keep)
-        body = f"""    IF TG_OP = 'INSERT' THEN
+            changed = f"({_same('NEW', 'OLD', keep)}) IS NOT TRUE"
+        body = f"""    IF TG_OP {EQ} 'INSERT' THEN
         {_log(phase, c, "I", f"SELECT {new}")};
-    ELSIF TG_OP = 'UPDATE' THEN
+    ELSIF TG_OP {EQ} 'UPDATE' THEN
         IF {changed} THEN
             {_log(phase, c, "U", f"SELECT {new} UNION SELECT {old}")};
         END IF;
-    ELSIF TG_OP = 'DELETE' THEN
+    ELSIF TG_OP {EQ} 'DELETE' THEN
         {_log(phase, c, "D", f"SELECT {old}")};
     ELSE
-        {_log(phase, c, "T", "SELECT '{}'::text[]")};
+        {_log(phase, c, "T", f"SELECT '{{}}'::{TEXT}[]")};
     END IF;
     RETURN NULL;"""
     else:
         raise ValueError(f"level: {level!r}")
     return (
         f"CREATE OR REPLACE FUNCTION {function_name(phase, c.name)}() RETURNS trigger LANGUAGE plpgsql "
-        f"SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $capture$\nBEGIN\n{body}\nEND\n$capture$"
+        f"SECURITY DEFINER AS $capture$\nBEGIN\n{body}\nEND\n$capture$"
     )
 
 

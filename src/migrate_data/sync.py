@@ -13,11 +13,15 @@ gives the same target:
   that works now is copied and its reject cleared.  Rows refused because another row was not there yet (a foreign
   key, 23503) or was still in the way (a unique value, 23505) are tried again after the batch and at every pass.
 
-The batch's target writes, its rejects and the deletion of exactly its log rows (by id: ids are not committed in id
-order, so never "up to id N") commit in one transaction, which commits only while the run holds the lock.  Across two
-databases the log is in the source: the target transaction commits first, then the log rows are deleted; a kill in
-between re-applies them, which changes nothing.  Every (sub)transaction that writes target rows records it with
-``ledger.mark_write`` (a rollback deletes exactly those rows).
+A batch's log rows are taken (deleted and returned, one statement) at the start of the transaction that applies
+them; its target writes, its rejects and that deletion commit together, only while the run holds the lock.  The next
+batch takes ids above the last one (ids are not committed in id order, so never "up to id N": a lower id that commits
+later is taken by the next pass).  Across two databases the log is in the source: its rows are taken in a source
+transaction that commits just after the target's; a kill in between re-applies them, which changes nothing.  The log
+rows of a delete that must wait are put back as they were.  The common case, a batch whose rows all go in, is one
+upsert per table, without resolving the keys first; only when a row fails are the keys resolved and written by
+halves around it.  Every (sub)transaction that writes target rows records it with ``ledger.mark_write`` (a rollback
+deletes exactly those rows).
 
 A delete that a later phase's rows still reference (23503) keeps its log rows for a later pass: syncing several
 phases at once goes round them until nothing moves.
@@ -48,11 +52,14 @@ T = TypeVar("T")
 
 SCHEMA = ledger.SCHEMA
 RETRY_STATES = ("23503", "23505")  # refused because of another row: worth another try once the others are applied
-READ_SQL = (
-    f"SELECT id, source, key, op FROM {SCHEMA}.changes WHERE phase = $1 AND id > $2 "
-    f"AND ($3::bigint IS NULL OR id <= $3) ORDER BY id LIMIT $4"
-)
-FORGET_SQL = f"DELETE FROM {SCHEMA}.changes WHERE phase = $1 AND id = ANY($2::bigint[])"
+# A batch's log rows are taken (deleted, returned) in the transaction that applies them: found by the index, deleted
+# by ctid (a log row is never updated, and the two are one statement's snapshot), so no second index probe per row.
+TAKE_SQL = (
+    f"DELETE FROM {SCHEMA}.changes AS c WHERE c.ctid = ANY (ARRAY(SELECT x.ctid FROM {SCHEMA}.changes AS x "
+    f"WHERE x.phase = $1 AND x.id > $2 AND ($3::bigint IS NULL OR x.id <= $3) ORDER BY x.id LIMIT $4)) "
+    f"AND c.phase = $1 RETURNING c.id, c.source, c.key, c.op::text AS op, c.at"
+)  # op as text: asyncpg gives a "char" as bytes
+KEEP_SQL = f'INSERT INTO {SCHEMA}.changes (id, phase, source, key, op, at) VALUES ($1, $2, $3, $4, CAST($5::text AS "char"), $6)'
 MAX_ID_SQL = f"SELECT max(id) FROM {SCHEMA}.changes WHERE phase = $1"
 
 
@@ -285,6 +292,7 @@ class _Batch:
     work: list[_Work]
     counts: dict[str, int] = field(default_factory=lambda: {"upserted": 0, "deleted": 0, "rejected": 0, "cleared": 0})
     deferred: set[int] = field(default_factory=set)  # log rows kept: their delete waits for referencing rows
+    rejected: set[str] = field(default_factory=set)  # target tables with rows in quarantine: rejects to clear
     again: list[tuple[int, list[tuple[list[str], list[str]]]]] = field(default_factory=list)
 
 
@@ -406,19 +414,45 @@ class PhaseSyncer:
         total = PhaseSync(self.phase)
         waiting = await self.waiting_rejects() if retry else {}
         if waiting:
-            total += await self.apply([], waiting)
-        last = 0
+            total += (await self.apply(waiting))[0]
+        last: int | None = 0
         while not stop.is_set():
-            rows = await self.source.fetch(READ_SQL, self.phase, last, upto, self.batch_size)
-            if not rows:
+            done, last = await self.apply({}, after=last, upto=upto)
+            if last is None:
                 break
-            last = rows[-1]["id"]
-            total += await self.apply(rows, {})
+            total += done
         return replace(total, deferred=len(self.deferred))
 
     # -- one batch ------------------------------------------------------------------------------------------------
-    async def apply(self, rows: Sequence[asyncpg.Record], extra: dict[str, list[list[str]]]) -> PhaseSync:
-        """Apply one batch of log rows (and re-derive the ``extra`` batch keys per target table) in one transaction."""
+    async def apply(
+        self, extra: dict[str, list[list[str]]], *, after: int | None = None, upto: int | None = None
+    ) -> tuple[PhaseSync, int | None]:
+        """Take the next batch of log rows (ids above ``after``, up to ``upto``; none if ``after`` is None), apply it
+        and re-derive the ``extra`` batch keys per target table, in one transaction.  Returns what it did and the
+        batch's last id (None: nothing was left to take).  Across two databases the log rows are taken in a
+        transaction of the source that commits just after the target's: a kill in between re-applies them, which
+        changes nothing."""
+        if self.same_db:
+            async with self.target.acquire() as conn, conn.transaction():
+                rows = await take(conn, self.phase, after, upto, self.batch_size)
+                done = await self._apply(conn, rows, extra, after)
+            return done, (max(r["id"] for r in rows) if rows else None)
+        async with self.source.acquire() as log_conn, log_conn.transaction():
+            async with self.target.acquire() as conn, conn.transaction():
+                rows = await take(log_conn, self.phase, after, upto, self.batch_size)
+                done = await self._apply(conn, rows, extra, after)
+            await keep_deferred(log_conn, self.phase, [r for r in rows if r["id"] in self.deferred])
+        return done, (max(r["id"] for r in rows) if rows else None)
+
+    async def _apply(
+        self,
+        conn: asyncpg.Connection,
+        rows: Sequence[asyncpg.Record],
+        extra: dict[str, list[list[str]]],
+        after: int | None,
+    ) -> PhaseSync:
+        if after is not None and not rows:
+            return PhaseSync(self.phase)
         truncated = [r for r in rows if r["op"] == "T"]
         if truncated:
             raise MigrationError(
@@ -436,29 +470,27 @@ class PhaseSyncer:
             b.work[i].values = [
                 [[r["key"][p] for p in lk.positions] for r in by_source.get(lk.table, [])] for lk in st.lookups
             ]
-        async with self.target.acquire() as conn, conn.transaction():
-            src = conn if self.same_db else self.source
-            for i in reversed(range(len(self.tables))):  # deletes: children first
-                await self._deletes(conn, src, i, by_source.get(self.tables[i].source, []), b)
-            for i in range(len(self.tables)):  # upserts: parents first
-                await self._rederive(conn, src, i, b)
-            again, b.again = b.again, []
-            for i, items in again:  # refused because of another row: the others are applied now
-                b.counts["rejected"] -= len(items)
-                await self._upsert(conn, i, items, b, last_try=True)
-            for i in range(len(self.tables)):  # the children of rows the last tries quarantined
-                await self._rederive(conn, src, i, b, last_try=True)
-            if b.counts.get("upserted"):
-                for _, tgt in self.pairs:  # an identity or serial written with the source's values
-                    await advance_sequences(conn, tgt)
-            ids = [r["id"] for r in rows if r["id"] not in b.deferred]
-            if self.same_db and ids:
-                await forget(conn, self.phase, ids)
-            await ledger.mark_synced(conn, self.phase)
-            await self.lock.check(conn)  # last before COMMIT: without the lock the batch rolls back
-        if not self.same_db and ids:
-            await forget(self.source, self.phase, ids)  # a kill before this re-applies them: harmless
+        src = conn if self.same_db else self.source
+        b.rejected = await ledger.rejected_tables(conn, self.phase)
+        for i in reversed(range(len(self.tables))):  # deletes: children first
+            await self._deletes(conn, src, i, by_source.get(self.tables[i].source, []), b)
+        for i in range(len(self.tables)):  # upserts: parents first
+            await self._rederive(conn, src, i, b)
+        again, b.again = b.again, []
+        for i, items in again:  # refused because of another row: the others are applied now
+            b.counts["rejected"] -= len(items)
+            await self._upsert(conn, i, items, b, last_try=True)
+        for i in range(len(self.tables)):  # the children of rows the last tries quarantined
+            await self._rederive(conn, src, i, b, last_try=True)
+        if b.counts.get("upserted"):
+            for _, tgt in self.pairs:  # an identity or serial written with the source's values
+                await advance_sequences(conn, tgt)
+        ids = [r["id"] for r in rows if r["id"] not in b.deferred]
         self.deferred = (self.deferred - {r["id"] for r in rows}) | b.deferred
+        if self.same_db:
+            await keep_deferred(conn, self.phase, [r for r in rows if r["id"] in b.deferred])
+        await ledger.mark_synced(conn, self.phase)
+        await self.lock.check(conn)  # last before COMMIT: without the lock the batch rolls back
         if rows or any(b.counts.values()):
             log.debug("%s: %d changes applied: %s", self.phase, len(ids), b.counts)
         return PhaseSync(self.phase, changes=len(ids), **b.counts)
@@ -470,11 +502,41 @@ class PhaseSyncer:
         b.work[i] = _Work(values=[[] for _ in st.lookups])
         if not keys and not any(values) and not feeds:
             return
+        if not any(values) and not feeds and await self._upsert_keys(conn, i, keys, b):
+            return
         resolved = await self._resolve(src, st, keys, values, feeds)
         present = {tuple(bk) for bk, _ in resolved}
         gone = [list(k) for k in {tuple(k) for k in keys} - present]  # deleted, or out of the `where`
         b.counts["cleared"] += await ledger.clear_rejects_of(conn, self.phase, st.name, gone)
         await self._upsert(conn, i, resolved, b, last_try=last_try)
+
+    async def _upsert_keys(self, conn: asyncpg.Connection, i: int, keys: list[list[str]], b: _Batch) -> bool:
+        """The common case in one statement: re-derive these batch keys of table ``i`` without resolving them first.
+        When it works, every key is either written or gone from the source: their rejects, if the table has any, are
+        cleared.  False, with nothing written, when a row fails: the caller then resolves the keys and writes them by
+        halves around the bad rows."""
+        st = self.tables[i]
+        args = _columns(keys, len(st.ct.batch_by))
+        try:
+            async with conn.transaction():
+                if self.same_db:
+                    n = rowcount(await conn.execute(upsert_sql(st), *args))
+                else:
+                    stage = f"migrate_data_sync_{i}"
+                    await conn.execute(f"DROP TABLE IF EXISTS pg_temp.{qi(stage)}")
+                    await conn.execute(stage_table_sql(st, stage))
+                    staged = await _pipe(self.source, source_rows_sql(st), args, conn, stage)
+                    n = rowcount(await conn.execute(stage_upsert_sql(st, stage), list(range(1, staged + 1))))
+                await ledger.mark_write(conn, self.phase, st.name, self.run_id)
+        except asyncpg.PostgresError as e:
+            if not is_data_error(e):
+                raise
+            log.debug("%s: a row of the batch fails (%s %s): row by row", st.name, e.sqlstate, e)
+            return False
+        b.counts["upserted"] += n
+        if st.name in b.rejected:
+            b.counts["cleared"] += await ledger.clear_rejects_of(conn, self.phase, st.name, keys)
+        return True
 
     async def _note_children(self, conn: asyncpg.Connection, i: int, keys: list[Any], b: _Batch) -> None:
         """Before target rows of table ``i`` go, find the rows of the phase's other tables that reference them (a
@@ -491,7 +553,9 @@ class PhaseSyncer:
         st = self.tables[i]
         ids: dict[tuple[str, ...], list[int]] = {}
         for r in logged:
-            ids.setdefault(tuple(r["key"][p] for p in st.feed_positions), []).append(r["id"])
+            # an INSERT's key was there when it committed; if the row is gone now, a later log row says so
+            if r["op"] != "I":
+                ids.setdefault(tuple(r["key"][p] for p in st.feed_positions), []).append(r["id"])
         if not ids:
             return
         keys = list(ids)
@@ -586,6 +650,7 @@ class PhaseSyncer:
             await ledger.quarantine(
                 conn, phase=self.phase, target=st.name, source=st.source, key=bk, error=e, row=row, run_id=self.run_id
             )
+            b.rejected.add(st.name)
             b.counts["rejected"] += 1
             await self._note_children(conn, i, [tk], b)
             try:  # a quarantined row is not in the target (as after the copy)
@@ -634,9 +699,21 @@ class PhaseSyncer:
         return done, ok
 
 
-async def forget(db: Any, phase: str, ids: list[int]) -> None:
-    """Delete exactly these log rows (by id: a lower id may still commit later)."""
-    await db.execute(FORGET_SQL, phase, ids)
+async def take(
+    conn: asyncpg.Connection, phase: str, after: int | None, upto: int | None, limit: int
+) -> list[asyncpg.Record]:
+    """Delete and return the next ``limit`` log rows of ``phase`` with ids above ``after`` (and up to ``upto``), in
+    the caller's transaction: they are gone only if it commits.  Ids above ``after``, never "up to id N" alone: ids
+    are not committed in id order, and a lower one that commits later is taken by the next pass."""
+    if after is None:
+        return []
+    return sorted(await conn.fetch(TAKE_SQL, phase, after, upto, limit), key=lambda r: r["id"])
+
+
+async def keep_deferred(conn: asyncpg.Connection, phase: str, rows: list[asyncpg.Record]) -> None:
+    """Put back, as they were (same id and time), the taken log rows whose changes wait for a later pass."""
+    if rows:
+        await conn.executemany(KEEP_SQL, [(r["id"], phase, r["source"], r["key"], r["op"], r["at"]) for r in rows])
 
 
 async def _pipe(source: asyncpg.Pool, query: str, args: list[Any], conn: asyncpg.Connection, table: str) -> int:

@@ -35,6 +35,7 @@ __all__ = [
     "reject_counts",
     "rejects",
     "rejected_keys",
+    "rejected_tables",
     "clear_rejects",
     "mark_write",
     "finished_tables",
@@ -306,6 +307,12 @@ async def rejected_keys(db: Executor, phase: str, target: str) -> list[list[str]
         db, f"SELECT source_key FROM {SCHEMA}.rejects WHERE phase = $1 AND target = $2", phase, target
     )
     return [list(r["source_key"]) for r in rows]
+
+
+async def rejected_tables(db: Executor, phase: str) -> set[str]:
+    """The target tables of ``phase`` with rows in quarantine."""
+    rows = await fetch_all(db, f"SELECT DISTINCT target FROM {SCHEMA}.rejects WHERE phase = $1", phase)
+    return {r["target"] for r in rows}
 
 
 async def clear_rejects(db: Executor, phase: str) -> None:
