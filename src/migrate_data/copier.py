@@ -15,20 +15,20 @@ import datetime as dt
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import asyncpg
 
-from . import duplicates, ledger, partitions
+from . import ledger, partitions
+from .batch import BatchWriter
 from .catalog import Table, fk_cycles, sequences
 from .check_sql import orphans_sql
 from .compile import CompiledTable
-from .db import fetch_val, is_data_error, is_transient_error, rowcount
+from .copy_sql import analyze_sql, setval_sql
+from .db import fetch_val, is_transient_error
 from .errors import MigrationError, RefusedError, Stopped
-from .mapping import QualifiedName
-from .sql import qi, qname
+from .sql import qname
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class _Unit:
     rejected: int = 0
     seconds: float = 0.0
     skipped: bool = False
-    direct: bool = True  # cross-database: try COPY straight into the target (see _insert_direct)
+    direct: bool = True  # cross-database: try COPY straight into the target (see BatchWriter.direct)
     step: int | None = None  # batch_by: ctid: blocks per batch (about batch_size rows)
     gate: asyncio.Semaphore | None = None  # a partitioned source: at most --jobs leaves (or ranges of one) at a time
 
@@ -127,6 +127,7 @@ class Copier:
         self.source_pool = source_pool
         self.same_db = source_pool is target_pool
         self.run_id = run_id
+        self.writer = BatchWriter(phase, run_id, source_pool)
         self.options = options
         self.stop = stop or asyncio.Event()
         self.on_event = on_event or (lambda e: None)
@@ -424,202 +425,18 @@ class Copier:
         async with self.target_pool.acquire() as conn, conn.transaction():
             if u.cyclic or ct.replica:
                 await conn.execute("SET LOCAL session_replication_role = replica")
+            writer = self.writer
             if self.same_db:
-                written, rejected = await self._insert_same_db(conn, u, ct, last, new_last, rng)
+                written, rejected = await writer.same_db(conn, ct, last, new_last, rng)
             else:
-                direct = await self._insert_direct(conn, u, ct, lower, rng) if u.direct and ct.direct_copy_ok else None
-                written, rejected = (
-                    (direct, 0) if direct is not None else await self._insert_staged(conn, u, ct, lower, rng)
-                )
+                direct = await writer.direct(conn, ct, lower, rng) if u.direct and ct.direct_copy_ok else None
+                if direct is False:  # a key that is there already: this table stays on the staged path
+                    u.direct, direct = False, None
+                written, rejected = (direct, 0) if direct is not None else await writer.staged(conn, ct, lower, rng)
             await self._checkpoint(conn, u, part, new_last, n, written, rejected, done=done)
             if self.lock is not None:
                 await self.lock.check(conn)  # last before COMMIT: without the lock the batch rolls back
         return n, new_last, written, rejected, done
-
-    async def _insert_same_db(
-        self,
-        conn: asyncpg.Connection,
-        u: _Unit,
-        ct: CompiledTable,
-        last: list[str] | None,
-        new_last: list[str],
-        rng: list[str],
-    ) -> tuple[int, int]:
-        lower = last is not None
-
-        async def duplicates_of(done: int, read: int | None = None) -> int:
-            """Rows of the range that another source row's target key pushed out (see duplicates.py)."""
-            return await duplicates.quarantine(
-                conn, conn, ct, phase=self.phase, run_id=self.run_id, lower=lower, rng=rng, done=done, read=read
-            )
-
-        try:
-            async with self._writing(conn, u):
-                written = await _write(conn, ct, ct.insert_sql(lower=lower, upper=True), *rng)
-        except asyncpg.PostgresError as e:
-            if not is_data_error(e):
-                raise
-        else:
-            return written, await duplicates_of(written)
-        keys = [r["k"] for r in await conn.fetch(ct.keys_sql(lower=lower, upper=True), *rng)]
-        sql = ct.insert_sql(lower=True, upper=True)
-        sql_first = ct.insert_sql(lower=lower, upper=True)
-
-        async def insert(i: int, j: int) -> int:
-            if i == 0:
-                return await _write(conn, ct, sql_first, *(last or []), *keys[j - 1])
-            return await _write(conn, ct, sql, *keys[i - 1], *keys[j - 1])
-
-        async def source_row(i: int) -> str | None:
-            return await conn.fetchval(ct.source_row_sql(), *keys[i])
-
-        written, rejected = await self._bisect(conn, u, len(keys), insert, lambda i: keys[i], source_row)
-        return written, rejected + await duplicates_of(written + rejected, len(keys))
-
-    async def _insert_direct(
-        self, conn: asyncpg.Connection, u: _Unit, ct: CompiledTable, lower: bool, rng: list[str]
-    ) -> int | None:
-        """The fast path across databases: text COPY from the source straight into the target, in a savepoint.
-
-        A range past the checkpoint holds none of our rows (each batch commits with its checkpoint), so usually
-        there is nothing to conflict with and ON CONFLICT is not needed.  When there is (a row the application
-        wrote, a key two source rows share) or a row is bad, COPY fails, the savepoint rolls back and the batch
-        takes the staged path, which has ON CONFLICT and the bisection; after a conflict the table stays on it.
-        Only for tables whose every column's value is cast to the target column's own type, where the type's text
-        input and the cast agree (a longer varchar fails here and is truncated by the staged path's cast).
-        """
-        try:
-            async with self._writing(conn, u):
-                return await self._pipe(
-                    ct.source_values_sql(lower=lower, upper=True),
-                    rng,
-                    conn,
-                    ct.target.name,
-                    [c.target for c in ct.columns],
-                    schema=ct.target.schema,
-                    binary=False,
-                )
-        except asyncpg.PostgresError as e:
-            if not is_data_error(e):
-                raise
-            if isinstance(e, asyncpg.UniqueViolationError):
-                u.direct = False
-            log.debug("%s: direct COPY fell back to the staged path: %s", ct.target, e)
-            return None
-
-    async def _insert_staged(
-        self, conn: asyncpg.Connection, u: _Unit, ct: CompiledTable, lower: bool, rng: list[str]
-    ) -> tuple[int, int]:
-        """Pipe the range from the source (binary COPY out) into a staging table (binary COPY in), then insert."""
-        stage = f"migrate_data_stage_{abs(hash(str(ct.target))) % 10**8}"
-        await conn.execute(ct.stage_table_sql(stage))
-        read = await self._pipe(ct.source_text_sql(lower=lower, upper=True), rng, conn, stage, ct.stage_columns())
-
-        async def duplicates_of(done: int) -> int:
-            """Rows of the range that another source row's target key pushed out (see duplicates.py)."""
-            source = self.source_pool
-            return await duplicates.quarantine(
-                conn, source, ct, phase=self.phase, run_id=self.run_id, lower=lower, rng=rng, done=done, read=read
-            )
-
-        try:
-            async with self._writing(conn, u):
-                written = await _write(conn, ct, ct.stage_insert_sql(stage, sub=False))
-        except asyncpg.PostgresError as e:
-            if not is_data_error(e):
-                raise
-        else:
-            return written, await duplicates_of(written)
-        count = await conn.fetchval(f"SELECT count(*) FROM {qi(stage)}")
-        sub = ct.stage_insert_sql(stage, sub=True)
-        keys = {r["__n"]: list(r["__key"]) for r in await conn.fetch(f"SELECT __n, __key FROM {qi(stage)}")}
-
-        async def insert(i: int, j: int) -> int:
-            return await _write(conn, ct, sub, i, j)
-
-        async def source_row(i: int) -> str | None:
-            return await self.source_pool.fetchval(ct.source_row_sql(), *keys[i + 1])
-
-        written, rejected = await self._bisect(conn, u, count, insert, lambda i: keys[i + 1], source_row)
-        return written, rejected + await duplicates_of(written + rejected)
-
-    async def _pipe(
-        self,
-        query: str,
-        args: list[str],
-        conn: asyncpg.Connection,
-        table: str,
-        columns: list[str],
-        *,
-        schema: str | None = None,
-        binary: bool = True,
-    ) -> int:
-        """Stream ``COPY (query) TO STDOUT`` on the source into ``COPY table FROM STDIN`` on ``conn``; return the
-        rows copied.  Nothing is decoded in Python: the chunks pass through a small queue."""
-        fmt = "binary" if binary else "text"
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=32)
-
-        async def produce() -> None:
-            async with self.source_pool.acquire() as src:
-                await src.copy_from_query(query, *args, output=queue.put, format=fmt)
-            await queue.put(None)
-
-        async def chunks():  # type: ignore[no-untyped-def]
-            while (chunk := await queue.get()) is not None:
-                yield chunk
-
-        producer = asyncio.create_task(produce())
-        consumer = asyncio.create_task(
-            conn.copy_to_table(table, source=chunks(), columns=columns, schema_name=schema, format=fmt)
-        )
-        done, _ = await asyncio.wait({producer, consumer}, return_when=asyncio.FIRST_EXCEPTION)
-        for task in (producer, consumer):
-            if task.done() and task.exception() is not None:
-                for other in (producer, consumer):
-                    other.cancel()
-                await asyncio.gather(producer, consumer, return_exceptions=True)
-                raise task.exception()  # type: ignore[misc]
-        await producer
-        return rowcount(await consumer)
-
-    async def _bisect(
-        self, conn: asyncpg.Connection, u: _Unit, count: int, insert: Callable, key_of: Callable, source_row: Callable
-    ) -> tuple[int, int]:
-        """Insert rows [0, count) by halves, each in a savepoint; single failing rows become rejects."""
-        written = rejected = 0
-        stack = [(0, count)]
-        while stack:
-            i, j = stack.pop()
-            try:
-                async with self._writing(conn, u):
-                    written += await insert(i, j)
-            except asyncpg.PostgresError as e:
-                if not is_data_error(e):
-                    raise
-                if j - i > 1:
-                    mid = (i + j) // 2
-                    stack += [(mid, j), (i, mid)]
-                    continue
-                rejected += 1
-                await ledger.quarantine(
-                    conn,
-                    phase=self.phase,
-                    target=str(u.ct.target),
-                    source=str(u.ct.source),
-                    key=key_of(i),
-                    error=e,
-                    row=await source_row(i),
-                    run_id=self.run_id,
-                )
-                log.debug("%s: row %s rejected: %s %s", u.ct.target, key_of(i), e.sqlstate, e)
-        return written, rejected
-
-    @asynccontextmanager
-    async def _writing(self, conn: asyncpg.Connection, u: _Unit) -> AsyncIterator[None]:
-        """A savepoint that writes target rows, and records in it that this phase wrote them (see ledger.writes)."""
-        async with conn.transaction():
-            yield
-            await ledger.mark_write(conn, self.phase, str(u.ct.target), self.run_id)
 
     async def _checkpoint(
         self,
@@ -665,7 +482,7 @@ class Copier:
             )
 
     # -- after the copy ----------------------------------------------------------------------------
-    async def _fix_sequences(self, u: _Unit, conn: asyncpg.Connection) -> None:
+    async def _fix_sequences(self, u: _Unit, conn: asyncpg.Connection) -> None:  # a named step (tests/killer.py)
         await advance_sequences(conn, u.target_table)
 
     async def _check_cycles_allowed(self) -> None:
@@ -705,41 +522,6 @@ class Copier:
                         hint="the rows were copied with the foreign keys deferred; fix the mapping so every "
                         "reference has its parent, then run again",
                     )
-
-
-def setval_sql(target: QualifiedName, column: str) -> str:
-    """Move the sequence ``$1`` of ``column`` past the highest value in ``target`` (never back)."""
-    return (
-        f"SELECT setval($1::regclass, m) FROM (SELECT max({qi(column)}) AS m FROM {qname(target)}) x "
-        f"WHERE m > COALESCE(pg_sequence_last_value($1::regclass), 0)"
-    )
-
-
-def analyze_sql(ct: CompiledTable) -> str:
-    return f"ANALYZE {qname(ct.target)}"
-
-
-def statements(ct: CompiledTable, serial_columns: list[str], *, same_db: bool) -> list[str]:
-    """The statements the copy of one table runs that write the target (parameters as ``$n``), for ``plan``: the
-    first batch's and every later batch's, the sequences moved past the copied values, ANALYZE.  Across two
-    databases the batches read the source with the text query and COPY it into the target (a staging table and
-    ON CONFLICT when a batch conflicts or holds a bad row)."""
-    out: list[str] = []
-    for c in [ct.for_leaf(leaf) for leaf in ct.leaves] or [ct]:
-        if same_db:
-            out += [c.insert_sql(lower=False, upper=True), c.insert_sql(lower=True, upper=True)]
-        else:
-            out += [c.source_text_sql(lower=False, upper=True), c.source_text_sql(lower=True, upper=True)]
-    if not same_db:
-        out += [f"COPY {qname(ct.target)} FROM STDIN", ct.stage_insert_sql("<stage>", sub=False)]
-    return list(dict.fromkeys([*out, *(setval_sql(ct.target, col) for col in serial_columns), analyze_sql(ct)]))
-
-
-async def _write(conn: asyncpg.Connection, ct: CompiledTable, sql: str, *args: object) -> int:
-    """Run one of ``ct``'s inserts; return the rows it wrote (a query's count when it checks foreign keys)."""
-    if ct.insert_counts:
-        return int(await conn.fetchval(sql, *args))
-    return rowcount(await conn.execute(sql, *args))
 
 
 def _block(tid: str) -> int:

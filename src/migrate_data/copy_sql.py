@@ -4,6 +4,7 @@ cross-database copy ships and the staging table it lands in, and the duplicates 
 from __future__ import annotations
 
 from .conversions import REFUSE
+from .mapping import QualifiedName
 from .model import TARGET_ALIAS, TableModel, sample_split_sql
 from .sql import qcols, qi, ql, qname
 from .undo import written_by
@@ -190,3 +191,31 @@ class CopySQL(TableModel):
         """Expected target values (text) of the source row with one batch key."""
         vals = "ARRAY[" + ", ".join(c.expected_text for c in self.columns) + "]"
         return f"SELECT {vals} FROM {self.whole.from_} WHERE {self._batch_tuple()} = {self._params(1)}"
+
+
+def setval_sql(target: QualifiedName, column: str) -> str:
+    """Move the sequence ``$1`` of ``column`` past the highest value in ``target`` (never back)."""
+    return (
+        f"SELECT setval($1::regclass, m) FROM (SELECT max({qi(column)}) AS m FROM {qname(target)}) x "
+        f"WHERE m > COALESCE(pg_sequence_last_value($1::regclass), 0)"
+    )
+
+
+def analyze_sql(ct: CopySQL) -> str:
+    return f"ANALYZE {qname(ct.target)}"
+
+
+def statements(ct: CopySQL, serial_columns: list[str], *, same_db: bool) -> list[str]:
+    """The statements the copy of one table runs that write the target (parameters as ``$n``), for ``plan``: the
+    first batch's and every later batch's, the sequences moved past the copied values, ANALYZE.  Across two
+    databases the batches read the source with the text query and COPY it into the target (a staging table and
+    ON CONFLICT when a batch conflicts or holds a bad row)."""
+    out: list[str] = []
+    for c in [ct.for_leaf(leaf) for leaf in ct.leaves] or [ct]:
+        if same_db:
+            out += [c.insert_sql(lower=False, upper=True), c.insert_sql(lower=True, upper=True)]
+        else:
+            out += [c.source_text_sql(lower=False, upper=True), c.source_text_sql(lower=True, upper=True)]
+    if not same_db:
+        out += [f"COPY {qname(ct.target)} FROM STDIN", ct.stage_insert_sql("<stage>", sub=False)]
+    return list(dict.fromkeys([*out, *(setval_sql(ct.target, col) for col in serial_columns), analyze_sql(ct)]))

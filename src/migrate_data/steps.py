@@ -24,7 +24,7 @@ from typing import Any
 import asyncpg
 
 from . import backup as backups
-from . import capture, copier, dependents, ledger, report, schema
+from . import capture, copy_sql, dependents, ledger, report, schema
 from . import rollback as undoing
 from .catalog import Table, read_table, sequences
 from .compile import CompiledTable
@@ -332,7 +332,10 @@ class Copy(Step):
         for ct, tgt in d.plan.tables:
             serials = [c for c, _ in await sequences(d.target, tgt)]
             parts.append(
-                (f"{ct.source} -> {ct.target}", tuple(copier.statements(ct, serials, same_db=d.settings.same_database)))
+                (
+                    f"{ct.source} -> {ct.target}",
+                    tuple(copy_sql.statements(ct, serials, same_db=d.settings.same_database)),
+                )
             )
         return StepPlan(self.name, f"{len(d.plan.tables)} tables in keyset batches, one transaction each with its "
                         "checkpoint", tuple(x for _, sqls in parts for x in sqls),
