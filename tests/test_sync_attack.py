@@ -1,0 +1,162 @@
+"""Live sync and cutover attacked as an adversarial DBA would (issue #13): each test names what should hold, and each
+fails today.  Small schemas of their own where the seed has no such case; the seed (phase2a) otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from conftest import ROOT, run, scalar, sql
+from killer import kill_at
+from migrate_data import api
+from test_partitions import project, settings
+from test_sync import apply, capture_triggers, deep, waiting
+
+
+def _night(url: str, tmp_path, schema: str, mapping: str):
+    """A one-table project (phase ``night``) on ``schema``, run once: capture is on."""
+    sql(url, schema)
+    s = settings(url, project(tmp_path, mapping))
+    (result,) = apply(s, "night")
+    assert result.validation.ok
+    assert capture_triggers(url), "capture must be on for the attack to mean anything"
+    return s
+
+
+# -- capture: writes the triggers do not see --------------------------------------------------------------------------
+PARTITIONED = """
+CREATE TABLE ev (id int NOT NULL, d date NOT NULL, v text, PRIMARY KEY (id, d)) PARTITION BY RANGE (d);
+CREATE TABLE ev_jan PARTITION OF ev FOR VALUES FROM ('2024-01-01') TO ('2024-02-01');
+CREATE TABLE ev_feb PARTITION OF ev FOR VALUES FROM ('2024-02-01') TO ('2024-03-01');
+CREATE TABLE ev_t (id int NOT NULL, d date NOT NULL, v text, PRIMARY KEY (id, d));
+INSERT INTO ev SELECT i, date '2024-01-01' + i, 'v' || i FROM generate_series(1, 50) i;
+"""
+PARTITIONED_MAPPING = """
+tables:
+  - source: ev
+    target: ev_t
+    columns: {id: id, d: d, v: v}
+"""
+
+
+def test_sync_applies_writes_made_directly_into_a_partition_of_the_source(db_url, tmp_path):
+    s = _night(db_url, tmp_path, PARTITIONED, PARTITIONED_MAPPING)
+    # the application (or a DBA's fix-up script) names the leaf, not the parent: the parent's statement-level
+    # triggers do not fire for it
+    sql(
+        db_url,
+        """UPDATE ev_jan SET v = 'changed' WHERE id = 3;
+           DELETE FROM ev_jan WHERE id = 5;
+           INSERT INTO ev_feb VALUES (100, '2024-02-10', 'new')""",
+    )
+    run(api.sync(s, ["night"]))
+    assert scalar(db_url, "SELECT v FROM ev_t WHERE id = 3") == "changed"
+    assert scalar(db_url, "SELECT count(*) FROM ev_t WHERE id IN (5, 100)") == 1
+    assert deep(s, "night") == (True, [])
+
+
+def test_sync_does_not_say_nothing_is_waiting_after_a_partition_of_the_source_is_truncated(db_url, tmp_path):
+    s = _night(db_url, tmp_path, PARTITIONED, PARTITIONED_MAPPING)
+    sql(db_url, "TRUNCATE ev_jan")  # TRUNCATE of the parent is logged (and refused by sync); of a leaf, not at all
+    try:
+        (p,) = run(api.sync(s, ["night"])).phases
+    except api.MigrationError:
+        return  # refusing, like for a TRUNCATE of the parent, is right too
+    assert scalar(db_url, "SELECT count(*) FROM ev_t") == scalar(db_url, "SELECT count(*) FROM ev")
+    assert p.waiting == 0 and deep(s, "night") == (True, [])
+
+
+DATED = """
+CREATE TABLE days (d date PRIMARY KEY, v text);
+CREATE TABLE dias (d date PRIMARY KEY, v text);
+INSERT INTO days SELECT date '2024-01-01' + i, 'v' || i FROM generate_series(0, 89) i;
+"""
+DATED_MAPPING = """
+tables:
+  - source: days
+    target: dias
+    columns: {d: d, v: v}
+"""
+
+
+def test_sync_re_derives_the_row_a_writer_with_another_datestyle_changed(db_url, tmp_path):
+    s = _night(db_url, tmp_path, DATED, DATED_MAPPING)
+
+    async def writer() -> None:  # e.g. a European client library: DateStyle is the session's, not the server's
+        conn = await asyncpg.connect(db_url, server_settings={"DateStyle": "SQL, DMY"})
+        try:
+            await conn.execute("UPDATE days SET v = 'changed' WHERE d = date '2024-02-01'")
+            await conn.execute("DELETE FROM days WHERE d = date '2024-03-05'")
+        finally:
+            await conn.close()
+
+    run(writer())
+    logged = [r[0] for r in sql(db_url, "SELECT key[1] FROM migrate_data.changes ORDER BY id")]
+    (p,) = run(api.sync(s, ["night"])).phases
+    assert p.waiting == 0
+    assert scalar(db_url, "SELECT v FROM dias WHERE d = '2024-02-01'") == "changed", f"logged keys {logged}"
+    assert scalar(db_url, "SELECT count(*) FROM dias WHERE d = '2024-03-05'") == 0, f"logged keys {logged}"
+    assert deep(s, "night") == (True, [])
+
+
+# -- cutover: writes that reach the English tables after the last sync -----------------------------------------------
+BLOCKED_WRITE = "UPDATE customers SET city = 'Esperó el corte' WHERE phone_number = '+593900000012'"
+TARGET_CITY = "SELECT ciudad FROM clientes WHERE telefono = '+593900000012'"
+
+
+def test_cutover_does_not_drop_a_write_that_waited_for_the_block_to_end(legacy_url, settings_for):
+    settings_ = settings_for(legacy_url)
+    apply(settings_, "phase1", "phase2a")
+    writer: dict[str, object] = {}
+
+    async def go():
+        conn = await asyncpg.connect(legacy_url)
+        try:
+
+            async def while_blocked() -> None:
+                # the application still runs: its next write queues behind the cutover's SHARE lock
+                writer["task"] = asyncio.ensure_future(conn.execute(BLOCKED_WRITE))
+                pid = conn.get_server_pid()
+                for _ in range(100):
+                    probe = await asyncpg.connect(legacy_url)
+                    try:
+                        if await probe.fetchval("SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted", pid):
+                            return
+                    finally:
+                        await probe.close()
+                    await asyncio.sleep(0.05)
+                raise AssertionError("the writer never queued behind the block")
+
+            result = await api.cutover(settings_, ["phase2a"], on_blocked=while_blocked)
+            await writer["task"]  # it went through, on the English table, once the block ended
+            return result
+        finally:
+            await conn.close()
+
+    result = run(go())
+    assert result.ok
+    assert scalar(legacy_url, "SELECT city FROM customers WHERE phone_number = '+593900000012'") == "Esperó el corte"
+    # the write was logged (the triggers were still there) and then thrown away with the log by capture.remove: it is
+    # neither in the Spanish table nor anywhere to be applied from, and the cutover said OK
+    applied = scalar(legacy_url, TARGET_CITY) == "Esperó el corte"
+    kept = scalar(legacy_url, "SELECT count(*) FROM migrate_data.changes") > 0
+    assert applied or kept or not result.capture_removed
+
+
+def test_cutover_killed_after_recording_it_does_not_throw_away_the_changes_logged_since(legacy_url, settings_for, tmp_path):
+    settings_ = settings_for(legacy_url)
+    apply(settings_, "phase1", "phase2a")
+    env = {"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)}
+    killed = kill_at("migrate_data.capture:remove:enter", "cutover", "phase2a", "--yes", url=legacy_url, cwd=ROOT, env=env)
+    assert killed.returncode == -9, killed.stderr
+    # the ledger says cut over, the triggers are still on; the DBA does not know whether the cutover finished, so the
+    # application has not moved yet, and keeps writing the English table
+    assert scalar(legacy_url, "SELECT cut_over_at IS NOT NULL FROM migrate_data.phases WHERE phase = 'phase2a'")
+    assert len(capture_triggers(legacy_url)) == 8
+    sql(legacy_url, BLOCKED_WRITE)
+    assert waiting(legacy_url, "phase2a") == 1
+    result = run(api.cutover(settings_, ["phase2a"]))  # the same command again
+    applied = scalar(legacy_url, TARGET_CITY) == "Esperó el corte"
+    kept = waiting(legacy_url, "phase2a") == 1
+    assert applied or kept or not result.ok, "a captured change was deleted from the log without being applied"
