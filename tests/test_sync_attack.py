@@ -160,3 +160,62 @@ def test_cutover_killed_after_recording_it_does_not_throw_away_the_changes_logge
     applied = scalar(legacy_url, TARGET_CITY) == "Esperó el corte"
     kept = waiting(legacy_url, "phase2a") == 1
     assert applied or kept or not result.ok, "a captured change was deleted from the log without being applied"
+
+
+# -- sync: what the phase reads but capture does not watch ----------------------------------------------------------
+CASCADE = """
+CREATE TABLE par (id int PRIMARY KEY, name text);
+CREATE TABLE kid (id int PRIMARY KEY, par_id int REFERENCES par ON DELETE SET NULL, v text);
+CREATE TABLE padre (id int PRIMARY KEY, nombre text);
+CREATE TABLE hijo (id int PRIMARY KEY, padre_id int REFERENCES padre ON DELETE SET NULL, v text);
+INSERT INTO par SELECT i, 'p' || i FROM generate_series(1, 5) i;
+INSERT INTO kid SELECT i, 1 + i % 5, 'k' || i FROM generate_series(1, 20) i;
+"""
+CASCADE_MAPPING = """
+tables:
+  - source: par
+    target: padre
+    columns: {id: id, nombre: name}
+  - source: kid
+    target: hijo
+    columns: {id: id, padre_id: par_id, v: v}
+"""
+
+
+def test_sync_keeps_syncing_a_row_the_target_cascade_set_null_in(db_url, tmp_path):
+    s = _night(db_url, tmp_path, CASCADE, CASCADE_MAPPING)
+    # the application moves the children of a parent to another one, and deletes it
+    sql(db_url, "BEGIN; UPDATE kid SET par_id = 2 WHERE par_id = 1; DELETE FROM par WHERE id = 1; COMMIT")
+    run(api.sync(s, ["night"]))
+    # sync's delete of padre 1 set hijo.padre_id NULL by ON DELETE SET NULL, in a subtransaction whose write mark names
+    # padre, not hijo: the hijo rows are no longer "written by the phase", and the upsert's ON CONFLICT … WHERE skips
+    assert scalar(db_url, "SELECT count(*) FROM hijo WHERE padre_id IS NULL") == 0
+    assert deep(s, "night") == (True, [])
+    sql(db_url, "UPDATE kid SET v = v || '!' WHERE par_id = 2")  # nor does any later change reach them
+    run(api.sync(s, ["night"]))
+    assert deep(s, "night") == (True, [])
+
+
+LOOKED_UP = """
+CREATE TABLE prof (id int PRIMARY KEY, name text);
+CREATE TABLE cust (id int PRIMARY KEY, prof_id int);
+CREATE TABLE cli (id int PRIMARY KEY, profesion text);
+INSERT INTO prof SELECT i, 'prof ' || i FROM generate_series(1, 3) i;
+INSERT INTO cust SELECT i, 1 + i % 3 FROM generate_series(1, 30) i;
+"""
+LOOKED_UP_MAPPING = """
+tables:
+  - source: cust
+    target: cli
+    columns:
+      id: id
+      profesion: {sql: "(SELECT p.name FROM prof p WHERE p.id = cust.prof_id)"}
+"""
+
+
+def test_sync_follows_a_table_that_a_sql_expression_of_the_mapping_reads(db_url, tmp_path):
+    s = _night(db_url, tmp_path, LOOKED_UP, LOOKED_UP_MAPPING)
+    sql(db_url, "UPDATE prof SET name = 'renamed' WHERE id = 2")  # not a `lookup:`, so no trigger on prof
+    run(api.sync(s, ["night"]))
+    n = scalar(db_url, "SELECT count(*) FROM cust WHERE prof_id = 2")
+    assert scalar(db_url, "SELECT count(*) FROM cli WHERE profesion = 'renamed'") == n, "sync said 0 waiting"
