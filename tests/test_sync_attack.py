@@ -11,7 +11,7 @@ from conftest import ROOT, run, scalar, sql
 from killer import kill_at
 from migrate_data import api
 from test_partitions import project, settings
-from test_sync import NEW_CUSTOMER, apply, capture_triggers, deep, waiting
+from test_sync import LONELY, NEW_CUSTOMER, apply, capture_triggers, deep, waiting
 
 
 def _night(url: str, tmp_path, schema: str, mapping: str):
@@ -244,3 +244,19 @@ def test_a_row_waiting_for_an_earlier_phase_is_not_lost_when_its_phase_is_cut_ov
         assert scalar(legacy_url, "SELECT count(*) FROM solicitudes_servicio WHERE id = $1::uuid", request) == 1, (
             "phase3 was cut over with the request quarantined; after phase2a's cutover nothing applies it any more"
         )
+
+
+# -- sync: who wrote a target row, by xmin ------------------------------------------------------------------------------
+def test_sync_still_applies_changes_after_a_table_rewrite_of_the_target(legacy_url, settings_for):
+    settings_ = settings_for(legacy_url)
+    apply(settings_, "phase1", "phase2a")
+    # between nights the team adds a column to the Spanish table (a volatile default rewrites the table, like a column
+    # type change or pg_repack does): every row gets a new xmin, none is "written by the phase" any more
+    sql(legacy_url, "ALTER TABLE clientes ADD COLUMN origen uuid DEFAULT gen_random_uuid()")
+    sql(legacy_url, "UPDATE customers SET city = 'Riobamba' WHERE phone_number = '+593900000014'")
+    gone = scalar(legacy_url, f"SELECT id FROM {LONELY} x(id) ORDER BY id LIMIT 1")
+    sql(legacy_url, "DELETE FROM customers WHERE id = $1", gone)
+    (p,) = run(api.sync(settings_, ["phase2a"])).phases
+    assert p.waiting == 0  # sync says it is done
+    assert scalar(legacy_url, "SELECT ciudad FROM clientes WHERE telefono = '+593900000014'") == "Riobamba"
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes WHERE id = $1", gone) == 0
