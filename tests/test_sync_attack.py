@@ -260,3 +260,29 @@ def test_sync_still_applies_changes_after_a_table_rewrite_of_the_target(legacy_u
     assert p.waiting == 0  # sync says it is done
     assert scalar(legacy_url, "SELECT ciudad FROM clientes WHERE telefono = '+593900000014'") == "Riobamba"
     assert scalar(legacy_url, "SELECT count(*) FROM clientes WHERE id = $1", gone) == 0
+
+
+# -- capture must never fail a write (README "It never fails a write") -------------------------------------------------
+def test_renaming_a_column_capture_reads_does_not_make_application_writes_fail(legacy_url, settings_for):
+    settings_ = settings_for(legacy_url)
+    apply(settings_, "phase1", "phase2a", "phase2b", "phase3")
+    try:  # the legacy team renames a column of users between nights (phase3's lookup reads it)
+        sql(legacy_url, "ALTER TABLE users RENAME COLUMN phone_number TO phone")
+    except asyncpg.PostgresError:
+        return  # refusing the DDL while capture is on would hold too
+    # the trigger functions name the old column: every UPDATE of users now fails, and status still says "on"
+    sql(legacy_url, "UPDATE users SET email = 'nuevo@example.com' WHERE id = (SELECT id FROM users ORDER BY id LIMIT 1)")
+
+
+# -- cutover and the rows its last sync quarantines --------------------------------------------------------------------
+def test_cutover_does_not_pass_after_its_last_sync_took_a_customer_out_of_the_target(legacy_url, settings_for):
+    settings_ = settings_for(legacy_url)
+    apply(settings_, "phase1", "phase2a")
+    key = scalar(legacy_url, f"SELECT id FROM {LONELY} x(id) ORDER BY id LIMIT 1")
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes WHERE id = $1", key) == 1
+    # the application writes notes that are not JSON (notas is jsonb): the final sync quarantines the row and deletes
+    # the customer that was in the Spanish table; the validation counts it as explained, and capture goes
+    sql(legacy_url, "UPDATE customers SET notes = '{not json' WHERE id = $1", key)
+    result = run(api.cutover(settings_, ["phase2a"]))
+    still_there = scalar(legacy_url, "SELECT count(*) FROM clientes WHERE id = $1", key) == 1
+    assert still_there or not result.ok, "the cutover passed with a customer gone from the Spanish table"
