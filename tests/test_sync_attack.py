@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+import pytest
 
 from conftest import ROOT, run, scalar, sql
 from killer import kill_at
 from migrate_data import api
 from test_partitions import project, settings
 from test_sync import LONELY, NEW_CUSTOMER, apply, capture_triggers, deep, waiting
+from test_sync import setup  # noqa: F401 (a fixture)
 
 
 def _night(url: str, tmp_path, schema: str, mapping: str):
@@ -161,11 +163,14 @@ def test_cutover_does_not_drop_a_write_that_waited_for_the_block_to_end(legacy_u
     assert applied or kept or not result.capture_removed
 
 
-def test_cutover_killed_after_recording_it_does_not_throw_away_the_changes_logged_since(legacy_url, settings_for, tmp_path):
+def test_cutover_killed_after_recording_it_does_not_throw_away_the_changes_logged_since(
+    legacy_url, settings_for, tmp_path
+):
     settings_ = settings_for(legacy_url)
     apply(settings_, "phase1", "phase2a")
     env = {"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)}
-    killed = kill_at("migrate_data.capture:remove:enter", "cutover", "phase2a", "--yes", url=legacy_url, cwd=ROOT, env=env)
+    args = ["cutover", "phase2a", "--yes"]
+    killed = kill_at("migrate_data.capture:remove:enter", *args, url=legacy_url, cwd=ROOT, env=env)
     assert killed.returncode == -9, killed.stderr
     # the ledger says cut over, the triggers are still on; the DBA does not know whether the cutover finished, so the
     # application has not moved yet, and keeps writing the English table
@@ -263,7 +268,7 @@ def test_a_row_waiting_for_an_earlier_phase_is_not_lost_when_its_phase_is_cut_ov
         )
 
 
-# -- sync: who wrote a target row, by xmin ------------------------------------------------------------------------------
+# -- sync: who wrote a target row, by xmin ----------------------------------------------------------------------------
 def test_sync_still_applies_changes_after_a_table_rewrite_of_the_target(legacy_url, settings_for):
     settings_ = settings_for(legacy_url)
     apply(settings_, "phase1", "phase2a")
@@ -288,7 +293,7 @@ def test_renaming_a_column_capture_reads_does_not_make_application_writes_fail(l
     except asyncpg.PostgresError:
         return  # refusing the DDL while capture is on would hold too
     # the trigger functions name the old column: every UPDATE of users now fails, and status still says "on"
-    sql(legacy_url, "UPDATE users SET email = 'nuevo@example.com' WHERE id = (SELECT id FROM users ORDER BY id LIMIT 1)")
+    sql(legacy_url, "UPDATE users SET email = 'nuevo@example.com' WHERE id = (SELECT min(id) FROM users)")
 
 
 # -- cutover and the rows its last sync quarantines --------------------------------------------------------------------
@@ -303,3 +308,24 @@ def test_cutover_does_not_pass_after_its_last_sync_took_a_customer_out_of_the_ta
     result = run(api.cutover(settings_, ["phase2a"]))
     still_there = scalar(legacy_url, "SELECT count(*) FROM clientes WHERE id = $1", key) == 1
     assert still_there or not result.ok, "the cutover passed with a customer gone from the Spanish table"
+
+
+# -- two databases: what the ledger (on the target) says about the capture (on the source) ---------------------------
+@pytest.mark.parametrize("setup", ["two databases"], indirect=True)
+def test_a_phase_start_killed_after_capture_was_installed_leaves_no_capture_nobody_knows_of(setup):
+    settings_, source, target, env = setup
+    args = ["phase2a", "--yes", "--no-backup"]
+    killed = kill_at("migrate_data.capture:install:return", *args, url=target, cwd=ROOT, env=env)
+    assert killed.returncode == -9, killed.stderr
+    # the source committed the triggers, the target rolled back the phase's start: pending, nothing to roll back
+    assert scalar(target, "SELECT count(*) FROM migrate_data.phases WHERE phase = 'phase2a'") == 0
+    sql(source, "UPDATE customers SET city = city")  # every write of the application is logged, for nobody
+    status = {s.phase: s for s in run(api.status(settings_))}["phase2a"]
+    try:
+        run(api.rollback(settings_, "phase2a"))
+    except api.MigrationError:
+        pass  # "phase2a is not applied (pending); nothing to roll back"
+    assert capture_triggers(source) == [] or status.capture == "on", (
+        f"{len(capture_triggers(source))} capture triggers on the source, {waiting(source, 'phase2a')} log rows; "
+        f"status says capture {status.capture!r} and rollback leaves them"
+    )
