@@ -293,7 +293,7 @@ def test_renaming_a_column_capture_reads_does_not_make_application_writes_fail(l
     except asyncpg.PostgresError:
         return  # refusing the DDL while capture is on would hold too
     # the trigger functions name the old column: every UPDATE of users now fails, and status still says "on"
-    sql(legacy_url, "UPDATE users SET email = 'nuevo@example.com' WHERE id = (SELECT min(id) FROM users)")
+    sql(legacy_url, "UPDATE users SET email = 'n@example.com' WHERE id = (SELECT id FROM users ORDER BY id LIMIT 1)")
 
 
 # -- cutover and the rows its last sync quarantines --------------------------------------------------------------------
