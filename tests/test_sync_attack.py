@@ -99,6 +99,11 @@ tables:
 """
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="#13 finding 9: keys are logged with a DateStyle-dependent ::text in capture.function_sql, which another "
+    "branch is rewriting",
+)
 def test_sync_re_derives_the_row_a_writer_with_another_datestyle_changed(db_url, tmp_path):
     s = _night(db_url, tmp_path, DATED, DATED_MAPPING)
 
@@ -285,6 +290,11 @@ def test_sync_still_applies_changes_after_a_table_rewrite_of_the_target(legacy_u
 
 
 # -- capture must never fail a write (README "It never fails a write") -------------------------------------------------
+@pytest.mark.xfail(
+    strict=True,
+    reason="#13 finding 13: the trigger body (capture.function_sql) names the captured columns; another branch is "
+    "rewriting it",
+)
 def test_renaming_a_column_capture_reads_does_not_make_application_writes_fail(legacy_url, settings_for):
     settings_ = settings_for(legacy_url)
     apply(settings_, "phase1", "phase2a", "phase2b", "phase3")
