@@ -45,7 +45,7 @@ import asyncpg
 from . import ledger
 from .catalog import Table, read_table
 from .compile import CompiledTable
-from .db import Executor, open_pool
+from .db import Executor, open_pool, rowcount
 from .errors import MigrationError
 from .mapping import QualifiedName
 from .preflight import Finding
@@ -390,30 +390,40 @@ async def remove(
     phase: str,
     *,
     lock: ledger.LockSession | None = None,
+    keep_log: bool = False,
     wait: str = LOCK_WAIT,
     retries: int = LOCK_RETRIES,
 ) -> int:
-    """Turn capture off for ``phase`` and forget its change log, in the source database (one transaction; in one
-    database it commits only while ``lock`` is held).  Idempotent.  Returns the number of log rows dropped."""
+    """Turn capture off for ``phase`` in the source database (one transaction; in one database it commits only while
+    ``lock`` is held).  Idempotent.  Its change log is forgotten (a rollback), or with ``keep_log`` (a cutover) kept:
+    a row still there was logged after the cutover's last sync, a write nobody applied, which is never deleted.
+    Returns the number of log rows dropped, or with ``keep_log`` kept."""
     if settings.same_database:
-        return await _remove(target, phase, lock, wait, retries)
+        return await _remove(target, phase, lock, wait, retries, keep_log)
     async with open_pool(settings.effective_source_url, max_size=1, lock_timeout=settings.lock_timeout) as source:
-        return await _remove(source, phase, None, wait, retries)
+        return await _remove(source, phase, None, wait, retries, keep_log)
 
 
-async def _remove(db: asyncpg.Pool, phase: str, lock: ledger.LockSession | None, wait: str, retries: int) -> int:
+async def _remove(
+    db: asyncpg.Pool, phase: str, lock: ledger.LockSession | None, wait: str, retries: int, keep_log: bool
+) -> int:
     async with db.acquire() as conn, conn.transaction():
         if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{SCHEMA}.capture"):
             return 0
         rows = await conn.fetch(f"SELECT source, relation FROM {SCHEMA}.capture WHERE phase = $1 FOR UPDATE", phase)
         for r in rows:
             await _remove_table(conn, phase, r["source"], r["relation"], wait, retries)
-        status = await conn.execute(f"DELETE FROM {SCHEMA}.changes WHERE phase = $1", phase)
+        if keep_log:  # the triggers are gone (their locks waited for the writers in flight): the log is complete
+            n = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.changes WHERE phase = $1", phase)
+        else:
+            n = rowcount(await conn.execute(f"DELETE FROM {SCHEMA}.changes WHERE phase = $1", phase))
         if lock is not None:
             await lock.check(conn)
-    dropped = int(status.rsplit(" ", 1)[-1])
-    log.info("%s: change capture off, %d logged changes dropped", phase, dropped)
-    return dropped
+    if keep_log and n:
+        log.warning("%s: change capture off; %d changes logged after the cutover's last sync are kept", phase, n)
+    else:
+        log.info("%s: change capture off, %d logged changes %s", phase, n, "kept" if keep_log else "dropped")
+    return int(n)
 
 
 async def _with_short_locks(

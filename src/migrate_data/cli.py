@@ -866,7 +866,14 @@ def cutover(obj: Context, phases: tuple[str, ...], yes: bool, lock_wait: str, re
                 )
             )
         else:
+            for line in result.problems:
+                click.echo(line)
             click.echo("validation FAILED: writes released, change capture kept on; nothing was cut over")
+        if result.late:
+            click.echo(
+                f"WARNING: {result.late:,} changes were written to the English tables after the last sync (is the "
+                "application still writing them?): kept, not applied, in migrate_data.changes"
+            )
     if not result.ok:
         sys.exit(3)
 

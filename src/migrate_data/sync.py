@@ -76,6 +76,7 @@ class PhaseSync:
     deferred: int = 0  # log rows kept for later: their delete waits for rows that reference them
     waiting: int = 0  # log rows waiting at the end
     oldest_seconds: float | None = None  # age of the oldest of them
+    taken_out: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (target, source key): quarantined rows that were there
 
     def __add__(self, other: PhaseSync) -> PhaseSync:
         return replace(
@@ -85,6 +86,7 @@ class PhaseSync:
             deleted=self.deleted + other.deleted,
             rejected=self.rejected + other.rejected,
             cleared=self.cleared + other.cleared,
+            taken_out=tuple(sorted({*self.taken_out, *other.taken_out}, key=repr)),
         )
 
     @property
@@ -285,6 +287,7 @@ class _Batch:
     counts: dict[str, int] = field(default_factory=lambda: {"upserted": 0, "deleted": 0, "rejected": 0, "cleared": 0})
     deferred: set[int] = field(default_factory=set)  # log rows kept: their delete waits for referencing rows
     again: list[tuple[int, list[tuple[list[str], list[str]]]]] = field(default_factory=list)
+    taken_out: set[tuple[str, tuple[str, ...]]] = field(default_factory=set)  # quarantined rows deleted from the target
 
 
 # -- one phase ----------------------------------------------------------------------------------------------------
@@ -457,7 +460,7 @@ class PhaseSyncer:
         self.deferred = (self.deferred - {r["id"] for r in rows}) | b.deferred
         if rows or any(b.counts.values()):
             log.debug("%s: %d changes applied: %s", self.phase, len(ids), b.counts)
-        return PhaseSync(self.phase, changes=len(ids), **b.counts)
+        return PhaseSync(self.phase, changes=len(ids), taken_out=tuple(sorted(b.taken_out, key=repr)), **b.counts)
 
     async def _rederive(self, conn: asyncpg.Connection, src: Any, i: int, b: _Batch, *, last_try: bool = False) -> None:
         """Re-derive the rows of table ``i`` the batch touched: by batch key, by lookup, by target key."""
@@ -589,12 +592,15 @@ class PhaseSyncer:
                     n = rowcount(await conn.execute(delete_sql(st), *_columns([tk], len(st.ct.key))))
                     await ledger.mark_write(conn, self.phase, st.name, self.run_id)
                 b.counts["deleted"] += n
+                if n:
+                    b.taken_out.add((st.name, tuple(bk)))
             except asyncpg.ForeignKeyViolationError as fk:
                 log.warning("%s: row %s is quarantined, but its old version stays in the target: %s", st.name, bk, fk)
             log.info("%s: row %s quarantined: %s %s", st.name, bk, e.sqlstate, e)
 
         done, ok = await self._bisect(conn, st, items, attempt, failed)
         b.counts["upserted"] += done
+        b.taken_out -= {(st.name, tuple(row_of(x)[0])) for x in ok}  # a last try put it back
         b.counts["cleared"] += await ledger.clear_rejects_of(conn, self.phase, st.name, [row_of(x)[0] for x in ok])
         if again:
             b.again.append((i, again))
