@@ -16,6 +16,7 @@ from . import capture, ledger
 from . import sync as syncing
 from .errors import BadInput, MigrationError, RefusedError, Stopped
 from .preflight import PhasePlan, compile_phase
+from .rollback import RollbackPlan, RollbackResult
 from .runtime import check_schema_agrees, connect, database_errors, get_phase, project_phases, recorded
 from .settings import Settings
 from .status import validate
@@ -257,3 +258,20 @@ async def _not_applied(syncers: list[syncing.PhaseSyncer], totals: dict[str, syn
                 f"{shown}; cut over the phase they wait for together with this one"
             )
     return tuple(out)
+
+
+async def stray_capture(
+    settings: Settings, target: asyncpg.Pool, source: asyncpg.Pool, name: str, lock: ledger.LockSession, *, dry_run: bool
+) -> RollbackResult | None:
+    """The rollback of a phase the ledger does not hold (pending, rolled back) whose change capture is on in the source
+    anyway: two databases, a start killed after the source committed the triggers and before the target committed
+    the phase.  Removes the capture and its log (nothing applied them: the phase has no copy); None when there is no
+    such capture."""
+    started = time.monotonic()
+    if not await capture.registry(source, name):
+        return None
+    if not dry_run:
+        dropped = await capture.remove(settings, target, name, lock=lock)
+        log.warning("%s: change capture a killed start left on the source removed (%d changes logged)", name, dropped)
+    plan = RollbackPlan(name, (), None, ())
+    return RollbackResult(name, {}, None, None, (), time.monotonic() - started, plan=plan, dry_run=dry_run)
