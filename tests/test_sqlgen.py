@@ -118,3 +118,11 @@ def test_tables_are_ordered_parents_first_and_cycles_are_found():
     assert [t.name for t in parents_first([child, parent])] == ["padre", "hijo"]
     assert graph.cycles({"a": {"b"}, "b": {"a"}, "c": {"c"}, "d": {"a"}}) == [{"a", "b"}, {"c"}]
     assert graph.parents_first(["c", "b", "a"], {"c": {"a"}}) == ["a", "c", "b"]
+
+
+def test_plan_relations_finds_the_tables_of_subplans_too():
+    from migrate_data.capture import plan_relations
+
+    plan = [{"Plan": {"Node Type": "Seq Scan", "Relation Name": "cust", "Schema": "public", "Plans": [
+        {"Node Type": "Index Scan", "Relation Name": "prof", "Schema": "public", "Subplan Name": "SubPlan 1"}]}}]
+    assert plan_relations(plan) == {("public", "cust"), ("public", "prof")}

@@ -340,3 +340,29 @@ def test_a_phase_start_killed_after_capture_was_installed_leaves_no_capture_nobo
         f"{len(capture_triggers(source))} capture triggers on the source, {waiting(source, 'phase2a')} log rows; "
         f"status says capture {status.capture!r} and rollback leaves them"
     )
+
+
+FILTERED = """
+CREATE TABLE act (id int PRIMARY KEY);
+CREATE TABLE memb (id int PRIMARY KEY, v text);
+CREATE TABLE socio (id int PRIMARY KEY, v text);
+INSERT INTO memb SELECT i, 'v' || i FROM generate_series(1, 20) i;
+INSERT INTO act SELECT i FROM generate_series(1, 10) i;
+"""
+FILTERED_MAPPING = """
+tables:
+  - source: memb
+    target: socio
+    where: "memb.id IN (SELECT a.id FROM act a)"
+    columns: {id: id, v: v}
+"""
+
+
+def test_sync_follows_a_table_that_the_where_of_the_mapping_reads(db_url, tmp_path):
+    s = _night(db_url, tmp_path, FILTERED, FILTERED_MAPPING)
+    assert "public.act" in [r[0] for r in sql(db_url, "SELECT source FROM migrate_data.capture")]
+    sql(db_url, "DELETE FROM act WHERE id = 3; INSERT INTO act VALUES (15)")  # a row leaves the `where`, one enters
+    (p,) = run(api.sync(s, ["night"])).phases
+    assert (p.waiting, p.upserted, p.deleted) == (0, 1, 1)
+    assert [r[0] for r in sql(db_url, "SELECT id FROM socio ORDER BY id")] == [1, 2, 4, 5, 6, 7, 8, 9, 10, 15]
+    assert deep(s, "night") == (True, [])

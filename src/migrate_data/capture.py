@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -85,6 +86,8 @@ class CapturePlan:
     phase: str
     tables: tuple[Captured, ...]
     problems: tuple[tuple[str, str], ...] = ()  # (target table, why its changes cannot be captured)
+    reads: tuple[tuple[str, str], ...] = ()  # (target table, a table its `sql:` or `where` reads): a change there
+    # re-derives every row of the target table
 
     @property
     def ok(self) -> bool:
@@ -123,10 +126,13 @@ def plan_capture(
     compiled: Sequence[CompiledTable],
     sources: Mapping[str, Table],
     lookups: Mapping[str, Table],
+    reads: Mapping[str, Sequence[Table]] | None = None,
 ) -> CapturePlan:
-    """What a phase captures: each source table (its ``batch_by`` and target-key columns) and each lookup's table
-    (its lookup key).  ``sources`` maps ``str(ct.source)``, ``lookups`` ``str(lookup.table)`` to the live tables."""
+    """What a phase captures: each source table (its ``batch_by`` and target-key columns), each lookup's table (its
+    lookup key) and each other table a ``sql:`` or ``where`` reads (``reads``, by ``str(ct.target)``: any key, every
+    UPDATE).  ``sources`` maps ``str(ct.source)``, ``lookups`` ``str(lookup.table)`` to the live tables."""
     columns: dict[str, list[str]] = {}
+    read_by: list[tuple[str, str]] = []
     names: dict[str, QualifiedName] = {}
     watched: dict[str, list[str] | None] = {}
     problems: list[tuple[str, str]] = []
@@ -155,11 +161,33 @@ def plan_capture(
                 w = watched.setdefault(lname, [])
                 assert w is not None
                 w += [lk.column] if lk.column not in w else []
+        for table in (reads or {}).get(str(ct.target), ()):
+            rname = str(table.qualified)
+            names[rname] = table.qualified
+            rcols = columns.setdefault(rname, [])
+            rcols += [] if rcols else list(table.primary_key or next(iter(table.unique_keys), (table.columns[0].name,)))
+            watched[rname] = None  # any column may be read
+            read_by.append((str(ct.target), rname))
     tables = tuple(
         Captured(names[n], tuple(cols), None if watched[n] is None else tuple(watched[n] or ()))
         for n, cols in columns.items()
     )
-    return CapturePlan(phase, tables if not problems else (), tuple(problems))
+    return CapturePlan(phase, tables if not problems else (), tuple(problems), tuple(read_by))
+
+
+def plan_relations(plan: Any) -> set[tuple[str, str]]:
+    """The (schema, table) of every relation an ``EXPLAIN (VERBOSE, FORMAT JSON)`` plan scans, subplans included."""
+    out: set[tuple[str, str]] = set()
+    stack = [plan]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "Relation Name" in node:
+                out.add((node.get("Schema", ""), node["Relation Name"]))
+            stack += list(node.values())
+        elif isinstance(node, list):
+            stack += node
+    return out
 
 
 # -- the SQL (pure) ---------------------------------------------------------------------------------------------
@@ -281,6 +309,26 @@ FROM {SCHEMA}.capture AS c WHERE c.phase = $1 ORDER BY c.source"""
 
 
 # -- install / remove ---------------------------------------------------------------------------------------------
+async def _reads(db: Executor, ct: CompiledTable) -> list[Table]:
+    """The tables other than its source (and leaves) and lookups that a ``sql:`` column or the ``where`` of ``ct``
+    reads, from the planner (a function's body is not seen)."""
+    if not ct.mapping.where and not any(c.spec.kind == "sql" for c in ct.columns):
+        return []
+    where = f" WHERE ({ct.mapping.where})" if ct.mapping.where else ""
+    query = f"SELECT {', '.join(c.pre_cast for c in ct.columns)} FROM {ct.whole.from_}{where}"
+    plan = json.loads(await db.fetchval(f"EXPLAIN (VERBOSE, FORMAT JSON) {query}"))
+    skip = {str(ct.source), *(str(x) for x in ct.leaves)}
+    for _, lk in ct.lookups:
+        lt = await read_table(db, lk.table)
+        skip |= {str(lt.qualified)} if lt is not None else set()
+    out = []
+    for schema, name in sorted(plan_relations(plan)):
+        t = await read_table(db, QualifiedName(name, schema or None))
+        if t is not None and str(t.qualified) not in skip and t.qualified not in [x.qualified for x in out]:
+            out.append(t)
+    return out
+
+
 async def _relations(db: Executor, compiled: Sequence[CompiledTable]) -> tuple[dict[str, Table], dict[str, Table]]:
     sources: dict[str, Table] = {}
     lookups: dict[str, Table] = {}
@@ -300,7 +348,8 @@ async def _relations(db: Executor, compiled: Sequence[CompiledTable]) -> tuple[d
 async def capture_plan(db: Executor, phase: str, compiled: Sequence[CompiledTable]) -> CapturePlan:
     """What ``phase`` captures, against the live source catalogs."""
     sources, lookups = await _relations(db, compiled)
-    return plan_capture(phase, compiled, sources, lookups)
+    reads = {str(ct.target): await _reads(db, ct) for ct in compiled}
+    return plan_capture(phase, compiled, sources, lookups, reads)
 
 
 def _findings(plan: CapturePlan) -> tuple[Finding, ...]:

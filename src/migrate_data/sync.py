@@ -118,6 +118,7 @@ class SyncTable:
     bk_positions: tuple[int, ...]  # where batch_by is in the logged key of ct.source
     feed_positions: tuple[int, ...]
     lookups: tuple[LookupUse, ...] = ()
+    reads: tuple[str, ...] = ()  # other tables its `sql:` or `where` reads: a change there re-derives every row
 
     @property
     def name(self) -> str:
@@ -171,6 +172,18 @@ def resolve_sql(st: SyncTable, lookups: Sequence[int], *, by_feed: bool = False)
     if by_feed:
         parts.append(" AND ".join([*_where(st), _in_keys(st.feed, st.feed_types, a, n)]))
     return " UNION ".join(head + p for p in parts)
+
+
+def resolve_all_sql(st: SyncTable) -> str:
+    """Every current source row (in the ``where``) to re-derive: batch key and target key (text[])."""
+    ct, a = st.ct, st.ct.alias
+    where = f" WHERE {_where(st)[0]}" if ct.mapping.where else ""
+    return f"SELECT {_text_array(ct.batch_by, a)} AS bk, {_text_array(st.feed, a)} AS tk FROM {ct.src}{where}"
+
+
+def target_keys_sql(st: SyncTable) -> str:
+    """The target keys (text[]) of every row of the table the phase wrote."""
+    return f"SELECT {_text_array(st.ct.key, 't')} AS k FROM {st.ct.tgt} AS t WHERE {st.ct.written_by_phase('t')}"
 
 
 def children_sql(parent: SyncTable, child: SyncTable, fk: ForeignKey) -> str:
@@ -279,6 +292,7 @@ class _Work:
     keys: list[list[str]] = field(default_factory=list)
     values: list[list[list[str]]] = field(default_factory=list)
     feeds: list[list[str]] = field(default_factory=list)
+    everything: bool = False  # a table its `sql:` or `where` reads changed: every row
 
 
 @dataclass
@@ -374,6 +388,7 @@ class PhaseSyncer:
                     tuple(cols.index(b) for b in ct.batch_by),
                     tuple(cols.index(f) for f in feed),
                     tuple(uses),
+                    tuple(r for t, r in plan.reads if t == str(ct.target)),
                 )
             )
         index = {t.name: i for i, t in enumerate(self.tables)}
@@ -438,6 +453,7 @@ class PhaseSyncer:
             b.work[i].values = [
                 [[r["key"][p] for p in lk.positions] for r in by_source.get(lk.table, [])] for lk in st.lookups
             ]
+            b.work[i].everything = any(r in by_source for r in st.reads)
         async with self.target.acquire() as conn, conn.transaction():
             src = conn if self.same_db else self.source
             for i in reversed(range(len(self.tables))):  # deletes: children first
@@ -467,9 +483,12 @@ class PhaseSyncer:
         st, w = self.tables[i], b.work[i]
         keys, values, feeds = w.keys, w.values, w.feeds
         b.work[i] = _Work(values=[[] for _ in st.lookups])
-        if not keys and not any(values) and not feeds:
+        if not keys and not any(values) and not feeds and not w.everything:
             return
-        resolved = await self._resolve(src, st, keys, values, feeds)
+        if w.everything:
+            resolved = [(list(r["bk"]), list(r["tk"])) for r in await src.fetch(resolve_all_sql(st))]
+        else:
+            resolved = await self._resolve(src, st, keys, values, feeds)
         present = {tuple(bk) for bk, _ in resolved}
         gone = [list(k) for k in {tuple(k) for k in keys} - present]  # deleted, or out of the `where`
         b.counts["cleared"] += await ledger.clear_rejects_of(conn, self.phase, st.name, gone)
@@ -491,6 +510,9 @@ class PhaseSyncer:
         ids: dict[tuple[str, ...], list[int]] = {}
         for r in logged:
             ids.setdefault(tuple(r["key"][p] for p in st.feed_positions), []).append(r["id"])
+        if b.work[i].everything:  # a table the `where` reads changed: any row may have left it
+            for r in await conn.fetch(target_keys_sql(st)):
+                ids.setdefault(tuple(r["k"]), [])
         if not ids:
             return
         keys = list(ids)
