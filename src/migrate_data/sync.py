@@ -502,6 +502,11 @@ class PhaseSyncer:
             rows = await conn.fetch(sql, *_columns(keys, len(self.tables[i].ct.key)))
             b.work[j].feeds += [list(r["tk"]) for r in rows]
 
+    def _cascaded(self, i: int) -> tuple[str, ...]:
+        """The phase's tables whose rows a delete in table ``i`` may change (ON DELETE CASCADE, SET NULL, SET DEFAULT):
+        the savepoint that deletes marks them written too, or their rows would no longer be the phase's."""
+        return tuple(dict.fromkeys(self.tables[j].name for j, fk in self.children.get(i, [])))
+
     async def _deletes(
         self, conn: asyncpg.Connection, src: Any, i: int, logged: list[asyncpg.Record], b: _Batch
     ) -> None:
@@ -536,7 +541,7 @@ class PhaseSyncer:
                 e,
             )
 
-        done, _ = await self._bisect(conn, st, gone, attempt, failed)
+        done, _ = await self._bisect(conn, st, gone, attempt, failed, also=self._cascaded(i))
         b.counts["deleted"] += done
 
     async def _resolve(
@@ -612,7 +617,8 @@ class PhaseSyncer:
             try:  # a quarantined row is not in the target (as after the copy)
                 async with conn.transaction():
                     n = rowcount(await conn.execute(delete_sql(st), *_columns([tk], len(st.ct.key))))
-                    await ledger.mark_write(conn, self.phase, st.name, self.run_id)
+                    for name in (st.name, *self._cascaded(i)):
+                        await ledger.mark_write(conn, self.phase, name, self.run_id)
                 b.counts["deleted"] += n
                 if n:
                     b.taken_out.add((st.name, tuple(bk)))
@@ -634,9 +640,12 @@ class PhaseSyncer:
         items: list[T],
         attempt: Callable[[list[T]], Awaitable[int]],
         failed: Callable[[T, asyncpg.PostgresError], Awaitable[None]],
+        *,
+        also: Sequence[str] = (),
     ) -> tuple[int, list[T]]:
-        """Write ``items`` by halves, each in a savepoint that records the write; a single item that fails for a
-        data reason goes to ``failed``.  Returns the rows written and the items that went in."""
+        """Write ``items`` by halves, each in a savepoint that records the write (in ``st`` and the ``also`` tables,
+        which a foreign key's ON DELETE changes); a single item that fails for a data reason goes to ``failed``.
+        Returns the rows written and the items that went in."""
         done, ok = 0, []
         stack = [items]
         while stack:
@@ -644,7 +653,8 @@ class PhaseSyncer:
             try:
                 async with conn.transaction():
                     done += await attempt(part)
-                    await ledger.mark_write(conn, self.phase, st.name, self.run_id)
+                    for name in (st.name, *also):
+                        await ledger.mark_write(conn, self.phase, name, self.run_id)
             except asyncpg.PostgresError as e:
                 if not is_data_error(e):
                     raise
