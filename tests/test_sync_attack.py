@@ -275,6 +275,12 @@ def test_a_row_waiting_for_an_earlier_phase_is_not_lost_when_its_phase_is_cut_ov
 
 
 # -- sync: who wrote a target row, by xmin ----------------------------------------------------------------------------
+@pytest.mark.xfail(
+    strict=True,
+    reason="#13 finding 11: after a table rewrite every target row is someone else's by xmin; sync reports them "
+    "(PhaseSync.skipped, and cutover refuses) but cannot tell them from rows the application wrote, so it does not "
+    "overwrite them",
+)
 def test_sync_still_applies_changes_after_a_table_rewrite_of_the_target(legacy_url, settings_for):
     settings_ = settings_for(legacy_url)
     apply(settings_, "phase1", "phase2a")
@@ -286,6 +292,7 @@ def test_sync_still_applies_changes_after_a_table_rewrite_of_the_target(legacy_u
     sql(legacy_url, "DELETE FROM customers WHERE id = $1", gone)
     (p,) = run(api.sync(settings_, ["phase2a"])).phases
     assert p.waiting == 0  # sync says it is done
+    assert p.skipped == 2, "sync must at least say that it did not apply them"
     assert scalar(legacy_url, "SELECT ciudad FROM clientes WHERE telefono = '+593900000014'") == "Riobamba"
     assert scalar(legacy_url, "SELECT count(*) FROM clientes WHERE id = $1", gone) == 0
 
@@ -366,3 +373,16 @@ def test_sync_follows_a_table_that_the_where_of_the_mapping_reads(db_url, tmp_pa
     assert (p.waiting, p.upserted, p.deleted) == (0, 1, 1)
     assert [r[0] for r in sql(db_url, "SELECT id FROM socio ORDER BY id")] == [1, 2, 4, 5, 6, 7, 8, 9, 10, 15]
     assert deep(s, "night") == (True, [])
+
+
+def test_sync_says_which_changes_it_did_not_apply_after_a_table_rewrite_of_the_target(legacy_url, settings_for):
+    settings_ = settings_for(legacy_url)
+    apply(settings_, "phase1", "phase2a")
+    sql(legacy_url, "ALTER TABLE clientes ADD COLUMN origen uuid DEFAULT gen_random_uuid()")  # every row: a new xmin
+    sql(legacy_url, "UPDATE customers SET city = 'Riobamba' WHERE phone_number = '+593900000014'")
+    gone = scalar(legacy_url, f"SELECT id FROM {LONELY} x(id) ORDER BY id LIMIT 1")
+    sql(legacy_url, "DELETE FROM customers WHERE id = $1", gone)
+    (p,) = run(api.sync(settings_, ["phase2a"])).phases
+    assert (p.waiting, p.skipped, p.upserted, p.deleted) == (0, 2, 0, 0)
+    result = run(api.cutover(settings_, ["phase2a"]))  # the log is empty now: validation shows the two rows
+    assert not result.ok and not result.validations[0].ok and len(capture_triggers(legacy_url)) == 8

@@ -821,6 +821,7 @@ def sync(obj: Context, phases: tuple[str, ...], follow: bool, batch_size: int, i
             f"{p.rejected:,} quarantined, {p.cleared:,} rejects cleared; {p.waiting:,} waiting"
             + (f" (the oldest {console.dur(p.oldest_seconds)} old)" if p.oldest_seconds is not None else "")
             + (f"; {p.deferred:,} deletes wait for rows that reference them" if p.deferred else "")
+            + (f"; {p.skipped:,} changed rows NOT applied: someone else wrote them in the target" if p.skipped else "")
         )
     click.echo(f"synced in {console.dur(result.seconds)}")
 

@@ -85,6 +85,7 @@ async def _syncers(
             source=source,
             lock=lock,
             batch_size=batch_size,
+            snapshot=st["started_snapshot"],
         )
         await s.prepare()
         out.append(s)
@@ -246,6 +247,11 @@ async def _not_applied(syncers: list[syncing.PhaseSyncer], totals: dict[str, syn
         t = totals[s.phase]
         if t.waiting:
             out.append(f"{s.phase}: {t.waiting:,} changes could not be applied (deletes that other rows still need)")
+        if t.skipped:
+            out.append(
+                f"{s.phase}: {t.skipped:,} changed rows were not applied: someone else wrote them in the target since "
+                "the phase started (or a table rewrite did), and sync never overwrites those"
+            )
         for table, key in t.taken_out:
             out.append(
                 f"{s.phase}: the last sync took row ({', '.join(key)}) out of {table}: it fails now and is "

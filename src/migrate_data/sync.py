@@ -77,6 +77,7 @@ class PhaseSync:
     waiting: int = 0  # log rows waiting at the end
     oldest_seconds: float | None = None  # age of the oldest of them
     taken_out: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (target, source key): quarantined rows that were there
+    skipped: int = 0  # changed rows left as they are: someone else wrote them in the target since the phase started
 
     def __add__(self, other: PhaseSync) -> PhaseSync:
         return replace(
@@ -87,6 +88,7 @@ class PhaseSync:
             rejected=self.rejected + other.rejected,
             cleared=self.cleared + other.cleared,
             taken_out=tuple(sorted({*self.taken_out, *other.taken_out}, key=repr)),
+            skipped=self.skipped + other.skipped,
         )
 
     @property
@@ -211,6 +213,23 @@ def unproduced_sql(st: SyncTable) -> str:
     return f"SELECT {arr} AS k FROM {unnest} WHERE NOT EXISTS (SELECT 1 FROM {ct.src} WHERE {' AND '.join([match, *_where(st)])})"
 
 
+def others_sql(st: SyncTable) -> str:
+    """How many of the target rows whose keys are given (``$1…``, one text[] per key column) someone else wrote:
+    neither the phase's (its write marks) nor there before it started (in its start snapshot, the last parameter).
+    Sync leaves them as they are; a table rewrite (ALTER TABLE … SET DATA TYPE, a volatile DEFAULT, pg_repack) makes
+    every row so."""
+    ct = st.ct
+    unnest, names = _unnest(1, len(ct.key))
+    on = " AND ".join(
+        f"t.{qi(k)} = CAST(u.{qi(n)} AS {t})" for k, n, t in zip(ct.key, names, ct.key_types, strict=True)
+    )
+    before = f"pg_visible_in_snapshot({qi(SCHEMA)}.full_xid(t.xmin), ${1 + len(ct.key)}::text::pg_snapshot)"
+    return (
+        f"SELECT count(*) FROM {ct.tgt} AS t JOIN {unnest} ON {on} "
+        f"WHERE NOT ({ct.written_by_phase('t')}) AND NOT COALESCE({before}, false)"
+    )
+
+
 def delete_sql(st: SyncTable) -> str:
     """Delete the target rows whose keys are given (``$1…``, one text[] per key column)."""
     ct = st.ct
@@ -298,7 +317,9 @@ class _Work:
 @dataclass
 class _Batch:
     work: list[_Work]
-    counts: dict[str, int] = field(default_factory=lambda: {"upserted": 0, "deleted": 0, "rejected": 0, "cleared": 0})
+    counts: dict[str, int] = field(
+        default_factory=lambda: {"upserted": 0, "deleted": 0, "rejected": 0, "cleared": 0, "skipped": 0}
+    )
     deferred: set[int] = field(default_factory=set)  # log rows kept: their delete waits for referencing rows
     again: list[tuple[int, list[tuple[list[str], list[str]]]]] = field(default_factory=list)
     taken_out: set[tuple[str, tuple[str, ...]]] = field(default_factory=set)  # quarantined rows deleted from the target
@@ -318,6 +339,7 @@ class PhaseSyncer:
         lock: ledger.LockSession,
         run_id: int | None = None,
         batch_size: int = SyncOptions.batch_size,
+        snapshot: str | None = None,
     ) -> None:
         self.phase = phase
         self.pairs = list(tables)  # parents first
@@ -327,6 +349,7 @@ class PhaseSyncer:
         self.lock = lock
         self.run_id = run_id
         self.batch_size = batch_size
+        self.snapshot = snapshot  # the phase's start snapshot: which target rows were there before it
         self.tables: list[SyncTable] = []
         self.children: dict[int, list[tuple[int, ForeignKey]]] = {}  # parent index -> (child index, foreign key)
         self.deferred: set[int] = set()
@@ -507,6 +530,22 @@ class PhaseSyncer:
         the savepoint that deletes marks them written too, or their rows would no longer be the phase's."""
         return tuple(dict.fromkeys(self.tables[j].name for j, fk in self.children.get(i, [])))
 
+    async def _skipped(self, conn: asyncpg.Connection, i: int, keys: Sequence[Sequence[str]], b: _Batch) -> None:
+        """Count the rows of these target keys that sync left as they are, someone else's: never silently."""
+        if not keys or self.snapshot is None:
+            return
+        st = self.tables[i]
+        n = await conn.fetchval(others_sql(st), *_columns(keys, len(st.ct.key)), self.snapshot)
+        if n:
+            b.counts["skipped"] += n
+            log.warning(
+                "%s: %d changed rows not applied: someone else wrote them in the target since %s started (or a table "
+                "rewrite gave every row a new transaction id); validate --deep shows them",
+                st.name,
+                n,
+                self.phase,
+            )
+
     async def _deletes(
         self, conn: asyncpg.Connection, src: Any, i: int, logged: list[asyncpg.Record], b: _Batch
     ) -> None:
@@ -543,6 +582,7 @@ class PhaseSyncer:
 
         done, _ = await self._bisect(conn, st, gone, attempt, failed, also=self._cascaded(i))
         b.counts["deleted"] += done
+        await self._skipped(conn, i, [k for k in gone if not set(ids.get(k, ())) & b.deferred], b)
 
     async def _resolve(
         self,
@@ -629,6 +669,7 @@ class PhaseSyncer:
         done, ok = await self._bisect(conn, st, items, attempt, failed)
         b.counts["upserted"] += done
         b.taken_out -= {(st.name, tuple(row_of(x)[0])) for x in ok}  # a last try put it back
+        await self._skipped(conn, i, [row_of(x)[1] for x in ok], b)
         b.counts["cleared"] += await ledger.clear_rejects_of(conn, self.phase, st.name, [row_of(x)[0] for x in ok])
         if again:
             b.again.append((i, again))
@@ -747,7 +788,7 @@ async def sync(
 def _applied(p: PhaseSync) -> str:
     return (
         f"{p.changes:,} changes applied ({p.upserted:,} rows upserted, {p.deleted:,} deleted, {p.rejected:,} "
-        f"quarantined, {p.cleared:,} rejects cleared)"
+        f"quarantined, {p.cleared:,} rejects cleared" + (f", {p.skipped:,} NOT applied: not the phase's" if p.skipped else "") + ")"
     )
 
 
