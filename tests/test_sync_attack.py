@@ -386,3 +386,27 @@ def test_sync_says_which_changes_it_did_not_apply_after_a_table_rewrite_of_the_t
     assert (p.waiting, p.skipped, p.upserted, p.deleted) == (0, 2, 0, 0)
     result = run(api.cutover(settings_, ["phase2a"]))  # the log is empty now: validation shows the two rows
     assert not result.ok and not result.validations[0].ok and len(capture_triggers(legacy_url)) == 8
+
+
+def test_sync_refuses_after_a_truncate_of_the_partitioned_source_itself(db_url, tmp_path):
+    s = _night(db_url, tmp_path, PARTITIONED, PARTITIONED_MAPPING)
+    sql(db_url, "TRUNCATE ev")  # logged as op 'T' ("char"): sync read it as bytes and never saw the truncate
+    with pytest.raises(MigrationError, match="public.ev was truncated after night copied it"):
+        run(api.sync(s, ["night"]))
+    assert scalar(db_url, "SELECT count(*) FROM ev_t") == 50  # nothing applied
+
+
+def test_status_names_the_partition_attached_without_capture_and_sync_refuses(db_url, tmp_path):
+    s = _night(db_url, tmp_path, PARTITIONED, PARTITIONED_MAPPING)
+    assert len(capture_triggers(db_url)) == 4 * 3  # the parent and both leaves
+    sql(
+        db_url,
+        """CREATE TABLE ev_mar (id int NOT NULL, d date NOT NULL, v text, PRIMARY KEY (id, d));
+           ALTER TABLE ev ATTACH PARTITION ev_mar FOR VALUES FROM ('2024-03-01') TO ('2024-04-01')""",
+    )
+    status = {p.phase: p for p in run(api.status(s))}["night"]
+    assert status.capture == "BROKEN"
+    with pytest.raises(MigrationError, match="partition ev_mar of public.ev has no capture"):
+        run(api.sync(s, ["night"]))
+    run(api.rollback(s, "night"))
+    assert capture_triggers(db_url) == []

@@ -270,11 +270,23 @@ def function_sql(phase: str, c: Captured, *, level: str = "statement") -> str:
     )
 
 
-def install_sql(phase: str, c: Captured, *, level: str = "statement") -> list[str]:
-    """Every statement that turns capture on for one table of a phase (idempotent)."""
-    fn, table = function_name(phase, c.name), qname(c.table)
+def install_sql(
+    phase: str, c: Captured, *, level: str = "statement", leaves: Sequence[str] = ()
+) -> list[str]:
+    """Every statement that turns capture on for one table of a phase (idempotent); a partitioned table's triggers
+    go on each of its ``leaves`` (regclass text) too, with the same function: a statement that names a partition
+    fires that partition's statement-level triggers only."""
+    fn = function_name(phase, c.name)
     out = [function_sql(phase, c, level=level), f"REVOKE ALL ON FUNCTION {fn}() FROM PUBLIC"]
-    out += [f"DROP TRIGGER IF EXISTS {qi(trigger_name(phase, c.name, e))} ON {table}" for e in EVENTS]
+    for table in (qname(c.table), *leaves):
+        out += triggers_sql(phase, c, table, level=level)
+    return out
+
+
+def triggers_sql(phase: str, c: Captured, table: str, *, level: str = "statement") -> list[str]:
+    """The triggers of one captured table of a phase on ``table`` (quoted: the table, or one of its partitions)."""
+    fn = function_name(phase, c.name)
+    out = [f"DROP TRIGGER IF EXISTS {qi(trigger_name(phase, c.name, e))} ON {table}" for e in EVENTS]
     for e, event in EVENTS.items():
         name = qi(trigger_name(phase, c.name, e))
         if level == "row" and e != "t":
@@ -292,16 +304,44 @@ def install_sql(phase: str, c: Captured, *, level: str = "statement") -> list[st
     return out
 
 
-def remove_sql(phase: str, table: str, relation: str, *, exists: bool) -> list[str]:
+def remove_sql(phase: str, table: str, relation: str, *, exists: bool, others: Sequence[str] = ()) -> list[str]:
     """The statements that turn capture off for one table (``relation``: quoted) of a phase (idempotent);
-    ``exists``: the table is there."""
-    out = (
-        [f"DROP TRIGGER IF EXISTS {qi(trigger_name(phase, table, e))} ON {relation}" for e in EVENTS] if exists else []
-    )
+    ``exists``: the table is there; ``others``: the other tables its triggers are on (its partitions, and tables
+    that were)."""
+    out = []
+    for rel in ([relation] if exists else []) + list(others):
+        out += [f"DROP TRIGGER IF EXISTS {qi(trigger_name(phase, table, e))} ON {rel}" for e in EVENTS]
     return out + [f"DROP FUNCTION IF EXISTS {function_name(phase, table)}()"]
 
 
-TRIGGERS_OK_SQL = f"""SELECT c.source,
+# The leaf partitions of a table ($1: quoted relation), and every table a function's triggers are on ($1: function).
+LEAVES_SQL = """SELECT relid::regclass::text AS leaf FROM pg_partition_tree(to_regclass($1))
+WHERE isleaf AND relid <> to_regclass($1) ORDER BY 1"""
+TRIGGERED_SQL = """SELECT t.tgrelid::regclass::text AS rel, count(*) FILTER (WHERE t.tgenabled = 'A') AS enabled
+FROM pg_trigger t WHERE t.tgfoid = to_regprocedure($1 || '()') AND t.tgrelid IS DISTINCT FROM to_regclass($2)
+GROUP BY t.tgrelid ORDER BY 1"""
+
+
+async def leaves(db: Executor, relation: str) -> list[str]:
+    """The leaf partitions of ``relation`` (none for a plain table), as regclass text."""
+    if not await db.fetchval("SELECT to_regclass($1) IS NOT NULL", relation):
+        return []
+    return [r["leaf"] for r in await db.fetch(LEAVES_SQL, relation)]
+
+
+async def partition_problem(db: Executor, phase: str, name: str, relation: str) -> str | None:
+    """Why the triggers of a captured partitioned table are not on exactly its leaves (one attached since has none,
+    one detached still has them: its rows came or went without a write), or None."""
+    want = set(await leaves(db, relation))
+    have = {r["rel"]: r["enabled"] for r in await db.fetch(TRIGGERED_SQL, function_name(phase, name), relation)}
+    missing = sorted(x for x in want if have.get(x) != len(EVENTS))
+    stale = sorted(set(have) - want)
+    parts = [f"partition {', '.join(missing)} of {name} has no capture (attached since?)"] if missing else []
+    parts += [f"{', '.join(stale)} is no longer a partition of {name} (detached?)"] if stale else []
+    return "; ".join(parts) or None
+
+
+TRIGGERS_OK_SQL = f"""SELECT c.source, c.relation,
        to_regclass(c.relation) IS NOT NULL AS table_exists,
        (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = to_regclass(c.relation)
           AND t.tgfoid = to_regprocedure(c.function || '()') AND t.tgenabled = 'A') AS enabled
@@ -401,11 +441,13 @@ async def install(
         if (
             r is not None
             and c.name in ok
+            and await partition_problem(db, phase, c.name, c.relation) is None
             and tuple(r["columns"]) == c.columns
             and (None if r["watched"] is None else tuple(r["watched"])) == c.watched
         ):
             continue
-        await _with_short_locks(db, f"turn on change capture on {c.name}", install_sql(phase, c), wait, retries)
+        statements = install_sql(phase, c, leaves=await leaves(db, c.relation))
+        await _with_short_locks(db, f"turn on change capture on {c.name}", statements, wait, retries)
         await db.execute(
             f"""INSERT INTO {SCHEMA}.capture (phase, source, relation, columns, watched, function)
                 VALUES ($1, $2, $3, $4, $5, $6)
@@ -428,7 +470,8 @@ async def _remove_table(
     conn: asyncpg.Connection, phase: str, table: str, relation: str, wait: str, retries: int
 ) -> None:
     exists = bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", relation))
-    statements = remove_sql(phase, table, relation, exists=exists)
+    others = [r["rel"] for r in await conn.fetch(TRIGGERED_SQL, function_name(phase, table), relation)]
+    statements = remove_sql(phase, table, relation, exists=exists, others=others)
     await _with_short_locks(conn, f"turn off change capture on {table}", statements, wait, retries)
     await conn.execute(f"DELETE FROM {SCHEMA}.capture WHERE phase = $1 AND source = $2", phase, table)
 
@@ -536,6 +579,10 @@ async def state(db: Executor, phase: str) -> CaptureState:
     if bad:
         why = f"triggers missing or disabled on {', '.join(bad)}"
         return CaptureState(phase, "BROKEN", waiting, age, tables, why)
+    for r in rows:
+        why = await partition_problem(db, phase, r["source"], r["relation"])
+        if why:
+            return CaptureState(phase, "BROKEN", waiting, age, tables, why)
     return CaptureState(phase, "on", waiting, age, tables)
 
 

@@ -48,7 +48,7 @@ T = TypeVar("T")
 SCHEMA = ledger.SCHEMA
 RETRY_STATES = ("23503", "23505")  # refused because of another row: worth another try once the others are applied
 READ_SQL = (
-    f"SELECT id, source, key, op FROM {SCHEMA}.changes WHERE phase = $1 AND id > $2 "
+    f"SELECT id, source, key, op::text AS op FROM {SCHEMA}.changes WHERE phase = $1 AND id > $2 "
     f"AND ($3::bigint IS NULL OR id <= $3) ORDER BY id LIMIT $4"
 )
 FORGET_SQL = f"DELETE FROM {SCHEMA}.changes WHERE phase = $1 AND id = ANY($2::bigint[])"
