@@ -117,3 +117,13 @@ def test_a_cutover_whose_last_sync_takes_a_row_out_of_the_target_exits_3_naming_
     assert "validation FAILED: writes released, change capture kept on" in out.stdout
     assert run(_probe(url))["write"] == "ok" and len(capture_triggers(url)) == 8
     assert scalar(url, "SELECT cut_over_at FROM migrate_data.phases WHERE phase = 'phase2a'") is None
+
+
+def test_cutover_refuses_a_phase_before_the_phase_it_requires_and_passes_with_both(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1", "phase2a", "phase2b")
+    with pytest.raises(RefusedError, match="phase2b cannot be cut over before phase2a, which it requires"):
+        run(api.cutover(settings, ["phase2b"]))
+    assert len(capture_triggers(legacy_url)) == 8 + 12  # nothing was changed
+    result = run(api.cutover(settings, ["phase2b", "phase2a"]))
+    assert result.ok and result.capture_removed and capture_triggers(legacy_url) == []

@@ -217,15 +217,30 @@ async def cutover(
 def _refuse_before_parents(
     settings: Settings, todo: list[str], syncers: list[syncing.PhaseSyncer], states: dict[str, asyncpg.Record]
 ) -> None:
-    """Refuse to cut a phase over while a phase whose target rows it references is still synced (not cut over, not
-    in this cutover): a row that waits for such a parent (quarantined 23503) would never be tried again."""
+    """Refuse to cut a phase over while a phase it requires, or whose target rows it references, is still synced (not
+    cut over, not in this cutover): a row that waits for such a parent (quarantined 23503) would never be tried
+    again."""
+    phases = project_phases(settings)
     owner: dict[str, str] = {}
-    for name, phase in project_phases(settings).items():
+    live = set()
+    for name, phase in phases.items():
         st = states.get(name)
-        if name in todo or st is None or st["state"] != "applied" or st["cut_over_at"] is not None:
+        if name in todo or not phase.tables or st is None or st["state"] != "applied" or st["cut_over_at"] is not None:
             continue
+        live.add(name)
         for t in phase.tables:
             owner[t.target.name if t.target.schema in (None, "public") else str(t.target)] = name
+    for name in todo:
+        seen, stack = set(), list(phases[name].requires)
+        while stack:
+            req = stack.pop()
+            if req in live:
+                raise RefusedError(
+                    f"{name} cannot be cut over before {req}, which it requires: {req} is still synced",
+                    hint=f"cut both over together (migrate-data cutover {req} {name}) or {req} first",
+                )
+            seen.add(req)
+            stack += [r for r in (phases[req].requires if req in phases else ()) if r not in seen]
     for s in syncers:
         for st in s.tables:
             for fk in st.target.foreign_keys:
@@ -267,7 +282,13 @@ async def _not_applied(syncers: list[syncing.PhaseSyncer], totals: dict[str, syn
 
 
 async def stray_capture(
-    settings: Settings, target: asyncpg.Pool, source: asyncpg.Pool, name: str, lock: ledger.LockSession, *, dry_run: bool
+    settings: Settings,
+    target: asyncpg.Pool,
+    source: asyncpg.Pool,
+    name: str,
+    lock: ledger.LockSession,
+    *,
+    dry_run: bool,
 ) -> RollbackResult | None:
     """The rollback of a phase the ledger does not hold (pending, rolled back) whose change capture is on in the source
     anyway: two databases, a start killed after the source committed the triggers and before the target committed

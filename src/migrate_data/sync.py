@@ -788,7 +788,9 @@ async def sync(
 def _applied(p: PhaseSync) -> str:
     return (
         f"{p.changes:,} changes applied ({p.upserted:,} rows upserted, {p.deleted:,} deleted, {p.rejected:,} "
-        f"quarantined, {p.cleared:,} rejects cleared" + (f", {p.skipped:,} NOT applied: not the phase's" if p.skipped else "") + ")"
+        f"quarantined, {p.cleared:,} rejects cleared"
+        + (f", {p.skipped:,} NOT applied: not the phase's" if p.skipped else "")
+        + ")"
     )
 
 
