@@ -410,3 +410,27 @@ def test_status_names_the_partition_attached_without_capture_and_sync_refuses(db
         run(api.sync(s, ["night"]))
     run(api.rollback(s, "night"))
     assert capture_triggers(db_url) == []
+
+
+READS_PARTITIONED = PARTITIONED + """
+CREATE TABLE tag (id int PRIMARY KEY, n int);
+CREATE TABLE etiqueta (id int PRIMARY KEY, n int);
+INSERT INTO tag SELECT i, 0 FROM generate_series(1, 5) i;
+"""
+READS_PARTITIONED_MAPPING = """
+tables:
+  - source: tag
+    target: etiqueta
+    columns:
+      id: id
+      n: {sql: "(SELECT count(*) FROM ev WHERE ev.id = tag.id)::int"}
+"""
+
+
+def test_a_sql_expression_that_reads_a_partitioned_table_is_captured_on_the_table_and_its_leaves(db_url, tmp_path):
+    s = _night(db_url, tmp_path, READS_PARTITIONED, READS_PARTITIONED_MAPPING)
+    assert [r[0] for r in sql(db_url, "SELECT source FROM migrate_data.capture ORDER BY 1")] == ["public.ev", "public.tag"]
+    sql(db_url, "DELETE FROM ev WHERE id = 2; DELETE FROM ev_jan WHERE id = 4")  # through the parent, and a leaf
+    run(api.sync(s, ["night"]))
+    assert [r[0] for r in sql(db_url, "SELECT n FROM etiqueta ORDER BY id")] == [1, 0, 1, 0, 1]
+    assert deep(s, "night") == (True, [])

@@ -349,6 +349,11 @@ FROM {SCHEMA}.capture AS c WHERE c.phase = $1 ORDER BY c.source"""
 
 
 # -- install / remove ---------------------------------------------------------------------------------------------
+# The table a relation the planner scans belongs to: itself, or the root of the partitioned table it is a leaf of.
+ROOT_SQL = """SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = COALESCE(pg_partition_root(to_regclass($1)), to_regclass($1))"""
+
+
 async def _reads(db: Executor, ct: CompiledTable) -> list[Table]:
     """The tables other than its source (and leaves) and lookups that a ``sql:`` column or the ``where`` of ``ct``
     reads, from the planner (a function's body is not seen)."""
@@ -357,14 +362,17 @@ async def _reads(db: Executor, ct: CompiledTable) -> list[Table]:
     where = f" WHERE ({ct.mapping.where})" if ct.mapping.where else ""
     query = f"SELECT {', '.join(c.pre_cast for c in ct.columns)} FROM {ct.whole.from_}{where}"
     plan = json.loads(await db.fetchval(f"EXPLAIN (VERBOSE, FORMAT JSON) {query}"))
-    skip = {str(ct.source), *(str(x) for x in ct.leaves)}
+    skip = {str(ct.source)}
     for _, lk in ct.lookups:
         lt = await read_table(db, lk.table)
         skip |= {str(lt.qualified)} if lt is not None else set()
-    out = []
-    for schema, name in sorted(plan_relations(plan)):
-        t = await read_table(db, QualifiedName(name, schema or None))
-        if t is not None and str(t.qualified) not in skip and t.qualified not in [x.qualified for x in out]:
+    out: list[Table] = []
+    for relation in sorted(plan_relations(plan)):
+        root = await db.fetchrow(ROOT_SQL, qname(QualifiedName(relation[1], relation[0] or None)))
+        if root is None or root["nspname"] in ("pg_catalog", "information_schema"):
+            continue
+        t = await read_table(db, QualifiedName(root["relname"], root["nspname"]))
+        if t is not None and str(t.qualified) not in skip | {str(x.qualified) for x in out}:
             out.append(t)
     return out
 
