@@ -105,3 +105,25 @@ def test_a_long_transaction_makes_the_cutover_give_up_quickly_without_queueing_w
     assert took < 5 and probe["write"] == "ok"
     assert scalar(url, "SELECT cut_over_at FROM migrate_data.phases WHERE phase = 'phase2a'") is None
     assert len(capture_triggers(url)) == 8
+
+
+def test_a_cutover_whose_last_sync_takes_a_row_out_of_the_target_exits_3_naming_it(applied, tmp_path):
+    settings, url = applied
+    key = scalar(url, "SELECT id::text FROM customers WHERE phone_number = '+593900000021'")
+    sql(url, "UPDATE customers SET notes = '{not json' WHERE id = $1::uuid", key)  # notas is jsonb
+    out = run_cli("cutover", "phase2a", "--yes", url=url, env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)})
+    assert out.returncode == 3, out.stderr
+    assert f"phase2a: the last sync took row ({key}) out of public.clientes" in out.stdout
+    assert "validation FAILED: writes released, change capture kept on" in out.stdout
+    assert run(_probe(url))["write"] == "ok" and len(capture_triggers(url)) == 8
+    assert scalar(url, "SELECT cut_over_at FROM migrate_data.phases WHERE phase = 'phase2a'") is None
+
+
+def test_cutover_refuses_a_phase_before_the_phase_it_requires_and_passes_with_both(legacy_url, settings_for):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1", "phase2a", "phase2b")
+    with pytest.raises(RefusedError, match="phase2b cannot be cut over before phase2a, which it requires"):
+        run(api.cutover(settings, ["phase2b"]))
+    assert len(capture_triggers(legacy_url)) == 8 + 12  # nothing was changed
+    result = run(api.cutover(settings, ["phase2b", "phase2a"]))
+    assert result.ok and result.capture_removed and capture_triggers(legacy_url) == []

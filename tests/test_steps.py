@@ -13,7 +13,9 @@ from migrate_data import api, db, steps
 
 # What a run does to the database that is not the tool's own bookkeeping: DDL and DML on the application's tables,
 # change capture's function and triggers, sequences moved.  The ledger (unquoted ``migrate_data.``) and reads are not.
-_CONTROL = re.compile(r"^(SELECT|WITH|SAVEPOINT|RELEASE|ROLLBACK|BEGIN|COMMIT|SET|SHOW|DECLARE|FETCH|CLOSE)\b", re.I)
+_CONTROL = re.compile(
+    r"^(SELECT|EXPLAIN|WITH|SAVEPOINT|RELEASE|ROLLBACK|BEGIN|COMMIT|SET|SHOW|DECLARE|FETCH|CLOSE)\b", re.I
+)
 _LEDGER = re.compile(
     r"^(INSERT INTO|UPDATE|DELETE FROM|CREATE SCHEMA IF NOT EXISTS|CREATE TABLE IF NOT EXISTS)\s+migrate_data\b"
 )

@@ -450,3 +450,21 @@ def test_quoted_names_and_a_composite_key_sync_and_cut_over(db_url, tmp_path):
     assert scalar(db_url, 'SELECT nombre FROM "Pedidos Nuevos" WHERE tienda = 7') == "n5"
     result = run(api.cutover(settings, ["p"]))
     assert result.ok and result.blocked_tables == ("Legacy Data.Old Orders",) and capture_triggers(db_url) == []
+
+
+@pytest.mark.parametrize("setup", ["two databases"], indirect=True)
+def test_rollback_of_a_start_killed_after_capture_was_installed_removes_that_capture(setup):
+    settings, source, target, env = setup
+    args = ["phase2a", "--yes", "--no-backup"]
+    killed = kill_at("migrate_data.capture:install:return", *args, url=target, cwd=ROOT, env=env)
+    assert killed.returncode == -9, killed.stderr
+    sql(source, "UPDATE customers SET city = city WHERE phone_number = '+593900000001'")
+    status = {s.phase: s for s in run(api.status(settings))}["phase2a"]
+    assert (status.state, status.capture, status.changes_waiting) == ("pending", "on", 1)
+    dry = run(api.rollback(settings, "phase2a", dry_run=True))
+    assert dry.dry_run and len(capture_triggers(source)) == 8
+    run(api.rollback(settings, "phase2a"))
+    assert capture_triggers(source) == [] and waiting(source, "phase2a") == 0
+    assert {s.phase: s for s in run(api.status(settings))}["phase2a"].capture == "-"
+    with pytest.raises(RefusedError, match="nothing to roll back"):
+        run(api.rollback(settings, "phase2a"))

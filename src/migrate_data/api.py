@@ -16,7 +16,7 @@ from . import capture, dependents, ledger, rehearsal, schema, steps
 from . import rollback as undo_phase
 from .copier import CopyEvent, CopyOptions, TableResult
 from .errors import RefusedError
-from .live import CutoverResult, cutover, sync
+from .live import CutoverResult, cutover, stray_capture, sync
 from .mapping import Phase
 from .preflight import Finding, PhasePlan, preflight
 from .rollback import RollbackResult
@@ -256,9 +256,11 @@ async def rollback(
     since; ``force`` saves those rows to a file and deletes them too.  ``dry_run`` only says what it would do."""
     started = time.monotonic()
     phases, phase = get_phase(settings, name)
-    async with exclusive(settings, phases, name, what=f"rollback of {name}") as (target, _source, lock, states):
+    async with exclusive(settings, phases, name, what=f"rollback of {name}") as (target, source, lock, states):
         st = states.get(name)
         if st is None or st["state"] not in ("applied", "partial", "rolling_back"):
+            if stray := await stray_capture(settings, target, source, name, lock, dry_run=dry_run):
+                return stray
             raise RefusedError(f"{name} is not applied ({st['state'] if st else 'pending'}); nothing to roll back")
         plan = await undo_phase.inspect(settings, phase, st, target)
         if dry_run:

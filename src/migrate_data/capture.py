@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ import asyncpg
 from . import ledger
 from .catalog import Table, read_table
 from .compile import CompiledTable
-from .db import Executor, open_pool
+from .db import Executor, open_pool, rowcount
 from .errors import MigrationError
 from .mapping import QualifiedName
 from .preflight import Finding
@@ -90,6 +91,8 @@ class CapturePlan:
     phase: str
     tables: tuple[Captured, ...]
     problems: tuple[tuple[str, str], ...] = ()  # (target table, why its changes cannot be captured)
+    reads: tuple[tuple[str, str], ...] = ()  # (target table, a table its `sql:` or `where` reads): a change there
+    # re-derives every row of the target table
 
     @property
     def ok(self) -> bool:
@@ -128,10 +131,13 @@ def plan_capture(
     compiled: Sequence[CompiledTable],
     sources: Mapping[str, Table],
     lookups: Mapping[str, Table],
+    reads: Mapping[str, Sequence[Table]] | None = None,
 ) -> CapturePlan:
-    """What a phase captures: each source table (its ``batch_by`` and target-key columns) and each lookup's table
-    (its lookup key).  ``sources`` maps ``str(ct.source)``, ``lookups`` ``str(lookup.table)`` to the live tables."""
+    """What a phase captures: each source table (its ``batch_by`` and target-key columns), each lookup's table (its
+    lookup key) and each other table a ``sql:`` or ``where`` reads (``reads``, by ``str(ct.target)``: any key, every
+    UPDATE).  ``sources`` maps ``str(ct.source)``, ``lookups`` ``str(lookup.table)`` to the live tables."""
     columns: dict[str, list[str]] = {}
+    read_by: list[tuple[str, str]] = []
     names: dict[str, QualifiedName] = {}
     watched: dict[str, list[str] | None] = {}
     problems: list[tuple[str, str]] = []
@@ -160,11 +166,33 @@ def plan_capture(
                 w = watched.setdefault(lname, [])
                 assert w is not None
                 w += [lk.column] if lk.column not in w else []
+        for table in (reads or {}).get(str(ct.target), ()):
+            rname = str(table.qualified)
+            names[rname] = table.qualified
+            rcols = columns.setdefault(rname, [])
+            rcols += [] if rcols else list(table.primary_key or next(iter(table.unique_keys), (table.columns[0].name,)))
+            watched[rname] = None  # any column may be read
+            read_by.append((str(ct.target), rname))
     tables = tuple(
         Captured(names[n], tuple(cols), None if watched[n] is None else tuple(watched[n] or ()))
         for n, cols in columns.items()
     )
-    return CapturePlan(phase, tables if not problems else (), tuple(problems))
+    return CapturePlan(phase, tables if not problems else (), tuple(problems), tuple(read_by))
+
+
+def plan_relations(plan: Any) -> set[tuple[str, str]]:
+    """The (schema, table) of every relation an ``EXPLAIN (VERBOSE, FORMAT JSON)`` plan scans, subplans included."""
+    out: set[tuple[str, str]] = set()
+    stack = [plan]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "Relation Name" in node:
+                out.add((node.get("Schema", ""), node["Relation Name"]))
+            stack += list(node.values())
+        elif isinstance(node, list):
+            stack += node
+    return out
 
 
 # -- the SQL (pure) ---------------------------------------------------------------------------------------------
@@ -257,11 +285,21 @@ def function_sql(phase: str, c: Captured, *, level: str = "statement") -> str:
     )
 
 
-def install_sql(phase: str, c: Captured, *, level: str = "statement") -> list[str]:
-    """Every statement that turns capture on for one table of a phase (idempotent)."""
-    fn, table = function_name(phase, c.name), qname(c.table)
+def install_sql(phase: str, c: Captured, *, level: str = "statement", leaves: Sequence[str] = ()) -> list[str]:
+    """Every statement that turns capture on for one table of a phase (idempotent); a partitioned table's triggers
+    go on each of its ``leaves`` (regclass text) too, with the same function: a statement that names a partition
+    fires that partition's statement-level triggers only."""
+    fn = function_name(phase, c.name)
     out = [function_sql(phase, c, level=level), f"REVOKE ALL ON FUNCTION {fn}() FROM PUBLIC"]
-    out += [f"DROP TRIGGER IF EXISTS {qi(trigger_name(phase, c.name, e))} ON {table}" for e in EVENTS]
+    for table in (qname(c.table), *leaves):
+        out += triggers_sql(phase, c, table, level=level)
+    return out
+
+
+def triggers_sql(phase: str, c: Captured, table: str, *, level: str = "statement") -> list[str]:
+    """The triggers of one captured table of a phase on ``table`` (quoted: the table, or one of its partitions)."""
+    fn = function_name(phase, c.name)
+    out = [f"DROP TRIGGER IF EXISTS {qi(trigger_name(phase, c.name, e))} ON {table}" for e in EVENTS]
     for e, event in EVENTS.items():
         name = qi(trigger_name(phase, c.name, e))
         if level == "row" and e != "t":
@@ -279,16 +317,44 @@ def install_sql(phase: str, c: Captured, *, level: str = "statement") -> list[st
     return out
 
 
-def remove_sql(phase: str, table: str, relation: str, *, exists: bool) -> list[str]:
+def remove_sql(phase: str, table: str, relation: str, *, exists: bool, others: Sequence[str] = ()) -> list[str]:
     """The statements that turn capture off for one table (``relation``: quoted) of a phase (idempotent);
-    ``exists``: the table is there."""
-    out = (
-        [f"DROP TRIGGER IF EXISTS {qi(trigger_name(phase, table, e))} ON {relation}" for e in EVENTS] if exists else []
-    )
+    ``exists``: the table is there; ``others``: the other tables its triggers are on (its partitions, and tables
+    that were)."""
+    out = []
+    for rel in ([relation] if exists else []) + list(others):
+        out += [f"DROP TRIGGER IF EXISTS {qi(trigger_name(phase, table, e))} ON {rel}" for e in EVENTS]
     return out + [f"DROP FUNCTION IF EXISTS {function_name(phase, table)}()"]
 
 
-TRIGGERS_OK_SQL = f"""SELECT c.source,
+# The leaf partitions of a table ($1: quoted relation), and every table a function's triggers are on ($1: function).
+LEAVES_SQL = """SELECT relid::regclass::text AS leaf FROM pg_partition_tree(to_regclass($1))
+WHERE isleaf AND relid <> to_regclass($1) ORDER BY 1"""
+TRIGGERED_SQL = """SELECT t.tgrelid::regclass::text AS rel, count(*) FILTER (WHERE t.tgenabled = 'A') AS enabled
+FROM pg_trigger t WHERE t.tgfoid = to_regprocedure($1 || '()') AND t.tgrelid IS DISTINCT FROM to_regclass($2)
+GROUP BY t.tgrelid ORDER BY 1"""
+
+
+async def leaves(db: Executor, relation: str) -> list[str]:
+    """The leaf partitions of ``relation`` (none for a plain table), as regclass text."""
+    if not await db.fetchval("SELECT to_regclass($1) IS NOT NULL", relation):
+        return []
+    return [r["leaf"] for r in await db.fetch(LEAVES_SQL, relation)]
+
+
+async def partition_problem(db: Executor, phase: str, name: str, relation: str) -> str | None:
+    """Why the triggers of a captured partitioned table are not on exactly its leaves (one attached since has none,
+    one detached still has them: its rows came or went without a write), or None."""
+    want = set(await leaves(db, relation))
+    have = {r["rel"]: r["enabled"] for r in await db.fetch(TRIGGERED_SQL, function_name(phase, name), relation)}
+    missing = sorted(x for x in want if have.get(x) != len(EVENTS))
+    stale = sorted(set(have) - want)
+    parts = [f"partition {', '.join(missing)} of {name} has no capture (attached since?)"] if missing else []
+    parts += [f"{', '.join(stale)} is no longer a partition of {name} (detached?)"] if stale else []
+    return "; ".join(parts) or None
+
+
+TRIGGERS_OK_SQL = f"""SELECT c.source, c.relation,
        to_regclass(c.relation) IS NOT NULL AS table_exists,
        (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = to_regclass(c.relation)
           AND t.tgfoid = to_regprocedure(c.function || '()') AND t.tgenabled = 'A') AS enabled
@@ -296,6 +362,34 @@ FROM {SCHEMA}.capture AS c WHERE c.phase = $1 ORDER BY c.source"""
 
 
 # -- install / remove ---------------------------------------------------------------------------------------------
+# The table a relation the planner scans belongs to: itself, or the root of the partitioned table it is a leaf of.
+ROOT_SQL = """SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = COALESCE(pg_partition_root(to_regclass($1)), to_regclass($1))"""
+
+
+async def _reads(db: Executor, ct: CompiledTable) -> list[Table]:
+    """The tables other than its source (and leaves) and lookups that a ``sql:`` column or the ``where`` of ``ct``
+    reads, from the planner (a function's body is not seen)."""
+    if not ct.mapping.where and not any(c.spec.kind == "sql" for c in ct.columns):
+        return []
+    where = f" WHERE ({ct.mapping.where})" if ct.mapping.where else ""
+    query = f"SELECT {', '.join(c.pre_cast for c in ct.columns)} FROM {ct.whole.from_}{where}"
+    plan = json.loads(await db.fetchval(f"EXPLAIN (VERBOSE, FORMAT JSON) {query}"))
+    skip = {str(ct.source)}
+    for _, lk in ct.lookups:
+        lt = await read_table(db, lk.table)
+        skip |= {str(lt.qualified)} if lt is not None else set()
+    out: list[Table] = []
+    for relation in sorted(plan_relations(plan)):
+        root = await db.fetchrow(ROOT_SQL, qname(QualifiedName(relation[1], relation[0] or None)))
+        if root is None or root["nspname"] in ("pg_catalog", "information_schema"):
+            continue
+        t = await read_table(db, QualifiedName(root["relname"], root["nspname"]))
+        if t is not None and str(t.qualified) not in skip | {str(x.qualified) for x in out}:
+            out.append(t)
+    return out
+
+
 async def _relations(db: Executor, compiled: Sequence[CompiledTable]) -> tuple[dict[str, Table], dict[str, Table]]:
     sources: dict[str, Table] = {}
     lookups: dict[str, Table] = {}
@@ -315,7 +409,8 @@ async def _relations(db: Executor, compiled: Sequence[CompiledTable]) -> tuple[d
 async def capture_plan(db: Executor, phase: str, compiled: Sequence[CompiledTable]) -> CapturePlan:
     """What ``phase`` captures, against the live source catalogs."""
     sources, lookups = await _relations(db, compiled)
-    return plan_capture(phase, compiled, sources, lookups)
+    reads = {str(ct.target): await _reads(db, ct) for ct in compiled}
+    return plan_capture(phase, compiled, sources, lookups, reads)
 
 
 def _findings(plan: CapturePlan) -> tuple[Finding, ...]:
@@ -367,11 +462,13 @@ async def install(
         if (
             r is not None
             and c.name in ok
+            and await partition_problem(db, phase, c.name, c.relation) is None
             and tuple(r["columns"]) == c.columns
             and (None if r["watched"] is None else tuple(r["watched"])) == c.watched
         ):
             continue
-        await _with_short_locks(db, f"turn on change capture on {c.name}", install_sql(phase, c), wait, retries)
+        statements = install_sql(phase, c, leaves=await leaves(db, c.relation))
+        await _with_short_locks(db, f"turn on change capture on {c.name}", statements, wait, retries)
         await db.execute(
             f"""INSERT INTO {SCHEMA}.capture (phase, source, relation, columns, watched, function)
                 VALUES ($1, $2, $3, $4, $5, $6)
@@ -394,7 +491,8 @@ async def _remove_table(
     conn: asyncpg.Connection, phase: str, table: str, relation: str, wait: str, retries: int
 ) -> None:
     exists = bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", relation))
-    statements = remove_sql(phase, table, relation, exists=exists)
+    others = [r["rel"] for r in await conn.fetch(TRIGGERED_SQL, function_name(phase, table), relation)]
+    statements = remove_sql(phase, table, relation, exists=exists, others=others)
     await _with_short_locks(conn, f"turn off change capture on {table}", statements, wait, retries)
     await conn.execute(f"DELETE FROM {SCHEMA}.capture WHERE phase = $1 AND source = $2", phase, table)
 
@@ -405,30 +503,40 @@ async def remove(
     phase: str,
     *,
     lock: ledger.LockSession | None = None,
+    keep_log: bool = False,
     wait: str = LOCK_WAIT,
     retries: int = LOCK_RETRIES,
 ) -> int:
-    """Turn capture off for ``phase`` and forget its change log, in the source database (one transaction; in one
-    database it commits only while ``lock`` is held).  Idempotent.  Returns the number of log rows dropped."""
+    """Turn capture off for ``phase`` in the source database (one transaction; in one database it commits only while
+    ``lock`` is held).  Idempotent.  Its change log is forgotten (a rollback), or with ``keep_log`` (a cutover) kept:
+    a row still there was logged after the cutover's last sync, a write nobody applied, which is never deleted.
+    Returns the number of log rows dropped, or with ``keep_log`` kept."""
     if settings.same_database:
-        return await _remove(target, phase, lock, wait, retries)
+        return await _remove(target, phase, lock, wait, retries, keep_log)
     async with open_pool(settings.effective_source_url, max_size=1, lock_timeout=settings.lock_timeout) as source:
-        return await _remove(source, phase, None, wait, retries)
+        return await _remove(source, phase, None, wait, retries, keep_log)
 
 
-async def _remove(db: asyncpg.Pool, phase: str, lock: ledger.LockSession | None, wait: str, retries: int) -> int:
+async def _remove(
+    db: asyncpg.Pool, phase: str, lock: ledger.LockSession | None, wait: str, retries: int, keep_log: bool
+) -> int:
     async with db.acquire() as conn, conn.transaction():
         if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{SCHEMA}.capture"):
             return 0
         rows = await conn.fetch(f"SELECT source, relation FROM {SCHEMA}.capture WHERE phase = $1 FOR UPDATE", phase)
         for r in rows:
             await _remove_table(conn, phase, r["source"], r["relation"], wait, retries)
-        status = await conn.execute(f"DELETE FROM {SCHEMA}.changes WHERE phase = $1", phase)
+        if keep_log:  # the triggers are gone (their locks waited for the writers in flight): the log is complete
+            n = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.changes WHERE phase = $1", phase)
+        else:
+            n = rowcount(await conn.execute(f"DELETE FROM {SCHEMA}.changes WHERE phase = $1", phase))
         if lock is not None:
             await lock.check(conn)
-    dropped = int(status.rsplit(" ", 1)[-1])
-    log.info("%s: change capture off, %d logged changes dropped", phase, dropped)
-    return dropped
+    if keep_log and n:
+        log.warning("%s: change capture off; %d changes logged after the cutover's last sync are kept", phase, n)
+    else:
+        log.info("%s: change capture off, %d logged changes %s", phase, n, "kept" if keep_log else "dropped")
+    return int(n)
 
 
 async def _with_short_locks(
@@ -492,6 +600,10 @@ async def state(db: Executor, phase: str) -> CaptureState:
     if bad:
         why = f"triggers missing or disabled on {', '.join(bad)}"
         return CaptureState(phase, "BROKEN", waiting, age, tables, why)
+    for r in rows:
+        problem = await partition_problem(db, phase, r["source"], r["relation"])
+        if problem:
+            return CaptureState(phase, "BROKEN", waiting, age, tables, problem)
     return CaptureState(phase, "on", waiting, age, tables)
 
 

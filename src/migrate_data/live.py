@@ -16,6 +16,7 @@ from . import capture, ledger
 from . import sync as syncing
 from .errors import BadInput, MigrationError, RefusedError, Stopped
 from .preflight import PhasePlan, compile_phase
+from .rollback import RollbackPlan, RollbackResult
 from .runtime import check_schema_agrees, connect, database_errors, get_phase, project_phases, recorded
 from .settings import Settings
 from .status import validate
@@ -37,6 +38,8 @@ class CutoverResult:
     capture_removed: bool = False
     already: tuple[str, ...] = ()  # phases that were cut over before
     seconds: float = 0.0
+    problems: tuple[str, ...] = ()  # why it did not pass, besides the validations
+    late: int = 0  # changes logged after the last sync (writes to the English tables once released): kept, unapplied
 
 
 def _in_order(settings: Settings, names: list[str]) -> list[str]:
@@ -82,6 +85,7 @@ async def _syncers(
             source=source,
             lock=lock,
             batch_size=batch_size,
+            snapshot=st["started_snapshot"],
         )
         await s.prepare()
         out.append(s)
@@ -152,11 +156,13 @@ async def cutover(
             await check_schema_agrees(settings, target, project_phases(settings), states)
             already = tuple(n for n in names if (states.get(n) or {}).get("cut_over_at") is not None)
             todo = [n for n in names if n not in already]
+            late = 0
             for n in already:  # a cutover killed after it recorded the phase: finish removing the capture
-                await capture.remove(settings, target, n, lock=lock)
+                late += await capture.remove(settings, target, n, lock=lock, keep_log=True)
             if not todo:
-                return CutoverResult(tuple(names), True, capture_removed=True, already=already)
+                return CutoverResult(tuple(names), True, capture_removed=True, already=already, late=late)
             syncers = await _syncers(settings, todo, target, source, lock, states, batch_size=batch_size)
+            _refuse_before_parents(settings, todo, syncers, states)
             async with AsyncExitStack() as runs:
                 run_ids = {}
                 for s in syncers:
@@ -172,7 +178,8 @@ async def cutover(
                         syncers, syncing.SyncOptions(batch_size=batch_size), stop=asyncio.Event(), bounded=False
                     )
                     validations = tuple([await validate(settings, n, deep=True) for n in todo])
-                    ok = all(v.ok for v in validations) and not any(t.waiting for t in totals.values())
+                    problems = await _not_applied(syncers, totals)
+                    ok = all(v.ok for v in validations) and not problems
                     if ok:
                         async with ledger.committed_under(target, lock) as conn:
                             for n in todo:
@@ -187,7 +194,7 @@ async def cutover(
             if ok:
                 try:
                     for n in todo:
-                        await capture.remove(settings, target, n, lock=lock)
+                        late += await capture.remove(settings, target, n, lock=lock, keep_log=True)
                     removed = True
                 except MigrationError as e:  # the phase is cut over: the triggers only log what nobody reads
                     log.warning("capture of %s not removed yet: %s; `migrate-data cutover` again removes it", todo, e)
@@ -202,4 +209,96 @@ async def cutover(
                 removed,
                 already,
                 time.monotonic() - started,
+                problems,
+                late,
             )
+
+
+def _refuse_before_parents(
+    settings: Settings, todo: list[str], syncers: list[syncing.PhaseSyncer], states: dict[str, asyncpg.Record]
+) -> None:
+    """Refuse to cut a phase over while a phase it requires, or whose target rows it references, is still synced (not
+    cut over, not in this cutover): a row that waits for such a parent (quarantined 23503) would never be tried
+    again."""
+    phases = project_phases(settings)
+    owner: dict[str, str] = {}
+    live = set()
+    for name, phase in phases.items():
+        st = states.get(name)
+        if name in todo or not phase.tables or st is None or st["state"] != "applied" or st["cut_over_at"] is not None:
+            continue
+        live.add(name)
+        for t in phase.tables:
+            owner[t.target.name if t.target.schema in (None, "public") else str(t.target)] = name
+    for name in todo:
+        seen, stack = set(), list(phases[name].requires)
+        while stack:
+            req = stack.pop()
+            if req in live:
+                raise RefusedError(
+                    f"{name} cannot be cut over before {req}, which it requires: {req} is still synced",
+                    hint=f"cut both over together (migrate-data cutover {req} {name}) or {req} first",
+                )
+            seen.add(req)
+            stack += [r for r in (phases[req].requires if req in phases else ()) if r not in seen]
+    for s in syncers:
+        for st in s.tables:
+            for fk in st.target.foreign_keys:
+                ref = fk.ref_table.name if fk.ref_table.schema in (None, "public") else str(fk.ref_table)
+                if ref in owner:
+                    raise RefusedError(
+                        f"{s.phase} cannot be cut over before {owner[ref]}: {st.name} references {fk.ref_table}, "
+                        f"which {owner[ref]} still syncs",
+                        hint=f"cut both over together (migrate-data cutover {owner[ref]} {s.phase}) or {owner[ref]} "
+                        "first",
+                    )
+
+
+async def _not_applied(syncers: list[syncing.PhaseSyncer], totals: dict[str, syncing.PhaseSync]) -> tuple[str, ...]:
+    """What the cutover's last sync left undone: changes still in the log, rows it took out of the target (a row
+    that was there and fails now), rows waiting for another row (23503, 23505) that nothing would try again."""
+    out = []
+    for s in syncers:
+        t = totals[s.phase]
+        if t.waiting:
+            out.append(f"{s.phase}: {t.waiting:,} changes could not be applied (deletes that other rows still need)")
+        if t.skipped:
+            out.append(
+                f"{s.phase}: {t.skipped:,} changed rows were not applied: someone else wrote them in the target since "
+                "the phase started (or a table rewrite did), and sync never overwrites those"
+            )
+        for table, key in t.taken_out:
+            out.append(
+                f"{s.phase}: the last sync took row ({', '.join(key)}) out of {table}: it fails now and is "
+                "quarantined (migrate-data quarantine); fix the source row, then cut over again"
+            )
+        for table, keys in (await s.waiting_rejects()).items():
+            shown = "; ".join("(" + ", ".join(k) + ")" for k in keys[:5]) + (" …" if len(keys) > 5 else "")
+            out.append(
+                f"{s.phase}: {len(keys):,} rows of {table} wait for another row (a foreign key or a unique value): "
+                f"{shown}; cut over the phase they wait for together with this one"
+            )
+    return tuple(out)
+
+
+async def stray_capture(
+    settings: Settings,
+    target: asyncpg.Pool,
+    source: asyncpg.Pool,
+    name: str,
+    lock: ledger.LockSession,
+    *,
+    dry_run: bool,
+) -> RollbackResult | None:
+    """The rollback of a phase the ledger does not hold (pending, rolled back) whose change capture is on in the source
+    anyway: two databases, a start killed after the source committed the triggers and before the target committed
+    the phase.  Removes the capture and its log (nothing applied them: the phase has no copy); None when there is no
+    such capture."""
+    started = time.monotonic()
+    if not await capture.registry(source, name):
+        return None
+    if not dry_run:
+        dropped = await capture.remove(settings, target, name, lock=lock)
+        log.warning("%s: change capture a killed start left on the source removed (%d changes logged)", name, dropped)
+    plan = RollbackPlan(name, (), None, ())
+    return RollbackResult(name, {}, None, None, (), time.monotonic() - started, plan=plan, dry_run=dry_run)

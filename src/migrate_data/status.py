@@ -178,15 +178,18 @@ async def status(settings: Settings, *, sample_seconds: float = 1.0) -> list[Pha
 async def _sync_status(source: asyncpg.Pool, phase: Phase, st: asyncpg.Record | None) -> dict[str, Any]:
     """What status shows of live sync: is capture on, how many changes wait and how old the oldest is, the last
     sync, the cutover."""
-    if st is None or not phase.tables:
+    if not phase.tables:
         return {}
     cap = await capture.state(source, phase.name)
+    if st is None and cap.state == "off" and not cap.waiting:
+        return {}  # pending; but capture a killed start left on the source (two databases) shows
+    cut_over_at = st.get("cut_over_at") if st is not None else None
     return {
-        "capture": "cut over" if st.get("cut_over_at") and cap.state == "off" else cap.state,
+        "capture": "cut over" if cut_over_at and cap.state == "off" else cap.state,
         "changes_waiting": cap.waiting if cap.state != "off" or cap.waiting else None,
         "oldest_change_seconds": cap.oldest_seconds,
-        "last_sync_at": st.get("last_sync_at"),
-        "cut_over_at": st.get("cut_over_at"),
+        "last_sync_at": st.get("last_sync_at") if st is not None else None,
+        "cut_over_at": cut_over_at,
     }
 
 

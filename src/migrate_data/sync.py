@@ -45,6 +45,7 @@ from .compile import CompiledTable
 from .copier import advance_sequences
 from .db import is_data_error, rowcount
 from .errors import MigrationError, RefusedError
+from .pipe import pipe
 from .sql import qcols, qi
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class PhaseSync:
     deferred: int = 0  # log rows kept for later: their delete waits for rows that reference them
     waiting: int = 0  # log rows waiting at the end
     oldest_seconds: float | None = None  # age of the oldest of them
+    taken_out: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (target, source key): quarantined rows that were there
+    skipped: int = 0  # changed rows left as they are: someone else wrote them in the target since the phase started
 
     def __add__(self, other: PhaseSync) -> PhaseSync:
         return replace(
@@ -93,6 +96,8 @@ class PhaseSync:
             deleted=self.deleted + other.deleted,
             rejected=self.rejected + other.rejected,
             cleared=self.cleared + other.cleared,
+            taken_out=tuple(sorted({*self.taken_out, *other.taken_out}, key=repr)),
+            skipped=self.skipped + other.skipped,
         )
 
     @property
@@ -124,6 +129,7 @@ class SyncTable:
     bk_positions: tuple[int, ...]  # where batch_by is in the logged key of ct.source
     feed_positions: tuple[int, ...]
     lookups: tuple[LookupUse, ...] = ()
+    reads: tuple[str, ...] = ()  # other tables its `sql:` or `where` reads: a change there re-derives every row
 
     @property
     def name(self) -> str:
@@ -179,6 +185,18 @@ def resolve_sql(st: SyncTable, lookups: Sequence[int], *, by_feed: bool = False)
     return " UNION ".join(head + p for p in parts)
 
 
+def resolve_all_sql(st: SyncTable) -> str:
+    """Every current source row (in the ``where``) to re-derive: batch key and target key (text[])."""
+    ct, a = st.ct, st.ct.alias
+    where = f" WHERE {_where(st)[0]}" if ct.mapping.where else ""
+    return f"SELECT {_text_array(ct.batch_by, a)} AS bk, {_text_array(st.feed, a)} AS tk FROM {ct.src}{where}"
+
+
+def target_keys_sql(st: SyncTable) -> str:
+    """The target keys (text[]) of every row of the table the phase wrote."""
+    return f"SELECT {_text_array(st.ct.key, 't')} AS k FROM {st.ct.tgt} AS t WHERE {st.ct.written_by_phase('t')}"
+
+
 def children_sql(parent: SyncTable, child: SyncTable, fk: ForeignKey) -> str:
     """The target keys (text[]) of ``child``'s rows that reference, through ``fk``, the ``parent`` rows whose keys
     are given (``$1…``, one text[] per key column)."""
@@ -202,6 +220,23 @@ def unproduced_sql(st: SyncTable) -> str:
     )
     arr = "ARRAY[" + ", ".join(f"u.{qi(n)}" for n in names) + "]"
     return f"SELECT {arr} AS k FROM {unnest} WHERE NOT EXISTS (SELECT 1 FROM {ct.src} WHERE {' AND '.join([match, *_where(st)])})"
+
+
+def others_sql(st: SyncTable) -> str:
+    """How many of the target rows whose keys are given (``$1…``, one text[] per key column) someone else wrote:
+    neither the phase's (its write marks) nor there before it started (in its start snapshot, the last parameter).
+    Sync leaves them as they are; a table rewrite (ALTER TABLE … SET DATA TYPE, a volatile DEFAULT, pg_repack) makes
+    every row so."""
+    ct = st.ct
+    unnest, names = _unnest(1, len(ct.key))
+    on = " AND ".join(
+        f"t.{qi(k)} = CAST(u.{qi(n)} AS {t})" for k, n, t in zip(ct.key, names, ct.key_types, strict=True)
+    )
+    before = f"pg_visible_in_snapshot({qi(SCHEMA)}.full_xid(t.xmin), ${1 + len(ct.key)}::text::pg_snapshot)"
+    return (
+        f"SELECT count(*) FROM {ct.tgt} AS t JOIN {unnest} ON {on} "
+        f"WHERE NOT ({ct.written_by_phase('t')}) AND NOT COALESCE({before}, false)"
+    )
 
 
 def delete_sql(st: SyncTable) -> str:
@@ -285,18 +320,26 @@ class _Work:
     keys: list[list[str]] = field(default_factory=list)
     values: list[list[list[str]]] = field(default_factory=list)
     feeds: list[list[str]] = field(default_factory=list)
+    everything: bool = False  # a table its `sql:` or `where` reads changed: every row
 
 
 @dataclass
 class _Batch:
     work: list[_Work]
-    counts: dict[str, int] = field(default_factory=lambda: {"upserted": 0, "deleted": 0, "rejected": 0, "cleared": 0})
+    counts: dict[str, int] = field(
+        default_factory=lambda: {"upserted": 0, "deleted": 0, "rejected": 0, "cleared": 0, "skipped": 0}
+    )
     deferred: set[int] = field(default_factory=set)  # log rows kept: their delete waits for referencing rows
     rejected: set[str] = field(default_factory=set)  # target tables with rows in quarantine: rejects to clear
     again: list[tuple[int, list[tuple[list[str], list[str]]]]] = field(default_factory=list)
+    taken_out: set[tuple[str, tuple[str, ...]]] = field(default_factory=set)  # quarantined rows deleted from the target
 
 
 # -- one phase ----------------------------------------------------------------------------------------------------
+class _NotAllWritten(Exception):
+    """The one-statement upsert left rows as they are: its savepoint rolls back, the batch goes row by row."""
+
+
 class PhaseSyncer:
     """Apply one phase's captured changes, batch by batch."""
 
@@ -310,6 +353,7 @@ class PhaseSyncer:
         lock: ledger.LockSession,
         run_id: int | None = None,
         batch_size: int = SyncOptions.batch_size,
+        snapshot: str | None = None,
     ) -> None:
         self.phase = phase
         self.pairs = list(tables)  # parents first
@@ -319,6 +363,7 @@ class PhaseSyncer:
         self.lock = lock
         self.run_id = run_id
         self.batch_size = batch_size
+        self.snapshot = snapshot  # the phase's start snapshot: which target rows were there before it
         self.tables: list[SyncTable] = []
         self.children: dict[int, list[tuple[int, ForeignKey]]] = {}  # parent index -> (child index, foreign key)
         self.deferred: set[int] = set()
@@ -380,6 +425,7 @@ class PhaseSyncer:
                     tuple(cols.index(b) for b in ct.batch_by),
                     tuple(cols.index(f) for f in feed),
                     tuple(uses),
+                    tuple(r for t, r in plan.reads if t == str(ct.target)),
                 )
             )
         index = {t.name: i for i, t in enumerate(self.tables)}
@@ -470,6 +516,7 @@ class PhaseSyncer:
             b.work[i].values = [
                 [[r["key"][p] for p in lk.positions] for r in by_source.get(lk.table, [])] for lk in st.lookups
             ]
+            b.work[i].everything = any(r in by_source for r in st.reads)
         src = conn if self.same_db else self.source
         b.rejected = await ledger.rejected_tables(conn, self.phase)
         for i in reversed(range(len(self.tables))):  # deletes: children first
@@ -493,18 +540,21 @@ class PhaseSyncer:
         await self.lock.check(conn)  # last before COMMIT: without the lock the batch rolls back
         if rows or any(b.counts.values()):
             log.debug("%s: %d changes applied: %s", self.phase, len(ids), b.counts)
-        return PhaseSync(self.phase, changes=len(ids), **b.counts)
+        return PhaseSync(self.phase, changes=len(ids), taken_out=tuple(sorted(b.taken_out, key=repr)), **b.counts)
 
     async def _rederive(self, conn: asyncpg.Connection, src: Any, i: int, b: _Batch, *, last_try: bool = False) -> None:
         """Re-derive the rows of table ``i`` the batch touched: by batch key, by lookup, by target key."""
         st, w = self.tables[i], b.work[i]
         keys, values, feeds = w.keys, w.values, w.feeds
         b.work[i] = _Work(values=[[] for _ in st.lookups])
-        if not keys and not any(values) and not feeds:
+        if not keys and not any(values) and not feeds and not w.everything:
             return
-        if not any(values) and not feeds and await self._upsert_keys(conn, i, keys, b):
-            return
-        resolved = await self._resolve(src, st, keys, values, feeds)
+        if w.everything:
+            resolved = [(list(r["bk"]), list(r["tk"])) for r in await src.fetch(resolve_all_sql(st))]
+        else:
+            if not any(values) and not feeds and await self._upsert_keys(conn, i, keys, b):
+                return
+            resolved = await self._resolve(src, st, keys, values, feeds)
         present = {tuple(bk) for bk, _ in resolved}
         gone = [list(k) for k in {tuple(k) for k in keys} - present]  # deleted, or out of the `where`
         b.counts["cleared"] += await ledger.clear_rejects_of(conn, self.phase, st.name, gone)
@@ -521,13 +571,18 @@ class PhaseSyncer:
             async with conn.transaction():
                 if self.same_db:
                     n = rowcount(await conn.execute(upsert_sql(st), *args))
+                    present = len(await self._resolve(conn, st, keys, [], [])) if n < len(keys) else n
                 else:
                     stage = f"migrate_data_sync_{i}"
                     await conn.execute(f"DROP TABLE IF EXISTS pg_temp.{qi(stage)}")
                     await conn.execute(stage_table_sql(st, stage))
-                    staged = await _pipe(self.source, source_rows_sql(st), args, conn, stage)
-                    n = rowcount(await conn.execute(stage_upsert_sql(st, stage), list(range(1, staged + 1))))
+                    present = await pipe(self.source, source_rows_sql(st), args, conn, stage)
+                    n = rowcount(await conn.execute(stage_upsert_sql(st, stage), list(range(1, present + 1))))
+                if n < present:  # rows the upsert left as they are (someone else's): the slow path counts them
+                    raise _NotAllWritten
                 await ledger.mark_write(conn, self.phase, st.name, self.run_id)
+        except _NotAllWritten:
+            return False
         except asyncpg.PostgresError as e:
             if not is_data_error(e):
                 raise
@@ -546,6 +601,27 @@ class PhaseSyncer:
             rows = await conn.fetch(sql, *_columns(keys, len(self.tables[i].ct.key)))
             b.work[j].feeds += [list(r["tk"]) for r in rows]
 
+    def _cascaded(self, i: int) -> tuple[str, ...]:
+        """The phase's tables whose rows a delete in table ``i`` may change (ON DELETE CASCADE, SET NULL, SET DEFAULT):
+        the savepoint that deletes marks them written too, or their rows would no longer be the phase's."""
+        return tuple(dict.fromkeys(self.tables[j].name for j, fk in self.children.get(i, [])))
+
+    async def _skipped(self, conn: asyncpg.Connection, i: int, keys: Sequence[Sequence[str]], b: _Batch) -> None:
+        """Count the rows of these target keys that sync left as they are, someone else's: never silently."""
+        if not keys or self.snapshot is None:
+            return
+        st = self.tables[i]
+        n = await conn.fetchval(others_sql(st), *_columns(keys, len(st.ct.key)), self.snapshot)
+        if n:
+            b.counts["skipped"] += n
+            log.warning(
+                "%s: %d changed rows not applied: someone else wrote them in the target since %s started (or a table "
+                "rewrite gave every row a new transaction id); validate --deep shows them",
+                st.name,
+                n,
+                self.phase,
+            )
+
     async def _deletes(
         self, conn: asyncpg.Connection, src: Any, i: int, logged: list[asyncpg.Record], b: _Batch
     ) -> None:
@@ -556,6 +632,9 @@ class PhaseSyncer:
             # an INSERT's key was there when it committed; if the row is gone now, a later log row says so
             if r["op"] != "I":
                 ids.setdefault(tuple(r["key"][p] for p in st.feed_positions), []).append(r["id"])
+        if b.work[i].everything:  # a table the `where` reads changed: any row may have left it
+            for r in await conn.fetch(target_keys_sql(st)):
+                ids.setdefault(tuple(r["k"]), [])
         if not ids:
             return
         keys = list(ids)
@@ -579,8 +658,9 @@ class PhaseSyncer:
                 e,
             )
 
-        done, _ = await self._bisect(conn, st, gone, attempt, failed)
+        done, _ = await self._bisect(conn, st, gone, attempt, failed, also=self._cascaded(i))
         b.counts["deleted"] += done
+        await self._skipped(conn, i, [k for k in gone if not set(ids.get(k, ())) & b.deferred], b)
 
     async def _resolve(
         self,
@@ -628,7 +708,7 @@ class PhaseSyncer:
             await conn.execute(f"DROP TABLE IF EXISTS pg_temp.{qi(stage)}")
             await conn.execute(stage_table_sql(st, stage))
             args = _columns([bk for bk, _ in resolved], len(st.ct.batch_by))
-            await _pipe(self.source, source_rows_sql(st), args, conn, stage)
+            await pipe(self.source, source_rows_sql(st), args, conn, stage)
             staged = await conn.fetch(f"SELECT __n, __key, __tk FROM {qi(stage)}")
             by_n = {r["__n"]: (list(r["__key"]), list(r["__tk"])) for r in staged}
             sql = stage_upsert_sql(st, stage)
@@ -656,14 +736,19 @@ class PhaseSyncer:
             try:  # a quarantined row is not in the target (as after the copy)
                 async with conn.transaction():
                     n = rowcount(await conn.execute(delete_sql(st), *_columns([tk], len(st.ct.key))))
-                    await ledger.mark_write(conn, self.phase, st.name, self.run_id)
+                    for name in (st.name, *self._cascaded(i)):
+                        await ledger.mark_write(conn, self.phase, name, self.run_id)
                 b.counts["deleted"] += n
+                if n:
+                    b.taken_out.add((st.name, tuple(bk)))
             except asyncpg.ForeignKeyViolationError as fk:
                 log.warning("%s: row %s is quarantined, but its old version stays in the target: %s", st.name, bk, fk)
             log.info("%s: row %s quarantined: %s %s", st.name, bk, e.sqlstate, e)
 
         done, ok = await self._bisect(conn, st, items, attempt, failed)
         b.counts["upserted"] += done
+        b.taken_out -= {(st.name, tuple(row_of(x)[0])) for x in ok}  # a last try put it back
+        await self._skipped(conn, i, [row_of(x)[1] for x in ok], b)
         b.counts["cleared"] += await ledger.clear_rejects_of(conn, self.phase, st.name, [row_of(x)[0] for x in ok])
         if again:
             b.again.append((i, again))
@@ -675,9 +760,12 @@ class PhaseSyncer:
         items: list[T],
         attempt: Callable[[list[T]], Awaitable[int]],
         failed: Callable[[T, asyncpg.PostgresError], Awaitable[None]],
+        *,
+        also: Sequence[str] = (),
     ) -> tuple[int, list[T]]:
-        """Write ``items`` by halves, each in a savepoint that records the write; a single item that fails for a
-        data reason goes to ``failed``.  Returns the rows written and the items that went in."""
+        """Write ``items`` by halves, each in a savepoint that records the write (in ``st`` and the ``also`` tables,
+        which a foreign key's ON DELETE changes); a single item that fails for a data reason goes to ``failed``.
+        Returns the rows written and the items that went in."""
         done, ok = 0, []
         stack = [items]
         while stack:
@@ -685,7 +773,8 @@ class PhaseSyncer:
             try:
                 async with conn.transaction():
                     done += await attempt(part)
-                    await ledger.mark_write(conn, self.phase, st.name, self.run_id)
+                    for name in (st.name, *also):
+                        await ledger.mark_write(conn, self.phase, name, self.run_id)
             except asyncpg.PostgresError as e:
                 if not is_data_error(e):
                     raise
@@ -714,34 +803,6 @@ async def keep_deferred(conn: asyncpg.Connection, phase: str, rows: list[asyncpg
     """Put back, as they were (same id and time), the taken log rows whose changes wait for a later pass."""
     if rows:
         await conn.executemany(KEEP_SQL, [(r["id"], phase, r["source"], r["key"], r["op"], r["at"]) for r in rows])
-
-
-async def _pipe(source: asyncpg.Pool, query: str, args: list[Any], conn: asyncpg.Connection, table: str) -> int:
-    """Stream ``COPY (query) TO STDOUT`` (binary) on the source into ``table`` on ``conn``."""
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=32)
-
-    async def produce() -> None:
-        try:
-            async with source.acquire() as src:
-                await src.copy_from_query(query, *args, output=queue.put, format="binary")
-        except Exception:
-            await queue.put(None)  # the reader stops; the error is raised from the task below
-            raise
-        await queue.put(None)
-
-    async def chunks():  # type: ignore[no-untyped-def]
-        while (chunk := await queue.get()) is not None:
-            yield chunk
-
-    producer = asyncio.create_task(produce())
-    try:
-        n = rowcount(await conn.copy_to_table(table, source=chunks(), format="binary"))
-    except BaseException:
-        producer.cancel()  # the target failed: nobody reads what the source still sends
-        await asyncio.gather(producer, return_exceptions=True)
-        raise
-    await producer  # the source's error, if it failed
-    return n
 
 
 # -- several phases -------------------------------------------------------------------------------------------------
@@ -790,7 +851,9 @@ async def sync(
 def _applied(p: PhaseSync) -> str:
     return (
         f"{p.changes:,} changes applied ({p.upserted:,} rows upserted, {p.deleted:,} deleted, {p.rejected:,} "
-        f"quarantined, {p.cleared:,} rejects cleared)"
+        f"quarantined, {p.cleared:,} rejects cleared"
+        + (f", {p.skipped:,} NOT applied: not the phase's" if p.skipped else "")
+        + ")"
     )
 
 

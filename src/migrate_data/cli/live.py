@@ -45,6 +45,7 @@ def sync(obj: Context, phases: tuple[str, ...], follow: bool, batch_size: int, i
             f"{p.rejected:,} quarantined, {p.cleared:,} rejects cleared; {p.waiting:,} waiting"
             + (f" (the oldest {console.dur(p.oldest_seconds)} old)" if p.oldest_seconds is not None else "")
             + (f"; {p.deferred:,} deletes wait for rows that reference them" if p.deferred else "")
+            + (f"; {p.skipped:,} changed rows NOT applied: someone else wrote them in the target" if p.skipped else "")
         )
     click.echo(f"synced in {console.dur(result.seconds)}")
 
@@ -90,6 +91,13 @@ def cutover(obj: Context, phases: tuple[str, ...], yes: bool, lock_wait: str, re
                 )
             )
         else:
+            for line in result.problems:
+                click.echo(line)
             click.echo("validation FAILED: writes released, change capture kept on; nothing was cut over")
+        if result.late:
+            click.echo(
+                f"WARNING: {result.late:,} changes were written to the English tables after the last sync (is the "
+                "application still writing them?): kept, not applied, in migrate_data.changes"
+            )
     if not result.ok:
         sys.exit(3)
