@@ -55,10 +55,7 @@ from bench_copy import (  # noqa: E402
     sql,
     write_section,
 )
-from migrate_data import (
-    api,  # noqa: E402
-    sync_sql,  # noqa: E402
-)
+from migrate_data import api, sync_sql  # noqa: E402
 from migrate_data import sync as syncing  # noqa: E402
 from migrate_data.db import open_pool  # noqa: E402
 from migrate_data.preflight import compile_phase  # noqa: E402
