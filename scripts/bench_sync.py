@@ -55,7 +55,7 @@ from bench_copy import (  # noqa: E402
     sql,
     write_section,
 )
-from migrate_data import api  # noqa: E402
+from migrate_data import api, sync_sql  # noqa: E402
 from migrate_data import sync as syncing  # noqa: E402
 from migrate_data.db import open_pool  # noqa: E402
 from migrate_data.preflight import compile_phase  # noqa: E402
@@ -177,7 +177,7 @@ async def bare_upsert(url: str, settings: Settings) -> tuple[int, float]:
             tr = conn.transaction()
             await tr.start()
             t = time.perf_counter()
-            status = await conn.execute(syncing.upsert_sql(st), keys)
+            status = await conn.execute(sync_sql.upsert_sql(st), keys)
             took = time.perf_counter() - t
             await tr.rollback()
     return int(status.rsplit(" ", 1)[-1]), took

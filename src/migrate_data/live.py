@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from . import capture, ledger
+from . import blocking, capture, ledger
 from . import sync as syncing
 from .errors import BadInput, MigrationError, RefusedError, Stopped
 from .preflight import PhasePlan, compile_phase
@@ -171,7 +171,7 @@ async def cutover(
                     )
                 tables = {n: r for s in syncers for n, r in (await capture.relations(source, s.phase)).items()}
                 tables = dict(sorted(tables.items()))
-                async with syncing.writes_blocked(source, tables, wait=lock_wait, retries=retries) as blocked:
+                async with blocking.writes_blocked(source, tables, wait=lock_wait, retries=retries) as blocked:
                     if on_blocked is not None:
                         await on_blocked()
                     totals = await syncing.sync(

@@ -32,8 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -46,22 +45,31 @@ from .copier import advance_sequences
 from .db import is_data_error, rowcount
 from .errors import MigrationError, RefusedError
 from .pipe import pipe
-from .sql import qcols, qi
+from .sql import qi
+from .sync_sql import (
+    KEEP_SQL,
+    MAX_ID_SQL,
+    RETRY_STATES,
+    SCHEMA,
+    TAKE_SQL,
+    LookupUse,
+    SyncTable,
+    children_sql,
+    delete_sql,
+    key_columns_args,
+    others_sql,
+    resolve_all_sql,
+    resolve_sql,
+    source_rows_sql,
+    stage_table_sql,
+    stage_upsert_sql,
+    target_keys_sql,
+    unproduced_sql,
+    upsert_sql,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-SCHEMA = ledger.SCHEMA
-RETRY_STATES = ("23503", "23505")  # refused because of another row: worth another try once the others are applied
-# A batch's log rows are taken (deleted, returned) in the transaction that applies them: found by the index, deleted
-# by ctid (a log row is never updated, and the two are one statement's snapshot), so no second index probe per row.
-TAKE_SQL = (
-    f"DELETE FROM {SCHEMA}.changes AS c WHERE c.ctid = ANY (ARRAY(SELECT x.ctid FROM {SCHEMA}.changes AS x "
-    f"WHERE x.phase = $1 AND x.id > $2 AND ($3::bigint IS NULL OR x.id <= $3) ORDER BY x.id LIMIT $4)) "
-    f"AND c.phase = $1 RETURNING c.id, c.source, c.key, c.op::text AS op, c.at"
-)  # op as text: asyncpg gives a "char" as bytes
-KEEP_SQL = f'INSERT INTO {SCHEMA}.changes (id, phase, source, key, op, at) VALUES ($1, $2, $3, $4, CAST($5::text AS "char"), $6)'
-MAX_ID_SQL = f"SELECT max(id) FROM {SCHEMA}.changes WHERE phase = $1"
 
 
 @dataclass(frozen=True)
@@ -109,208 +117,6 @@ class PhaseSync:
 class SyncResult:
     phases: tuple[PhaseSync, ...]
     seconds: float
-
-
-# -- what a table needs to re-derive its rows ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class LookupUse:
-    table: str  # the lookup's table, schema-qualified: the log's ``source``
-    positions: tuple[int, ...]  # where its lookup key is in the logged key
-    on: tuple[str, ...]  # the source columns that join it
-    on_types: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class SyncTable:
-    ct: CompiledTable
-    target: Table
-    feed: tuple[str, ...]  # the source columns the target key is a rename of, in key order
-    feed_types: tuple[str, ...]
-    bk_positions: tuple[int, ...]  # where batch_by is in the logged key of ct.source
-    feed_positions: tuple[int, ...]
-    lookups: tuple[LookupUse, ...] = ()
-    reads: tuple[str, ...] = ()  # other tables its `sql:` or `where` reads: a change there re-derives every row
-
-    @property
-    def name(self) -> str:
-        return str(self.ct.target)
-
-    @property
-    def source(self) -> str:
-        return str(self.ct.source)
-
-
-# -- the SQL (pure) -------------------------------------------------------------------------------------------------
-def _unnest(first: int, n: int) -> tuple[str, list[str]]:
-    names = [f"c{i}" for i in range(n)]
-    arrays = ", ".join(f"${first + i}::text[]" for i in range(n))
-    return f"unnest({arrays}) AS u({', '.join(qi(c) for c in names)})", names
-
-
-def _tuple(columns: Sequence[str], alias: str) -> str:
-    cols = qcols(tuple(columns), alias)
-    return f"({cols})" if len(columns) > 1 else cols
-
-
-def _in_keys(columns: Sequence[str], types: Sequence[str], alias: str, first: int) -> str:
-    """``(alias.c0, …) IN (SELECT CAST(u.c0 AS t0), … FROM unnest($first::text[], …) AS u(c0, …))``."""
-    unnest, names = _unnest(first, len(columns))
-    casts = ", ".join(f"CAST(u.{qi(n)} AS {t})" for n, t in zip(names, types, strict=True))
-    return f"{_tuple(columns, alias)} IN (SELECT {casts} FROM {unnest})"
-
-
-def _text_array(columns: Sequence[str], alias: str) -> str:
-    return "ARRAY[" + ", ".join(f"{qi(alias)}.{qi(c)}::text" for c in columns) + "]"
-
-
-def _where(st: SyncTable) -> list[str]:
-    return [f"({st.ct.mapping.where})"] if st.ct.mapping.where else []
-
-
-def resolve_sql(st: SyncTable, lookups: Sequence[int], *, by_feed: bool = False) -> str:
-    """The current source rows (in the ``where``) to re-derive: batch key and target key (text[]) of the rows whose
-    batch key is in ``$1…`` (one text[] per batch_by column), or, for each lookup index in ``lookups``, whose ``on``
-    columns are in the next parameters, or (``by_feed``) whose target key is in the last ones.  One SELECT per part,
-    so each can use its index."""
-    ct, a = st.ct, st.ct.alias
-    head = f"SELECT {_text_array(ct.batch_by, a)} AS bk, {_text_array(st.feed, a)} AS tk FROM {ct.src} WHERE "
-    parts = [" AND ".join([*_where(st), _in_keys(ct.batch_by, ct.batch_types, a, 1)])]
-    n = 1 + len(ct.batch_by)
-    for i in lookups:
-        lk = st.lookups[i]
-        parts.append(" AND ".join([*_where(st), _in_keys(lk.on, lk.on_types, a, n)]))
-        n += len(lk.on)
-    if by_feed:
-        parts.append(" AND ".join([*_where(st), _in_keys(st.feed, st.feed_types, a, n)]))
-    return " UNION ".join(head + p for p in parts)
-
-
-def resolve_all_sql(st: SyncTable) -> str:
-    """Every current source row (in the ``where``) to re-derive: batch key and target key (text[])."""
-    ct, a = st.ct, st.ct.alias
-    where = f" WHERE {_where(st)[0]}" if ct.mapping.where else ""
-    return f"SELECT {_text_array(ct.batch_by, a)} AS bk, {_text_array(st.feed, a)} AS tk FROM {ct.src}{where}"
-
-
-def target_keys_sql(st: SyncTable) -> str:
-    """The target keys (text[]) of every row of the table the phase wrote."""
-    return f"SELECT {_text_array(st.ct.key, 't')} AS k FROM {st.ct.tgt} AS t WHERE {st.ct.written_by_phase('t')}"
-
-
-def children_sql(parent: SyncTable, child: SyncTable, fk: ForeignKey) -> str:
-    """The target keys (text[]) of ``child``'s rows that reference, through ``fk``, the ``parent`` rows whose keys
-    are given (``$1…``, one text[] per key column)."""
-    unnest, names = _unnest(1, len(parent.ct.key))
-    match = " AND ".join(
-        f"p.{qi(k)} = CAST(u.{qi(n)} AS {t})" for k, n, t in zip(parent.ct.key, names, parent.ct.key_types, strict=True)
-    )
-    join = " AND ".join(f"c.{qi(x)} = p.{qi(y)}" for x, y in zip(fk.columns, fk.ref_columns, strict=True))
-    return (
-        f"SELECT DISTINCT {_text_array(child.ct.key, 'c')} AS tk FROM {child.ct.tgt} AS c "
-        f"JOIN {parent.ct.tgt} AS p ON {join} JOIN {unnest} ON {match}"
-    )
-
-
-def unproduced_sql(st: SyncTable) -> str:
-    """Of the target keys given (``$1…``, one text[] per key column), those no current source row produces."""
-    ct, a = st.ct, st.ct.alias
-    unnest, names = _unnest(1, len(st.feed))
-    match = " AND ".join(
-        f"{qi(a)}.{qi(f)} = CAST(u.{qi(n)} AS {t})" for f, n, t in zip(st.feed, names, st.feed_types, strict=True)
-    )
-    arr = "ARRAY[" + ", ".join(f"u.{qi(n)}" for n in names) + "]"
-    return f"SELECT {arr} AS k FROM {unnest} WHERE NOT EXISTS (SELECT 1 FROM {ct.src} WHERE {' AND '.join([match, *_where(st)])})"
-
-
-def others_sql(st: SyncTable) -> str:
-    """How many of the target rows whose keys are given (``$1…``, one text[] per key column) someone else wrote:
-    neither the phase's (its write marks) nor there before it started (in its start snapshot, the last parameter).
-    Sync leaves them as they are; a table rewrite (ALTER TABLE … SET DATA TYPE, a volatile DEFAULT, pg_repack) makes
-    every row so."""
-    ct = st.ct
-    unnest, names = _unnest(1, len(ct.key))
-    on = " AND ".join(
-        f"t.{qi(k)} = CAST(u.{qi(n)} AS {t})" for k, n, t in zip(ct.key, names, ct.key_types, strict=True)
-    )
-    before = f"pg_visible_in_snapshot({qi(SCHEMA)}.full_xid(t.xmin), ${1 + len(ct.key)}::text::pg_snapshot)"
-    return (
-        f"SELECT count(*) FROM {ct.tgt} AS t JOIN {unnest} ON {on} "
-        f"WHERE NOT ({ct.written_by_phase('t')}) AND NOT COALESCE({before}, false)"
-    )
-
-
-def delete_sql(st: SyncTable) -> str:
-    """Delete the target rows whose keys are given (``$1…``, one text[] per key column)."""
-    ct = st.ct
-    unnest, names = _unnest(1, len(ct.key))
-    on = " AND ".join(
-        f"t.{qi(k)} = CAST(u.{qi(n)} AS {t})" for k, n, t in zip(ct.key, names, ct.key_types, strict=True)
-    )
-    return f"DELETE FROM {ct.tgt} AS t USING {unnest} WHERE {on} AND {ct.written_by_phase('t')}"
-
-
-def _head(st: SyncTable) -> str:
-    over = " OVERRIDING SYSTEM VALUE" if st.ct.overriding else ""
-    return f"INSERT INTO {st.ct.tgt} AS {qi('__target')} ({qcols(tuple(c.target for c in st.ct.columns))}){over}"
-
-
-def _conflict(st: SyncTable) -> str:
-    """``ON CONFLICT (key) DO UPDATE`` every other mapped column, only where a value differs (compared as text: every
-    type has one, json has no equality)."""
-    ct = st.ct
-    rest = [
-        c.target
-        for c in ct.columns
-        if c.target not in ct.key and getattr(st.target.column(c.target), "identity", "") != "a"
-    ]
-    if not rest:
-        return f" ON CONFLICT ({qcols(ct.key)}) DO NOTHING"
-    sets = ", ".join(f"{qi(c)} = EXCLUDED.{qi(c)}" for c in rest)
-    old = "ROW(" + ", ".join(f"{qi('__target')}.{qi(c)}" for c in rest) + ")::text"
-    new = "ROW(" + ", ".join(f"EXCLUDED.{qi(c)}" for c in rest) + ")::text"
-    # only a row the phase wrote (its copy or an earlier sync) is updated: one the application wrote, or that was
-    # there before the phase, is left as it is (validation shows it), never overwritten
-    return (
-        f" ON CONFLICT ({qcols(ct.key)}) DO UPDATE SET {sets} WHERE {old} IS DISTINCT FROM {new} "
-        f"AND {ct.written_by_phase('__target')}"
-    )
-
-
-def upsert_sql(st: SyncTable) -> str:
-    """One database: re-derive the source rows whose batch keys are given (``$1…``) with the mapping's expressions."""
-    ct = st.ct
-    conds = [*_where(st), _in_keys(ct.batch_by, ct.batch_types, ct.alias, 1)]
-    exprs = ", ".join(c.expr for c in ct.columns)
-    return f"{_head(st)} SELECT {exprs} FROM {ct.from_} WHERE {' AND '.join(conds)}{_conflict(st)}"
-
-
-def source_rows_sql(st: SyncTable) -> str:
-    """Two databases, on the source: the rows whose batch keys are given, numbered, as text (like the copier's)."""
-    ct = st.ct
-    conds = [*_where(st), _in_keys(ct.batch_by, ct.batch_types, ct.alias, 1)]
-    cols = ", ".join(f"({c.pre_cast})::text AS {qi(c.target)}" for c in ct.columns)
-    return (
-        f"SELECT (row_number() OVER ())::integer AS __n, {_text_array(ct.batch_by, ct.alias)} AS __key, "
-        f"{_text_array(st.feed, ct.alias)} AS __tk, {cols} FROM {ct.from_} WHERE {' AND '.join(conds)}"
-    )
-
-
-def stage_table_sql(st: SyncTable, stage: str) -> str:
-    cols = ", ".join(f"{qi(c.target)} text" for c in st.ct.columns)
-    return f"CREATE TEMP TABLE {qi(stage)} (__n integer, __key text[], __tk text[], {cols}) ON COMMIT DROP"
-
-
-def stage_upsert_sql(st: SyncTable, stage: str) -> str:
-    """Two databases, on the target: upsert the staged rows numbered ``$1`` (int[])."""
-    exprs = ", ".join(
-        c.convert(f"s.{qi(c.target)}") if c.steps else f"CAST(s.{qi(c.target)} AS {c.cast_type})" for c in st.ct.columns
-    )
-    return f"{_head(st)} SELECT {exprs} FROM {qi(stage)} AS s WHERE s.__n = ANY($1::integer[]){_conflict(st)}"
-
-
-def _columns(keys: Sequence[Sequence[str | None]], n: int) -> list[list[str | None]]:
-    """Keys (rows) as one list per key column: the ``unnest($1::text[], …)`` parameters."""
-    return [[k[i] for k in keys] for i in range(n)]
 
 
 @dataclass
@@ -566,7 +372,7 @@ class PhaseSyncer:
         cleared.  False, with nothing written, when a row fails: the caller then resolves the keys and writes them by
         halves around the bad rows."""
         st = self.tables[i]
-        args = _columns(keys, len(st.ct.batch_by))
+        args = key_columns_args(keys, len(st.ct.batch_by))
         try:
             async with conn.transaction():
                 if self.same_db:
@@ -598,7 +404,7 @@ class PhaseSyncer:
         foreign key may cascade, or set NULL): they are re-derived after, and quarantined if they fail now."""
         for j, fk in self.children.get(i, []):
             sql = children_sql(self.tables[i], self.tables[j], fk)
-            rows = await conn.fetch(sql, *_columns(keys, len(self.tables[i].ct.key)))
+            rows = await conn.fetch(sql, *key_columns_args(keys, len(self.tables[i].ct.key)))
             b.work[j].feeds += [list(r["tk"]) for r in rows]
 
     def _cascaded(self, i: int) -> tuple[str, ...]:
@@ -611,7 +417,7 @@ class PhaseSyncer:
         if not keys or self.snapshot is None:
             return
         st = self.tables[i]
-        n = await conn.fetchval(others_sql(st), *_columns(keys, len(st.ct.key)), self.snapshot)
+        n = await conn.fetchval(others_sql(st), *key_columns_args(keys, len(st.ct.key)), self.snapshot)
         if n:
             b.counts["skipped"] += n
             log.warning(
@@ -638,14 +444,14 @@ class PhaseSyncer:
         if not ids:
             return
         keys = list(ids)
-        gone = [tuple(r["k"]) for r in await src.fetch(unproduced_sql(st), *_columns(keys, len(st.feed)))]
+        gone = [tuple(r["k"]) for r in await src.fetch(unproduced_sql(st), *key_columns_args(keys, len(st.feed)))]
         if not gone:
             return
         await self._note_children(conn, i, gone, b)
         sql = delete_sql(st)
 
         async def attempt(part: list[tuple[str, ...]]) -> int:
-            return rowcount(await conn.execute(sql, *_columns(part, len(st.ct.key))))
+            return rowcount(await conn.execute(sql, *key_columns_args(part, len(st.ct.key))))
 
         async def failed(key: tuple[str, ...], e: asyncpg.PostgresError) -> None:
             b.deferred.update(ids[key])
@@ -672,11 +478,11 @@ class PhaseSyncer:
     ) -> list[tuple[list[str], list[str]]]:
         """The current source rows to re-derive: (batch key, target key)."""
         used = [i for i, v in enumerate(values) if v]
-        args: list[Any] = _columns(keys, len(st.ct.batch_by))
+        args: list[Any] = key_columns_args(keys, len(st.ct.batch_by))
         for i in used:
-            args += _columns(values[i], len(st.lookups[i].on))
+            args += key_columns_args(values[i], len(st.lookups[i].on))
         if feeds:
-            args += _columns(feeds, len(st.feed))
+            args += key_columns_args(feeds, len(st.feed))
         sql = resolve_sql(st, used, by_feed=bool(feeds))
         return [(list(r["bk"]), list(r["tk"])) for r in await src.fetch(sql, *args)]
 
@@ -700,14 +506,14 @@ class PhaseSyncer:
             sql = upsert_sql(st)
 
             async def attempt(part: list[Any]) -> int:
-                return rowcount(await conn.execute(sql, *_columns([bk for bk, _ in part], len(st.ct.batch_by))))
+                return rowcount(await conn.execute(sql, *key_columns_args([bk for bk, _ in part], len(st.ct.batch_by))))
 
             items: list[Any] = resolved
         else:
             stage = f"migrate_data_sync_{i}"
             await conn.execute(f"DROP TABLE IF EXISTS pg_temp.{qi(stage)}")
             await conn.execute(stage_table_sql(st, stage))
-            args = _columns([bk for bk, _ in resolved], len(st.ct.batch_by))
+            args = key_columns_args([bk for bk, _ in resolved], len(st.ct.batch_by))
             await pipe(self.source, source_rows_sql(st), args, conn, stage)
             staged = await conn.fetch(f"SELECT __n, __key, __tk FROM {qi(stage)}")
             by_n = {r["__n"]: (list(r["__key"]), list(r["__tk"])) for r in staged}
@@ -735,7 +541,7 @@ class PhaseSyncer:
             await self._note_children(conn, i, [tk], b)
             try:  # a quarantined row is not in the target (as after the copy)
                 async with conn.transaction():
-                    n = rowcount(await conn.execute(delete_sql(st), *_columns([tk], len(st.ct.key))))
+                    n = rowcount(await conn.execute(delete_sql(st), *key_columns_args([tk], len(st.ct.key))))
                     for name in (st.name, *self._cascaded(i)):
                         await ledger.mark_write(conn, self.phase, name, self.run_id)
                 b.counts["deleted"] += n
@@ -859,73 +665,3 @@ def _applied(p: PhaseSync) -> str:
 
 def _lag(waiting: int, age: float | None) -> str:
     return f"{waiting:,} changes waiting" + (f", the oldest {age:.1f} s old" if age is not None else "")
-
-
-# -- cutover: block writes --------------------------------------------------------------------------------------------
-@dataclass
-class Blocked:
-    """Writes to ``tables`` are blocked from ``since`` until the block ends; ``seconds`` is then how long."""
-
-    tables: tuple[str, ...]
-    since: float = field(default_factory=time.monotonic)
-    seconds: float | None = None
-    attempts: int = 1
-    release_only: bool = False  # end with ROLLBACK (a failed cutover); the transaction wrote nothing either way
-
-
-BLOCKERS_SQL = """SELECT a.pid, a.usename, a.state, now() - a.xact_start AS age, left(a.query, 120) AS query
-FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid() AND a.pid IN (
-  SELECT l.pid FROM pg_locks l WHERE l.relation = ANY (SELECT to_regclass(t) FROM unnest($1::text[]) AS t) AND l.granted
-   AND l.mode IN ('RowExclusiveLock', 'ShareUpdateExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
-                  'AccessExclusiveLock'))
-ORDER BY a.xact_start"""
-
-
-@asynccontextmanager
-async def writes_blocked(
-    source: asyncpg.Pool, tables: dict[str, str], *, wait: str = "2s", retries: int = 5
-) -> AsyncIterator[Blocked]:
-    """Block writes to ``tables`` (name -> quoted relation; ``LOCK … IN SHARE MODE``: reads go on) for the block, in a
-    transaction of the source database.  Each attempt waits at most ``wait`` for the writers in flight (a long transaction would
-    otherwise queue every new writer behind us), then lets go and tries again, ``retries`` times."""
-    names = ", ".join(tables.values())
-    async with source.acquire() as conn:
-        for attempt in range(retries + 1):
-            tr = conn.transaction()
-            await tr.start()
-            try:
-                await conn.execute("SELECT set_config('lock_timeout', $1, true)", wait)
-                await conn.execute(f"LOCK TABLE {names} IN SHARE MODE")
-                break
-            except asyncpg.LockNotAvailableError as e:
-                await tr.rollback()
-                if attempt == retries:
-                    who = await conn.fetch(BLOCKERS_SQL, list(tables.values()))
-                    raise MigrationError(
-                        f"could not block writes to {', '.join(tables)}: writers kept them through {retries + 1} "
-                        f"attempts of {wait} each; nothing was changed",
-                        detail="\n".join(
-                            f"backend pid {r['pid']} ({r['usename']}, {r['state']}, transaction open for {r['age']}): "
-                            f"{r['query']}"
-                            for r in who
-                        )
-                        or str(e),
-                        hint="wait for the long transaction or end it (SELECT pg_terminate_backend(pid)), then run the "
-                        "same command again; --lock-wait and --retries set the patience",
-                    ) from e
-                log.info("cutover: writers still busy on %s (%s); trying again", ", ".join(tables), e)
-                await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
-        blocked = Blocked(tuple(tables), attempts=attempt + 1)
-        log.info("writes to %s blocked", ", ".join(tables))
-        try:
-            yield blocked
-        except BaseException:
-            await tr.rollback()
-            blocked.seconds = time.monotonic() - blocked.since
-            raise
-        if blocked.release_only:
-            await tr.rollback()
-        else:
-            await tr.commit()
-        blocked.seconds = time.monotonic() - blocked.since
-        log.info("writes to %s released after %.2f s", ", ".join(tables), blocked.seconds)

@@ -1,0 +1,86 @@
+"""Blocking writes for a cutover: SHARE locks on the source tables (reads go on), each try with a short
+``lock_timeout`` so it never queues the application behind a long transaction for long, and who was in the way."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from .errors import MigrationError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Blocked:
+    """Writes to ``tables`` are blocked from ``since`` until the block ends; ``seconds`` is then how long."""
+
+    tables: tuple[str, ...]
+    since: float = field(default_factory=time.monotonic)
+    seconds: float | None = None
+    attempts: int = 1
+    release_only: bool = False  # end with ROLLBACK (a failed cutover); the transaction wrote nothing either way
+
+
+BLOCKERS_SQL = """SELECT a.pid, a.usename, a.state, now() - a.xact_start AS age, left(a.query, 120) AS query
+FROM pg_stat_activity a WHERE a.pid <> pg_backend_pid() AND a.pid IN (
+  SELECT l.pid FROM pg_locks l WHERE l.relation = ANY (SELECT to_regclass(t) FROM unnest($1::text[]) AS t) AND l.granted
+   AND l.mode IN ('RowExclusiveLock', 'ShareUpdateExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock',
+                  'AccessExclusiveLock'))
+ORDER BY a.xact_start"""
+
+
+@asynccontextmanager
+async def writes_blocked(
+    source: asyncpg.Pool, tables: dict[str, str], *, wait: str = "2s", retries: int = 5
+) -> AsyncIterator[Blocked]:
+    """Block writes to ``tables`` (name -> quoted relation; ``LOCK … IN SHARE MODE``: reads go on) for the block, in a
+    transaction of the source database.  Each attempt waits at most ``wait`` for the writers in flight (a long transaction would
+    otherwise queue every new writer behind us), then lets go and tries again, ``retries`` times."""
+    names = ", ".join(tables.values())
+    async with source.acquire() as conn:
+        for attempt in range(retries + 1):
+            tr = conn.transaction()
+            await tr.start()
+            try:
+                await conn.execute("SELECT set_config('lock_timeout', $1, true)", wait)
+                await conn.execute(f"LOCK TABLE {names} IN SHARE MODE")
+                break
+            except asyncpg.LockNotAvailableError as e:
+                await tr.rollback()
+                if attempt == retries:
+                    who = await conn.fetch(BLOCKERS_SQL, list(tables.values()))
+                    raise MigrationError(
+                        f"could not block writes to {', '.join(tables)}: writers kept them through {retries + 1} "
+                        f"attempts of {wait} each; nothing was changed",
+                        detail="\n".join(
+                            f"backend pid {r['pid']} ({r['usename']}, {r['state']}, transaction open for {r['age']}): "
+                            f"{r['query']}"
+                            for r in who
+                        )
+                        or str(e),
+                        hint="wait for the long transaction or end it (SELECT pg_terminate_backend(pid)), then run the "
+                        "same command again; --lock-wait and --retries set the patience",
+                    ) from e
+                log.info("cutover: writers still busy on %s (%s); trying again", ", ".join(tables), e)
+                await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
+        blocked = Blocked(tuple(tables), attempts=attempt + 1)
+        log.info("writes to %s blocked", ", ".join(tables))
+        try:
+            yield blocked
+        except BaseException:
+            await tr.rollback()
+            blocked.seconds = time.monotonic() - blocked.since
+            raise
+        if blocked.release_only:
+            await tr.rollback()
+        else:
+            await tr.commit()
+        blocked.seconds = time.monotonic() - blocked.since
+        log.info("writes to %s released after %.2f s", ", ".join(tables), blocked.seconds)

@@ -1,0 +1,226 @@
+"""What sync re-derives a changed row with: each table's view of its mapping (``SyncTable``) and the SQL, pure:
+the log taken by a batch, the source rows of changed keys, the rows a lookup or a ``where`` change touches, the target
+rows no source row produces any more, the upsert that only ever overwrites the phase's own rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .catalog import ForeignKey, Table
+from .compile import CompiledTable
+from .sql import LEDGER_SCHEMA, qcols, qi
+
+SCHEMA = LEDGER_SCHEMA
+RETRY_STATES = ("23503", "23505")  # refused because of another row: worth another try once the others are applied
+# A batch's log rows are taken (deleted, returned) in the transaction that applies them: found by the index, deleted
+# by ctid (a log row is never updated, and the two are one statement's snapshot), so no second index probe per row.
+TAKE_SQL = (
+    f"DELETE FROM {SCHEMA}.changes AS c WHERE c.ctid = ANY (ARRAY(SELECT x.ctid FROM {SCHEMA}.changes AS x "
+    f"WHERE x.phase = $1 AND x.id > $2 AND ($3::bigint IS NULL OR x.id <= $3) ORDER BY x.id LIMIT $4)) "
+    f"AND c.phase = $1 RETURNING c.id, c.source, c.key, c.op::text AS op, c.at"
+)  # op as text: asyncpg gives a "char" as bytes
+KEEP_SQL = f'INSERT INTO {SCHEMA}.changes (id, phase, source, key, op, at) VALUES ($1, $2, $3, $4, CAST($5::text AS "char"), $6)'
+MAX_ID_SQL = f"SELECT max(id) FROM {SCHEMA}.changes WHERE phase = $1"
+
+
+# -- what a table needs to re-derive its rows ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class LookupUse:
+    table: str  # the lookup's table, schema-qualified: the log's ``source``
+    positions: tuple[int, ...]  # where its lookup key is in the logged key
+    on: tuple[str, ...]  # the source columns that join it
+    on_types: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SyncTable:
+    ct: CompiledTable
+    target: Table
+    feed: tuple[str, ...]  # the source columns the target key is a rename of, in key order
+    feed_types: tuple[str, ...]
+    bk_positions: tuple[int, ...]  # where batch_by is in the logged key of ct.source
+    feed_positions: tuple[int, ...]
+    lookups: tuple[LookupUse, ...] = ()
+    reads: tuple[str, ...] = ()  # other tables its `sql:` or `where` reads: a change there re-derives every row
+
+    @property
+    def name(self) -> str:
+        return str(self.ct.target)
+
+    @property
+    def source(self) -> str:
+        return str(self.ct.source)
+
+
+# -- the SQL (pure) -------------------------------------------------------------------------------------------------
+def _unnest(first: int, n: int) -> tuple[str, list[str]]:
+    names = [f"c{i}" for i in range(n)]
+    arrays = ", ".join(f"${first + i}::text[]" for i in range(n))
+    return f"unnest({arrays}) AS u({', '.join(qi(c) for c in names)})", names
+
+
+def _tuple(columns: Sequence[str], alias: str) -> str:
+    cols = qcols(tuple(columns), alias)
+    return f"({cols})" if len(columns) > 1 else cols
+
+
+def _in_keys(columns: Sequence[str], types: Sequence[str], alias: str, first: int) -> str:
+    """``(alias.c0, …) IN (SELECT CAST(u.c0 AS t0), … FROM unnest($first::text[], …) AS u(c0, …))``."""
+    unnest, names = _unnest(first, len(columns))
+    casts = ", ".join(f"CAST(u.{qi(n)} AS {t})" for n, t in zip(names, types, strict=True))
+    return f"{_tuple(columns, alias)} IN (SELECT {casts} FROM {unnest})"
+
+
+def _text_array(columns: Sequence[str], alias: str) -> str:
+    return "ARRAY[" + ", ".join(f"{qi(alias)}.{qi(c)}::text" for c in columns) + "]"
+
+
+def _where(st: SyncTable) -> list[str]:
+    return [f"({st.ct.mapping.where})"] if st.ct.mapping.where else []
+
+
+def resolve_sql(st: SyncTable, lookups: Sequence[int], *, by_feed: bool = False) -> str:
+    """The current source rows (in the ``where``) to re-derive: batch key and target key (text[]) of the rows whose
+    batch key is in ``$1…`` (one text[] per batch_by column), or, for each lookup index in ``lookups``, whose ``on``
+    columns are in the next parameters, or (``by_feed``) whose target key is in the last ones.  One SELECT per part,
+    so each can use its index."""
+    ct, a = st.ct, st.ct.alias
+    head = f"SELECT {_text_array(ct.batch_by, a)} AS bk, {_text_array(st.feed, a)} AS tk FROM {ct.src} WHERE "
+    parts = [" AND ".join([*_where(st), _in_keys(ct.batch_by, ct.batch_types, a, 1)])]
+    n = 1 + len(ct.batch_by)
+    for i in lookups:
+        lk = st.lookups[i]
+        parts.append(" AND ".join([*_where(st), _in_keys(lk.on, lk.on_types, a, n)]))
+        n += len(lk.on)
+    if by_feed:
+        parts.append(" AND ".join([*_where(st), _in_keys(st.feed, st.feed_types, a, n)]))
+    return " UNION ".join(head + p for p in parts)
+
+
+def resolve_all_sql(st: SyncTable) -> str:
+    """Every current source row (in the ``where``) to re-derive: batch key and target key (text[])."""
+    ct, a = st.ct, st.ct.alias
+    where = f" WHERE {_where(st)[0]}" if ct.mapping.where else ""
+    return f"SELECT {_text_array(ct.batch_by, a)} AS bk, {_text_array(st.feed, a)} AS tk FROM {ct.src}{where}"
+
+
+def target_keys_sql(st: SyncTable) -> str:
+    """The target keys (text[]) of every row of the table the phase wrote."""
+    return f"SELECT {_text_array(st.ct.key, 't')} AS k FROM {st.ct.tgt} AS t WHERE {st.ct.written_by_phase('t')}"
+
+
+def children_sql(parent: SyncTable, child: SyncTable, fk: ForeignKey) -> str:
+    """The target keys (text[]) of ``child``'s rows that reference, through ``fk``, the ``parent`` rows whose keys
+    are given (``$1…``, one text[] per key column)."""
+    unnest, names = _unnest(1, len(parent.ct.key))
+    match = " AND ".join(
+        f"p.{qi(k)} = CAST(u.{qi(n)} AS {t})" for k, n, t in zip(parent.ct.key, names, parent.ct.key_types, strict=True)
+    )
+    join = " AND ".join(f"c.{qi(x)} = p.{qi(y)}" for x, y in zip(fk.columns, fk.ref_columns, strict=True))
+    return (
+        f"SELECT DISTINCT {_text_array(child.ct.key, 'c')} AS tk FROM {child.ct.tgt} AS c "
+        f"JOIN {parent.ct.tgt} AS p ON {join} JOIN {unnest} ON {match}"
+    )
+
+
+def unproduced_sql(st: SyncTable) -> str:
+    """Of the target keys given (``$1…``, one text[] per key column), those no current source row produces."""
+    ct, a = st.ct, st.ct.alias
+    unnest, names = _unnest(1, len(st.feed))
+    match = " AND ".join(
+        f"{qi(a)}.{qi(f)} = CAST(u.{qi(n)} AS {t})" for f, n, t in zip(st.feed, names, st.feed_types, strict=True)
+    )
+    arr = "ARRAY[" + ", ".join(f"u.{qi(n)}" for n in names) + "]"
+    return f"SELECT {arr} AS k FROM {unnest} WHERE NOT EXISTS (SELECT 1 FROM {ct.src} WHERE {' AND '.join([match, *_where(st)])})"
+
+
+def others_sql(st: SyncTable) -> str:
+    """How many of the target rows whose keys are given (``$1…``, one text[] per key column) someone else wrote:
+    neither the phase's (its write marks) nor there before it started (in its start snapshot, the last parameter).
+    Sync leaves them as they are; a table rewrite (ALTER TABLE … SET DATA TYPE, a volatile DEFAULT, pg_repack) makes
+    every row so."""
+    ct = st.ct
+    unnest, names = _unnest(1, len(ct.key))
+    on = " AND ".join(
+        f"t.{qi(k)} = CAST(u.{qi(n)} AS {t})" for k, n, t in zip(ct.key, names, ct.key_types, strict=True)
+    )
+    before = f"pg_visible_in_snapshot({qi(SCHEMA)}.full_xid(t.xmin), ${1 + len(ct.key)}::text::pg_snapshot)"
+    return (
+        f"SELECT count(*) FROM {ct.tgt} AS t JOIN {unnest} ON {on} "
+        f"WHERE NOT ({ct.written_by_phase('t')}) AND NOT COALESCE({before}, false)"
+    )
+
+
+def delete_sql(st: SyncTable) -> str:
+    """Delete the target rows whose keys are given (``$1…``, one text[] per key column)."""
+    ct = st.ct
+    unnest, names = _unnest(1, len(ct.key))
+    on = " AND ".join(
+        f"t.{qi(k)} = CAST(u.{qi(n)} AS {t})" for k, n, t in zip(ct.key, names, ct.key_types, strict=True)
+    )
+    return f"DELETE FROM {ct.tgt} AS t USING {unnest} WHERE {on} AND {ct.written_by_phase('t')}"
+
+
+def _head(st: SyncTable) -> str:
+    over = " OVERRIDING SYSTEM VALUE" if st.ct.overriding else ""
+    return f"INSERT INTO {st.ct.tgt} AS {qi('__target')} ({qcols(tuple(c.target for c in st.ct.columns))}){over}"
+
+
+def _conflict(st: SyncTable) -> str:
+    """``ON CONFLICT (key) DO UPDATE`` every other mapped column, only where a value differs (compared as text: every
+    type has one, json has no equality)."""
+    ct = st.ct
+    rest = [
+        c.target
+        for c in ct.columns
+        if c.target not in ct.key and getattr(st.target.column(c.target), "identity", "") != "a"
+    ]
+    if not rest:
+        return f" ON CONFLICT ({qcols(ct.key)}) DO NOTHING"
+    sets = ", ".join(f"{qi(c)} = EXCLUDED.{qi(c)}" for c in rest)
+    old = "ROW(" + ", ".join(f"{qi('__target')}.{qi(c)}" for c in rest) + ")::text"
+    new = "ROW(" + ", ".join(f"EXCLUDED.{qi(c)}" for c in rest) + ")::text"
+    # only a row the phase wrote (its copy or an earlier sync) is updated: one the application wrote, or that was
+    # there before the phase, is left as it is (validation shows it), never overwritten
+    return (
+        f" ON CONFLICT ({qcols(ct.key)}) DO UPDATE SET {sets} WHERE {old} IS DISTINCT FROM {new} "
+        f"AND {ct.written_by_phase('__target')}"
+    )
+
+
+def upsert_sql(st: SyncTable) -> str:
+    """One database: re-derive the source rows whose batch keys are given (``$1…``) with the mapping's expressions."""
+    ct = st.ct
+    conds = [*_where(st), _in_keys(ct.batch_by, ct.batch_types, ct.alias, 1)]
+    exprs = ", ".join(c.expr for c in ct.columns)
+    return f"{_head(st)} SELECT {exprs} FROM {ct.from_} WHERE {' AND '.join(conds)}{_conflict(st)}"
+
+
+def source_rows_sql(st: SyncTable) -> str:
+    """Two databases, on the source: the rows whose batch keys are given, numbered, as text (like the copier's)."""
+    ct = st.ct
+    conds = [*_where(st), _in_keys(ct.batch_by, ct.batch_types, ct.alias, 1)]
+    cols = ", ".join(f"({c.pre_cast})::text AS {qi(c.target)}" for c in ct.columns)
+    return (
+        f"SELECT (row_number() OVER ())::integer AS __n, {_text_array(ct.batch_by, ct.alias)} AS __key, "
+        f"{_text_array(st.feed, ct.alias)} AS __tk, {cols} FROM {ct.from_} WHERE {' AND '.join(conds)}"
+    )
+
+
+def stage_table_sql(st: SyncTable, stage: str) -> str:
+    cols = ", ".join(f"{qi(c.target)} text" for c in st.ct.columns)
+    return f"CREATE TEMP TABLE {qi(stage)} (__n integer, __key text[], __tk text[], {cols}) ON COMMIT DROP"
+
+
+def stage_upsert_sql(st: SyncTable, stage: str) -> str:
+    """Two databases, on the target: upsert the staged rows numbered ``$1`` (int[])."""
+    exprs = ", ".join(
+        c.convert(f"s.{qi(c.target)}") if c.steps else f"CAST(s.{qi(c.target)} AS {c.cast_type})" for c in st.ct.columns
+    )
+    return f"{_head(st)} SELECT {exprs} FROM {qi(stage)} AS s WHERE s.__n = ANY($1::integer[]){_conflict(st)}"
+
+
+def key_columns_args(keys: Sequence[Sequence[str | None]], n: int) -> list[list[str | None]]:
+    """Keys (rows) as one list per key column: the ``unnest($1::text[], …)`` parameters."""
+    return [[k[i] for k in keys] for i in range(n)]
