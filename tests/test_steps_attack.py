@@ -294,6 +294,26 @@ def test_a_stopped_rollback_run_again_after_the_application_wrote_keeps_the_appl
 
 
 # -- plan is what a run executes ----------------------------------------------------------------------------------
+def _record_schema_transactions(monkeypatch, seen: list[str]) -> None:
+    from contextlib import asynccontextmanager
+
+    from migrate_data import schema
+
+    original = schema.schema_transaction
+
+    @asynccontextmanager
+    async def logged(settings, pool, *, before=None, **kw):
+        async def first(conn):
+            conn.add_query_logger(lambda r: seen.append(r.query))
+            if before is not None:
+                await before(conn)
+
+        async with original(settings, pool, before=first, **kw) as conn:
+            yield conn
+
+    monkeypatch.setattr(schema, "schema_transaction", logged)
+
+
 @pytest.mark.parametrize("phase, done", [("phase3", ("phase1", "phase2a", "phase2b")),
                                          ("phase5", ("phase1", "phase2a", "phase2b", "phase3", "phase4"))])  # fmt: skip
 def test_plan_of_a_phase_prints_every_statement_its_run_executes(legacy_url, settings_for, monkeypatch, phase, done):
@@ -304,6 +324,7 @@ def test_plan_of_a_phase_prints_every_statement_its_run_executes(legacy_url, set
     planned = run(api.plan(settings, phase))
     described = {_norm(s) for st in planned.steps for s in st.statements}
     with recorded(monkeypatch) as seen:
+        _record_schema_transactions(monkeypatch, seen)  # Alembic's connection is not one of the pools'
         result = run(api.run_phase(settings, phase, api.RunOptions(batch_size=60, accept_unmapped=True)))
     assert result.status == "done"
     executed = {_norm(s) for s in seen if _is_effect(s)}
