@@ -387,3 +387,48 @@ def test_a_phase_whose_rollback_was_killed_and_finished_runs_again_to_a_clean_ru
     assert phase_row(url, phase) == ("applied", True)
     assert snapshot(url) == snaps[phase]
     assert capture_left(url, phase) == capture_left(make_db(template=after(phase)), phase)
+
+
+# -- a run killed midway, then rolled back instead of finished ---------------------------------------------------
+@pytest.mark.parametrize(
+    "phase, step, nth",
+    [
+        ("phase3", "migrate_data.copier:Copier._batch:return", 2),
+        ("phase3", "migrate_data.steps:Validate.apply:enter", 1),
+        ("phase5", "migrate_data.steps:Copy.apply:enter", 1),  # the drop committed, the run not finished
+    ],
+)
+def test_a_run_killed_midway_then_rolled_back_gives_back_the_database_before_it(templates, make_db, phase, step, nth):
+    after, snaps, out = templates
+    url = make_db(template=after(BEFORE[phase]))
+    before = snapshot(url)
+    env = {"MIGRATE_DATA_OUTPUT_DIR": str(out)}
+    killed = kill_at(step, phase, "--yes", "--batch-size", "200", "--accept-unmapped", url=url, cwd=ROOT, env=env,
+                     nth=nth)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    assert state(url, phase) == "partial"
+    res = run_cli("rollback", phase, "--yes", url=url, env=env)
+    assert res.returncode == 0, res.stderr
+    assert state(url, phase) == "rolled_back"
+    assert snapshot(url) == before
+    assert capture_left(url, phase) == 0
+
+
+# -- two databases: a rollback killed where capture is removed from the source --------------------------------------
+@pytest.mark.parametrize(
+    "step", ["migrate_data.capture:remove:enter", "migrate_data.capture:remove:return", "migrate_data.rollback:finish:enter"]
+)
+def test_rollback_on_two_databases_killed_around_capture_removal_finishes_when_run_again(two_dbs, step):
+    source, target, env = two_dbs
+    before = snapshot(target)
+    args = ["phase2a", "--yes", "--no-backup", "--batch-size", "200"]
+    assert run_cli(*args, url=target, env=env).returncode == 0
+    assert capture_left(source, "phase2a") > 0
+    killed = kill_at(step, "rollback", "phase2a", "--yes", url=target, cwd=ROOT, env=env)
+    assert killed.returncode == -9, killed.stderr
+    again = run_cli("rollback", "phase2a", "--yes", url=target, env=env)
+    assert again.returncode == 0, again.stderr
+    assert state(target, "phase2a") == "rolled_back"
+    assert snapshot(target) == before
+    assert capture_left(source, "phase2a") == 0
+    assert scalar(source, "SELECT count(*) FROM migrate_data.changes WHERE phase = 'phase2a'") == 0
