@@ -290,6 +290,7 @@ def test_a_stopped_rollback_run_again_after_the_application_wrote_keeps_the_appl
     assert state(url, "phase3") == "rolling_back"
     forced = run_cli("rollback", "phase3", "--yes", "--force", url=url, env=env)
     assert forced.returncode == 0, forced.stderr
+    after("phase2b")
     assert state(url, "phase3") == "rolled_back" and snapshot(url) == snaps["phase2b"]
 
 
