@@ -433,3 +433,25 @@ def test_rollback_on_two_databases_killed_around_capture_removal_finishes_when_r
     assert snapshot(target) == before
     assert capture_left(source, "phase2a") == 0
     assert scalar(source, "SELECT count(*) FROM migrate_data.changes WHERE phase = 'phase2a'") == 0
+
+
+# -- what sync wrote between nights is the phase's: a rollback takes it back too ----------------------------------
+def test_a_rollback_after_sync_deletes_the_rows_sync_wrote_and_keeps_the_applications_source_rows(
+    legacy_url, settings_for
+):
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1")
+    before = snapshot(legacy_url)
+    apply(settings, "phase2a")
+    new = "00000000-0000-0000-0000-0000000000cc"
+    sql(legacy_url, f"INSERT INTO customers (id, phone_number, full_name) VALUES ('{new}', '+593-sync', 'Nueva')")
+    sql(legacy_url, "UPDATE customers SET city = 'Loja (sync)' WHERE id = (SELECT min(id::text)::uuid FROM customers)")
+    run(api.sync(settings, ["phase2a"]))
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes WHERE id = $1::uuid", new) == 1
+    source_after = {t: v for t, v in snapshot(legacy_url)["rows"].items() if t in ("customers", "professions")}
+    result = run(api.rollback(settings, "phase2a"))
+    assert result.deleted["public.clientes"] == 998
+    now = snapshot(legacy_url)
+    assert {t: v for t, v in now["rows"].items() if t in ("customers", "professions")} == source_after
+    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 0
+    assert now["tables"] == before["tables"] and now["sequences"] == before["sequences"]
