@@ -455,3 +455,21 @@ def test_a_rollback_after_sync_deletes_the_rows_sync_wrote_and_keeps_the_applica
     assert {t: v for t, v in now["rows"].items() if t in ("customers", "professions")} == source_after
     assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 0
     assert now["tables"] == before["tables"] and now["sequences"] == before["sequences"]
+
+
+def test_plan_of_a_drop_prints_the_drop_of_the_objects_that_depend_on_the_tables(legacy_url, settings_for, monkeypatch):
+    from test_steps import _is_effect, _norm, recorded
+
+    settings = settings_for(legacy_url)
+    apply(settings, "phase1", "phase2a", "phase2b", "phase3", "phase4")
+    sql(legacy_url, "CREATE VIEW clientes_de_quito AS SELECT id, full_name FROM customers WHERE city = 'Quito'")
+    planned = run(api.plan(settings, "phase5"))
+    assert [d.name for d in planned.dependents if "clientes_de_quito" in d.name]
+    described = {_norm(s) for st in planned.steps for s in st.statements}
+    with recorded(monkeypatch) as seen:
+        _record_schema_transactions(monkeypatch, seen)
+        run(api.run_phase(settings, "phase5", api.RunOptions(accept_unmapped=True, force=True)))
+    assert scalar(legacy_url, "SELECT to_regclass('clientes_de_quito') IS NULL") is True
+    drops = {_norm(s) for s in seen if _is_effect(s) and _norm(s).upper().startswith("DROP VIEW")}
+    assert drops, "the recorder saw no DROP VIEW: the test would prove nothing"
+    assert drops - described == set()
