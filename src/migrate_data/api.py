@@ -95,6 +95,7 @@ async def plan(settings: Settings, name: str, *, sql: bool = False, preview_rows
     phases, phase = get_phase(settings, name)
     async with connect(settings) as (target, source):
         deps, about = await dependents.for_plan(target, source, phase)  # views, functions... on what it reads, drops
+        dropping = await steps.drop_preview(target, phase)
         out_of_the_way = dependents.dropped_first(phase)  # what the drop would refuse over, dropped here too
         async with schema.schema_transaction(
             settings, target, upgrade_to=phase.revision, commit=False, before=out_of_the_way
@@ -104,10 +105,13 @@ async def plan(settings: Settings, name: str, *, sql: bool = False, preview_rows
                 phase, source=src, target=conn, same_db=settings.same_database, coverage=True, preview_rows=preview_rows
             )
             found = await capture.check(src, name, the_plan.tables)  # can the writes between nights be captured?
-            the_plan = replace(the_plan, findings=(*the_plan.findings, *found, *about))
-            described = (
-                () if the_plan.errors else await steps.describe(steps.Describing(settings, phase, the_plan, conn, src))
+            the_plan = replace(the_plan, findings=(*the_plan.findings, *found))
+            described = (  # what it runs, with the decision on its dependents made (`dependents:` or --force)
+                ()
+                if the_plan.errors
+                else await steps.describe(steps.Describing(settings, phase, the_plan, conn, src, dropping=dropping))
             )
+            the_plan = replace(the_plan, findings=(*the_plan.findings, *about))
     ddl = schema.offline_sql(settings, phase.revision) if (sql and phase.revision) else None
     return PlanResult(the_plan, ddl, described, tuple(deps))
 

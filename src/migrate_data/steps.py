@@ -130,8 +130,9 @@ class Describing:
     settings: Settings
     phase: Phase
     plan: PhasePlan
-    target: Executor
+    target: Executor  # inside the rolled-back transaction that has the phase's DDL applied
     source: Executor
+    dropping: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # what a drop finds before its DDL (drop_preview)
 
 
 class Step:
@@ -264,12 +265,15 @@ class DropLegacy(Step):
     name = "backup"
 
     async def describe(self, d: Describing) -> StepPlan:
-        lock = f"LOCK TABLE {', '.join(qname(t) for t in d.phase.backup)} IN SHARE MODE"
+        tables, drops = d.dropping
+        lock = (f"LOCK TABLE {', '.join(tables)} IN SHARE MODE",) if tables else ()
         ddl = (schema.offline_sql(d.settings, d.phase.revision),) if d.phase.revision else ()
         return StepPlan(self.name, "writes blocked, pg_dump of exactly what is dropped, proof that every row is in its "
-                        "target, then the drop: one transaction", (lock, "SELECT pg_export_snapshot()", *ddl),
+                        "target, the objects that depend on the tables saved and dropped, then the drop: one "
+                        "transaction", (*lock, "SELECT pg_export_snapshot()", *drops, *ddl),
                         (_pg_dump_line(d.phase, snapshot=True),),
-                        "alembic downgrade, then the backup restored whole (pg_restore in one transaction)")  # fmt: skip
+                        "alembic downgrade, the backup restored whole (pg_restore in one transaction), the dependents "
+                        "recreated")  # fmt: skip
 
     async def apply(self, run: PhaseRun) -> None:
         if run.resuming:  # the drop committed (the phase's start is in its transaction): nothing is left to do
@@ -389,6 +393,14 @@ async def signed(settings: Settings, db: Executor, v: ValidationResult, phase: P
     return replace(
         v, database=redact(settings.database_url), revision=phase.revision, operator=who, host=socket.gethostname()
     )
+
+
+async def drop_preview(db: Executor, phase: Phase) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What the drop of ``phase`` would lock (the tables of its ``backup:`` that exist, quoted) and the statements
+    that drop the objects depending on them, read before any DDL of the phase (``Describing.dropping``)."""
+    tables = [t.qualified for t in [await read_table(db, n) for n in phase.backup] if t is not None]
+    drops = tuple(x.drop for x in dependents.drop_order(await dependents.find(db, tables)) if x.drop)
+    return tuple(qname(t) for t in tables), drops
 
 
 def phase_steps(phase: Phase) -> list[Step]:
