@@ -109,8 +109,8 @@ tables:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="#13 finding 9: keys are logged with a DateStyle-dependent ::text in capture.function_sql, which another "
-    "branch is rewriting",
+    reason="#13 finding 9: keys are logged with the writer's DateStyle-dependent ::text (capture._key); the trigger and "
+    "sync's comparison of logged keys with its own text must change together",
 )
 def test_sync_re_derives_the_row_a_writer_with_another_datestyle_changed(db_url, tmp_path):
     s = _night(db_url, tmp_path, DATED, DATED_MAPPING)
@@ -307,8 +307,8 @@ def test_sync_still_applies_changes_after_a_table_rewrite_of_the_target(legacy_u
 # -- capture must never fail a write (README "It never fails a write") -------------------------------------------------
 @pytest.mark.xfail(
     strict=True,
-    reason="#13 finding 13: the trigger body (capture.function_sql) names the captured columns; another branch is "
-    "rewriting it",
+    reason="#13 finding 13: the trigger body (capture.function_sql) names the captured columns; each way around it costs "
+    "(to_jsonb of every row, a subtransaction per statement, or an event trigger that needs superuser)",
 )
 def test_renaming_a_column_capture_reads_does_not_make_application_writes_fail(legacy_url, settings_for):
     settings_ = settings_for(legacy_url)
