@@ -173,7 +173,7 @@ PHASE5_RUN_KILLS = [
 
 def _run_killed_then_again(templates, make_db, phase, step, nth, extra=()):
     after, snaps, out = templates
-    clean = after(phase)
+    after(phase)  # the clean run, made (and kept) before the killed one
     url = make_db(template=after(BEFORE[phase]))
     env = {"MIGRATE_DATA_OUTPUT_DIR": str(out)}
     args = [phase, "--yes", "--batch-size", "200", *extra]
