@@ -128,9 +128,7 @@ def test_rollback_of_phase5_killed_at_each_step_boundary_finishes_when_run_again
     _rollback_killed_then_again(templates, make_db, "phase5", step, nth)
 
 
-@pytest.mark.parametrize(
-    "step", ["migrate_data.rollback:downgrade:return", "migrate_data.rollback:finish:enter"]
-)
+@pytest.mark.parametrize("step", ["migrate_data.rollback:downgrade:return", "migrate_data.rollback:finish:enter"])
 def test_rollback_of_phase1_killed_after_its_downgrade_committed_finishes_and_phase1_runs_again(
     templates, make_db, step
 ):
@@ -211,9 +209,7 @@ def two_dbs(legacy_url, make_db, tmp_path):
     return legacy_url, target, {"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path), "SOURCE_DATABASE_URL": legacy_url}
 
 
-@pytest.mark.parametrize(
-    "step", ["migrate_data.capture:install:return", "migrate_data.steps:Start.apply:return"]
-)
+@pytest.mark.parametrize("step", ["migrate_data.capture:install:return", "migrate_data.steps:Start.apply:return"])
 def test_run_on_two_databases_killed_in_start_then_run_again_equals_a_clean_run(
     two_dbs, make_db, legacy_template, tmp_path, step
 ):
@@ -367,7 +363,9 @@ def test_a_run_stopped_by_until_mid_copy_is_not_applied_and_resumes_to_a_clean_r
         run(api.run_phase(settings, "phase2a", api.RunOptions(backup=False, batch_size=100, jobs=1, deadline=deadline)))
     assert calls["n"] > 3
     assert phase_row(legacy_url, "phase2a") == ("partial", None)
-    assert 0 < scalar(legacy_url, "SELECT count(*) FROM clientes") + scalar(legacy_url, "SELECT count(*) FROM profesiones")
+    assert 0 < scalar(legacy_url, "SELECT count(*) FROM clientes") + scalar(
+        legacy_url, "SELECT count(*) FROM profesiones"
+    )
     monkeypatch.undo()
     apply(settings, "phase2a")
     assert phase_row(legacy_url, "phase2a") == ("applied", True)
@@ -421,7 +419,8 @@ def test_a_run_killed_midway_then_rolled_back_gives_back_the_database_before_it(
 
 # -- two databases: a rollback killed where capture is removed from the source --------------------------------------
 @pytest.mark.parametrize(
-    "step", ["migrate_data.capture:remove:enter", "migrate_data.capture:remove:return", "migrate_data.rollback:finish:enter"]
+    "step",
+    ["migrate_data.capture:remove:enter", "migrate_data.capture:remove:return", "migrate_data.rollback:finish:enter"],
 )
 def test_rollback_on_two_databases_killed_around_capture_removal_finishes_when_run_again(two_dbs, step):
     source, target, env = two_dbs
