@@ -203,7 +203,10 @@ class Backup(Step):
 
 async def _capture_statements(phase: Phase, plan: PhasePlan, source: Executor) -> tuple[str, ...]:
     cp = await capture.capture_plan(source, phase.name, [ct for ct, _ in plan.tables])
-    return tuple(s for c in (cp.tables if cp.ok else ()) for s in capture.install_sql(phase.name, c))
+    out: list[str] = []
+    for c in cp.tables if cp.ok else ():
+        out += capture.install_sql(phase.name, c, leaves=await capture.leaves(source, c.relation))
+    return tuple(out)
 
 
 class Start(Step):
