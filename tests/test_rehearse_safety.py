@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, _create_database, _drop_database, run, run_cli, scalar, seed_legacy, sql, with_database
 from migrate_data import rehearse
 from migrate_data.errors import RefusedError
-from migrate_data.rehearse import DatabaseIdentity, ServerIdentity, _refuse_if_production
+from migrate_data.identity import DatabaseIdentity, ServerIdentity, refuse_if_production
 from migrate_data.settings import DatabaseURL, Settings, redact
 
 PASSWORD = "n0t-Shown"  # trust auth ignores it; it must still never be printed
@@ -230,8 +230,8 @@ def test_a_staging_database_not_created_yet_is_compared_by_name():
     prod = {"postgresql://app:***@db/prod": DatabaseIdentity(_server(), "prod", 16384)}
     url = DatabaseURL.parse("postgresql://app:pw@db.alias/prod")
     with pytest.raises(RefusedError, match="names the production database") as refused:
-        _refuse_if_production(DatabaseIdentity(_server(), "prod", None), url, prod)
+        refuse_if_production(DatabaseIdentity(_server(), "prod", None), url, prod)
     assert "database name prod (the staging database does not exist yet)" in refused.value.detail
-    _refuse_if_production(DatabaseIdentity(_server(), "prod_rehearsal", None), url, prod)  # another name: fine
+    refuse_if_production(DatabaseIdentity(_server(), "prod_rehearsal", None), url, prod)  # another name: fine
     other = _server(started=dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc))
-    _refuse_if_production(DatabaseIdentity(other, "prod", None), url, prod)  # another server: fine
+    refuse_if_production(DatabaseIdentity(other, "prod", None), url, prod)  # another server: fine

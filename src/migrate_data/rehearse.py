@@ -8,8 +8,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 import asyncpg
 
@@ -17,8 +16,15 @@ from . import api, backup, ledger
 from .catalog import Table, parents_first, read_table
 from .compile import CompiledTable
 from .copier import CopyEvent, CopyOptions
-from .db import fetch_all, fetch_one, fetch_val, open_pool
-from .errors import BadInput, MigrationError, RefusedError
+from .db import fetch_all, fetch_val, open_pool
+from .errors import BadInput, MigrationError
+from .identity import (
+    DatabaseIdentity,
+    database_identity,
+    refuse_if_it_reaches_production,
+    refuse_if_production,
+    server_identity,
+)
 from .mapping import Phase, QualifiedName
 from .preflight import compile_phase
 from .rehearsal import (
@@ -45,93 +51,6 @@ def parse_window(text: str) -> tuple[dt.time, dt.time, float]:
         raise BadInput(f"--window {text}: expected HH:MM-HH:MM") from e
     length = (dt.datetime.combine(dt.date.min, b) - dt.datetime.combine(dt.date.min, a)).total_seconds()
     return a, b, length if length > 0 else length + 86400
-
-
-@dataclass(frozen=True)
-class ServerIdentity:
-    """What identifies a running PostgreSQL server, whatever the URL that reached it.
-
-    ``system_identifier`` names the cluster (a copy made by pg_basebackup shares it), so the start time, port
-    and data directory must agree as well: two URLs reach the same server only if all that is readable agrees.
-    """
-
-    system_identifier: int | None
-    port: str
-    started: dt.datetime
-    data_directory: str | None
-
-    def same_as(self, other: ServerIdentity) -> bool:
-        known = [(self.port, other.port), (self.started, other.started)]
-        if self.system_identifier is not None and other.system_identifier is not None:
-            known.append((self.system_identifier, other.system_identifier))
-        if self.data_directory is not None and other.data_directory is not None:
-            known.append((self.data_directory, other.data_directory))
-        return all(a == b for a, b in known)
-
-    def describe(self) -> str:
-        parts = [f"system identifier {self.system_identifier}"] if self.system_identifier is not None else []
-        parts += [f"port {self.port}", f"started {self.started.isoformat(sep=' ', timespec='seconds')}"]
-        if self.data_directory:
-            parts.append(f"data directory {self.data_directory}")
-        return ", ".join(parts)
-
-
-@dataclass(frozen=True)
-class DatabaseIdentity:
-    server: ServerIdentity
-    name: str
-    oid: int | None  # None: the database does not exist (yet)
-
-
-async def _optional(db: asyncpg.Pool, query: str) -> Any:
-    """A value only some roles may read (pg_control_system, data_directory): None when refused."""
-    try:
-        return await fetch_val(db, query)
-    except (asyncpg.InsufficientPrivilegeError, asyncpg.UndefinedFunctionError):
-        return None
-
-
-async def server_identity(db: asyncpg.Pool) -> ServerIdentity:
-    """Identify the server ``db`` is connected to (by what it says, not by how it was reached)."""
-    row = await fetch_one(db, "SELECT current_setting('port') AS port, pg_postmaster_start_time() AS started")
-    assert row is not None
-    return ServerIdentity(
-        system_identifier=await _optional(db, "SELECT system_identifier FROM pg_control_system()"),
-        port=row["port"],
-        started=row["started"],
-        data_directory=await _optional(db, "SELECT current_setting('data_directory')"),
-    )
-
-
-async def database_identity(db: asyncpg.Pool) -> DatabaseIdentity:
-    """Identify the database ``db`` is connected to: its server, name and oid."""
-    row = await fetch_one(
-        db, "SELECT current_database() AS name, (SELECT oid FROM pg_database WHERE datname = current_database())"
-    )
-    assert row is not None
-    return DatabaseIdentity(await server_identity(db), row["name"], row["oid"])
-
-
-def _refuse_if_production(
-    staging: DatabaseIdentity, staging_url: DatabaseURL, production: dict[str, DatabaseIdentity]
-) -> None:
-    """Raise RefusedError when the staging database is, or would be, one of production's databases."""
-    for prod_url, prod in production.items():
-        if not staging.server.same_as(prod.server):
-            continue
-        if staging.oid is not None and staging.oid == prod.oid:
-            matched = f"database oid {prod.oid} ({prod.name})"
-        elif staging.name == prod.name:
-            matched = f"database name {prod.name}" + (
-                " (the staging database does not exist yet)" if staging.oid is None else ""
-            )
-        else:
-            continue
-        raise RefusedError(
-            f"refusing to rehearse: the staging URL {staging_url} names the production database {prod_url}",
-            detail=f"both reach the same server ({prod.server.describe()}) and the same {matched}",
-            hint="give --staging-url a database of its own: another name, or another server",
-        )
 
 
 @asynccontextmanager
@@ -165,7 +84,7 @@ async def build_staging(
             prods[redact(url)] = await database_identity(pool)
     prod = prods[redact(production.database_url)]
     if use_existing:
-        await _reaches_staging(staging, prods)
+        await refuse_if_it_reaches_production(staging, prods)
         return "existing"
     name = staging.database
     if not name:
@@ -173,7 +92,7 @@ async def build_staging(
     async with _maintenance_pool(staging, name) as admin:
         server = await server_identity(admin)
         oid = await fetch_val(admin, "SELECT oid FROM pg_database WHERE datname = $1", name)
-        _refuse_if_production(DatabaseIdentity(server, name, oid), staging, prods)
+        refuse_if_production(DatabaseIdentity(server, name, oid), staging, prods)
         if oid is not None:
             if not rebuild:
                 raise BadInput(
@@ -185,12 +104,12 @@ async def build_staging(
         if server.same_as(prod.server):
             try:
                 await admin.execute(f"CREATE DATABASE {qi(name)} TEMPLATE {qi(prod.name)}")
-                await _reaches_staging(staging, prods)
+                await refuse_if_it_reaches_production(staging, prods)
                 return "template"
             except asyncpg.ObjectInUseError:
                 log.info("production is in use; copying its tables with pg_dump instead of TEMPLATE")
         await admin.execute(f"CREATE DATABASE {qi(name)}")
-    await _reaches_staging(staging, prods)
+    await refuse_if_it_reaches_production(staging, prods)
     async with open_pool(production.database_url, max_size=1) as prod_pool:
         major = int(await fetch_val(prod_pool, "SHOW server_version_num")) // 10000
     dump = production.backups_dir / f"staging-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}.dump"
@@ -203,13 +122,6 @@ async def build_staging(
     finally:
         dump.unlink(missing_ok=True)
     return "dump"
-
-
-async def _reaches_staging(staging: DatabaseURL, prods: dict[str, DatabaseIdentity]) -> None:
-    """Connect through the staging URL itself and refuse when it lands on production: a pooler or proxy alias can
-    send a database name to another database than the server's catalog says."""
-    async with open_pool(staging, max_size=1) as stag:
-        _refuse_if_production(await database_identity(stag), staging, prods)
 
 
 async def _source_tables(phases: list[Phase], db: asyncpg.Pool) -> list[QualifiedName]:
