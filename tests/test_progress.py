@@ -18,7 +18,7 @@ from clikit import invoke
 from test_exit_codes import slow_project, start_night, wait_for_rows
 
 from conftest import ROOT, scalar, sql
-from migrate_data import console
+from migrate_data import console, human
 from migrate_data.copier import CopyEvent
 
 
@@ -59,9 +59,9 @@ def test_tracker_rates_eta_and_the_window():
 
 
 def test_durations_and_numbers_read_like_a_person_wrote_them():
-    assert [console.dur(s) for s in (0.04, 12.4, 185, 3725)] == ["0.0 s", "12 s", "3 min 05 s", "1 h 02 min"]
-    assert [console.short_dur(s) for s in (4.2, 185, 3725, None)] == ["4s", "3m05s", "1h02m", "-"]
-    assert console.num(1234567.8) == "1,234,568" and console.num(None) == "-"
+    assert [human.dur(s) for s in (0.04, 12.4, 185, 3725)] == ["0.0 s", "12 s", "3 min 05 s", "1 h 02 min"]
+    assert [human.short_dur(s) for s in (4.2, 185, 3725, None)] == ["4s", "3m05s", "1h02m", "-"]
+    assert human.num(1234567.8) == "1,234,568" and human.num(None) == "-"
 
 
 SMALL = 1500  # rows of the slow table: 2 ms each, about 3 s

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from . import api, console, report
+from . import api, closing, console, human, report
 from .db import open_pool
 from .errors import BadInput
 
@@ -89,12 +89,12 @@ async def demo(settings: api.Settings, *, scale: float, say: Callable[[str], Non
         tracker.finish()
         assert result.validation is not None
         ok = ok and result.validation.ok
-        following = console.next_step(result, list(every))
+        following = closing.next_step(result, list(every))
         report.add_run_details(
-            result.reports, result.validation, steps=console.timer_list(tracker), next_step=following
+            result.reports, result.validation, steps=closing.timer_list(tracker), next_step=following
         )
         say(f"\n$ migrate-data {name} --yes")
-        say(console.summary(result, tracker, next_step=following))
+        say(closing.summary(result, tracker, next_step=following))
 
     for name in phases:
         await run(name)
@@ -121,7 +121,7 @@ async def demo(settings: api.Settings, *, scale: float, say: Callable[[str], Non
         rb = await api.rollback(settings, last)
         say(f"\n$ migrate-data rollback {last} --yes")
         say("\n".join(f"{t}: {n:,} rows deleted" for t, n in rb.deleted.items()))
-        say(f"phase {last} rolled back in {console.dur(rb.seconds)}")
+        say(f"phase {last} rolled back in {human.dur(rb.seconds)}")
         await run(last)
     say(f"\nreports are in {settings.reports_dir}")
     return 0 if ok else 3

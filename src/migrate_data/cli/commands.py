@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from .. import api, console, report
+from .. import api, human, report
 from ..errors import Stopped
 from ..files import write_private
 from ..settings import redact
@@ -168,5 +168,5 @@ def rollback(obj: Context, phase: str, yes: bool, force: bool, dry_run: bool, fm
         click.echo(f"schema downgraded to {result.downgraded_to}")
     if result.restored:
         click.echo(f"restored from backup: {', '.join(result.restored)}")
-    click.echo(f"phase {phase} rolled back in {console.dur(result.seconds)}")
+    click.echo(f"phase {phase} rolled back in {human.dur(result.seconds)}")
     click.echo(f"next:   migrate-data {phase}    (to run it again)")

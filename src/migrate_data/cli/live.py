@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 import click
 
-from .. import api, console, report
+from .. import api, human, report
 from ..errors import Stopped
 from ..settings import redact
 from ..sync import SyncOptions
@@ -43,11 +43,11 @@ def sync(obj: Context, phases: tuple[str, ...], follow: bool, batch_size: int, i
         click.echo(
             f"{p.phase}: {p.changes:,} changes applied: {p.upserted:,} rows upserted, {p.deleted:,} deleted, "
             f"{p.rejected:,} quarantined, {p.cleared:,} rejects cleared; {p.waiting:,} waiting"
-            + (f" (the oldest {console.dur(p.oldest_seconds)} old)" if p.oldest_seconds is not None else "")
+            + (f" (the oldest {human.dur(p.oldest_seconds)} old)" if p.oldest_seconds is not None else "")
             + (f"; {p.deferred:,} deletes wait for rows that reference them" if p.deferred else "")
             + (f"; {p.skipped:,} changed rows NOT applied: someone else wrote them in the target" if p.skipped else "")
         )
-    click.echo(f"synced in {console.dur(result.seconds)}")
+    click.echo(f"synced in {human.dur(result.seconds)}")
 
 
 @cli.command(epilog="\b\nExamples:\n  migrate-data cutover phase2a\n  migrate-data cutover phase2a --lock-wait 1s")
@@ -76,7 +76,7 @@ def cutover(obj: Context, phases: tuple[str, ...], yes: bool, lock_wait: str, re
             click.echo(report.to_text(v))
         if result.blocked_tables:
             click.echo(
-                f"writes to {', '.join(result.blocked_tables)} were blocked for {console.dur(result.blocked_seconds)}"
+                f"writes to {', '.join(result.blocked_tables)} were blocked for {human.dur(result.blocked_seconds)}"
                 + (f" (blocked at try {result.attempts})" if result.attempts > 1 else "")
             )
         if result.ok:

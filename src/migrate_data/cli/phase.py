@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .. import api, console, report
+from .. import api, closing, console, report
 from ..copier import CopyOptions
 from ..errors import MigrationError, PrivilegeMissing, Stopped
 from ..mapping import load_phase
@@ -141,7 +141,7 @@ def run_phase_command(
             tracker.finish()
             with contextlib.suppress(OSError):
                 click.echo(
-                    "\n".join([f"phase {name} stopped at a checkpoint:", *console.stopped_lines(tracker)]), err=True
+                    "\n".join([f"phase {name} stopped at a checkpoint:", *closing.stopped_lines(tracker)]), err=True
                 )
             e.hint = f"resume with: migrate-data {name} --yes" + (
                 f" --until {until}" + (f" --tz {shlex.quote(tz)}" if tz else "") if until else ""
@@ -172,10 +172,10 @@ def _confirm_run(settings: Settings, phase: Any, *, yes: bool, backup: bool) -> 
 
 
 def _print_outcome(obj: Context, result: api.RunResult, tracker: console.Tracker, zone: dt.tzinfo, *, fmt: str) -> None:
-    following = console.next_step(result, obj.phase_order())
+    following = closing.next_step(result, obj.phase_order())
     if result.validation is not None:
         report.add_run_details(
-            result.reports, result.validation, steps=console.timer_list(tracker), next_step=following
+            result.reports, result.validation, steps=closing.timer_list(tracker), next_step=following
         )
     if fmt == "json":
         print_json(_run_dict(result, tracker, zone, following))
@@ -188,7 +188,7 @@ def _print_outcome(obj: Context, result: api.RunResult, tracker: console.Tracker
             click.echo(f"dry run of {result.phase}: pre-flight passed; would back up, {rev}copy {n} tables and "
                        f"validate\nnext:   {following}")  # fmt: skip
         else:
-            click.echo(console.summary(result, tracker, next_step=following, zone=zone))
+            click.echo(closing.summary(result, tracker, next_step=following, zone=zone))
     if result.status == "invalid":
         sys.exit(3)
 

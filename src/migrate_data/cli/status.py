@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .. import api, console, report
+from .. import api, human, report
 from .base import Context, format_option, pass_ctx, print_json, run, tz_option
 from .group import cli
 from .times import zone_of
@@ -20,15 +20,15 @@ def _when(at: dt.datetime | None, zone: dt.tzinfo) -> str | None:
 
 
 def _live_text(p: api.LiveProgress, zone: dt.tzinfo) -> str:
-    since = f"since {console.clock(p.started_at, zone, seconds=False)} by {p.operator}"
+    since = f"since {human.clock(p.started_at, zone, seconds=False)} by {p.operator}"
     if p.stage != "copying":
         return f"{p.stage}: {p.rows:,} rows read; {since}"
     total = f" of ≈{p.total:,}" if p.total else ""
     pct = f" ({100 * p.rows // p.total} %)" if p.total else ""
     tables = f"copying {', '.join(p.tables)}: " if p.tables else "copying: "
     return (
-        f"{tables}{p.rows:,}{total} rows{pct}, {console.num(p.rate)} rows/s, "
-        f"ETA {'≈ ' + console.dur(p.eta_seconds) if p.eta_seconds is not None else '-'}; {since}"
+        f"{tables}{p.rows:,}{total} rows{pct}, {human.num(p.rate)} rows/s, "
+        f"ETA {'≈ ' + human.dur(p.eta_seconds) if p.eta_seconds is not None else '-'}; {since}"
     )
 
 
@@ -60,8 +60,8 @@ def status(obj: Context, fmt: str, tz: str | None) -> None:
         row: dict[str, Any] = {
             "phase": s.phase,
             "state": s.state,
-            f"last run ({console.zone_name(zone)})": (
-                f"{s.last_run} {console.clock(s.last_run_at, zone, seconds=False, date=True)}" if s.last_run else "-"
+            f"last run ({human.zone_name(zone)})": (
+                f"{s.last_run} {human.clock(s.last_run_at, zone, seconds=False, date=True)}" if s.last_run else "-"
             ),
             "rows": s.rows,
             "quarantined": s.quarantined,
@@ -70,13 +70,13 @@ def status(obj: Context, fmt: str, tz: str | None) -> None:
         if show_capture:
             row["capture"] = s.capture
             row["waiting"] = "-" if s.changes_waiting is None else f"{s.changes_waiting:,}"
-            row["oldest"] = console.dur(s.oldest_change_seconds) if s.oldest_change_seconds is not None else "-"
-            row[f"last sync ({console.zone_name(zone)})"] = (
-                console.clock(s.last_sync_at, zone, seconds=False, date=True) if s.last_sync_at else "-"
+            row["oldest"] = human.dur(s.oldest_change_seconds) if s.oldest_change_seconds is not None else "-"
+            row[f"last sync ({human.zone_name(zone)})"] = (
+                human.clock(s.last_sync_at, zone, seconds=False, date=True) if s.last_sync_at else "-"
             )
         if show_timing:
-            row["predicted"] = console.dur(s.predicted_seconds)
-            row["took"] = console.dur(s.actual_seconds)
+            row["predicted"] = human.dur(s.predicted_seconds)
+            row["took"] = human.dur(s.actual_seconds)
         row["note"] = _live_text(s.progress, zone) if s.progress else (s.error or s.resume or "")
         rows.append(row)
     click.echo(report.summary(rows, right=("rows", "quarantined", "waiting", "oldest", "predicted", "took")))
@@ -98,7 +98,7 @@ def history(obj: Context, phase: str | None, limit: int, fmt: str, tz: str | Non
     if fmt == "json":
         print_json([{**r, "started": _when(r["started"], zone)} for r in runs])
         return
-    label = f"started ({console.zone_name(zone)})"
+    label = f"started ({human.zone_name(zone)})"
     click.echo(
         report.summary(
             [
@@ -107,8 +107,8 @@ def history(obj: Context, phase: str | None, limit: int, fmt: str, tz: str | Non
                     "kind": r["kind"],
                     "phase": r["phase"],
                     "status": r["status"],
-                    label: console.clock(r["started"], zone, date=True),
-                    "took": console.dur(r["seconds"]),
+                    label: human.clock(r["started"], zone, date=True),
+                    "took": human.dur(r["seconds"]),
                     "operator": r["operator"],
                     "rows": r["rows"] if r["rows"] is not None else "-",
                     "quarantined": r["rejects"],
