@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from migrate_data import api  # noqa: E402
-from migrate_data.mapping import load_phases  # noqa: E402
+from migrate_data.loader import load_phases  # noqa: E402
 from migrate_data.preflight import compile_phase  # noqa: E402
 from migrate_data.settings import Settings  # noqa: E402
 from seed_legacy import seed  # noqa: E402

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_copy import CLEAN, cli, db, parser, sql, timed, write_section  # noqa: E402
 from migrate_data import api  # noqa: E402
-from migrate_data.mapping import load_phases  # noqa: E402
+from migrate_data.loader import load_phases  # noqa: E402
 from migrate_data.preflight import compile_phase  # noqa: E402
 from migrate_data.settings import Settings  # noqa: E402
 from seed_legacy import seed  # noqa: E402

@@ -16,7 +16,7 @@ from conftest import run, run_cli, scalar, sql
 from killer import kill_at
 from migrate_data import api
 from migrate_data.errors import MappingError, RefusedError
-from migrate_data.mapping import load_phase
+from migrate_data.loader import load_phase
 from migrate_data.project import init_project
 
 LEGACY = """

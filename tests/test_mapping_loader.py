@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, run_cli
 from migrate_data.errors import MappingError
-from migrate_data.mapping import load_phase, load_phases
+from migrate_data.loader import load_phase, load_phases
 
 
 def write(tmp_path: Path, text: str, name: str = "phase9.yaml") -> Path:

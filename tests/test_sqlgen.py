@@ -10,7 +10,8 @@ from migrate_data import graph, undo
 from migrate_data.catalog import Column, ForeignKey, Table, parents_first
 from migrate_data.compile import compile_table
 from migrate_data.errors import PreflightError
-from migrate_data.mapping import QualifiedName, load_phase
+from migrate_data.loader import load_phase
+from migrate_data.mapping import QualifiedName
 
 
 def col(

@@ -203,7 +203,7 @@ def test_phase_whose_rows_vanish_exits_3_and_records_it(db_url, tmp_path):
 
 def test_deep_in_concurrent_key_ranges_finds_every_difference(phase2a):
     from migrate_data.db import open_pool
-    from migrate_data.mapping import load_phases
+    from migrate_data.loader import load_phases
     from migrate_data.preflight import compile_phase
     from migrate_data.validate import validate_phase
 

@@ -16,7 +16,8 @@ import asyncpg
 from . import ledger, schema
 from .db import Executor, fetch_val, open_pool
 from .errors import MigrationError, PrivilegeMissing, RefusedError, Stopped, database_error, postgres_error
-from .mapping import Phase, Phases, load_phases
+from .loader import load_phases
+from .mapping import Phase, Phases
 from .settings import Settings, redact
 
 log = logging.getLogger(__name__)

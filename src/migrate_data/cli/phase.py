@@ -15,7 +15,7 @@ import click
 from .. import api, closing, console, report
 from ..copier import CopyOptions
 from ..errors import MigrationError, PrivilegeMissing, Stopped
-from ..mapping import load_phase
+from ..loader import load_phase
 from ..settings import Settings, redact
 from .base import (
     Context,
