@@ -1,0 +1,298 @@
+"""Change capture, pure: what a phase captures (``plan_capture``) and the SQL of its trigger functions and triggers
+(see capture.py for why they are written as they are)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .catalog import Table
+from .compile import CompiledTable
+from .mapping import QualifiedName
+from .sql import LEDGER_SCHEMA, qi, ql, qname
+
+SCHEMA = LEDGER_SCHEMA
+NEW, OLD = "migrate_data_new", "migrate_data_old"  # the transition tables' names inside the trigger function
+EVENTS = {"i": "INSERT", "u": "UPDATE", "d": "DELETE", "t": "TRUNCATE"}
+LOCK_WAIT = "1s"  # lock_timeout of one attempt to create or drop triggers
+LOCK_RETRIES = 5
+
+
+@dataclass(frozen=True)
+class Captured:
+    """One table a phase captures: which columns its log rows carry as the key."""
+
+    table: QualifiedName  # schema-qualified
+    columns: tuple[str, ...]  # the logged key, in this order
+    watched: tuple[str, ...] | None = None  # only a lookup's table: an UPDATE is logged when a key or these change
+
+    @property
+    def name(self) -> str:
+        """As the log's ``source`` says it: ``public.customers``."""
+        return str(self.table)
+
+    @property
+    def relation(self) -> str:
+        """Quoted, for SQL and ``to_regclass``: ``"public"."customers"``."""
+        return qname(self.table)
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    phase: str
+    tables: tuple[Captured, ...]
+    problems: tuple[tuple[str, str], ...] = ()  # (target table, why its changes cannot be captured)
+    reads: tuple[tuple[str, str], ...] = ()  # (target table, a table its `sql:` or `where` reads): a change there
+    # re-derives every row of the target table
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def by_table(self) -> dict[str, Captured]:
+        return {c.name: c for c in self.tables}
+
+
+# -- what to capture (pure) -------------------------------------------------------------------------------------
+def key_feed(ct: CompiledTable, source: Table) -> tuple[tuple[str, ...] | None, str | None]:
+    """The source columns the target key is a plain rename of (in key order), or None and why it is not."""
+    feed: list[str] = []
+    for c in ct.key_columns:
+        spec = c.spec
+        why = None
+        if spec.kind != "column" or not spec.column:
+            why = f"is computed ({spec.kind}:)"
+        elif spec.map or spec.has_default:
+            why = "is translated (map/default)"
+        elif c.zone_conversion or any(s.check is not None for s in c.steps):
+            why = "is converted in a way that can change it (a cut, a rounding or a time zone)"
+        if why:
+            return None, (
+                f"target key column {c.target} {why}, not a plain rename of a source column: the target key of a "
+                "deleted source row cannot be known"
+            )
+        feed.append(spec.column)  # type: ignore[arg-type]
+    if not source.is_unique(tuple(feed)):
+        return None, f"the source columns {', '.join(feed)} that the target key copies are not unique in {source.name}"
+    return tuple(feed), None
+
+
+def plan_capture(
+    phase: str,
+    compiled: Sequence[CompiledTable],
+    sources: Mapping[str, Table],
+    lookups: Mapping[str, Table],
+    reads: Mapping[str, Sequence[Table]] | None = None,
+) -> CapturePlan:
+    """What a phase captures: each source table (its ``batch_by`` and target-key columns), each lookup's table (its
+    lookup key) and each other table a ``sql:`` or ``where`` reads (``reads``, by ``str(ct.target)``: any key, every
+    UPDATE).  ``sources`` maps ``str(ct.source)``, ``lookups`` ``str(lookup.table)`` to the live tables."""
+    columns: dict[str, list[str]] = {}
+    read_by: list[tuple[str, str]] = []
+    names: dict[str, QualifiedName] = {}
+    watched: dict[str, list[str] | None] = {}
+    problems: list[tuple[str, str]] = []
+    for ct in compiled:
+        src = sources[str(ct.source)]
+        feed, why = key_feed(ct, src)
+        if why:
+            problems.append((str(ct.target), why))
+            continue
+        name = str(src.qualified)
+        names[name] = src.qualified
+        cols = columns.setdefault(name, [])
+        for col in (*ct.batch_by, *(feed or ())):
+            if col not in cols:
+                cols.append(col)
+        watched[name] = None  # a source table: every UPDATE counts (a `sql:` or `where` may read any column)
+        for _, lk in ct.lookups:
+            table = lookups[str(lk.table)]
+            lname = str(table.qualified)
+            names[lname] = table.qualified
+            lcols = columns.setdefault(lname, [])
+            for k in lk.key:
+                if k not in lcols:
+                    lcols.append(k)
+            if lname not in watched or watched[lname] is not None:
+                w = watched.setdefault(lname, [])
+                assert w is not None
+                w += [lk.column] if lk.column not in w else []
+        for table in (reads or {}).get(str(ct.target), ()):
+            rname = str(table.qualified)
+            names[rname] = table.qualified
+            rcols = columns.setdefault(rname, [])
+            rcols += [] if rcols else list(table.primary_key or next(iter(table.unique_keys), (table.columns[0].name,)))
+            watched[rname] = None  # any column may be read
+            read_by.append((str(ct.target), rname))
+    tables = tuple(
+        Captured(names[n], tuple(cols), None if watched[n] is None else tuple(watched[n] or ()))
+        for n, cols in columns.items()
+    )
+    return CapturePlan(phase, tables if not problems else (), tuple(problems), tuple(read_by))
+
+
+def plan_relations(plan: Any) -> set[tuple[str, str]]:
+    """The (schema, table) of every relation an ``EXPLAIN (VERBOSE, FORMAT JSON)`` plan scans, subplans included."""
+    out: set[tuple[str, str]] = set()
+    stack = [plan]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "Relation Name" in node:
+                out.add((node.get("Schema", ""), node["Relation Name"]))
+            stack += list(node.values())
+        elif isinstance(node, list):
+            stack += node
+    return out
+
+
+# -- the SQL (pure) ---------------------------------------------------------------------------------------------
+def _digest(phase: str, table: str) -> str:
+    return hashlib.sha1(f"{phase}\0{table}".encode()).hexdigest()[:10]
+
+
+def function_name(phase: str, table: str) -> str:
+    """The trigger function of one phase on one table (schema-qualified, quoted)."""
+    return f"{qi(SCHEMA)}.{qi('capture_' + _digest(phase, table))}"
+
+
+def trigger_name(phase: str, table: str, event: str) -> str:
+    """``md_capture_<phase>_<digest>_<i|u|d|t>``: one per event, unique per phase and table."""
+    return f"md_capture_{phase[:30]}_{_digest(phase, table)[:6]}_{event}"
+
+
+TEXT = "pg_catalog.text"  # never the writer's ``text``: see the module's docstring
+EQ = "OPERATOR(pg_catalog.=)"
+
+
+def _key(alias: str, columns: tuple[str, ...]) -> str:
+    return "ARRAY[" + ", ".join(f"{alias}.{qi(c)}::{TEXT}" for c in columns) + "]"
+
+
+def _log(phase: str, c: Captured, op: str, select: str) -> str:
+    return (
+        f"INSERT INTO {qi(SCHEMA)}.changes (phase, source, key, op) "
+        f"SELECT {ql(phase)}, {ql(c.name)}, k, {ql(op)} FROM ({select}) AS x(k)"
+    )
+
+
+def _same(a: str, b: str, columns: tuple[str, ...]) -> str:
+    """``a.col IS NOT DISTINCT FROM b.col`` for every column, compared as text, with pg_catalog's ``=`` by name (NULL
+    when only one side is NULL: only ever used where NULL counts as not the same)."""
+    out = []
+    for col in columns:
+        x, y = f"{a}.{qi(col)}::{TEXT}", f"{b}.{qi(col)}::{TEXT}"
+        out.append(f"({x} {EQ} {y} OR ({x} IS NULL AND {y} IS NULL))")
+    return " AND ".join(out)
+
+
+def function_sql(phase: str, c: Captured, *, level: str = "statement") -> str:
+    """The trigger function that logs one table's changed keys; ``level="row"`` builds the row-level equivalent
+    (for the benchmark: scripts/bench_capture.py)."""
+    n, o = qi(NEW), qi(OLD)
+    if level == "statement":
+        if c.watched is None:
+            update = f"SELECT {_key('n', c.columns)} FROM {n} AS n UNION SELECT {_key('o', c.columns)} FROM {o} AS o"
+        else:  # a lookup's table: only rows whose key or looked-up columns changed
+            keep = (*c.columns, *c.watched)
+            update = (
+                f"SELECT {_key('n', c.columns)} FROM {n} AS n WHERE NOT EXISTS (SELECT 1 FROM {o} AS o WHERE "
+                f"{_same('o', 'n', keep)}) UNION SELECT {_key('o', c.columns)} FROM {o} AS o WHERE NOT EXISTS "
+                f"(SELECT 1 FROM {n} AS n WHERE {_same('n', 'o', keep)})"
+            )
+        body = f"""    IF TG_OP {EQ} 'INSERT' THEN
+        {_log(phase, c, "I", f"SELECT {_key('n', c.columns)} FROM {n} AS n")};
+    ELSIF TG_OP {EQ} 'UPDATE' THEN
+        {_log(phase, c, "U", update)};
+    ELSIF TG_OP {EQ} 'DELETE' THEN
+        {_log(phase, c, "D", f"SELECT {_key('o', c.columns)} FROM {o} AS o")};
+    ELSE
+        {_log(phase, c, "T", f"SELECT '{{}}'::{TEXT}[]")};
+    END IF;
+    RETURN NULL;"""
+    elif level == "row":
+        new, old = _key("NEW", c.columns), _key("OLD", c.columns)
+        changed = "true"
+        if c.watched is not None:
+            keep = (*c.columns, *c.watched)
+            changed = f"({_same('NEW', 'OLD', keep)}) IS NOT TRUE"
+        body = f"""    IF TG_OP {EQ} 'INSERT' THEN
+        {_log(phase, c, "I", f"SELECT {new}")};
+    ELSIF TG_OP {EQ} 'UPDATE' THEN
+        IF {changed} THEN
+            {_log(phase, c, "U", f"SELECT {new} UNION SELECT {old}")};
+        END IF;
+    ELSIF TG_OP {EQ} 'DELETE' THEN
+        {_log(phase, c, "D", f"SELECT {old}")};
+    ELSE
+        {_log(phase, c, "T", f"SELECT '{{}}'::{TEXT}[]")};
+    END IF;
+    RETURN NULL;"""
+    else:
+        raise ValueError(f"level: {level!r}")
+    return (
+        f"CREATE OR REPLACE FUNCTION {function_name(phase, c.name)}() RETURNS trigger LANGUAGE plpgsql "
+        f"SECURITY DEFINER AS $capture$\nBEGIN\n{body}\nEND\n$capture$"
+    )
+
+
+def install_sql(phase: str, c: Captured, *, level: str = "statement", leaves: Sequence[str] = ()) -> list[str]:
+    """Every statement that turns capture on for one table of a phase (idempotent); a partitioned table's triggers
+    go on each of its ``leaves`` (regclass text) too, with the same function: a statement that names a partition
+    fires that partition's statement-level triggers only."""
+    fn = function_name(phase, c.name)
+    out = [function_sql(phase, c, level=level), f"REVOKE ALL ON FUNCTION {fn}() FROM PUBLIC"]
+    for table in (qname(c.table), *leaves):
+        out += triggers_sql(phase, c, table, level=level)
+    return out
+
+
+def triggers_sql(phase: str, c: Captured, table: str, *, level: str = "statement") -> list[str]:
+    """The triggers of one captured table of a phase on ``table`` (quoted: the table, or one of its partitions)."""
+    fn = function_name(phase, c.name)
+    out = [f"DROP TRIGGER IF EXISTS {qi(trigger_name(phase, c.name, e))} ON {table}" for e in EVENTS]
+    for e, event in EVENTS.items():
+        name = qi(trigger_name(phase, c.name, e))
+        if level == "row" and e != "t":
+            out.append(f"CREATE TRIGGER {name} AFTER {event} ON {table} FOR EACH ROW EXECUTE FUNCTION {fn}()")
+            continue
+        ref = {
+            "i": f" REFERENCING NEW TABLE AS {qi(NEW)}",
+            "u": f" REFERENCING OLD TABLE AS {qi(OLD)} NEW TABLE AS {qi(NEW)}",
+            "d": f" REFERENCING OLD TABLE AS {qi(OLD)}",
+            "t": "",
+        }[e]
+        out.append(f"CREATE TRIGGER {name} AFTER {event} ON {table}{ref} FOR EACH STATEMENT EXECUTE FUNCTION {fn}()")
+    enable = ", ".join(f"ENABLE ALWAYS TRIGGER {qi(trigger_name(phase, c.name, e))}" for e in EVENTS)
+    out.append(f"ALTER TABLE {table} {enable}")
+    return out
+
+
+def remove_sql(phase: str, table: str, relation: str, *, exists: bool, others: Sequence[str] = ()) -> list[str]:
+    """The statements that turn capture off for one table (``relation``: quoted) of a phase (idempotent);
+    ``exists``: the table is there; ``others``: the other tables its triggers are on (its partitions, and tables
+    that were)."""
+    out = []
+    for rel in ([relation] if exists else []) + list(others):
+        out += [f"DROP TRIGGER IF EXISTS {qi(trigger_name(phase, table, e))} ON {rel}" for e in EVENTS]
+    return out + [f"DROP FUNCTION IF EXISTS {function_name(phase, table)}()"]
+
+
+# The leaf partitions of a table ($1: quoted relation), and every table a function's triggers are on ($1: function).
+LEAVES_SQL = """SELECT relid::regclass::text AS leaf FROM pg_partition_tree(to_regclass($1))
+WHERE isleaf AND relid <> to_regclass($1) ORDER BY 1"""
+TRIGGERED_SQL = """SELECT t.tgrelid::regclass::text AS rel, count(*) FILTER (WHERE t.tgenabled = 'A') AS enabled
+FROM pg_trigger t WHERE t.tgfoid = to_regprocedure($1 || '()') AND t.tgrelid IS DISTINCT FROM to_regclass($2)
+GROUP BY t.tgrelid ORDER BY 1"""
+
+
+TRIGGERS_OK_SQL = f"""SELECT c.source, c.relation,
+       to_regclass(c.relation) IS NOT NULL AS table_exists,
+       (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = to_regclass(c.relation)
+          AND t.tgfoid = to_regprocedure(c.function || '()') AND t.tgenabled = 'A') AS enabled
+FROM {SCHEMA}.capture AS c WHERE c.phase = $1 ORDER BY c.source"""
+
+ROOT_SQL = """SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = COALESCE(pg_partition_root(to_regclass($1)), to_regclass($1))"""
