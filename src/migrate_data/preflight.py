@@ -3,68 +3,24 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
 
 from . import partitions
 from .catalog import Table, Trigger, fk_cycles, parents_first, read_table, user_triggers
-from .check_sql import (
-    TARGET_CHECKS_SQL,
-    TARGET_DEFAULTS_SQL,
-    change_count_sql,
-    check_violations_sql,
-    coverage_sql,
-    null_counts_sql,
-    preview_sql,
-    unmapped_values_sql,
-)
 from .compile import DEFAULT_TARGET_TRIGGERS, KEYLESS_HINT, CompiledTable, compile_table
 from .conversions import HELPERS_EXIST_SQL, HELPERS_SQL
-from .db import Executor, fetch_all, fetch_one, fetch_val, rolled_back
+from .datachecks import coverage_findings, preview_of
+from .db import Executor, fetch_val, rolled_back
 from .enums import label_problems
 from .errors import PreflightError
-from .mapping import Phase, QualifiedName, TableMapping, display_path
+from .findings import Finding, PhasePlan
+from .mapping import Phase, TableMapping, display_path
 from .names import namesakes_warning
-from .sql import qname
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Finding:
-    level: str  # "error" | "warning" | "info"
-    table: str | None
-    message: str
-    count: int | None = None
-
-    def __str__(self) -> str:
-        where = f"{self.table}: " if self.table else ""
-        return f"{self.level.upper()}: {where}{self.message}"
-
-
-@dataclass(frozen=True)
-class PhasePlan:
-    """A compiled phase: its tables in foreign-key order, what the pre-flight found, a preview."""
-
-    phase: Phase
-    tables: tuple[tuple[CompiledTable, Table], ...]
-    findings: tuple[Finding, ...] = ()
-    previews: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def errors(self) -> list[Finding]:
-        return [f for f in self.findings if f.level == "error"]
-
-    def raise_for_errors(self) -> None:
-        errs = self.errors
-        if errs:
-            raise PreflightError(
-                f"pre-flight of {self.phase.name} failed: {len(errs)} error{'s' if len(errs) > 1 else ''}",
-                detail="\n".join(str(e) for e in errs),
-                hint=f"see `migrate-data plan {self.phase.name}`; nothing was written",
-            )
 
 
 def fk_order(tables: list[tuple[CompiledTable, Table]]) -> list[tuple[CompiledTable, Table]]:
@@ -183,7 +139,7 @@ async def preflight(
         findings += await _check_table(ct, sources[str(ct.target)], tgt, source=source, target=target, same_db=same_db)
     if coverage:
         for ct, _ in tables:
-            findings += await _coverage(ct, source, target)
+            findings += await coverage_findings(ct, source, target)
     for group in fk_cycles([t for _, t in tables]):
         findings.append(
             Finding(
@@ -196,7 +152,7 @@ async def preflight(
     if preview_rows:
         for ct, _ in tables:
             # across two databases the source may lack the target's own types: their values are shown as built-in ones
-            previews[str(ct.target)] = await _preview(ct if same_db else ct.portable(), source, preview_rows)
+            previews[str(ct.target)] = await preview_of(ct if same_db else ct.portable(), source, preview_rows)
     return PhasePlan(phase=phase, tables=tuple(tables), findings=tuple(findings), previews=previews)
 
 
@@ -437,154 +393,3 @@ async def ensure_helpers(db: Executor) -> None:
     """Create the function that lets a copy refuse a value that would be cut or rounded, when it is missing."""
     if not await fetch_val(db, HELPERS_EXIST_SQL):
         await db.execute(HELPERS_SQL)
-
-
-async def _coverage(ct: CompiledTable, source: Executor, target: Executor | None = None) -> list[Finding]:
-    name = str(ct.target)
-    out: list[Finding] = []
-    out += await _changes(ct, source)
-    if target is not None:
-        out += await _refused(ct, source, target)
-    for c in ct.columns:
-        if c.spec.map and not c.spec.has_else:
-            try:
-                rows = await fetch_all(source, unmapped_values_sql(ct, c))
-            except asyncpg.PostgresError as e:
-                out.append(Finding("warning", name, f"{c.target}: coverage not checked: {e}"))
-                continue
-            for r in rows:
-                out.append(
-                    Finding(
-                        "warning",
-                        name,
-                        f"{c.target}: value {r['value']!r} is not in the map ({r['n']} rows); "
-                        "it passes through unchanged",
-                        r["n"],
-                    )
-                )
-    cov = coverage_sql(ct)
-    if cov is not None:
-        sql, labels = cov
-        try:
-            row = await fetch_one(source, sql)
-        except asyncpg.PostgresError as e:
-            return out + [Finding("warning", name, f"coverage not checked: {e}")]
-        assert row is not None
-        for label, n in zip(labels, row, strict=True):
-            if not n:
-                continue
-            kind, what = label.split(":", 1)
-            if kind == "default":
-                out.append(Finding("info", name, f"{what}: the default applies to {n} rows (NULL in the source)", n))
-            else:
-                out.append(
-                    Finding("warning", name, f"lookup in {what} finds nothing for {n} rows (the value is NULL)", n)
-                )
-    return out
-
-
-async def _preview(ct: CompiledTable, source: Executor, rows: int) -> dict[str, Any]:
-    """The first transformed rows, computed in a transaction that is rolled back."""
-    columns = [c.target for c in ct.columns]
-    try:
-        async with rolled_back(source) as conn:
-            recs = await conn.fetch(preview_sql(ct, rows))
-    except asyncpg.PostgresError as e:
-        return {"columns": columns, "rows": [], "error": f"{e.sqlstate}: {e}"}
-    return {"columns": columns, "rows": [dict(r.items()) for r in recs]}
-
-
-async def _changes(ct: CompiledTable, source: Executor) -> list[Finding]:
-    """Per column whose cast can cut or round a value: the source rows it would happen to."""
-    name = str(ct.target)
-    out: list[Finding] = []
-    for c in ct.columns:
-        if not c.changes:
-            continue
-        kinds = " or ".join(sorted({"cut" if s.check == "cut" else "rounded" for s in c.changes}))
-        types = ", ".join(s.type for s in c.changes)
-        try:
-            async with rolled_back(source) as conn:
-                n = await conn.fetchval(change_count_sql(ct, c))
-        except asyncpg.PostgresError as e:
-            out.append(Finding("warning", name, f"{c.target}: values may be {kinds} by {types}; not counted: {e}"))
-            continue
-        if not c.checked:
-            allowed = " and ".join(f"`{o}: true`" for o in ("truncate", "round") if getattr(c.spec, o))
-            out.append(
-                Finding(
-                    "warning", name, f"{c.target}: {n} rows have values that will be {kinds} to {types} ({allowed})", n
-                )
-            )
-        elif n:
-            state = "22001" if any(s.check == "cut" for s in c.changes) else "22003"
-            out.append(
-                Finding(
-                    "warning",
-                    name,
-                    f"{c.target}: {n} rows have values that {types} would have {kinds}; they will be quarantined "
-                    f"({state}); give the column `truncate: true` / `round: true` to accept that",
-                    n,
-                )
-            )
-        else:
-            out.append(
-                Finding(
-                    "info",
-                    name,
-                    f"{c.target}: {c.value_type or 'the value'} -> {types} could be {kinds}: no source row is now; "
-                    "a row that would be is quarantined",
-                    0,
-                )
-            )
-    return out
-
-
-async def _refused(ct: CompiledTable, source: Executor, target: Executor) -> list[Finding]:
-    """The source rows whose mapped values the target's CHECK constraints and NOT NULL columns refuse (they will
-    be quarantined), each constraint evaluated on its own so that one that cannot be evaluated here (a function
-    the source lacks, a value that does not convert) does not hide the others."""
-    name = str(ct.target)
-    out: list[Finding] = []
-    table = qname(ct.target)
-    defaults = {r["attname"]: (r["type"], r["dflt"]) for r in await fetch_all(target, TARGET_DEFAULTS_SQL, table)}
-    for chk in await fetch_all(target, TARGET_CHECKS_SQL, table):
-        try:
-            async with rolled_back(source) as conn:
-                n = await conn.fetchval(check_violations_sql(ct, chk["expr"], list(chk["columns"]), defaults))
-        except asyncpg.PostgresError as e:
-            out.append(Finding("warning", name, f"CHECK {chk['conname']} not evaluated on the mapped values: {e}"))
-            continue
-        if n:
-            out.append(
-                Finding(
-                    "warning",
-                    name,
-                    f"CHECK {chk['conname']} refuses {n} rows: they will be quarantined (23514)",
-                    n,
-                )
-            )
-    required = await _not_null_columns(target, ct.target)
-    not_null = [c for c in ct.columns if c.target in required]
-    if not_null:
-        try:
-            async with rolled_back(source) as conn:
-                row = await conn.fetchrow(null_counts_sql(ct, not_null))
-        except asyncpg.PostgresError as e:
-            return out + [Finding("warning", name, f"NOT NULL columns not evaluated on the mapped values: {e}")]
-        for c, n in zip(not_null, row or (), strict=True):
-            if n:
-                out.append(
-                    Finding(
-                        "warning",
-                        name,
-                        f"{c.target}: NULL for {n} rows, and the column is NOT NULL: they will be quarantined (23502)",
-                        n,
-                    )
-                )
-    return out
-
-
-async def _not_null_columns(target: Executor, table: QualifiedName) -> set[str]:
-    t = await read_table(target, table)
-    return {c.name for c in t.columns if c.not_null} if t is not None else set()
