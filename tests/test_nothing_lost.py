@@ -187,7 +187,7 @@ def test_phase5_refuses_to_drop_when_a_legacy_row_is_not_in_the_spanish_tables(l
 @pytest.mark.parametrize(
     "step",
     [
-        "migrate_data.steps:take_backup:return",
+        "migrate_data.backup:take_backup:return",
         "migrate_data.copier:Copier._batch:return",
         "migrate_data.copier:Copier._fix_sequences:enter",  # the last batch committed, the table not finished
         "migrate_data.steps:validate_phase:enter",

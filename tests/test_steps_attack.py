@@ -142,7 +142,7 @@ def test_rollback_of_phase1_killed_after_its_downgrade_committed_finishes_and_ph
 
 # -- run killed at each step boundary ---------------------------------------------------------------------------
 RUN_KILLS = [
-    ("migrate_data.steps:take_backup:return", 1),
+    ("migrate_data.backup:take_backup:return", 1),
     ("migrate_data.steps:Start.apply:enter", 1),
     ("migrate_data.steps:preflight:return", 1),
     ("migrate_data.capture:install:return", 1),
@@ -158,7 +158,7 @@ RUN_KILLS = [
 ]
 PHASE5_RUN_KILLS = [
     ("migrate_data.steps:DropLegacy.apply:enter", 1),
-    ("migrate_data.steps:take_backup:return", 1),
+    ("migrate_data.backup:take_backup:return", 1),
     ("migrate_data.steps:prove_nothing_lost:return", 1),
     ("migrate_data.dependents:drop_dependents:return", 1),
     ("migrate_data.schema:_run:return", 2),  # the drop ran (the 1st is the pre-flight's, rolled back), not committed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import fcntl
 import glob
 import logging
@@ -12,12 +13,14 @@ import shutil
 from pathlib import Path
 from typing import IO, Any
 
+import asyncpg
+
 from . import files, partitions
 from .db import Executor, fetch_val, open_pool
 from .embedded import bundled_bin_dir
 from .errors import MigrationError, RefusedError
-from .mapping import QualifiedName
-from .settings import APPLICATION_NAME, DatabaseURL, redact_text
+from .mapping import Phase, QualifiedName
+from .settings import APPLICATION_NAME, DatabaseURL, Settings, redact_text
 from .sql import qname
 
 log = logging.getLogger(__name__)
@@ -237,3 +240,35 @@ async def restore_all(
         await _run(args, url, env)
     finally:
         list_file.unlink(missing_ok=True)
+
+
+# -- a phase's backup ----------------------------------------------------------------------------------------------
+def backed_up_tables(phase: Phase) -> list[QualifiedName]:
+    """The tables a phase's backup holds, when they exist: what it reads, what it writes, what it drops."""
+    out: list[QualifiedName] = []
+    for t in [*(tm.source for tm in phase.tables), *(tm.target for tm in phase.tables), *phase.backup]:
+        if t not in out:
+            out.append(t)
+    return out
+
+
+async def take_backup(settings: Settings, phase: Phase, target: asyncpg.Pool, *, snapshot: str | None = None) -> str:
+    """pg_dump the phase's tables that exist into a new file under backups/ ("" when none exists)."""
+    tables = [
+        t for t in backed_up_tables(phase) if await fetch_val(target, "SELECT to_regclass($1) IS NOT NULL", qname(t))
+    ]
+    if not settings.same_database and phase.tables:
+        log.info("source tables live in another database; backing up the target tables only")
+    if not tables:
+        return ""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    path = settings.backups_dir / f"{phase.name}-{stamp}.dump"
+    major = int(await fetch_val(target, "SHOW server_version_num")) // 10000
+    need = await estimate_bytes(target, tables)  # refused before pg_dump starts when the disk is short
+    return str(await dump(settings.database_url, tables, path, server_major=major, snapshot=snapshot, need_bytes=need))
+
+
+def pg_dump_line(phase: Phase, *, snapshot: bool = False) -> str:
+    """The pg_dump a phase's backup runs, as ``plan`` shows it."""
+    tables = " ".join(f"-t {qname(t)}" for t in backed_up_tables(phase))
+    return f"pg_dump -Fc{' --snapshot=<the transaction’s>' if snapshot else ''} {tables} -f backups/{phase.name}-<UTC>.dump"

@@ -12,7 +12,6 @@ in any step is finished by the same command; each ``undo`` likewise, so a rollba
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import logging
 import socket
@@ -31,7 +30,7 @@ from .compile import CompiledTable
 from .copier import Copier, CopyEvent, CopyOptions, TableResult
 from .db import Executor, fetch_val
 from .errors import RefusedError
-from .mapping import Phase, QualifiedName
+from .mapping import Phase
 from .preflight import PhasePlan, preflight
 from .proof import prove_nothing_lost
 from .settings import Settings, redact
@@ -150,38 +149,6 @@ class Step:
         """Nothing to undo (the default)."""
 
 
-def backed_up_tables(phase: Phase) -> list[QualifiedName]:
-    """The tables a phase's backup holds, when they exist: what it reads, what it writes, what it drops."""
-    out: list[QualifiedName] = []
-    for t in [*(tm.source for tm in phase.tables), *(tm.target for tm in phase.tables), *phase.backup]:
-        if t not in out:
-            out.append(t)
-    return out
-
-
-async def take_backup(settings: Settings, phase: Phase, target: asyncpg.Pool, *, snapshot: str | None = None) -> str:
-    """pg_dump the phase's tables that exist into a new file under backups/ ("" when none exists)."""
-    tables = [
-        t for t in backed_up_tables(phase) if await fetch_val(target, "SELECT to_regclass($1) IS NOT NULL", qname(t))
-    ]
-    if not settings.same_database and phase.tables:
-        log.info("source tables live in another database; backing up the target tables only")
-    if not tables:
-        return ""
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    path = settings.backups_dir / f"{phase.name}-{stamp}.dump"
-    major = int(await fetch_val(target, "SHOW server_version_num")) // 10000
-    need = await backups.estimate_bytes(target, tables)  # refused before pg_dump starts when the disk is short
-    return str(
-        await backups.dump(settings.database_url, tables, path, server_major=major, snapshot=snapshot, need_bytes=need)
-    )
-
-
-def _pg_dump_line(phase: Phase, *, snapshot: bool = False) -> str:
-    tables = " ".join(f"-t {qname(t)}" for t in backed_up_tables(phase))
-    return f"pg_dump -Fc{' --snapshot=<the transaction’s>' if snapshot else ''} {tables} -f backups/{phase.name}-<UTC>.dump"
-
-
 class Backup(Step):
     """pg_dump of the tables the phase reads and writes, verified; kept after a rollback."""
 
@@ -189,7 +156,7 @@ class Backup(Step):
 
     async def describe(self, d: Describing) -> StepPlan:
         return StepPlan(self.name, "pg_dump of the tables it reads and writes, verified with pg_restore --list",
-                        commands=(_pg_dump_line(d.phase),), undo="none: the backup is kept")  # fmt: skip
+                        commands=(backups.pg_dump_line(d.phase),), undo="none: the backup is kept")  # fmt: skip
 
     async def apply(self, run: PhaseRun) -> None:
         if run.resuming and run.state is not None:
@@ -197,7 +164,7 @@ class Backup(Step):
         if not run.options.backup or run.backup_path:
             return
         run.step(self.name, "pg_dump of the tables it reads and writes")
-        run.backup_path = await take_backup(run.settings, run.phase, run.target)
+        run.backup_path = await backups.take_backup(run.settings, run.phase, run.target)
         await ledger.update_run(run.target, run.run_id, backup_path=run.backup_path)
 
 
@@ -274,7 +241,7 @@ class DropLegacy(Step):
         return StepPlan(self.name, "writes blocked, pg_dump of exactly what is dropped, proof that every row is in its "
                         "target, the objects that depend on the tables saved and dropped, then the drop: one "
                         "transaction", (*lock, "SELECT pg_export_snapshot()", *drops, *ddl),
-                        (_pg_dump_line(d.phase, snapshot=True),),
+                        (backups.pg_dump_line(d.phase, snapshot=True),),
                         "alembic downgrade, the backup restored whole (pg_restore in one transaction), the dependents "
                         "recreated")  # fmt: skip
 
@@ -299,7 +266,7 @@ class DropLegacy(Step):
                 conn, phase, settings.backups_dir, force=run.options.force
             )
             snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
-            held["backup"] = await take_backup(settings, phase, target, snapshot=snapshot)
+            held["backup"] = await backups.take_backup(settings, phase, target, snapshot=snapshot)
             await ledger.update_run(target, run.run_id, backup_path=held["backup"])
             await prove_nothing_lost(phase, run.phases, {str(t.qualified) for t in tables}, target, run.source,
                                      accept_unkept=run.options.accept_unmapped)  # fmt: skip
