@@ -245,9 +245,9 @@ def test_deep_hashes_rows_with_types_that_have_no_hash_function(db_url, tmp_path
 
 
 def test_deep_across_two_databases_bisects_to_the_differing_rows(legacy_url, make_db, settings_for, monkeypatch):
-    from migrate_data import validate
+    from migrate_data import deep
 
-    monkeypatch.setattr(validate, "LEAF_ROWS", 40)  # ranges of ~1,000 rows are bisected down to 40
+    monkeypatch.setattr(deep, "LEAF_ROWS", 40)  # ranges of ~1,000 rows are bisected down to 40
     target_url = make_db()
     run(api.run_phase(settings_for(target_url), "phase1", api.RunOptions(backup=False)))
     settings = settings_for(target_url).with_(source_url=legacy_url)
