@@ -9,7 +9,7 @@ lookup's table).  pgbench then runs a custom script of inserts and updates on cu
   statement  capture's statement-level triggers with transition tables (what migrate-data installs)
   pinned     the same with the ``SET search_path = pg_catalog, pg_temp`` clause the trigger function had before
              (the function is otherwise identical): what that clause costs
-  row        the same log written by row-level triggers (``capture.function_sql(level="row")``)
+  row        the same log written by row-level triggers (``capture_sql.function_sql(level="row")``)
 
 Two workloads: "oltp" (a transaction of 4 one-row statements, as the application writes) and "batch" (one UPDATE
 of 100 messages per transaction).  The variants alternate for ``--rounds`` rounds; the table shows the median tps
@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_copy import BackendCPU, server_stats, server_time, write_section  # noqa: E402
-from migrate_data import api, capture, ledger  # noqa: E402
+from migrate_data import api, capture, capture_sql, ledger  # noqa: E402
 from migrate_data.db import open_pool  # noqa: E402
 from migrate_data.preflight import compile_phase  # noqa: E402
 from migrate_data.settings import Settings  # noqa: E402
@@ -91,7 +91,7 @@ async def set_capture(url: str, settings: Settings, variant: str) -> None:
                 plan = await capture.capture_plan(pool, phase, [ct for ct, _ in tables])
                 async with pool.acquire() as conn:
                     for c in plan.tables:
-                        sql_ = capture.function_sql(phase, c).replace("SECURITY DEFINER AS", PINNED, 1)
+                        sql_ = capture_sql.function_sql(phase, c).replace("SECURITY DEFINER AS", PINNED, 1)
                         assert PINNED in sql_
                         await conn.execute(sql_)
                 continue
@@ -99,7 +99,7 @@ async def set_capture(url: str, settings: Settings, variant: str) -> None:
             async with pool.acquire() as conn, conn.transaction():
                 await ledger.ensure_capture(conn)
                 for c in plan.tables:
-                    for statement in capture.install_sql(phase, c, level="row"):
+                    for statement in capture_sql.install_sql(phase, c, level="row"):
                         await conn.execute(statement)
                     await conn.execute(
                         "INSERT INTO migrate_data.capture (phase, source, relation, columns, function) "
@@ -108,7 +108,7 @@ async def set_capture(url: str, settings: Settings, variant: str) -> None:
                         c.name,
                         c.relation,
                         list(c.columns),
-                        capture.function_name(phase, c.name),
+                        capture_sql.function_name(phase, c.name),
                     )
 
 

@@ -75,16 +75,20 @@ DEPENDENTS = {  # (kind, name) -> what the drop does with it
 }
 
 
-def make_project(root: Path, drop: str = DROP) -> Path:
+def make_project(
+    root: Path, drop: str = DROP, *, revisions: dict[str, tuple[str, str, str]] = REVISIONS, copy: str = COPY
+) -> Path:
+    """A project of two phases, ``copy`` and ``drop``, each with its revision (down_revision, upgrade, downgrade: the
+    bodies as Python)."""
     init_project(root)
-    for rev, (down, up, downgrade) in REVISIONS.items():
+    for rev, (down, up, downgrade) in revisions.items():
         (root / "alembic" / "versions" / f"{rev}.py").write_text(
             f"from alembic import op\n\nrevision = {rev!r}\ndown_revision = {down}\nbranch_labels = None\n"
             f"depends_on = None\n\n\ndef upgrade():\n    {up}\n\n\ndef downgrade():\n    {downgrade}\n"
         )
     for f in (root / "mappings").glob("*"):
         f.unlink()
-    (root / "mappings" / "copy.yaml").write_text(textwrap.dedent(COPY))
+    (root / "mappings" / "copy.yaml").write_text(textwrap.dedent(copy))
     (root / "mappings" / "drop.yaml").write_text(textwrap.dedent(drop))
     return root
 

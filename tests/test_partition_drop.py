@@ -3,12 +3,10 @@ partitions attached and every row back."""
 
 from __future__ import annotations
 
-import textwrap
-from pathlib import Path
+from test_dependents import make_project
 
 from conftest import run, scalar, sql
 from migrate_data import api
-from migrate_data.project import init_project
 
 LEGACY = """
 CREATE TABLE events (id bigint NOT NULL, at date NOT NULL, what text) PARTITION BY RANGE (at);
@@ -20,17 +18,17 @@ ALTER TABLE events_h2 ADD PRIMARY KEY (id);
 ALTER TABLE events_other ADD PRIMARY KEY (id);
 INSERT INTO events SELECT i, date '2023-12-01' + (i % 420), 'event ' || i FROM generate_series(1, 900) AS i;
 """
-RECREATE = (
-    "CREATE TABLE events (id bigint NOT NULL, at date NOT NULL, what text) PARTITION BY RANGE (at); "
-    "CREATE TABLE events_h1 PARTITION OF events FOR VALUES FROM ('2024-01-01') TO ('2024-07-01')"
+RECREATE = (  # the downgrade recreates the parent and one partition, empty: the rollback restores the backup's
+    'op.execute("CREATE TABLE events (id bigint NOT NULL, at date NOT NULL, what text) PARTITION BY RANGE (at)")\n'
+    "    op.execute(\"CREATE TABLE events_h1 PARTITION OF events FOR VALUES FROM ('2024-01-01') TO ('2024-07-01')\")"
 )
 REVISIONS = {
     "eventos": (
         "None",
-        "CREATE TABLE eventos (id bigint PRIMARY KEY, fecha date NOT NULL, que text)",
-        "DROP TABLE eventos",
+        'op.execute("CREATE TABLE eventos (id bigint PRIMARY KEY, fecha date NOT NULL, que text)")',
+        'op.execute("DROP TABLE eventos")',
     ),
-    "drop_events": ("'eventos'", "DROP TABLE events", RECREATE),
+    "drop_events": ("'eventos'", 'op.execute("DROP TABLE events")', RECREATE),
 }
 COPY = """
 description: Copiar events
@@ -48,21 +46,6 @@ backup: [events]
 """
 
 
-def make_project(root: Path) -> Path:
-    init_project(root)
-    for rev, (down, up, downgrade) in REVISIONS.items():
-        (root / "alembic" / "versions" / f"{rev}.py").write_text(
-            f"from alembic import op\n\nrevision = {rev!r}\ndown_revision = {down}\nbranch_labels = None\n"
-            f"depends_on = None\n\n\ndef upgrade():\n    op.execute({up!r})\n\n\ndef downgrade():\n"
-            + "".join(f"    op.execute({part!r})\n" for part in downgrade.split("; "))
-        )
-    for f in (root / "mappings").glob("*"):
-        f.unlink()
-    (root / "mappings" / "copy.yaml").write_text(textwrap.dedent(COPY))
-    (root / "mappings" / "drop.yaml").write_text(textwrap.dedent(DROP))
-    return root
-
-
 def _leaves(url: str) -> list:
     return sql(
         url,
@@ -75,7 +58,7 @@ def test_rollback_of_a_phase_that_dropped_a_partitioned_table_restores_every_par
     db_url, tmp_path, settings_for
 ):
     sql(db_url, LEGACY)
-    settings = settings_for(db_url, make_project(tmp_path / "project"))
+    settings = settings_for(db_url, make_project(tmp_path / "project", DROP, revisions=REVISIONS, copy=COPY))
     leaves = _leaves(db_url)
     rows = sql(db_url, "SELECT tableoid::regclass::text AS leaf, * FROM events ORDER BY id")
     run(api.run_phase(settings, "copy", api.RunOptions(backup=False)))

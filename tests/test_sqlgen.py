@@ -232,7 +232,7 @@ def test_real_types_enums_through_text_domains_through_their_base_and_portable_c
 
 
 def test_plan_relations_finds_the_tables_of_subplans_too():
-    from migrate_data.capture import plan_relations
+    from migrate_data.capture_sql import plan_relations
 
     sub = {"Node Type": "Index Scan", "Relation Name": "prof", "Schema": "public", "Subplan Name": "SubPlan 1"}
     plan = [{"Plan": {"Node Type": "Seq Scan", "Relation Name": "cust", "Schema": "public", "Plans": [sub]}}]
@@ -240,15 +240,15 @@ def test_plan_relations_finds_the_tables_of_subplans_too():
 
 
 def test_capture_of_a_partitioned_table_puts_the_parents_function_on_every_leaf():
-    from migrate_data import capture
+    from migrate_data import capture_sql
     from migrate_data.mapping import QualifiedName
 
-    c = capture.Captured(QualifiedName("ev", "public"), ("id", "d"))
-    statements = capture.install_sql("night", c, leaves=['"ev_jan"', '"ev_feb"'])
-    fn = capture.function_name("night", c.name)
+    c = capture_sql.Captured(QualifiedName("ev", "public"), ("id", "d"))
+    statements = capture_sql.install_sql("night", c, leaves=['"ev_jan"', '"ev_feb"'])
+    fn = capture_sql.function_name("night", c.name)
     creates = [x for x in statements if x.startswith("CREATE TRIGGER")]
     assert len(creates) == 3 * 4 and all(x.endswith(f"EXECUTE FUNCTION {fn}()") for x in creates)
     assert sum(' ON "ev_jan" REFERENCING' in x for x in creates) == 3
     assert statements[-1].startswith('ALTER TABLE "ev_feb" ENABLE ALWAYS TRIGGER')
-    drops = capture.remove_sql("night", c.name, c.relation, exists=True, others=['"ev_jan"'])
+    drops = capture_sql.remove_sql("night", c.name, c.relation, exists=True, others=['"ev_jan"'])
     assert sum('ON "ev_jan"' in x for x in drops) == 4 and drops[-1] == f"DROP FUNCTION IF EXISTS {fn}()"

@@ -13,8 +13,9 @@ import pytest
 
 from conftest import ROOT, cli_env, run, run_cli, run_cli_args, scalar, sql
 from killer import kill_at
-from migrate_data import api, capture
+from migrate_data import api, capture_sql
 from migrate_data.errors import MigrationError, RefusedError
+from migrate_data.mapping import QualifiedName
 
 NEW_CUSTOMER = (
     "INSERT INTO customers (id, phone_number, full_name, city, notes) VALUES ('{id}', '{phone}', 'Nuevo', 'Quito', "
@@ -60,8 +61,8 @@ def setup(request, legacy_url, make_db, settings_for, tmp_path):
 
 # -- what capture installs --------------------------------------------------------------------------------------------
 def test_capture_is_statement_level_grant_free_and_catches_nothing():
-    c = capture.Captured(capture.QualifiedName("customers", "public"), ("id",))
-    statements = capture.install_sql("phase2a", c)
+    c = capture_sql.Captured(QualifiedName("customers", "public"), ("id",))
+    statements = capture_sql.install_sql("phase2a", c)
     text = "\n".join(statements)
     assert "SECURITY DEFINER" in text and "SET search_path" not in text  # a SET clause costs every call
     assert "EXCEPTION" not in text  # no subtransaction per statement, nothing swallowed (see capture.py)
@@ -69,8 +70,8 @@ def test_capture_is_statement_level_grant_free_and_catches_nothing():
     assert 'REFERENCING OLD TABLE AS "migrate_data_old" NEW TABLE AS "migrate_data_new"' in text
     assert "ENABLE ALWAYS TRIGGER" in statements[-1]  # captured under session_replication_role = replica too
     assert "REVOKE ALL ON FUNCTION" in text
-    lookup = capture.Captured(capture.QualifiedName("users", "public"), ("id",), watched=("phone_number",))
-    body = capture.function_sql("phase3", lookup)
+    lookup = capture_sql.Captured(QualifiedName("users", "public"), ("id",), watched=("phone_number",))
+    body = capture_sql.function_sql("phase3", lookup)
     assert '"phone_number"::pg_catalog.text OPERATOR(pg_catalog.=)' in body  # a lookup's table: what it reads
 
 

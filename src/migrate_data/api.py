@@ -6,7 +6,8 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -96,27 +97,22 @@ async def plan(settings: Settings, name: str, *, sql: bool = False, preview_rows
     async with connect(settings) as (target, source):
         deps, about = await dependents.for_plan(target, source, phase)  # views, functions... on what it reads, drops
         dropping = await steps.drop_preview(target, phase)
-        out_of_the_way = dependents.dropped_first(phase)  # what the drop would refuse over, dropped here too
-        async with schema.schema_transaction(
-            settings, target, upgrade_to=phase.revision, commit=False, before=out_of_the_way
-        ) as conn:
+        async with _compiled(settings, phase, target, source, coverage=True, preview_rows=preview_rows) as (conn, p):
             src = conn if settings.same_database else source
-            the_plan = await preflight(
-                phase, source=src, target=conn, same_db=settings.same_database, coverage=True, preview_rows=preview_rows
-            )
-            found = await capture.check(src, name, the_plan.tables)  # can the writes between nights be captured?
-            the_plan = replace(the_plan, findings=(*the_plan.findings, *found))
+            found = await capture.check(src, name, p.tables)  # can the writes between nights be captured?
+            p = replace(p, findings=(*p.findings, *found))
             described = (  # what it runs, with the decision on its dependents made (`dependents:` or --force)
                 ()
-                if the_plan.errors
-                else await steps.describe(steps.Describing(settings, phase, the_plan, conn, src, dropping=dropping))
+                if p.errors
+                else await steps.describe(steps.Describing(settings, phase, p, conn, src, dropping=dropping))
             )
-            the_plan = replace(the_plan, findings=(*the_plan.findings, *about))
+            the_plan = replace(p, findings=(*p.findings, *about))
     ddl = schema.offline_sql(settings, phase.revision) if (sql and phase.revision) else None
     return PlanResult(the_plan, ddl, described, tuple(deps))
 
 
-async def _preflight(
+@asynccontextmanager
+async def _compiled(
     settings: Settings,
     phase: Phase,
     target: asyncpg.Pool,
@@ -124,18 +120,23 @@ async def _preflight(
     *,
     coverage: bool,
     preview_rows: int = 0,
-) -> PhasePlan:
-    out_of_the_way = dependents.dropped_first(phase)  # what the drop would refuse over, dropped in this transaction too
+) -> AsyncIterator[tuple[asyncpg.Connection, PhasePlan]]:
+    """The phase compiled and checked inside a transaction that has its DDL applied (and what a drop of its tables
+    would refuse over dropped first), rolled back when the block ends."""
+    out_of_the_way = dependents.dropped_first(phase)
     async with schema.schema_transaction(
         settings, target, upgrade_to=phase.revision, commit=False, before=out_of_the_way
     ) as conn:
-        return await preflight(
-            phase,
-            source=conn if settings.same_database else source,
-            target=conn,
-            same_db=settings.same_database,
-            coverage=coverage,
-            preview_rows=preview_rows,
+        yield (
+            conn,
+            await preflight(
+                phase,
+                source=conn if settings.same_database else source,
+                target=conn,
+                same_db=settings.same_database,
+                coverage=coverage,
+                preview_rows=preview_rows,
+            ),
         )
 
 
@@ -167,8 +168,8 @@ async def run_phase(
         if on_event is not None:
             on_event(CopyEvent.step("preflight", f"{len(phase.tables)} tables against the live catalogs"))
         await dependents.check(target, phase, force=options.force)  # refused here: nothing is written
-        the_plan = await _preflight(settings, phase, target, source, coverage=options.dry_run)
-        the_plan.raise_for_errors()
+        async with _compiled(settings, phase, target, source, coverage=options.dry_run) as (_, the_plan):
+            the_plan.raise_for_errors()
         if options.dry_run:
             return RunResult(
                 name, "dry-run", findings=the_plan.findings, revision=phase.revision, seconds=time.monotonic() - started

@@ -48,7 +48,7 @@ from typing import Any
 import asyncpg
 
 from . import ledger
-from .capture_sql import (  # noqa: F401  (install_sql, function_sql, Captured, … are used through capture too)
+from .capture_sql import (
     EVENTS,
     LEAVES_SQL,
     LOCK_RETRIES,
@@ -57,13 +57,9 @@ from .capture_sql import (  # noqa: F401  (install_sql, function_sql, Captured, 
     SCHEMA,
     TRIGGERED_SQL,
     TRIGGERS_OK_SQL,
-    Captured,
     CapturePlan,
-    _key,
     function_name,
-    function_sql,
     install_sql,
-    key_feed,
     plan_capture,
     plan_relations,
     remove_sql,

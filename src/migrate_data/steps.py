@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 
 from . import backup as backups
-from . import capture, copy_sql, dependents, ledger, report, schema
+from . import capture, capture_sql, copy_sql, dependents, ledger, report, schema
 from . import rollback as undoing
 from .catalog import Table, read_table, sequences
 from .compile import CompiledTable
@@ -172,7 +172,7 @@ async def _capture_statements(phase: Phase, plan: PhasePlan, source: Executor) -
     cp = await capture.capture_plan(source, phase.name, [ct for ct, _ in plan.tables])
     out: list[str] = []
     for c in cp.tables if cp.ok else ():
-        out += capture.install_sql(phase.name, c, leaves=await capture.leaves(source, c.relation))
+        out += capture_sql.install_sql(phase.name, c, leaves=await capture.leaves(source, c.relation))
     return tuple(out)
 
 

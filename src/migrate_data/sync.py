@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from . import capture, ledger
+from . import capture, capture_sql, ledger
 from .catalog import ForeignKey, Table, read_table
 from .compile import CompiledTable
 from .copier import advance_sequences
@@ -206,7 +206,7 @@ class PhaseSyncer:
         for ct, target in self.pairs:
             src = await read_table(self.source, ct.source)
             assert src is not None
-            feed, _ = capture.key_feed(ct, src)
+            feed, _ = capture_sql.key_feed(ct, src)
             assert feed is not None
             cols = registry[str(src.qualified)]
             uses = []
