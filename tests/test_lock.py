@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from conftest import run, run_cli, scalar, sql
-from migrate_data import api, ledger
+from migrate_data import api, db, ledger
 from migrate_data.errors import LockHeld, LockLost
 from test_copier import BIG, BIG_MAPPING
 
@@ -104,7 +104,7 @@ def test_lock_lost_mid_copy_stops_at_the_last_checkpoint_and_the_same_command_re
 def test_idle_session_timeout_does_not_end_the_lock_session(db_url):
     """The database ends every session idle for 300 ms; the lock's session sits idle for 1.5 s and keeps the lock.
 
-    (The lock session only: the run's pooled sessions are not protected, see the lock's report.)"""
+    (The pooled sessions: test_pooled_sessions_keep_their_timeouts_off_after_being_returned_to_the_pool.)"""
     sql(db_url, SETUP)
     sql(
         db_url,
@@ -275,3 +275,23 @@ def test_a_check_waiting_behind_a_new_holder_sees_the_lock_as_it_is_after_the_wa
 
     run(scenario())
     assert scalar(db_url, "SELECT count(*) FROM t") == 0
+
+
+def test_pooled_sessions_keep_their_timeouts_off_after_being_returned_to_the_pool(db_url):
+    """The database ends sessions idle (in a transaction) for 5 min; the pool's reset (RESET ALL) on every release
+    would put that back on a session of ours, which then dies under a long batch of another table."""
+    sql(
+        db_url,
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET idle_in_transaction_session_timeout = ''5min''', "
+        "current_database()); END $$;",
+    )
+
+    async def scenario() -> list[str]:
+        seen = []
+        async with db.open_pool(db_url, max_size=1) as pool:
+            for _ in range(3):  # the same connection each time: acquired, released (reset), acquired again
+                async with pool.acquire() as conn:
+                    seen.append(await conn.fetchval("SELECT current_setting('idle_in_transaction_session_timeout')"))
+        return seen
+
+    assert run(scenario()) == ["0", "0", "0"]

@@ -252,3 +252,26 @@ def test_capture_of_a_partitioned_table_puts_the_parents_function_on_every_leaf(
     assert statements[-1].startswith('ALTER TABLE "ev_feb" ENABLE ALWAYS TRIGGER')
     drops = capture_sql.remove_sql("night", c.name, c.relation, exists=True, others=['"ev_jan"'])
     assert sum('ON "ev_jan"' in x for x in drops) == 4 and drops[-1] == f"DROP FUNCTION IF EXISTS {fn}()"
+
+
+def test_a_key_is_written_as_text_no_session_setting_changes():
+    from migrate_data import capture_sql
+    from migrate_data.mapping import QualifiedName
+    from migrate_data.sql import key_text
+
+    assert key_text("t.id", "bigint") == "(t.id)::pg_catalog.text"  # the copier's hot path stays a plain cast
+    assert "to_jsonb(t.d)" in key_text("t.d", "date")  # ISO 8601 whatever the DateStyle
+    assert "to_jsonb(t.d)" in key_text("t.d", "timestamp(3) without time zone")
+    assert "timezone('UTC'::pg_catalog.text, t.d)" in key_text("t.d", "timestamp with time zone")
+    assert "encode(t.b, 'hex'" in key_text("t.b", "bytea")
+    c = capture_sql.Captured(QualifiedName("days", "public"), ("d",), types=("date",))
+    body = capture_sql.function_sql("night", c)
+    assert 'to_jsonb(n."d")' in body and 'to_jsonb(o."d")' in body and "::pg_catalog.text)" not in body
+    # the trigger checks that the columns it names are there before it names them: a rename must not fail a write
+    guard, keyed = (
+        body.index("pg_catalog.pg_attribute"),
+        body.index(
+            "INSERT INTO \"migrate_data\".changes (phase, source, key, op) SELECT 'night', 'public.days', k, 'I'"
+        ),
+    )
+    assert guard < keyed

@@ -19,9 +19,14 @@ Why capture cannot make an application write fail, and why nothing is caught:
   but a ``SET`` clause makes every call save and restore the setting: about 2.5 µs of the ~14 µs capture added to a
   one-row statement (BENCHMARKS.md).
 - The log has nothing an insert could violate: no unique key (ids come from a sequence), no foreign key, no CHECK;
-  a key becomes ``text[]`` with ``::text``, which every type has.  It is append-only for writers; sync deletes the
+  a key becomes ``text[]`` with ``sql.key_text`` (``::text``, or JSON's ISO form of a date or time), which every
+  type has, written the same way whatever the writer's ``DateStyle`` or ``TimeZone``.  It is append-only for writers; sync deletes the
   rows it applied by id, so the writer and sync never wait for each other.
 - The triggers are ``ENABLE ALWAYS``: a session with ``session_replication_role = replica`` is captured too.
+- A column the function names (a key, a lookup's column) that was renamed or dropped since capture started would
+  make the statement naming it fail.  So each call first checks, in ``pg_attribute``, that they are all still
+  there; if not, it logs one row with an empty key ("some row of this table changed"), and sync re-derives every
+  row that reads the table.  ``status`` shows it as ``COLUMN GONE``.
 - There is no ``EXCEPTION`` block.  Catching an error would have to swallow it (the change is lost and nobody
   knows until ``validate --deep``: the very failure capture exists to prevent) and would open a subtransaction per
   statement (past 64 in one transaction, every snapshot in the server gets slower).  What can still fail is what
@@ -305,7 +310,7 @@ async def _with_short_locks(
 @dataclass(frozen=True)
 class CaptureState:
     phase: str
-    state: str  # "on" | "off" | "BROKEN" (a trigger missing or disabled) | "tables dropped"
+    state: str  # "on" | "off" | "BROKEN" (a trigger missing or disabled) | "COLUMN GONE" | "tables dropped"
     waiting: int = 0  # changes logged and not applied yet
     oldest_seconds: float | None = None  # age of the oldest of them
     tables: tuple[str, ...] = ()
@@ -332,6 +337,14 @@ async def state(db: Executor, phase: str) -> CaptureState:
     if bad:
         why = f"triggers missing or disabled on {', '.join(bad)}"
         return CaptureState(phase, "BROKEN", waiting, age, tables, why)
+    gone = [f"{', '.join(r['missing'])} of {r['source']}" for r in rows if r["table_exists"] and r["missing"]]
+    if gone:
+        why = (
+            f"column {'; '.join(gone)} renamed or dropped since capture started: writes are still logged, without "
+            "their keys; sync re-derives every row that reads the table once the column is back (or the phase is "
+            "rolled back and run again with its mapping changed)"
+        )
+        return CaptureState(phase, "COLUMN GONE", waiting, age, tables, why)
     for r in rows:
         problem = await partition_problem(db, phase, r["source"], r["relation"])
         if problem:

@@ -11,7 +11,7 @@ from typing import Any
 from .catalog import Table
 from .compile import CompiledTable
 from .mapping import QualifiedName
-from .sql import LEDGER_SCHEMA, qi, ql, qname
+from .sql import LEDGER_SCHEMA, key_text_array, qi, ql, qname
 
 SCHEMA = LEDGER_SCHEMA
 NEW, OLD = "migrate_data_new", "migrate_data_old"  # the transition tables' names inside the trigger function
@@ -27,6 +27,7 @@ class Captured:
     table: QualifiedName  # schema-qualified
     columns: tuple[str, ...]  # the logged key, in this order
     watched: tuple[str, ...] | None = None  # only a lookup's table: an UPDATE is logged when a key or these change
+    types: tuple[str, ...] = ()  # of ``columns``: how their text is written (sql.key_text); none given: ``::text``
 
     @property
     def name(self) -> str:
@@ -92,6 +93,7 @@ def plan_capture(
     columns: dict[str, list[str]] = {}
     read_by: list[tuple[str, str]] = []
     names: dict[str, QualifiedName] = {}
+    live: dict[str, Table] = {}
     watched: dict[str, list[str] | None] = {}
     problems: list[tuple[str, str]] = []
     for ct in compiled:
@@ -101,7 +103,7 @@ def plan_capture(
             problems.append((str(ct.target), why))
             continue
         name = str(src.qualified)
-        names[name] = src.qualified
+        names[name], live[name] = src.qualified, src
         cols = columns.setdefault(name, [])
         for col in (*ct.batch_by, *(feed or ())):
             if col not in cols:
@@ -110,7 +112,7 @@ def plan_capture(
         for _, lk in ct.lookups:
             table = lookups[str(lk.table)]
             lname = str(table.qualified)
-            names[lname] = table.qualified
+            names[lname], live[lname] = table.qualified, table
             lcols = columns.setdefault(lname, [])
             for k in lk.key:
                 if k not in lcols:
@@ -121,13 +123,18 @@ def plan_capture(
                 w += [lk.column] if lk.column not in w else []
         for table in (reads or {}).get(str(ct.target), ()):
             rname = str(table.qualified)
-            names[rname] = table.qualified
+            names[rname], live[rname] = table.qualified, table
             rcols = columns.setdefault(rname, [])
             rcols += [] if rcols else list(table.primary_key or next(iter(table.unique_keys), (table.columns[0].name,)))
             watched[rname] = None  # any column may be read
             read_by.append((str(ct.target), rname))
     tables = tuple(
-        Captured(names[n], tuple(cols), None if watched[n] is None else tuple(watched[n] or ()))
+        Captured(
+            names[n],
+            tuple(cols),
+            None if watched[n] is None else tuple(watched[n] or ()),
+            tuple(live[n].column(col).type for col in cols),  # type: ignore[union-attr]
+        )
         for n, cols in columns.items()
     )
     return CapturePlan(phase, tables if not problems else (), tuple(problems), tuple(read_by))
@@ -167,8 +174,20 @@ TEXT = "pg_catalog.text"  # never the writer's ``text``: see the module's docstr
 EQ = "OPERATOR(pg_catalog.=)"
 
 
-def _key(alias: str, columns: tuple[str, ...]) -> str:
-    return "ARRAY[" + ", ".join(f"{alias}.{qi(c)}::{TEXT}" for c in columns) + "]"
+def _key(alias: str, c: Captured) -> str:
+    """The logged key of a row: its text as checkpoints and rejects hold it, whatever the writer's settings."""
+    return key_text_array([f"{alias}.{qi(col)}" for col in c.columns], c.types or ("text",) * len(c.columns))
+
+
+def _guard(c: Captured) -> str:
+    """True while every column the function names is still there: a column renamed or dropped since capture started
+    would make the statement that names it fail, and the writer's statement with it."""
+    names = tuple(dict.fromkeys((*c.columns, *(c.watched or ()))))
+    listed = ", ".join(f"{ql(n)}::pg_catalog.name" for n in names)
+    return (
+        f"(SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute AS a WHERE a.attrelid {EQ} TG_RELID "
+        f"AND a.attname {EQ} ANY (ARRAY[{listed}]) AND NOT a.attisdropped) {EQ} {len(names)}"
+    )
 
 
 def _log(phase: str, c: Captured, op: str, select: str) -> str:
@@ -194,40 +213,44 @@ def function_sql(phase: str, c: Captured, *, level: str = "statement") -> str:
     n, o = qi(NEW), qi(OLD)
     if level == "statement":
         if c.watched is None:
-            update = f"SELECT {_key('n', c.columns)} FROM {n} AS n UNION SELECT {_key('o', c.columns)} FROM {o} AS o"
+            update = f"SELECT {_key('n', c)} FROM {n} AS n UNION SELECT {_key('o', c)} FROM {o} AS o"
         else:  # a lookup's table: only rows whose key or looked-up columns changed
             keep = (*c.columns, *c.watched)
             update = (
-                f"SELECT {_key('n', c.columns)} FROM {n} AS n WHERE NOT EXISTS (SELECT 1 FROM {o} AS o WHERE "
-                f"{_same('o', 'n', keep)}) UNION SELECT {_key('o', c.columns)} FROM {o} AS o WHERE NOT EXISTS "
+                f"SELECT {_key('n', c)} FROM {n} AS n WHERE NOT EXISTS (SELECT 1 FROM {o} AS o WHERE "
+                f"{_same('o', 'n', keep)}) UNION SELECT {_key('o', c)} FROM {o} AS o WHERE NOT EXISTS "
                 f"(SELECT 1 FROM {n} AS n WHERE {_same('n', 'o', keep)})"
             )
-        body = f"""    IF TG_OP {EQ} 'INSERT' THEN
-        {_log(phase, c, "I", f"SELECT {_key('n', c.columns)} FROM {n} AS n")};
+        body = f"""    IF TG_OP {EQ} 'TRUNCATE' THEN
+        {_log(phase, c, "T", f"SELECT '{{}}'::{TEXT}[]")};
+    ELSIF NOT {_guard(c)} THEN
+        {_log(phase, c, "U", f"SELECT '{{}}'::{TEXT}[]")};
+    ELSIF TG_OP {EQ} 'INSERT' THEN
+        {_log(phase, c, "I", f"SELECT {_key('n', c)} FROM {n} AS n")};
     ELSIF TG_OP {EQ} 'UPDATE' THEN
         {_log(phase, c, "U", update)};
-    ELSIF TG_OP {EQ} 'DELETE' THEN
-        {_log(phase, c, "D", f"SELECT {_key('o', c.columns)} FROM {o} AS o")};
     ELSE
-        {_log(phase, c, "T", f"SELECT '{{}}'::{TEXT}[]")};
+        {_log(phase, c, "D", f"SELECT {_key('o', c)} FROM {o} AS o")};
     END IF;
     RETURN NULL;"""
     elif level == "row":
-        new, old = _key("NEW", c.columns), _key("OLD", c.columns)
+        new, old = _key("NEW", c), _key("OLD", c)
         changed = "true"
         if c.watched is not None:
             keep = (*c.columns, *c.watched)
             changed = f"({_same('NEW', 'OLD', keep)}) IS NOT TRUE"
-        body = f"""    IF TG_OP {EQ} 'INSERT' THEN
+        body = f"""    IF TG_OP {EQ} 'TRUNCATE' THEN
+        {_log(phase, c, "T", f"SELECT '{{}}'::{TEXT}[]")};
+    ELSIF NOT {_guard(c)} THEN
+        {_log(phase, c, "U", f"SELECT '{{}}'::{TEXT}[]")};
+    ELSIF TG_OP {EQ} 'INSERT' THEN
         {_log(phase, c, "I", f"SELECT {new}")};
     ELSIF TG_OP {EQ} 'UPDATE' THEN
         IF {changed} THEN
             {_log(phase, c, "U", f"SELECT {new} UNION SELECT {old}")};
         END IF;
-    ELSIF TG_OP {EQ} 'DELETE' THEN
-        {_log(phase, c, "D", f"SELECT {old}")};
     ELSE
-        {_log(phase, c, "T", f"SELECT '{{}}'::{TEXT}[]")};
+        {_log(phase, c, "D", f"SELECT {old}")};
     END IF;
     RETURN NULL;"""
     else:
@@ -291,7 +314,10 @@ GROUP BY t.tgrelid ORDER BY 1"""
 TRIGGERS_OK_SQL = f"""SELECT c.source, c.relation,
        to_regclass(c.relation) IS NOT NULL AS table_exists,
        (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = to_regclass(c.relation)
-          AND t.tgfoid = to_regprocedure(c.function || '()') AND t.tgenabled = 'A') AS enabled
+          AND t.tgfoid = to_regprocedure(c.function || '()') AND t.tgenabled = 'A') AS enabled,
+       ARRAY(SELECT x FROM unnest(c.columns || COALESCE(c.watched, '{{}}')) AS x WHERE NOT EXISTS
+          (SELECT 1 FROM pg_attribute a WHERE a.attrelid = to_regclass(c.relation) AND a.attname = x
+           AND NOT a.attisdropped)) AS missing
 FROM {SCHEMA}.capture AS c WHERE c.phase = $1 ORDER BY c.source"""
 
 ROOT_SQL = """SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace

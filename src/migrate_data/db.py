@@ -48,6 +48,7 @@ async def open_pool(
             server_settings=server_settings,
             command_timeout=None,
             init=_session_init,
+            reset=_session_reset,
         )
     except (asyncio.TimeoutError, TimeoutError) as e:
         waited = connect_args.get("timeout", 60.0)
@@ -83,10 +84,19 @@ async def open_pool(
 
 # A session of ours may sit idle between batches (another table's turn, a long validation query elsewhere): a server
 # or role with idle_session_timeout (PostgreSQL 14+) must not end it under the run.
+def _session_settings(conn: asyncpg.Connection) -> str:
+    out = "SET idle_in_transaction_session_timeout = 0;"
+    return out + (" SET idle_session_timeout = 0;" if conn.get_server_version() >= (14, 0) else "")
+
+
 async def _session_init(conn: asyncpg.Connection) -> None:
-    await conn.execute("SET idle_in_transaction_session_timeout = 0")
-    if conn.get_server_version() >= (14, 0):
-        await conn.execute("SET idle_session_timeout = 0")
+    await conn.execute(_session_settings(conn))
+
+
+async def _session_reset(conn: asyncpg.Connection) -> None:
+    """What the pool runs when a connection comes back: its own reset, whose ``RESET ALL`` would put a database's or
+    role's timeouts back, then ours again, in the same round trip."""
+    await conn.execute(conn.get_reset_query() + "\n" + _session_settings(conn))
 
 
 async def fetch_one(db: Executor, sql: str, *args: Any) -> asyncpg.Record | None:

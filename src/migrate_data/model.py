@@ -10,7 +10,7 @@ from typing import TypeVar
 from .catalog import ForeignKey
 from .conversions import Step, TypeName
 from .mapping import ColumnSpec, Lookup, QualifiedName, TableMapping
-from .sql import qcols, qi, qname
+from .sql import key_text_array, qcols, qi, qname
 
 TARGET_ALIAS = "__target"  # the target table in INSERT … ON CONFLICT
 T = TypeVar("T", bound="TableModel")
@@ -209,7 +209,7 @@ class TableModel:
         return qcols(self.batch_by, self.alias)
 
     def _key_text_array(self, prefix: str) -> str:
-        return "ARRAY[" + ", ".join(f"{qi(prefix)}.{qi(k)}::text" for k in self.batch_by) + "]"
+        return key_text_array([f"{qi(prefix)}.{qi(k)}" for k in self.batch_by], self.batch_types)
 
     @property
     def key_columns(self) -> tuple[CompiledColumn, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from .mapping import QualifiedName, text_form
@@ -38,3 +39,28 @@ def qcols(names: tuple[str, ...] | list[str], prefix: str | None = None) -> str:
 
 
 LEDGER_SCHEMA = "migrate_data"  # the tool's own schema, in the target (and, for change capture, in the source)
+
+
+def key_text(expr: str, type_: str) -> str:
+    """The text of a key value that every session writes and reads the same way, whatever its ``DateStyle``,
+    ``TimeZone`` or ``bytea_output``: what checkpoints, rejects and the change log hold, and what the copier and sync
+    compare them with.  ``expr::text`` for most types; ISO 8601 (JSON's form) for dates and times; UTC for a
+    ``timestamptz``; hex for ``bytea``.  Every name is ``pg_catalog``'s: it also runs inside capture's triggers, under
+    the writer's ``search_path``.  Parsed back with ``CAST(… AS type)`` under any of those settings."""
+    t = type_.lower()
+    if t.startswith("timestamp") and t.endswith("with time zone"):
+        utc = f"pg_catalog.to_jsonb(pg_catalog.timezone('UTC'::pg_catalog.text, {expr}))"
+        return (
+            f"CASE WHEN pg_catalog.isfinite({expr}) THEN ({utc} OPERATOR(pg_catalog.#>>) '{{}}'::pg_catalog.text[]) "
+            f"OPERATOR(pg_catalog.||) '+00'::pg_catalog.text ELSE ({expr})::pg_catalog.text END"
+        )
+    if t == "date" or t.startswith(("timestamp", "time ", "time(")) or t == "time":
+        return f"(pg_catalog.to_jsonb({expr}) OPERATOR(pg_catalog.#>>) '{{}}'::pg_catalog.text[])"
+    if t == "bytea":
+        return f"(E'\\\\x'::pg_catalog.text OPERATOR(pg_catalog.||) pg_catalog.encode({expr}, 'hex'::pg_catalog.text))"
+    return f"({expr})::pg_catalog.text"
+
+
+def key_text_array(exprs: Sequence[str], types: Sequence[str]) -> str:
+    """``ARRAY[key_text(e1, t1), …]``: a key as the ``text[]`` the ledger holds."""
+    return "ARRAY[" + ", ".join(key_text(e, t) for e, t in zip(exprs, types, strict=True)) + "]::pg_catalog.text[]"

@@ -189,10 +189,15 @@ class PhaseSyncer:
         if cap.state != "on":
             raise RefusedError(
                 f"{name}: change capture is {cap.state}" + (f" ({cap.problem})" if cap.problem else ""),
-                hint="capture starts with the phase's run: roll the phase back and run it again"
-                if cap.state == "off"
-                else "the triggers were dropped or disabled by hand: writes since then were not captured; roll the "
-                "phase back and run it again",
+                hint={
+                    "off": "capture starts with the phase's run: roll the phase back and run it again",
+                    "COLUMN GONE": "give the column its name back (nothing written meanwhile is lost: sync then "
+                    "re-derives the table), or roll the phase back and run it again with its mapping changed",
+                }.get(
+                    cap.state,
+                    "the triggers were dropped or disabled by hand: writes since then were not captured; roll the "
+                    "phase back and run it again",
+                ),
             )
         registry = await capture.registry(self.source, name)
         for c in plan.tables:
@@ -313,8 +318,19 @@ class PhaseSyncer:
                 hint=f"roll {self.phase} back and run it again",
             )
         by_source: dict[str, list[asyncpg.Record]] = {}
+        unknown: set[str] = set()  # tables whose changed rows are not known: a column capture names was renamed
         for r in rows:
-            by_source.setdefault(r["source"], []).append(r)
+            if r["key"]:
+                by_source.setdefault(r["source"], []).append(r)
+            else:
+                unknown.add(r["source"])
+        if unknown:
+            log.warning(
+                "%s: %s changed while a column capture reads was renamed or dropped: every row that reads them is "
+                "re-derived",
+                self.phase,
+                ", ".join(sorted(unknown)),
+            )
         b = _Batch([_Work() for _ in self.tables])
         for i, st in enumerate(self.tables):
             b.work[i].keys += [[r["key"][p] for p in st.bk_positions] for r in by_source.get(st.source, [])]
@@ -322,7 +338,9 @@ class PhaseSyncer:
             b.work[i].values = [
                 [[r["key"][p] for p in lk.positions] for r in by_source.get(lk.table, [])] for lk in st.lookups
             ]
-            b.work[i].everything = any(r in by_source for r in st.reads)
+            b.work[i].everything = any(r in by_source for r in st.reads) or bool(
+                unknown & {st.source, *st.reads, *(lk.table for lk in st.lookups)}
+            )
         src = conn if self.same_db else self.source
         b.rejected = await ledger.rejected_tables(conn, self.phase)
         for i in reversed(range(len(self.tables))):  # deletes: children first

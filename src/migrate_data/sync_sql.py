@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .catalog import ForeignKey, Table
 from .compile import CompiledTable
-from .sql import LEDGER_SCHEMA, qcols, qi
+from .sql import LEDGER_SCHEMA, key_text_array, qcols, qi
 
 SCHEMA = LEDGER_SCHEMA
 RETRY_STATES = ("23503", "23505")  # refused because of another row: worth another try once the others are applied
@@ -72,8 +72,8 @@ def _in_keys(columns: Sequence[str], types: Sequence[str], alias: str, first: in
     return f"{_tuple(columns, alias)} IN (SELECT {casts} FROM {unnest})"
 
 
-def _text_array(columns: Sequence[str], alias: str) -> str:
-    return "ARRAY[" + ", ".join(f"{qi(alias)}.{qi(c)}::text" for c in columns) + "]"
+def _text_array(columns: Sequence[str], types: Sequence[str], alias: str) -> str:
+    return key_text_array([f"{qi(alias)}.{qi(c)}" for c in columns], types)
 
 
 def _where(st: SyncTable) -> list[str]:
@@ -86,7 +86,7 @@ def resolve_sql(st: SyncTable, lookups: Sequence[int], *, by_feed: bool = False)
     columns are in the next parameters, or (``by_feed``) whose target key is in the last ones.  One SELECT per part,
     so each can use its index."""
     ct, a = st.ct, st.ct.alias
-    head = f"SELECT {_text_array(ct.batch_by, a)} AS bk, {_text_array(st.feed, a)} AS tk FROM {ct.src} WHERE "
+    head = f"SELECT {_text_array(ct.batch_by, ct.batch_types, a)} AS bk, {_text_array(st.feed, st.feed_types, a)} AS tk FROM {ct.src} WHERE "
     parts = [" AND ".join([*_where(st), _in_keys(ct.batch_by, ct.batch_types, a, 1)])]
     n = 1 + len(ct.batch_by)
     for i in lookups:
@@ -102,12 +102,12 @@ def resolve_all_sql(st: SyncTable) -> str:
     """Every current source row (in the ``where``) to re-derive: batch key and target key (text[])."""
     ct, a = st.ct, st.ct.alias
     where = f" WHERE {_where(st)[0]}" if ct.mapping.where else ""
-    return f"SELECT {_text_array(ct.batch_by, a)} AS bk, {_text_array(st.feed, a)} AS tk FROM {ct.src}{where}"
+    return f"SELECT {_text_array(ct.batch_by, ct.batch_types, a)} AS bk, {_text_array(st.feed, st.feed_types, a)} AS tk FROM {ct.src}{where}"
 
 
 def target_keys_sql(st: SyncTable) -> str:
     """The target keys (text[]) of every row of the table the phase wrote."""
-    return f"SELECT {_text_array(st.ct.key, 't')} AS k FROM {st.ct.tgt} AS t WHERE {st.ct.written_by_phase('t')}"
+    return f"SELECT {_text_array(st.ct.key, st.ct.key_types, 't')} AS k FROM {st.ct.tgt} AS t WHERE {st.ct.written_by_phase('t')}"
 
 
 def children_sql(parent: SyncTable, child: SyncTable, fk: ForeignKey) -> str:
@@ -119,7 +119,7 @@ def children_sql(parent: SyncTable, child: SyncTable, fk: ForeignKey) -> str:
     )
     join = " AND ".join(f"c.{qi(x)} = p.{qi(y)}" for x, y in zip(fk.columns, fk.ref_columns, strict=True))
     return (
-        f"SELECT DISTINCT {_text_array(child.ct.key, 'c')} AS tk FROM {child.ct.tgt} AS c "
+        f"SELECT DISTINCT {_text_array(child.ct.key, child.ct.key_types, 'c')} AS tk FROM {child.ct.tgt} AS c "
         f"JOIN {parent.ct.tgt} AS p ON {join} JOIN {unnest} ON {match}"
     )
 
@@ -203,8 +203,8 @@ def source_rows_sql(st: SyncTable) -> str:
     conds = [*_where(st), _in_keys(ct.batch_by, ct.batch_types, ct.alias, 1)]
     cols = ", ".join(f"({c.pre_cast})::text AS {qi(c.target)}" for c in ct.columns)
     return (
-        f"SELECT (row_number() OVER ())::integer AS __n, {_text_array(ct.batch_by, ct.alias)} AS __key, "
-        f"{_text_array(st.feed, ct.alias)} AS __tk, {cols} FROM {ct.from_} WHERE {' AND '.join(conds)}"
+        f"SELECT (row_number() OVER ())::integer AS __n, {_text_array(ct.batch_by, ct.batch_types, ct.alias)} AS __key, "
+        f"{_text_array(st.feed, st.feed_types, ct.alias)} AS __tk, {cols} FROM {ct.from_} WHERE {' AND '.join(conds)}"
     )
 
 
