@@ -216,3 +216,38 @@ def test_a_narrowing_conversion_quarantines_the_value_it_would_change(
     result = run(api.run_phase(settings, "night", api.RunOptions(backup=False, max_reject_share=None)))
     assert scalar(db_url, "SELECT sqlstate FROM migrate_data.rejects") == "22003"
     assert scalar(db_url, "SELECT count(*) FROM dst") == 1 and result.validation.ok
+
+
+def test_dates_and_intervals_arrive_unchanged_across_two_databases_whose_sessions_write_them_differently(
+    make_db, tmp_path
+):
+    """Across two databases values travel as text: a source whose sessions write dates day first (a European
+    server's DateStyle) and intervals the SQL-standard way must not give the target other days or other spans."""
+    from test_partitions import project
+
+    source, target = make_db(), make_db()
+    sql(
+        source,
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET DateStyle = ''SQL, DMY''', current_database()); "
+        "EXECUTE format('ALTER DATABASE %I SET IntervalStyle = ''sql_standard''', current_database()); END $$;",
+    )
+    sql(
+        source,
+        "CREATE TABLE spans (id int PRIMARY KEY, d date, t timestamp, i interval);"
+        "INSERT INTO spans VALUES (1, '2024-02-01', '2024-03-04 05:06:07.5', '-1 day +02:03:04'), "
+        "(2, '2024-12-11', '2024-01-12 00:00:00', '1 year 2 months -3 days')",
+    )
+    sql(target, "CREATE TABLE lapsos (id int PRIMARY KEY, d date, t timestamp, i interval)")
+    proj = project(
+        tmp_path, "tables:\n  - source: spans\n    target: lapsos\n    columns: {id: id, d: d, t: t, i: i}\n"
+    )
+    two = Settings(database_url=target, source_url=source, project_dir=proj, output_dir=proj / "out")
+    result = run(api.run_phase(two, "night", api.RunOptions(backup=False)))
+    assert result.validation.ok
+    query = "SELECT id, d::text, t::text, i::text FROM {} ORDER BY id"
+    want = [
+        (1, "2024-02-01", "2024-03-04 05:06:07.5", "-1 days +02:03:04"),
+        (2, "2024-12-11", "2024-01-12 00:00:00", "1 year 2 mons -3 days"),
+    ]
+    got = [tuple(r) for r in sql(target, query.format("lapsos"))]
+    assert got == want

@@ -83,9 +83,15 @@ async def open_pool(
 
 
 # A session of ours may sit idle between batches (another table's turn, a long validation query elsewhere): a server
-# or role with idle_session_timeout (PostgreSQL 14+) must not end it under the run.
+# or role with idle_session_timeout (PostgreSQL 14+) must not end it under the run.  Across two databases values
+# travel as text (COPY, the sync's staged rows): it is written in forms any session reads back the same, whatever the
+# database or role set: ISO dates (``DateStyle = ISO`` keeps the session's day/month order for reading input),
+# ``postgres`` intervals (an SQL-standard ``-1 2:03:04`` means another span to a ``postgres`` reader) and exact floats.
 def _session_settings(conn: asyncpg.Connection) -> str:
-    out = "SET idle_in_transaction_session_timeout = 0;"
+    out = (
+        "SET idle_in_transaction_session_timeout = 0; SET DateStyle = ISO; SET IntervalStyle = postgres; "
+        "SET extra_float_digits = 1;"
+    )
     return out + (" SET idle_session_timeout = 0;" if conn.get_server_version() >= (14, 0) else "")
 
 
