@@ -13,16 +13,15 @@ gives the same target:
   that works now is copied and its reject cleared.  Rows refused because another row was not there yet (a foreign
   key, 23503) or was still in the way (a unique value, 23505) are tried again after the batch and at every pass.
 
-A batch's log rows are taken (deleted and returned, one statement) at the start of the transaction that applies
-them (sync_batch.py applies one); its target writes, its rejects and that deletion commit together, only while the run
-holds the lock.  The next
-batch takes ids above the last one (ids are not committed in id order, so never "up to id N": a lower id that commits
-later is taken by the next pass).  Across two databases the log is in the source: its rows are taken in a source
-transaction that commits just after the target's; a kill in between re-applies them, which changes nothing.  The log
-rows of a delete that must wait are put back as they were.  The common case, a batch whose rows all go in, is one
-upsert per table, without resolving the keys first; only when a row fails are the keys resolved and written by
-halves around it.  Every (sub)transaction that writes target rows records it with ``ledger.mark_write`` (a rollback
-deletes exactly those rows).
+A batch's log rows are taken (deleted and returned, one statement) at the start of the transaction that applies them
+(sync_batch.py applies one); its target writes, its rejects and that deletion commit together, only while the run holds
+the lock. The next batch takes ids above the last one (ids are not committed in id order, so never "up to id N": a lower
+id that commits later is taken by the next pass). Across two databases the log is in the source: its rows are taken in a
+source transaction that commits just after the target's; a kill in between re-applies them, which changes nothing. The
+log rows of a delete that must wait are put back as they were. The common case, a batch whose rows all go in, is one
+upsert per table, without resolving the keys first; only when a row fails are the keys resolved and written by halves
+around it. Every (sub)transaction that writes target rows records it with ``ledger.mark_write`` (a rollback deletes
+exactly those rows).
 
 A delete that a later phase's rows still reference (23503) keeps its log rows for a later pass: syncing several
 phases at once goes round them until nothing moves.
