@@ -20,8 +20,8 @@ Why capture cannot make an application write fail, and why nothing is caught:
   one-row statement (BENCHMARKS.md).
 - The log has nothing an insert could violate: no unique key (ids come from a sequence), no foreign key, no CHECK;
   a key becomes ``text[]`` with ``sql.key_text`` (``::text``, or JSON's ISO form of a date or time), which every
-  type has, written the same way whatever the writer's ``DateStyle`` or ``TimeZone``.  It is append-only for writers; sync deletes the
-  rows it applied by id, so the writer and sync never wait for each other.
+  type has, written the same way whatever the writer's ``DateStyle`` or ``TimeZone``.  It is append-only for
+  writers; sync deletes the rows it applied by id, so the writer and sync never wait for each other.
 - The triggers are ``ENABLE ALWAYS``: a session with ``session_replication_role = replica`` is captured too.
 - A column the function names (a key, a lookup's column) that was renamed or dropped since capture started would
   make the statement naming it fail.  So each call first checks, in ``pg_attribute``, that they are all still
