@@ -275,3 +275,37 @@ def test_a_key_is_written_as_text_no_session_setting_changes():
         ),
     )
     assert guard < keyed
+
+
+def test_sync_updates_a_row_when_any_value_would_read_differently_as_text(tmp_path):
+    """Only the phase's own rows whose values differ are updated.  Values whose equality is their text's are
+    compared as they are (text bytewise, whatever the collation); numeric (1.0 = 1.00), jsonb and the rest as text."""
+    from migrate_data import sync_sql
+
+    src = Table(
+        "public",
+        "prices",
+        (col("id", not_null=True), col("name", "text"), col("amount", "numeric")),
+        ("id",),
+        (("id",),),
+        (),
+    )
+    tgt = Table(
+        "public",
+        "precios",
+        (col("id", not_null=True), col("nombre", "text"), col("monto", "numeric(10,2)")),
+        ("id",),
+        (("id",),),
+        (),
+    )
+    tm = mapping(
+        tmp_path,
+        "tables:\n  - source: prices\n    target: precios\n    columns: {id: id, nombre: name, monto: amount}\n",
+    )
+    st = sync_sql.SyncTable(compile_table(tm, src, tgt), tgt, ("id",), ("integer",), (0,), (0,))
+    sql = sync_sql.upsert_sql(st)
+    assert 'ROW("__target"."nombre" COLLATE "C") IS DISTINCT FROM ROW(EXCLUDED."nombre" COLLATE "C")' in sql
+    assert 'ROW("__target"."monto")::text IS DISTINCT FROM ROW(EXCLUDED."monto")::text' in sql
+    assert sql.endswith(
+        'AND "__target".xmin IN (SELECT w.xmin FROM "migrate_data".writes AS w WHERE w.target = \'public.precios\')'
+    )

@@ -167,9 +167,42 @@ def _head(st: SyncTable) -> str:
     return f"INSERT INTO {st.ct.tgt} AS {qi('__target')} ({qcols(tuple(c.target for c in st.ct.columns))}){over}"
 
 
+# Types whose equality holds only between values that ``::text`` writes the same way (in one session): compared as
+# they are, which is cheaper.  Not numeric (1.0 = 1.00), floats (-0 = 0), interval ('1 day' = '24 hours'), jsonb (its
+# numbers), json (no equality), citext, arrays and the rest: compared as text.
+_EQUAL_IS_SAME = ("smallint", "integer", "bigint", "text", "uuid", "boolean", "date", "bytea")
+_EQUAL_IS_SAME_PREFIX = ("character varying", "timestamp", "character(")
+
+
+def _equal_means_same_text(type_: str) -> bool:
+    t = type_.lower()
+    return t in _EQUAL_IS_SAME or (t.startswith(_EQUAL_IS_SAME_PREFIX) and not t.endswith("[]"))
+
+
+def _differs(st: SyncTable, columns: Sequence[str]) -> list[str]:
+    """``the target row's value IS DISTINCT FROM the new one`` for ``columns``: a row of the ones compared as they
+    are (text bytewise, in the "C" collation: a nondeterministic collation's equality is not the text's), and a row
+    of the others compared as text."""
+    types = {c: getattr(st.target.column(c), "type", "").lower() for c in columns}
+    typed = [c for c in columns if _equal_means_same_text(types[c])]
+    texts = [c for c in columns if c not in typed]
+
+    def value(alias: str, c: str) -> str:
+        exact = types[c] == "text" or types[c].startswith("character")
+        return f'{alias}.{qi(c)} COLLATE "C"' if exact else f"{alias}.{qi(c)}"
+
+    out = []
+    if typed:
+        old, new = (", ".join(value(a, c) for c in typed) for a in (qi("__target"), "EXCLUDED"))
+        out.append(f"ROW({old}) IS DISTINCT FROM ROW({new})")
+    if texts:
+        old, new = (", ".join(f"{a}.{qi(c)}" for c in texts) for a in (qi("__target"), "EXCLUDED"))
+        out.append(f"ROW({old})::text IS DISTINCT FROM ROW({new})::text")
+    return out
+
+
 def _conflict(st: SyncTable) -> str:
-    """``ON CONFLICT (key) DO UPDATE`` every other mapped column, only where a value differs (compared as text: every
-    type has one, json has no equality)."""
+    """``ON CONFLICT (key) DO UPDATE`` every other mapped column, only where a value differs (``_differs``)."""
     ct = st.ct
     rest = [
         c.target
@@ -179,13 +212,11 @@ def _conflict(st: SyncTable) -> str:
     if not rest:
         return f" ON CONFLICT ({qcols(ct.key)}) DO NOTHING"
     sets = ", ".join(f"{qi(c)} = EXCLUDED.{qi(c)}" for c in rest)
-    old = "ROW(" + ", ".join(f"{qi('__target')}.{qi(c)}" for c in rest) + ")::text"
-    new = "ROW(" + ", ".join(f"EXCLUDED.{qi(c)}" for c in rest) + ")::text"
+    differs = " OR ".join(_differs(st, rest))
     # only a row the phase wrote (its copy or an earlier sync) is updated: one the application wrote, or that was
     # there before the phase, is left as it is (validation shows it), never overwritten
     return (
-        f" ON CONFLICT ({qcols(ct.key)}) DO UPDATE SET {sets} WHERE {old} IS DISTINCT FROM {new} "
-        f"AND {ct.written_by_phase('__target')}"
+        f" ON CONFLICT ({qcols(ct.key)}) DO UPDATE SET {sets} WHERE ({differs}) AND {ct.written_by_phase('__target')}"
     )
 
 
