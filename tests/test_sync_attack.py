@@ -170,6 +170,29 @@ def test_sync_re_derives_rows_whose_time_zone_and_bytes_keys_a_writer_sees_in_it
     assert deep(s, "night") == (True, [])
 
 
+CASELESS = """
+CREATE COLLATION IF NOT EXISTS caseless (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+CREATE TABLE names (id int PRIMARY KEY, n text);
+CREATE TABLE nombres (id int PRIMARY KEY, n text COLLATE caseless);
+INSERT INTO names SELECT i, 'ana ' || i FROM generate_series(1, 20) i;
+"""
+CASELESS_MAPPING = """
+tables:
+  - source: names
+    target: nombres
+    columns: {id: id, n: n}
+"""
+
+
+def test_sync_applies_a_change_of_case_to_a_column_whose_collation_ignores_case(db_url, tmp_path):
+    sql(db_url, CASELESS)
+    s = settings(db_url, project(tmp_path, CASELESS_MAPPING))
+    apply(s, "night")  # (its validation's row hashes follow the collation: see test_validate_hashes_text_bytewise…)
+    sql(db_url, "UPDATE names SET n = 'Ana 3' WHERE id = 3")  # equal to 'ana 3' under the target's collation
+    run(api.sync(s, ["night"]))
+    assert scalar(db_url, "SELECT n FROM nombres WHERE id = 3") == "Ana 3"
+
+
 # -- cutover: writes that reach the English tables after the last sync -----------------------------------------------
 BLOCKED_WRITE = "UPDATE customers SET city = 'Esperó el corte' WHERE phone_number = '+593900000012'"
 TARGET_CITY = "SELECT ciudad FROM clientes WHERE telefono = '+593900000012'"
