@@ -185,12 +185,12 @@ tables:
 
 
 def test_sync_applies_a_change_of_case_to_a_column_whose_collation_ignores_case(db_url, tmp_path):
-    sql(db_url, CASELESS)
-    s = settings(db_url, project(tmp_path, CASELESS_MAPPING))
-    apply(s, "night")  # (its validation's row hashes follow the collation: see test_validate_hashes_text_bytewise…)
+    s = _night(db_url, tmp_path, CASELESS, CASELESS_MAPPING)  # validation hashes text bytewise, not by collation
     sql(db_url, "UPDATE names SET n = 'Ana 3' WHERE id = 3")  # equal to 'ana 3' under the target's collation
+    assert deep(s, "night")[0] is False  # ... so it sees a change of case the collation does not
     run(api.sync(s, ["night"]))
     assert scalar(db_url, "SELECT n FROM nombres WHERE id = 3") == "Ana 3"
+    assert deep(s, "night") == (True, [])
 
 
 # -- cutover: writes that reach the English tables after the last sync -----------------------------------------------

@@ -49,6 +49,12 @@ class CompiledColumn:
         v = f"{qi(alias)}.{qi(self.target)}"
         return f"CAST({v} AS {self.compare_as})" if self.compare_as else v
 
+    def hashed(self, v: str) -> str:
+        """``v`` as validation hashes it: text in the "C" collation, bytewise, so that a nondeterministic collation
+        (whose equality and hash ignore case or accents) neither makes equal texts differ nor different ones equal."""
+        t = (self.compare_as or self.target_type).lower()
+        return f'({v}) COLLATE "C"' if t == "text" or t.startswith(("character", "varchar")) else v
+
     def convert(self, v: str) -> str:
         """The copy's expression for a pre-cast value ``v`` (a column of the staging table, across databases)."""
         for step in self.steps:

@@ -39,7 +39,7 @@ class VerifySQL(TableModel):
         source in another database).  Their values do not convert, which is why they were rejected.
         """
         keys = ", ".join(f"{c.expected} AS {qi('k_' + c.target)}" for c in self.key_columns)
-        row = self._row_hash(", ".join([c.expected for c in self.columns] + self._fits_flag(expected=True)))
+        row = self._row_hash(", ".join([c.hashed(c.expected) for c in self.columns] + self._fits_flag(expected=True)))
         conds = [f"({self.mapping.where})"] if self.mapping.where else []
         rejected = None
         if skip_rejected:
@@ -81,7 +81,7 @@ class VerifySQL(TableModel):
 
     def actual_sql(self, *, key_range: tuple[int, bool, bool] | None = None) -> str:
         keys = ", ".join(f"t.{qi(k)} AS {qi('k_' + k)}" for k in self.key)
-        row = ", ".join([c.actual("t") for c in self.columns] + self._fits_flag(expected=False))
+        row = ", ".join([c.hashed(c.actual("t")) for c in self.columns] + self._fits_flag(expected=False))
         conds = self._key_range("t", key_range[0], lower=key_range[1], upper=key_range[2]) if key_range else []
         if self.before_snapshot:
             conds.append(
