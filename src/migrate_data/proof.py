@@ -8,13 +8,12 @@ either nothing or accepted by the DBA (they stay in the phase's backup only).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 
 import asyncpg
 
-from . import ledger
+from . import ledger, pre_state
 from .catalog import read_table
 from .errors import RefusedError
 from .mapping import Phase, QualifiedName
@@ -75,7 +74,7 @@ async def prove_nothing_lost(
                     unkept.append(f"{name}: {n:,} rows that the `where` of {p} leaves out")
         reading = [(ct, t) for ct, t in tables if str(ct.source) in dropped]
         if reading:
-            pre = json.loads(states[p]["pre_state"] or "{}").get("counts", {})
+            pre = pre_state.counts(states[p])
             result = await validate_phase(
                 p,
                 reading,

@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from . import capture, ledger, steps
+from . import capture, ledger, pre_state, steps
 from .db import fetch_val
 from .mapping import Phase, Phases, QualifiedName
 from .preflight import PhasePlan, compile_phase
@@ -77,7 +77,7 @@ async def validate(
         if await ledger.exists(target):
             st = (await ledger.phase_states(target)).get(name)
             if st is not None and st["pre_state"]:
-                pre_counts = json.loads(st["pre_state"]).get("counts", {})
+                pre_counts = pre_state.counts(st)
                 snapshot = st["started_snapshot"]
         result = await validate_phase(
             name,
