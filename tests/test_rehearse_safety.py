@@ -16,6 +16,7 @@ from migrate_data import rehearse
 from migrate_data.errors import RefusedError
 from migrate_data.identity import DatabaseIdentity, ServerIdentity, refuse_if_production
 from migrate_data.settings import DatabaseURL, Settings, redact
+from migrate_data.staging import build_staging
 
 PASSWORD = "n0t-Shown"  # trust auth ignores it; it must still never be printed
 
@@ -188,7 +189,7 @@ def test_staging_that_resolves_to_the_source_database_is_refused(production, spe
     before = _fingerprint(production)
     settings = Settings(database_url=target, source_url=production, project_dir=ROOT, output_dir=tmp_path)
     with pytest.raises(RefusedError, match="names the production database"):
-        run(rehearse.build_staging(settings, staging, [], rebuild=True, use_existing=False))
+        run(build_staging(settings, staging, [], rebuild=True, use_existing=False))
     assert _fingerprint(production) == before
 
 
@@ -201,7 +202,7 @@ def test_another_spelling_of_the_same_server_is_recognised_for_template(producti
     spelled = staging.replace(f"@{u.host}", f"@{other}", 1)
     before = _fingerprint(production)
     settings = Settings(database_url=production, project_dir=ROOT, output_dir=tmp_path)
-    built = run(rehearse.build_staging(settings, spelled, [], rebuild=True, use_existing=False))
+    built = run(build_staging(settings, spelled, [], rebuild=True, use_existing=False))
     assert built == "template"
     assert scalar(staging, "SELECT count(*) FROM customers") == scalar(production, "SELECT count(*) FROM customers")
     assert _fingerprint(production) == before

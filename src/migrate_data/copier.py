@@ -6,6 +6,9 @@ text, binary-COPYed into a temporary table that the same ``INSERT … ON CONFLIC
 the checkpoint row is updated in the batch's own transaction, so a kill -9 at any instant loses or
 doubles nothing.  A batch that fails for a data reason is bisected until the bad rows are isolated;
 they go to ``migrate_data.rejects`` and the rest is copied.
+
+A table's batches go through its parts, key ranges copied concurrently (parts.py); the tables of a foreign-key
+cycle, and those with ``target_triggers: skip``, are written in replica mode (replica.py).
 """
 
 from __future__ import annotations
@@ -13,37 +16,31 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import asyncpg
 
-from . import ledger, partitions
+from . import ledger, replica
 from .batch import BatchWriter
 from .catalog import Table, fk_cycles, sequences
-from .check_sql import orphans_sql
 from .compile import CompiledTable
 from .copy_sql import analyze_sql, setval_sql
 from .db import fetch_val, is_transient_error
-from .errors import MigrationError, RefusedError, Stopped
-from .sql import qname
+from .errors import MigrationError, Stopped
+from .parts import PartOptions, Parts, part_table
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class CopyOptions:
-    # 20,000 rows: large enough that a lookup's join (a scan of its table per batch) is amortised, small enough
-    # that a batch takes a fraction of a second and a signal stops the run quickly (BENCHMARKS.md)
-    batch_size: int = 20_000
-    jobs: int = 2
-    recheck: bool = False
+class CopyOptions(PartOptions):
+    """How tables are cut into parts (parts.py), and what the copy adds to that."""
+
     max_rejects: int | None = None  # rows quarantined in the phase before it fails
     max_reject_share: float | None = 0.10  # share of a table's source rows quarantined before the phase fails
     deadline: dt.datetime | None = None
-    split_rows: int = 200_000  # a table with more source rows is copied in `jobs` concurrent key ranges
     retries: int = 3
 
 
@@ -128,6 +125,7 @@ class Copier:
         self.same_db = source_pool is target_pool
         self.run_id = run_id
         self.writer = BatchWriter(phase, run_id, source_pool)
+        self.parts = Parts(phase, target_pool, source_pool, lock, options)
         self.options = options
         self.stop = stop or asyncio.Event()
         self.on_event = on_event or (lambda e: None)
@@ -147,7 +145,9 @@ class Copier:
 
     # -- scheduling ----------------------------------------------------------------------------
     async def run(self) -> list[TableResult]:
-        await self._check_cycles_allowed()
+        cyclic = [u for u in self.units.values() if u.cyclic]
+        skipped = [n for n, u in self.units.items() if u.ct.replica]
+        await replica.check_allowed(self.target_pool, cyclic=[str(u.ct.target) for u in cyclic], skipped=skipped)
         if self.lock is not None:
             self.lock.watch(self._halt)  # a lost lock stops every worker after its batch
         tasks = [asyncio.create_task(self._table(u), name=n) for n, u in self.units.items()]
@@ -160,7 +160,7 @@ class Copier:
             raise failures[0]
         if errors:
             raise Stopped(f"stopped cleanly at a checkpoint: {self._stopped_reason or 'interrupted'}")
-        await self._check_cycle_orphans()
+        await replica.check_orphans(self.target_pool, [(u.ct, u.target_table) for u in cyclic])
         return [
             TableResult(str(u.ct.source), n, u.rows, u.written, u.rejected, u.seconds, u.skipped)
             for n, u in self.units.items()
@@ -185,7 +185,11 @@ class Copier:
                 await self.units[dep].done.wait()
             if self._halt.is_set() or self.stop.is_set():
                 raise Stopped(self._stopped_reason or "stopped")
-            parts = await self._parts(u)
+            parts = await self.parts.recorded(u.ct)  # made on the table's first run (parts.py)
+            copied = bool(parts) and all(p["done"] for p in parts) and not self.options.recheck
+            if not copied:  # a table copied before is skipped without reading its source
+                u.total = await fetch_val(self.source_pool, u.ct.count_sql())
+                parts = await self.parts.ready(u.ct, parts, u.total)
             finished = name in await ledger.finished_tables(self.target_pool, self.phase)
             if all(p["done"] for p in parts) and finished and not self.options.recheck:
                 u.skipped = True
@@ -220,84 +224,6 @@ class Copier:
         finally:
             u.done.set()
 
-    async def _parts(self, u: _Unit) -> list[asyncpg.Record]:
-        """The table's key ranges: created on the first run, reused by every later one.  A partitioned source has
-        parts per leaf partition, each naming its leaf; a leaf attached or detached since they were made is refused
-        (``--recheck`` makes them anew)."""
-        name = str(u.ct.target)
-        parts = await ledger.checkpoints(self.target_pool, self.phase, name)
-        if parts:
-            recorded = {p["source"] for p in parts if p["source"] is not None}
-            changes = partitions.leaf_changes(recorded, [str(leaf) for leaf in u.ct.leaves])
-            if changes and not self.options.recheck:
-                raise RefusedError(
-                    f"the partitions of {u.ct.source} changed since this phase started copying it: "
-                    f"{changes.describe(str(u.ct.source))}",
-                    detail=f"the checkpoints of {name} name the partitions as they were; going on would skip rows "
-                    "or lose track of rows already copied; nothing was copied in this run",
-                    hint=f"attach or detach it back and run the same command again; or run it with --recheck to copy "
-                    f"{u.ct.source} as it is now (rows copied from a detached partition stay in {name}: validation "
-                    "reports them, and a rollback of the phase removes them)",
-                )
-            if self.options.recheck and not u.ct.key:
-                raise RefusedError(
-                    f"--recheck cannot pass over {name} again: it is copied by blocks (batch_by: ctid) into a table "
-                    "without a key, so nothing would recognise the rows already copied",
-                    hint=f"roll the phase back and run it again to copy {u.ct.source} anew",
-                )
-            if changes:  # --recheck: the parts are made anew for the partitions as they are now
-                async with ledger.committed_under(self.target_pool, self.lock) as conn:
-                    await ledger.unmark_finished(conn, self.phase, name)
-                    await ledger.reset_checkpoints(conn, self.phase, name)
-                parts = []
-        if parts and all(p["done"] for p in parts) and not self.options.recheck:
-            return parts  # copied before: skipped without reading the source
-        u.total = await fetch_val(self.source_pool, u.ct.count_sql())
-        if parts and self.options.recheck:
-            async with ledger.committed_under(self.target_pool, self.lock) as conn:
-                await ledger.unmark_finished(conn, self.phase, name)
-                await ledger.restart_checkpoints(conn, self.phase, name)
-            parts = await ledger.checkpoints(self.target_pool, self.phase, name)
-        if parts:
-            return parts
-        rows: list[tuple[str | None, list[str] | None, list[str] | None]] = []
-        if u.ct.leaves:
-            for leaf in u.ct.leaves:
-                ct = u.ct.for_leaf(leaf)
-                # a leaf is split only when big (none can be while the whole table is small): its size from the
-                # statistics, as the split itself is approximate, counted only when it was never analyzed
-                total = 0
-                if u.total >= self.options.split_rows:
-                    total = await fetch_val(
-                        self.source_pool, "SELECT reltuples::bigint FROM pg_class WHERE oid = $1::regclass", qname(leaf)
-                    )
-                    if total < 0:
-                        total = await fetch_val(self.source_pool, ct.count_sql())
-                bounds = await self._bounds(ct, total)
-                rows += [
-                    (str(leaf), bounds[i], bounds[i + 1] if i + 1 < len(bounds) else None) for i in range(len(bounds))
-                ]
-        else:
-            bounds = await self._bounds(u.ct, u.total)
-            rows = [(None, bounds[i], bounds[i + 1] if i + 1 < len(bounds) else None) for i in range(len(bounds))]
-        async with ledger.committed_under(self.target_pool, self.lock) as conn:
-            await ledger.add_checkpoints(conn, self.phase, name, rows)
-        return await ledger.checkpoints(self.target_pool, self.phase, name)
-
-    async def _bounds(self, ct: CompiledTable, total: int) -> list[list[str] | None]:
-        """Where the concurrent key ranges of a table (or of one leaf) of ``total`` rows start: ``[None]`` for one
-        range, ``[None, k1, …]`` for ``--jobs`` ranges of a big one (block numbers for ``batch_by: ctid``)."""
-        bounds: list[list[str] | None] = [None]
-        n = min(self.options.jobs, math.ceil(total / max(self.options.batch_size, 1)))
-        if n > 1 and total >= self.options.split_rows:
-            if ct.by_blocks:
-                blocks = await self._blocks(ct)
-                bounds += [[f"({blocks * i // n},0)"] for i in range(1, n)]
-            else:
-                percent = min(100.0, 100.0 * 20_000 / total)  # about 20,000 sampled keys
-                bounds += [r["k"] for r in await self.source_pool.fetch(ct.split_sql(), n, percent)]
-        return bounds
-
     async def _gated(self, u: _Unit, part: asyncpg.Record) -> None:
         """Copy one part; a partitioned table's parts wait for one of its ``--jobs`` turns, so its leaves are copied
         a few at a time, each to its end, rather than all at once a batch each."""
@@ -307,48 +233,10 @@ class Copier:
         async with u.gate:
             await self._part(u, part)
 
-    def _part_ct(self, u: _Unit, part: asyncpg.Record) -> CompiledTable:
-        """The table as one part reads it: its leaf partition, or the whole source."""
-        if part["source"] is None:
-            return u.ct
-        return u.ct.for_leaf(next(leaf for leaf in u.ct.leaves if str(leaf) == part["source"]))
-
-    async def _blocks(self, ct: CompiledTable) -> int:
-        """The source relation's size in blocks, now."""
-        return int(
-            await fetch_val(
-                self.source_pool,
-                "SELECT pg_relation_size($1::regclass) / current_setting('block_size')::bigint",
-                qname(ct.leaf or ct.source),
-            )
-        )
-
-    async def _blocks_bound(
-        self, u: _Unit, ct: CompiledTable, last: list[str] | None, hi: list[str] | None
-    ) -> tuple[int, list[str], bool]:
-        """``batch_by: ctid``: the next range of blocks after ``last`` (about ``batch_size`` rows), the rows in it,
-        and whether it reaches the part's end (``hi``, else the relation's last block)."""
-        if u.step is None:
-            stats = await self.source_pool.fetchrow(
-                "SELECT reltuples, relpages FROM pg_class WHERE oid = $1::regclass", qname(ct.leaf or ct.source)
-            )
-            blocks = await self._blocks(ct)
-            if stats is not None and stats["reltuples"] > 0 and stats["relpages"] > 0:
-                per_block = stats["reltuples"] / stats["relpages"]
-            else:  # never analyzed
-                per_block = (u.total or await fetch_val(self.source_pool, ct.count_sql())) / max(blocks, 1)
-            u.step = max(1, int(self.options.batch_size / max(per_block, 1.0)))
-        lo = _block(last[0]) if last else 0
-        end = _block(hi[0]) if hi else await self._blocks(ct)
-        upto = max(lo, min(lo + u.step, end))
-        new_last = [f"({upto},0)"]
-        n = await fetch_val(self.source_pool, ct.range_count_sql(lower=last is not None), *(last or []), *new_last)
-        return n, new_last, upto >= end
-
     # -- one key range ---------------------------------------------------------------------------
     async def _part(self, u: _Unit, part: asyncpg.Record) -> None:
         name = str(u.ct.target)
-        ct = self._part_ct(u, part)
+        ct = part_table(u.ct, part)
         last: list[str] | None = part["last_key"] or part["lo"]
         hi: list[str] | None = part["hi"]
         estimate = 0.0
@@ -411,7 +299,9 @@ class Copier:
         rows written, rows rejected, and whether the part is done."""
         lower, upper = last is not None, hi is not None
         if ct.by_blocks:
-            n, new_last, done = await self._blocks_bound(u, ct, last, hi)
+            if u.step is None:
+                u.step = await self.parts.blocks_per_batch(ct, u.total)
+            n, new_last, done = await self.parts.next_blocks(ct, last, hi, u.step)
         else:
             bound_args = [*(last or []), *(hi or []), self.options.batch_size]
             bound = await self.source_pool.fetchrow(ct.bound_sql(lower=lower, upper=upper), *bound_args)
@@ -424,7 +314,7 @@ class Copier:
         rng = [*(last or []), *new_last]
         async with self.target_pool.acquire() as conn, conn.transaction():
             if u.cyclic or ct.replica:
-                await conn.execute("SET LOCAL session_replication_role = replica")
+                await conn.execute(replica.REPLICA)
             writer = self.writer
             if self.same_db:
                 written, rejected = await writer.same_db(conn, ct, last, new_last, rng)
@@ -484,46 +374,3 @@ class Copier:
     # -- after the copy ----------------------------------------------------------------------------
     async def _fix_sequences(self, u: _Unit, conn: asyncpg.Connection) -> None:  # a named step (tests/killer.py)
         await advance_sequences(conn, u.target_table)
-
-    async def _check_cycles_allowed(self) -> None:
-        if not any(u.cyclic or u.ct.replica for u in self.units.values()):
-            return
-        async with self.target_pool.acquire() as conn, conn.transaction():
-            try:
-                await conn.execute("SET LOCAL session_replication_role = replica")
-            except asyncpg.InsufficientPrivilegeError as e:
-                cyc = ", ".join(n for n, u in self.units.items() if u.cyclic)
-                if not cyc:
-                    skip = ", ".join(n for n, u in self.units.items() if u.ct.replica)
-                    raise MigrationError(
-                        f"target_triggers: skip for {skip} needs session_replication_role = replica, which this role "
-                        "may not set",
-                        hint="run this phase as a superuser, or (PostgreSQL 15+) GRANT SET ON PARAMETER "
-                        "session_replication_role TO the role; or let the triggers fire (target_triggers: fire)",
-                    ) from e
-                raise MigrationError(
-                    f"the target tables {cyc} reference each other in a cycle, and this role may not defer their "
-                    "foreign keys (session_replication_role needs superuser)",
-                    hint="run this phase as a superuser, or drop one foreign key of the cycle in the phase's revision "
-                    "and add it back (NOT VALID + VALIDATE) in a later one",
-                ) from e
-
-    async def _check_cycle_orphans(self) -> None:
-        """After a copy with the foreign keys deferred (a cycle), no row may reference a missing parent.  (With
-        target_triggers: skip, and no cycle, each insert checks them itself: see CompiledTable._checked.)"""
-        for name, u in self.units.items():
-            if not u.cyclic:
-                continue
-            for fk in u.target_table.foreign_keys:
-                n = await fetch_val(self.target_pool, orphans_sql(u.ct.target, fk))
-                if n:
-                    raise MigrationError(
-                        f"{name}: {n} rows violate foreign key {fk.name} after the cyclic copy",
-                        hint="the rows were copied with the foreign keys deferred; fix the mapping so every "
-                        "reference has its parent, then run again",
-                    )
-
-
-def _block(tid: str) -> int:
-    """The block number of a tid's text, ``(12,0)`` -> 12."""
-    return int(tid.strip("()").split(",")[0])

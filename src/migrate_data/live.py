@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import asyncpg
@@ -108,28 +108,23 @@ async def sync(
     names = _in_order(settings, names)
     options = options or syncing.SyncOptions()
     stop = stop or asyncio.Event()
-    async with connect(settings) as (target, source):
-        await ledger.ensure(target)
-        async with ledger.exclusive(target, url=settings.database_url, what=f"sync of {', '.join(names)}") as lock:
-            lock.watch(stop)
-            await ledger.close_abandoned_runs(target)
-            states = await ledger.phase_states(target)
-            await check_schema_agrees(settings, target, project_phases(settings), states)
-            syncers = await _syncers(settings, names, target, source, lock, states, batch_size=options.batch_size)
-            async with AsyncExitStack() as runs:
-                for s in syncers:  # a refusal above leaves no run behind
-                    s.run_id = await runs.enter_async_context(recorded(target, lock, kind="sync", phase=s.phase))
-                totals = await syncing.sync(syncers, options, stop=stop)
-                lock.raise_if_lost()
-                if stop.is_set():
-                    applied = sum(t.changes for t in totals.values())
-                    raise Stopped(f"sync stopped cleanly after {applied:,} changes; what is left is still in the log")
-                for s in syncers:
-                    t = totals[s.phase]
-                    assert s.run_id is not None
-                    await ledger.update_run(
-                        target, s.run_id, status="done", rows={"changes": t.changes}, rejects=t.rejected
-                    )
+    async with _locked(settings, f"sync of {', '.join(names)}") as (target, source, lock, states):
+        lock.watch(stop)
+        syncers = await _syncers(settings, names, target, source, lock, states, batch_size=options.batch_size)
+        async with AsyncExitStack() as runs:
+            for s in syncers:  # a refusal above leaves no run behind
+                s.run_id = await runs.enter_async_context(recorded(target, lock, kind="sync", phase=s.phase))
+            totals = await syncing.sync(syncers, options, stop=stop)
+            lock.raise_if_lost()
+            if stop.is_set():
+                applied = sum(t.changes for t in totals.values())
+                raise Stopped(f"sync stopped cleanly after {applied:,} changes; what is left is still in the log")
+            for s in syncers:
+                t = totals[s.phase]
+                assert s.run_id is not None
+                await ledger.update_run(
+                    target, s.run_id, status="done", rows={"changes": t.changes}, rejects=t.rejected
+                )
     return syncing.SyncResult(tuple(totals[n] for n in names), time.monotonic() - started)
 
 
@@ -148,70 +143,97 @@ async def cutover(
     writes are released and capture stays on (``ok`` False).  ``on_blocked`` runs while writes are blocked."""
     started = time.monotonic()
     names = _in_order(settings, names)
+    async with _locked(settings, f"cutover of {', '.join(names)}") as (target, source, lock, states):
+        already = tuple(n for n in names if (states.get(n) or {}).get("cut_over_at") is not None)
+        todo = [n for n in names if n not in already]
+        # a cutover killed after it recorded the phase: finish removing the capture
+        late = sum([await capture.remove(settings, target, n, lock=lock, keep_log=True) for n in already])
+        if not todo:
+            return CutoverResult(tuple(names), True, capture_removed=True, already=already, late=late)
+        syncers = await _syncers(settings, todo, target, source, lock, states, batch_size=batch_size)
+        _refuse_before_parents(settings, todo, syncers, states)
+        async with AsyncExitStack() as runs:
+            for s in syncers:
+                s.run_id = await runs.enter_async_context(recorded(target, lock, kind="cutover", phase=s.phase))
+            tables = {n: r for s in syncers for n, r in (await capture.relations(source, s.phase)).items()}
+            tables = dict(sorted(tables.items()))
+            async with blocking.writes_blocked(source, tables, wait=lock_wait, retries=retries) as blocked:
+                totals, validations, problems = await _while_blocked(settings, syncers, on_blocked, batch_size)
+                ok = all(v.ok for v in validations) and not problems
+                blocked.release_only = not ok  # the writes are released, nothing is cut over
+                if ok:
+                    async with ledger.committed_under(target, lock) as conn:
+                        for n in todo:
+                            await ledger.mark_cut_over(conn, n)
+            status = "done" if ok else "invalid"
+            for s in syncers:
+                assert s.run_id is not None
+                changes = {"changes": totals[s.phase].changes}
+                await ledger.update_run(target, s.run_id, status=status, rows=changes, validation_ok=ok)
+        removed = False
+        if ok:
+            removed, after = await _remove_capture(settings, target, todo, lock)
+            late += after
+        return CutoverResult(
+            tuple(names),
+            ok,
+            validations,
+            tuple(totals[n] for n in todo),
+            blocked.tables,
+            blocked.seconds or 0.0,
+            blocked.attempts,
+            removed,
+            already,
+            time.monotonic() - started,
+            problems,
+            late,
+        )
+
+
+@asynccontextmanager
+async def _locked(
+    settings: Settings, what: str
+) -> AsyncIterator[tuple[asyncpg.Pool, asyncpg.Pool, ledger.LockSession, dict[str, asyncpg.Record]]]:
+    """Connect and hold the database's lock (``what`` says for what), after closing the runs their sessions left
+    and checking Alembic's revision against the ledger: the pools, the lock's session and the phase states."""
     async with connect(settings) as (target, source):
         await ledger.ensure(target)
-        async with ledger.exclusive(target, url=settings.database_url, what=f"cutover of {', '.join(names)}") as lock:
+        async with ledger.exclusive(target, url=settings.database_url, what=what) as lock:
             await ledger.close_abandoned_runs(target)
             states = await ledger.phase_states(target)
             await check_schema_agrees(settings, target, project_phases(settings), states)
-            already = tuple(n for n in names if (states.get(n) or {}).get("cut_over_at") is not None)
-            todo = [n for n in names if n not in already]
-            late = 0
-            for n in already:  # a cutover killed after it recorded the phase: finish removing the capture
-                late += await capture.remove(settings, target, n, lock=lock, keep_log=True)
-            if not todo:
-                return CutoverResult(tuple(names), True, capture_removed=True, already=already, late=late)
-            syncers = await _syncers(settings, todo, target, source, lock, states, batch_size=batch_size)
-            _refuse_before_parents(settings, todo, syncers, states)
-            async with AsyncExitStack() as runs:
-                run_ids = {}
-                for s in syncers:
-                    s.run_id = run_ids[s.phase] = await runs.enter_async_context(
-                        recorded(target, lock, kind="cutover", phase=s.phase)
-                    )
-                tables = {n: r for s in syncers for n, r in (await capture.relations(source, s.phase)).items()}
-                tables = dict(sorted(tables.items()))
-                async with blocking.writes_blocked(source, tables, wait=lock_wait, retries=retries) as blocked:
-                    if on_blocked is not None:
-                        await on_blocked()
-                    totals = await syncing.sync(
-                        syncers, syncing.SyncOptions(batch_size=batch_size), stop=asyncio.Event(), bounded=False
-                    )
-                    validations = tuple([await validate(settings, n, deep=True) for n in todo])
-                    problems = await _not_applied(syncers, totals)
-                    ok = all(v.ok for v in validations) and not problems
-                    if ok:
-                        async with ledger.committed_under(target, lock) as conn:
-                            for n in todo:
-                                await ledger.mark_cut_over(conn, n)
-                    else:
-                        blocked.release_only = True
-                for n in todo:
-                    changes = {"changes": totals[n].changes}
-                    status = "done" if ok else "invalid"
-                    await ledger.update_run(target, run_ids[n], status=status, rows=changes, validation_ok=ok)
-            removed = False
-            if ok:
-                try:
-                    for n in todo:
-                        late += await capture.remove(settings, target, n, lock=lock, keep_log=True)
-                    removed = True
-                except MigrationError as e:  # the phase is cut over: the triggers only log what nobody reads
-                    log.warning("capture of %s not removed yet: %s; `migrate-data cutover` again removes it", todo, e)
-            return CutoverResult(
-                tuple(names),
-                ok,
-                validations,
-                tuple(totals[n] for n in todo),
-                blocked.tables,
-                blocked.seconds or 0.0,
-                blocked.attempts,
-                removed,
-                already,
-                time.monotonic() - started,
-                problems,
-                late,
-            )
+            yield target, source, lock, states
+
+
+async def _while_blocked(
+    settings: Settings,
+    syncers: list[syncing.PhaseSyncer],
+    on_blocked: Callable[[], Awaitable[None]] | None,
+    batch_size: int,
+) -> tuple[dict[str, syncing.PhaseSync], tuple[ValidationResult, ...], tuple[str, ...]]:
+    """What a cutover does while writes are blocked, before it decides: ``on_blocked``, the last captured changes
+    applied, every phase validated with checksums; and what the sync left undone."""
+    if on_blocked is not None:
+        await on_blocked()
+    options = syncing.SyncOptions(batch_size=batch_size)
+    totals = await syncing.sync(syncers, options, stop=asyncio.Event(), bounded=False)
+    validations = tuple([await validate(settings, s.phase, deep=True) for s in syncers])
+    return totals, validations, await _not_applied(syncers, totals)
+
+
+async def _remove_capture(
+    settings: Settings, target: asyncpg.Pool, names: list[str], lock: ledger.LockSession
+) -> tuple[bool, int]:
+    """Remove the change capture of phases just cut over, keeping the log: whether it is all gone, and the changes
+    logged after the last sync (writes to the English tables once released)."""
+    late = 0
+    try:
+        for n in names:
+            late += await capture.remove(settings, target, n, lock=lock, keep_log=True)
+    except MigrationError as e:  # the phase is cut over: the triggers only log what nobody reads
+        log.warning("capture of %s not removed yet: %s; `migrate-data cutover` again removes it", names, e)
+        return False, late
+    return True, late
 
 
 def _refuse_before_parents(

@@ -101,21 +101,7 @@ async def demo(settings: api.Settings, *, scale: float, say: Callable[[str], Non
         if name == "phase2a":  # the application writes between nights; `sync` catches up
             ok = await _between_nights(settings, name, say) and ok
     say("\n$ migrate-data status")
-    say(
-        report.summary(
-            [
-                {
-                    "phase": s.phase,
-                    "state": s.state,
-                    "rows": s.rows,
-                    "quarantined": s.quarantined,
-                    "validation": s.validation,
-                }
-                for s in await api.status(settings)
-            ],
-            right=("rows", "quarantined"),
-        )
-    )
+    say(await _status_table(settings))
     if phases:
         last = phases[-1]
         rb = await api.rollback(settings, last)
@@ -125,6 +111,15 @@ async def demo(settings: api.Settings, *, scale: float, say: Callable[[str], Non
         await run(last)
     say(f"\nreports are in {settings.reports_dir}")
     return 0 if ok else 3
+
+
+async def _status_table(settings: api.Settings) -> str:
+    """What ``migrate-data status`` shows of the demo's phases: state, rows, quarantined, validation."""
+    lines = [
+        {"phase": s.phase, "state": s.state, "rows": s.rows, "quarantined": s.quarantined, "validation": s.validation}
+        for s in await api.status(settings)
+    ]
+    return report.summary(lines, right=("rows", "quarantined"))
 
 
 DEMO_WRITES = (

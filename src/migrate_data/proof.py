@@ -8,14 +8,15 @@ either nothing or accepted by the DBA (they stay in the phase's backup only).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
+from dataclasses import dataclass, field
 
 import asyncpg
 
-from . import ledger
-from .catalog import read_table
+from . import ledger, pre_state
+from .catalog import Table, read_table
+from .compile import CompiledTable
 from .errors import RefusedError
 from .mapping import Phase, QualifiedName
 from .preflight import PhasePlan, compile_phase
@@ -45,8 +46,7 @@ async def prove_nothing_lost(
             hint=f"run {pending[0]} first",
         )
     problems: list[str] = []
-    read: dict[str, set[str]] = {name: set() for name in dropped}  # the columns some mapping reads
-    copied: set[str] = set()
+    read = _Read({name: set() for name in dropped})
     unkept: list[str] = []
     for p, ph in phases.items():
         if not ph.tables or p == phase.name:
@@ -54,38 +54,10 @@ async def prove_nothing_lost(
         tables, findings = await compile_phase(ph, source=source, target=target)
         PhasePlan(ph, tuple(tables), tuple(findings)).raise_for_errors()
         for ct, _ in tables:
-            tm = ct.mapping
-            words = set(WORD.findall(" ".join(filter(None, [tm.where, *(c.sql for c in tm.columns)]))))
-            for c in tm.columns:
-                if c.lookup is not None:
-                    lt = await read_table(source, c.lookup.table)
-                    if lt is not None and str(lt.qualified) in read:
-                        read[str(lt.qualified)] |= {*c.lookup.key, c.lookup.column} | words
-            name = str(ct.source)
-            if name not in read:
-                continue
-            copied.add(name)
-            read[name] |= {c.column for c in tm.columns if c.column} | words | set(ct.batch_by)
-            read[name] |= {o for c in tm.columns if c.lookup for o in c.lookup.on}
-            if tm.where:
-                n = await source.fetchval(
-                    f"SELECT count(*) FROM {qname(ct.source)} AS {qi(ct.alias)} WHERE NOT COALESCE(({tm.where}), false)"
-                )
-                if n:
-                    unkept.append(f"{name}: {n:,} rows that the `where` of {p} leaves out")
+            unkept += await read.add(p, ct, source)
         reading = [(ct, t) for ct, t in tables if str(ct.source) in dropped]
         if reading:
-            pre = json.loads(states[p]["pre_state"] or "{}").get("counts", {})
-            result = await validate_phase(
-                p,
-                reading,
-                target=target,
-                source=source,
-                deep=True,
-                pre_counts=pre,
-                started_snapshot=states[p]["started_snapshot"],
-            )
-            problems += [f"{p}: {t.target}: {'; '.join(t.problems)}" for t in result.tables if t.problems]
+            problems += await _not_in_targets(p, reading, states[p], target, source)
     if problems:
         raise RefusedError(
             f"{phase.name} would drop rows that are not in the Spanish tables; nothing was dropped",
@@ -93,7 +65,7 @@ async def prove_nothing_lost(
             hint="bring the data phases up to date (`migrate-data sync PHASE`, or roll back and run the phase again), "
             "validate them, and run again",
         )
-    unkept += await _unread(dropped, copied, read, source)
+    unkept += await read.unread(source)
     if unkept and not accept_unkept:
         raise RefusedError(
             f"{phase.name} would drop data that no mapping copies; nothing was dropped",
@@ -105,22 +77,76 @@ async def prove_nothing_lost(
         log.warning("dropped without a copy (accepted; it stays in the backup): %s", line)
 
 
-async def _unread(dropped: set[str], copied: set[str], read: dict[str, set[str]], source: asyncpg.Pool) -> list[str]:
-    """Tables no phase copies, and columns with values that no mapping reads."""
-    out: list[str] = []
-    for name in sorted(dropped):
-        table = await read_table(source, QualifiedName.parse(name))
-        if table is None:
-            continue
-        if name not in copied:
-            n = await source.fetchval(f"SELECT count(*) FROM {qname(table.qualified)}")
+async def _not_in_targets(
+    p: str,
+    reading: list[tuple[CompiledTable, Table]],
+    state: asyncpg.Record,
+    target: asyncpg.Pool,
+    source: asyncpg.Pool,
+) -> list[str]:
+    """What validation with checksums, now, finds wrong in the tables of phase ``p`` that copy dropped tables."""
+    result = await validate_phase(
+        p,
+        reading,
+        target=target,
+        source=source,
+        deep=True,
+        pre_counts=pre_state.counts(state),
+        started_snapshot=state["started_snapshot"],
+    )
+    return [f"{p}: {t.target}: {'; '.join(t.problems)}" for t in result.tables if t.problems]
+
+
+@dataclass
+class _Read:
+    """What the data phases' mappings read of the dropped tables: the columns of each (by the dropped table's name),
+    and which of them some mapping copies (its source)."""
+
+    columns: dict[str, set[str]]
+    copied: set[str] = field(default_factory=set)
+
+    async def add(self, p: str, ct: CompiledTable, source: asyncpg.Pool) -> list[str]:
+        """Add what the table mapping ``ct`` of phase ``p`` reads; the rows of a dropped table its ``where`` leaves
+        out."""
+        tm = ct.mapping
+        words = set(WORD.findall(" ".join(filter(None, [tm.where, *(c.sql for c in tm.columns)]))))
+        for c in tm.columns:
+            if c.lookup is not None:
+                lt = await read_table(source, c.lookup.table)
+                if lt is not None and str(lt.qualified) in self.columns:
+                    self.columns[str(lt.qualified)] |= {*c.lookup.key, c.lookup.column} | words
+        name = str(ct.source)
+        if name not in self.columns:
+            return []
+        self.copied.add(name)
+        self.columns[name] |= {c.column for c in tm.columns if c.column} | words | set(ct.batch_by)
+        self.columns[name] |= {o for c in tm.columns if c.lookup for o in c.lookup.on}
+        if tm.where:
+            n = await source.fetchval(
+                f"SELECT count(*) FROM {qname(ct.source)} AS {qi(ct.alias)} WHERE NOT COALESCE(({tm.where}), false)"
+            )
             if n:
-                out.append(f"{name}: {n:,} rows, and no phase copies this table")
-            continue
-        for col in table.columns:
-            if col.name in read[name] or col.generated:
+                return [f"{name}: {n:,} rows that the `where` of {p} leaves out"]
+        return []
+
+    async def unread(self, source: asyncpg.Pool) -> list[str]:
+        """Tables no phase copies, and columns with values that no mapping reads."""
+        out: list[str] = []
+        for name in sorted(self.columns):
+            table = await read_table(source, QualifiedName.parse(name))
+            if table is None:
                 continue
-            n = await source.fetchval(f"SELECT count(*) FROM {qname(table.qualified)} WHERE {qi(col.name)} IS NOT NULL")
-            if n:
-                out.append(f"{name}.{col.name}: {n:,} rows with a value, and no mapping reads this column")
-    return out
+            if name not in self.copied:
+                n = await source.fetchval(f"SELECT count(*) FROM {qname(table.qualified)}")
+                if n:
+                    out.append(f"{name}: {n:,} rows, and no phase copies this table")
+                continue
+            for col in table.columns:
+                if col.name in self.columns[name] or col.generated:
+                    continue
+                n = await source.fetchval(
+                    f"SELECT count(*) FROM {qname(table.qualified)} WHERE {qi(col.name)} IS NOT NULL"
+                )
+                if n:
+                    out.append(f"{name}.{col.name}: {n:,} rows with a value, and no mapping reads this column")
+        return out

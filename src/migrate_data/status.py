@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from . import capture, ledger, steps
+from . import capture, ledger, pre_state, steps
 from .db import fetch_val
 from .mapping import Phase, Phases, QualifiedName
 from .preflight import PhasePlan, compile_phase
@@ -77,7 +77,7 @@ async def validate(
         if await ledger.exists(target):
             st = (await ledger.phase_states(target)).get(name)
             if st is not None and st["pre_state"]:
-                pre_counts = json.loads(st["pre_state"]).get("counts", {})
+                pre_counts = pre_state.counts(st)
                 snapshot = st["started_snapshot"]
         result = await validate_phase(
             name,
@@ -123,56 +123,59 @@ async def status(settings: Settings, *, sample_seconds: float = 1.0) -> list[Pha
                 for p in every
             ]
         states = await ledger.phase_states(target)
-        out = []
-        for p in every:
-            if p in broken:
-                out.append(unloaded(p))
-                continue
-            ph = phases[p]
-            st = states.get(p)
-            runs = await ledger.runs(target, phase=p, limit=1)
-            last = runs[0] if runs else None
-            cps = await ledger.checkpoints(target, p)
-            quarantined = sum(c["rejected"] for c in cps)
-            rows = sum(c["rows_read"] for c in cps) - quarantined  # a --recheck pass writes ~0 but accounts for all
-            resume = None
-            if st is not None and st["state"] == "partial":
-                pending = sorted({c["target"] for c in cps if not c["done"]})
-                resume = (
-                    f"resumes at {', '.join(pending)} after {sum(c['rows_read'] for c in cps):,} rows read"
-                    if pending
-                    else "copy finished; validation pending"
-                )
-            if st is not None and st["state"] == "rolling_back":
-                resume = f"a rollback stopped midway; finish it with `migrate-data rollback {p}`"
-            progress = None
-            if last is not None and last["status"] == "running" and last["kind"] == "run":
-                progress = await _live_progress(target, source, ph, last, sample_seconds)
-                if progress is not None:
-                    resume, rows = None, progress.rows - quarantined
-            validation = "-" if st is None or st["validated"] is None else ("passed" if st["validated"] else "FAILED")
-            actual = None
-            if last is not None and last["finished_at"] is not None:
-                actual = (last["finished_at"] - last["started_at"]).total_seconds()
-            out.append(
-                PhaseStatus(
-                    p,
-                    "running" if progress is not None else st["state"] if st else "pending",
-                    ph.revision,
-                    f"{last['kind']} {last['status']}" if last is not None else None,
-                    rows,
-                    validation,
-                    resume,
-                    last["predicted_seconds"] if last else None,
-                    actual,
-                    last_run_at=last["started_at"] if last is not None else None,
-                    quarantined=quarantined,
-                    description=ph.description,
-                    progress=progress,
-                    **await _sync_status(source, ph, st),
-                )
-            )
-        return out
+        return [
+            unloaded(p)
+            if p in broken
+            else await _phase_status(target, source, phases[p], states.get(p), sample_seconds)
+            for p in every
+        ]
+
+
+async def _phase_status(
+    target: asyncpg.Pool, source: asyncpg.Pool, ph: Phase, st: asyncpg.Record | None, sample_seconds: float
+) -> PhaseStatus:
+    """The line of one phase (its ledger row ``st``, None when pending)."""
+    p = ph.name
+    runs = await ledger.runs(target, phase=p, limit=1)
+    last = runs[0] if runs else None
+    cps = await ledger.checkpoints(target, p)
+    quarantined = sum(c["rejected"] for c in cps)
+    rows = sum(c["rows_read"] for c in cps) - quarantined  # a --recheck pass writes ~0 but accounts for all
+    resume = None
+    if st is not None and st["state"] == "partial":
+        pending = sorted({c["target"] for c in cps if not c["done"]})
+        resume = (
+            f"resumes at {', '.join(pending)} after {sum(c['rows_read'] for c in cps):,} rows read"
+            if pending
+            else "copy finished; validation pending"
+        )
+    if st is not None and st["state"] == "rolling_back":
+        resume = f"a rollback stopped midway; finish it with `migrate-data rollback {p}`"
+    progress = None
+    if last is not None and last["status"] == "running" and last["kind"] == "run":
+        progress = await _live_progress(target, source, ph, last, sample_seconds)
+        if progress is not None:
+            resume, rows = None, progress.rows - quarantined
+    validation = "-" if st is None or st["validated"] is None else ("passed" if st["validated"] else "FAILED")
+    actual = None
+    if last is not None and last["finished_at"] is not None:
+        actual = (last["finished_at"] - last["started_at"]).total_seconds()
+    return PhaseStatus(
+        p,
+        "running" if progress is not None else st["state"] if st else "pending",
+        ph.revision,
+        f"{last['kind']} {last['status']}" if last is not None else None,
+        rows,
+        validation,
+        resume,
+        last["predicted_seconds"] if last else None,
+        actual,
+        last_run_at=last["started_at"] if last is not None else None,
+        quarantined=quarantined,
+        description=ph.description,
+        progress=progress,
+        **await _sync_status(source, ph, st),
+    )
 
 
 async def _sync_status(source: asyncpg.Pool, phase: Phase, st: asyncpg.Record | None) -> dict[str, Any]:

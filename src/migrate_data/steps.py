@@ -12,7 +12,6 @@ in any step is finished by the same command; each ``undo`` likewise, so a rollba
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import time
@@ -23,10 +22,9 @@ from typing import Any
 import asyncpg
 
 from . import backup as backups
-from . import capture, capture_sql, copy_sql, dependents, ledger, report, schema
+from . import capture, capture_sql, copy_sql, dependents, ledger, legacy, pre_state, report, schema
 from . import rollback as undoing
-from .catalog import Table, read_table, sequences
-from .compile import CompiledTable
+from .catalog import sequences
 from .copier import Copier, CopyEvent, CopyOptions, TableResult
 from .db import Executor, fetch_val
 from .errors import RefusedError
@@ -119,7 +117,7 @@ class PhaseUndo:
 
     @property
     def pre(self) -> dict[str, Any]:
-        return json.loads(self.state["pre_state"]) if self.state["pre_state"] else {}
+        return pre_state.recorded(self.state)
 
 
 @dataclass(frozen=True)
@@ -199,10 +197,10 @@ class Start(Step):
                 same_db=settings.same_database, coverage=False,
             )  # fmt: skip
             run.plan.raise_for_errors()
-            pre_state = None if run.resuming else await _pre_state(conn, run.plan.tables)
+            before = None if run.resuming else await pre_state.taken(conn, run.plan.tables)
             await ledger.set_phase(
                 conn, phase.name, state="partial", revision=phase.revision, run_id=run.run_id,
-                backup_path=run.backup_path, pre_state=pre_state, start=not run.resuming,
+                backup_path=run.backup_path, pre_state=before, start=not run.resuming,
             )  # fmt: skip
             # Change capture starts in this same transaction (one database), or commits just before it (two): every
             # write to the phase's source and lookup tables from now on is logged for `sync` (capture.py).
@@ -216,17 +214,6 @@ class Start(Step):
             await undoing.downgrade(u.settings, u.plan, u.target, u.lock)
 
 
-async def _pre_state(conn: asyncpg.Connection, tables: Sequence[tuple[CompiledTable, Table]]) -> dict[str, Any]:
-    counts: dict[str, int] = {}
-    seqs: dict[str, list[Any]] = {}
-    for ct, tgt in tables:
-        counts[str(ct.target)] = await conn.fetchval(ct.target_count_sql())
-        for _, seq in await sequences(conn, tgt):
-            row = await conn.fetchrow(f"SELECT last_value, is_called FROM {seq}")
-            seqs[seq] = [row["last_value"], row["is_called"]]
-    return {"counts": counts, "sequences": seqs}
-
-
 class DropLegacy(Step):
     """Drop the tables of the phase's ``backup:`` list only with proof that nothing is lost, in one transaction:
     writes to them blocked (SHARE lock: reads go on), pg_dump of exactly what is dropped (the transaction's exported
@@ -236,7 +223,7 @@ class DropLegacy(Step):
 
     async def describe(self, d: Describing) -> StepPlan:
         tables, drops = d.dropping
-        lock = (f"LOCK TABLE {', '.join(tables)} IN SHARE MODE",) if tables else ()
+        lock = (legacy.lock_sql(tables),) if tables else ()
         ddl = (schema.offline_sql(d.settings, d.phase.revision),) if d.phase.revision else ()
         return StepPlan(self.name, "writes blocked, pg_dump of exactly what is dropped, proof that every row is in its "
                         "target, the objects that depend on the tables saved and dropped, then the drop: one "
@@ -256,36 +243,23 @@ class DropLegacy(Step):
             )
         settings, phase, target = run.settings, run.phase, run.target
         run.step(self.name, f"pg_dump of {len(phase.backup)} tables, proof that nothing is lost, then the drop")
-        tables = [t for t in [await read_table(target, n) for n in phase.backup] if t is not None]
-        held: dict[str, Any] = {}
+        drop = legacy.LegacyDrop(settings, phase, await legacy.tables(target, phase))
 
         async def prove(conn: asyncpg.Connection) -> None:
-            if tables:
-                await conn.execute(f"LOCK TABLE {', '.join(qname(t.qualified) for t in tables)} IN SHARE MODE")
-            held["deps"], held["saved"] = await dependents.before_drop(
-                conn, phase, settings.backups_dir, force=run.options.force
-            )
-            snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
-            held["backup"] = await backups.take_backup(settings, phase, target, snapshot=snapshot)
-            await ledger.update_run(target, run.run_id, backup_path=held["backup"])
-            await prove_nothing_lost(phase, run.phases, {str(t.qualified) for t in tables}, target, run.source,
+            backup_path = await drop.hold(conn, target, force=run.options.force)
+            await ledger.update_run(target, run.run_id, backup_path=backup_path)
+            await prove_nothing_lost(phase, run.phases, drop.names, target, run.source,
                                      accept_unkept=run.options.accept_unmapped)  # fmt: skip
-            held["dropped"] = {
-                str(t.qualified): await conn.fetchval(f"SELECT count(*) FROM {qname(t.qualified)}") for t in tables
-            }
-            await dependents.drop_dependents(conn, held["deps"])  # each on its own, never CASCADE
+            await drop.drop_dependents(conn)
 
         async with schema.schema_transaction(
             settings, target, upgrade_to=phase.revision, commit=True, before=prove
         ) as c:
-            await ledger.set_phase(
-                c, phase.name, state="partial", revision=phase.revision, run_id=run.run_id, backup_path=held["backup"],
-                pre_state={"counts": {}, "sequences": {}, "dropped": held["dropped"], **dependents.state(held["deps"])},
-                start=True,
-            )  # fmt: skip
+            await ledger.set_phase(c, phase.name, state="partial", revision=phase.revision, run_id=run.run_id,
+                                   backup_path=drop.backup, pre_state=drop.pre_state(), start=True)  # fmt: skip
             await run.lock.check(c)
-        run.backup_path = held["backup"]
-        run.plan = PhasePlan(phase, (), tuple(dependents.saved_findings(held["deps"], held["saved"])))
+        run.backup_path = drop.backup
+        run.plan = PhasePlan(phase, (), tuple(drop.findings()))
 
     async def undo(self, u: PhaseUndo) -> None:
         if u.plan.downgrade_to:
@@ -346,11 +320,10 @@ class Validate(Step):
         assert run.plan is not None
         name = run.phase.name
         states = await ledger.phase_states(run.target)
-        pre_counts = (states[name]["pre_state"] and json.loads(states[name]["pre_state"]).get("counts")) or {}
         run.step(self.name, "counts and checksums" if run.options.deep else "counts")
         v = await validate_phase(
             name, list(run.plan.tables), target=run.target, source=run.source, deep=run.options.deep,
-            pre_counts=pre_counts, started_snapshot=states[name]["started_snapshot"],
+            pre_counts=pre_state.counts(states[name]), started_snapshot=states[name]["started_snapshot"],
         )  # fmt: skip
         v = await signed(run.settings, run.target, v, run.phase)
         run.validation = replace(v, run_seconds=round(time.monotonic() - run.started, 3))
@@ -368,7 +341,7 @@ async def signed(settings: Settings, db: Executor, v: ValidationResult, phase: P
 async def drop_preview(db: Executor, phase: Phase) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """What the drop of ``phase`` would lock (the tables of its ``backup:`` that exist, quoted) and the statements
     that drop the objects depending on them, read before any DDL of the phase (``Describing.dropping``)."""
-    tables = [t.qualified for t in [await read_table(db, n) for n in phase.backup] if t is not None]
+    tables = [t.qualified for t in await legacy.tables(db, phase)]
     drops = tuple(x.drop for x in dependents.drop_order(await dependents.find(db, tables)) if x.drop)
     return tuple(qname(t) for t in tables), drops
 
