@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from . import partitions
-from .catalog import Table
+from .catalog import Column, Table
 from .conversions import Step, change_kind, literal_fits, zone_conversion
 from .copy_sql import CopySQL
 from .errors import PreflightError
@@ -56,140 +56,226 @@ def compile_table(
     pre-flight's job.
     """
     where = f"{mapping.target} (mappings line {mapping.line})"
-    alias = mapping.source.name
-    lookup_aliases: dict[tuple[QualifiedName, tuple[str, ...], tuple[str, ...]], str] = {}
-    joins: list[str] = []
-    lookups: list[tuple[str, Lookup]] = []
+    reads = _Reads(mapping, source, lookup_tables or {}, value_types or {}, where)
     columns: list[CompiledColumn] = []
     for spec in mapping.columns:
-        tcol = target.column(spec.target)
-        if tcol is None:
-            raise PreflightError(
-                f"{where}: target column {target.name}.{spec.target} does not exist",
-                hint=f"columns of {target.name}: {', '.join(c.name for c in target.columns)}",
-            )
-        if tcol.generated:
-            raise PreflightError(
-                f"{where}: columns.{spec.target} (line {spec.line}): {target.name}.{spec.target} is a generated "
-                f"column (GENERATED ALWAYS AS {_parenthesized(tcol.expression)} STORED) and cannot be written",
-                hint="leave it out of the mapping: PostgreSQL computes it from the columns that are copied",
-            )
-        value_type: str | None = None  # the type of the base's values, when known
+        tcol = _target_column(spec, target, where)
+        columns.append(_column(spec, tcol, reads.value(spec, tcol), mapping.timezone, where))
+    key = _key(mapping, target, {c.target for c in columns}, where)
+    batch_by = _batch_by(mapping, source, key, where)
+    replica = (mapping.target_triggers or DEFAULT_TARGET_TRIGGERS) == "skip"
+    return CompiledTable(
+        mapping=mapping,
+        source=source.qualified,
+        target=target.qualified,
+        alias=reads.alias,
+        columns=tuple(columns),
+        joins=tuple(reads.joins),
+        batch_by=batch_by,
+        batch_types=_batch_types(mapping, source, batch_by, where),
+        key=key,
+        key_types=tuple(target.column(k).type for k in key),  # type: ignore[union-attr]
+        overriding=any(target.column(c.target).identity == "a" for c in columns),  # type: ignore[union-attr]
+        lookups=tuple(reads.lookups),
+        key_injective=_key_injective(source, columns, key),
+        leaves=tuple(leaf.name for leaf in source.leaves),
+        replica=replica,
+        fk_checks=target.foreign_keys if replica else (),  # replica mode silences them: the insert checks them
+    )
+
+
+# -- a column ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Value:
+    """A column's value on its way to the target column: its SQL, the type of that SQL (None: not known, so it is
+    cast), the type of the values it carries (None: not known) and whether values of the source reach it (not only
+    the mapping's constants)."""
+
+    sql: str
+    sql_type: str | None
+    value_type: str | None
+    from_source: bool = True
+
+
+class _Reads:
+    """What a table's columns read: source columns, constants, ``sql:`` expressions, and looked-up columns with the
+    LEFT JOIN each lookup needs (one per lookup table, ``on`` and ``key``, whichever columns share it)."""
+
+    def __init__(
+        self,
+        mapping: TableMapping,
+        source: Table,
+        lookup_tables: dict[QualifiedName, Table],
+        value_types: dict[str, str],
+        where: str,
+    ) -> None:
+        self.alias = mapping.source.name
+        self.source = source
+        self.lookup_tables = lookup_tables
+        self.value_types = value_types
+        self.where = where
+        self.joins: list[str] = []
+        self.lookups: list[tuple[str, Lookup]] = []
+        self._aliases: dict[tuple[QualifiedName, tuple[str, ...], tuple[str, ...]], str] = {}
+
+    def value(self, spec: ColumnSpec, tcol: Column) -> _Value:
+        """What ``spec`` reads, before its map, default and casts."""
         if spec.kind == "column":
             assert spec.column is not None
-            scol = source.column(spec.column)
+            scol = self.source.column(spec.column)
             if scol is None:
                 raise PreflightError(
-                    f"{where}: columns.{spec.target}: source column {source.name}.{spec.column} does not exist",
-                    hint=f"columns of {source.name}: {', '.join(c.name for c in source.columns)}",
+                    f"{self.where}: columns.{spec.target}: source column {self.source.name}.{spec.column} does not "
+                    "exist",
+                    hint=f"columns of {self.source.name}: {', '.join(c.name for c in self.source.columns)}",
                 )
-            base = f"{qi(alias)}.{qi(spec.column)}"
-            base_type: str | None = scol.type
-            value_type = scol.type
+            sql = f"{qi(self.alias)}.{qi(spec.column)}"
             if scol.labels and scol.type != tcol.type:  # no cast joins two enums: through the labels' text
                 text = "text[]" if scol.is_array else "text"
-                base, base_type = f"CAST({base} AS {text})", text
-        elif spec.kind == "value":
-            base, base_type = ql(spec.value), None
-        elif spec.kind == "sql":
-            base, base_type = f"({spec.sql})", None
-            value_type = (value_types or {}).get(spec.target)
-        else:
-            lk = spec.lookup
-            assert lk is not None
-            for on in lk.on:
-                if source.column(on) is None:
-                    raise PreflightError(
-                        f"{where}: columns.{spec.target}: lookup.on column {source.name}.{on} does not exist"
-                    )
-            sig = (lk.table, lk.on, lk.key)
-            la = lookup_aliases.get(sig)
-            if la is None:
-                la = lookup_aliases[sig] = f"lookup{len(lookup_aliases) + 1}"
-                cond = " AND ".join(
-                    f"{qi(la)}.{qi(k)} = {qi(alias)}.{qi(o)}" for o, k in zip(lk.on, lk.key, strict=True)
-                )
-                resolved = (lookup_tables or {}).get(lk.table)  # schema-qualified, whatever the search_path
-                joins.append(f"LEFT JOIN {qname(resolved.qualified if resolved else lk.table)} AS {qi(la)} ON {cond}")
-                lookups.append((la, lk))
-            base, base_type = f"{qi(la)}.{qi(lk.column)}", None
-            lcol = (lookup_tables or {}).get(lk.table)
-            value_type = lcol.column(lk.column).type if lcol and lcol.column(lk.column) else None  # type: ignore[union-attr]
-        expr = base
-        passes_through = spec.kind != "value"  # a value of the source (not only constants) reaches the cast
-        if spec.map:
-            if spec.has_else:
-                whens = " ".join(f"WHEN ({base})::text = {ql(k)} THEN {ql(v)}" for k, v in spec.map)
-                expr = f"CASE WHEN ({base}) IS NULL THEN NULL {whens} ELSE {ql(spec.else_value)} END"
-                passes_through = False
-            else:
-                whens = " ".join(f"WHEN {ql(k)} THEN {ql(v)}" for k, v in spec.map)
-                expr = f"CASE ({base})::text {whens} ELSE ({base})::text END"
-            base_type = None
-        before_default = expr
-        if spec.has_default:
-            expr = f"COALESCE({expr}, {ql(spec.default)})"
-        cast_type = spec.cast or tcol.type
-        # A timestamp becomes a timestamptz (or back) only in a time zone the mapping names: the server session's
-        # TimeZone would otherwise decide, silently.  Converted here, on the source, so that the text shipped to
-        # another database carries its offset.
-        zone = spec.timezone or mapping.timezone
-        zconv = None if spec.map else zone_conversion(value_type, cast_type)
-        source_type = value_type if not spec.map else "text"
-        if zconv is not None and zone is not None:
-            if zconv == "to_tz":
-                expr = f"(CAST({expr} AS timestamp) AT TIME ZONE {ql(zone)})"
-                value_type = base_type = "timestamp with time zone"
-            else:
-                expr = f"(({expr}) AT TIME ZONE {ql(zone)})"
-                value_type = base_type = "timestamp without time zone"
-        pre_cast = expr
-        # The casts, checked where they could cut or round a value of the source; the mapping's own constants
-        # are checked here, once.
-        steps: list[Step] = []
-        vtype = value_type if passes_through else None
-        if spec.cast or base_type != tcol.type:
-            kind = change_kind(vtype, cast_type) if passes_through else None
-            steps.append(Step(cast_type, kind, _allowed(spec, kind)))
-            if spec.cast and cast_type != tcol.type:
-                kind2 = change_kind(cast_type, tcol.type)
-                if kind2 is not None:
-                    steps.append(Step(tcol.type, kind2, _allowed(spec, kind2)))
-        if tcol.base_type and steps and steps[-1].type == tcol.type:
-            # a domain: what can cut or round is the cast to its base type; then the domain's CHECKs, which refuse
-            kind = change_kind(vtype if len(steps) == 1 else steps[-2].type, tcol.base_type) if passes_through else None
-            steps[-1:] = [Step(tcol.base_type, kind, _allowed(spec, kind)), Step(tcol.type)]
-        for what, constant in constants(spec):
-            for step in steps or [Step(tcol.type)]:
-                if not literal_fits(constant, step.type) and not (spec.truncate or spec.round):
-                    raise PreflightError(
-                        f"{where}: columns.{spec.target}: {what} {text_form(constant)!r} does not fit {step.type}",
-                        detail="it would be cut or rounded in every row that gets it",
-                        hint="change the constant, widen the column, or give the column `truncate: true` / "
-                        "`round: true`",
-                    )
-        column = CompiledColumn(
-            spec.target,
-            tcol.type,
-            expr,
-            pre_cast,
-            cast_type,
-            base,
-            before_default,
-            spec,
-            steps=tuple(steps),
-            value_type=source_type,
-            zone=zone if zconv else None,
-            zone_conversion=zconv,
-            portable_type=tcol.portable or None,
-        )
-        columns.append(replace(column, expr=column.convert(pre_cast)))
+                return _Value(f"CAST({sql} AS {text})", text, scol.type)
+            return _Value(sql, scol.type, scol.type)
+        if spec.kind == "value":
+            return _Value(ql(spec.value), None, None, from_source=False)
+        if spec.kind == "sql":
+            return _Value(f"({spec.sql})", None, self.value_types.get(spec.target))
+        assert spec.lookup is not None
+        return self._looked_up(spec, spec.lookup)
 
+    def _looked_up(self, spec: ColumnSpec, lk: Lookup) -> _Value:
+        for on in lk.on:
+            if self.source.column(on) is None:
+                raise PreflightError(
+                    f"{self.where}: columns.{spec.target}: lookup.on column {self.source.name}.{on} does not exist"
+                )
+        sig = (lk.table, lk.on, lk.key)
+        la = self._aliases.get(sig)
+        table = self.lookup_tables.get(lk.table)  # schema-qualified, whatever the search_path
+        if la is None:
+            la = self._aliases[sig] = f"lookup{len(self._aliases) + 1}"
+            cond = " AND ".join(
+                f"{qi(la)}.{qi(k)} = {qi(self.alias)}.{qi(o)}" for o, k in zip(lk.on, lk.key, strict=True)
+            )
+            self.joins.append(f"LEFT JOIN {qname(table.qualified if table else lk.table)} AS {qi(la)} ON {cond}")
+            self.lookups.append((la, lk))
+        column = table.column(lk.column) if table else None
+        return _Value(f"{qi(la)}.{qi(lk.column)}", None, column.type if column else None)
+
+
+def _target_column(spec: ColumnSpec, target: Table, where: str) -> Column:
+    """The column ``spec`` writes: one that exists and is not generated."""
+    tcol = target.column(spec.target)
+    if tcol is None:
+        raise PreflightError(
+            f"{where}: target column {target.name}.{spec.target} does not exist",
+            hint=f"columns of {target.name}: {', '.join(c.name for c in target.columns)}",
+        )
+    if tcol.generated:
+        raise PreflightError(
+            f"{where}: columns.{spec.target} (line {spec.line}): {target.name}.{spec.target} is a generated "
+            f"column (GENERATED ALWAYS AS {_parenthesized(tcol.expression)} STORED) and cannot be written",
+            hint="leave it out of the mapping: PostgreSQL computes it from the columns that are copied",
+        )
+    return tcol
+
+
+def _column(spec: ColumnSpec, tcol: Column, read: _Value, phase_zone: str | None, where: str) -> CompiledColumn:
+    """One column compiled: what it reads, its map and default, its time zone conversion and its casts."""
+    mapped = _mapped(spec, read)
+    value = replace(mapped, sql=f"COALESCE({mapped.sql}, {ql(spec.default)})") if spec.has_default else mapped
+    cast_type = spec.cast or tcol.type
+    # A timestamp becomes a timestamptz (or back) only in a time zone the mapping names: the server session's
+    # TimeZone would otherwise decide, silently.  Converted here, on the source, so that the text shipped to
+    # another database carries its offset.
+    zone = spec.timezone or phase_zone
+    zconv = None if spec.map else zone_conversion(value.value_type, cast_type)
+    if zconv is not None and zone is not None:
+        value = _in_time_zone(value, zconv, zone)
+    steps = _casts(spec, tcol, value)
+    _check_constants(spec, steps or [Step(tcol.type)], where)
+    column = CompiledColumn(
+        spec.target,
+        tcol.type,
+        value.sql,
+        value.sql,
+        cast_type,
+        read.sql,
+        mapped.sql,
+        spec,
+        steps=tuple(steps),
+        value_type=read.value_type if not spec.map else "text",
+        zone=zone if zconv else None,
+        zone_conversion=zconv,
+        portable_type=tcol.portable or None,
+    )
+    return replace(column, expr=column.convert(value.sql))
+
+
+def _mapped(spec: ColumnSpec, read: _Value) -> _Value:
+    """The value after ``map:`` (a CASE over its text; with ``else:``, no value of the source gets through)."""
+    if not spec.map:
+        return read
+    base = read.sql
+    if spec.has_else:
+        whens = " ".join(f"WHEN ({base})::text = {ql(k)} THEN {ql(v)}" for k, v in spec.map)
+        sql = f"CASE WHEN ({base}) IS NULL THEN NULL {whens} ELSE {ql(spec.else_value)} END"
+        return _Value(sql, None, read.value_type, from_source=False)
+    whens = " ".join(f"WHEN {ql(k)} THEN {ql(v)}" for k, v in spec.map)
+    return _Value(f"CASE ({base})::text {whens} ELSE ({base})::text END", None, read.value_type, read.from_source)
+
+
+def _in_time_zone(value: _Value, conversion: str, zone: str) -> _Value:
+    """A timestamp made a timestamptz in ``zone`` (``to_tz``), or a timestamptz made a timestamp (``from_tz``)."""
+    if conversion == "to_tz":
+        sql, converted = f"(CAST({value.sql} AS timestamp) AT TIME ZONE {ql(zone)})", "timestamp with time zone"
+    else:
+        sql, converted = f"(({value.sql}) AT TIME ZONE {ql(zone)})", "timestamp without time zone"
+    return _Value(sql, converted, converted, value.from_source)
+
+
+def _casts(spec: ColumnSpec, tcol: Column, value: _Value) -> list[Step]:
+    """The casts from the value to the target column, checked where they could cut or round a value of the source."""
+    cast_type = spec.cast or tcol.type
+    vtype = value.value_type if value.from_source else None
+    steps: list[Step] = []
+    if spec.cast or value.sql_type != tcol.type:
+        kind = change_kind(vtype, cast_type) if value.from_source else None
+        steps.append(Step(cast_type, kind, _allowed(spec, kind)))
+        if spec.cast and cast_type != tcol.type:
+            kind2 = change_kind(cast_type, tcol.type)
+            if kind2 is not None:
+                steps.append(Step(tcol.type, kind2, _allowed(spec, kind2)))
+    if tcol.base_type and steps and steps[-1].type == tcol.type:
+        # a domain: what can cut or round is the cast to its base type; then the domain's CHECKs, which refuse
+        before = vtype if len(steps) == 1 else steps[-2].type
+        kind = change_kind(before, tcol.base_type) if value.from_source else None
+        steps[-1:] = [Step(tcol.base_type, kind, _allowed(spec, kind)), Step(tcol.type)]
+    return steps
+
+
+def _check_constants(spec: ColumnSpec, steps: list[Step], where: str) -> None:
+    """Refuse a constant of the mapping that a cast would cut or round: checked here, once, not row by row."""
+    for what, constant in constants(spec):
+        for step in steps:
+            if not literal_fits(constant, step.type) and not (spec.truncate or spec.round):
+                raise PreflightError(
+                    f"{where}: columns.{spec.target}: {what} {text_form(constant)!r} does not fit {step.type}",
+                    detail="it would be cut or rounded in every row that gets it",
+                    hint="change the constant, widen the column, or give the column `truncate: true` / `round: true`",
+                )
+
+
+# -- the keys ------------------------------------------------------------------------------------------------
+
+
+def _key(mapping: TableMapping, target: Table, written: set[str], where: str) -> tuple[str, ...]:
+    """The target key a re-run recognises copied rows by: ``key:``, else the target's primary key; every column of
+    it written by the mapping."""
     key = mapping.key or target.primary_key
-    written = {c.target for c in columns}
     if mapping.by_blocks and not mapping.key and not (key and all(k in written for k in key)):
-        key = ()  # each block range is copied once, with its checkpoint: no key is needed to recognise a copied row
-    elif not key:
+        return ()  # each block range is copied once, with its checkpoint: no key is needed to recognise a copied row
+    if not key:
         raise PreflightError(f"{where}: {target.name} has no primary key; give `key:` (columns of a unique constraint)")
     for k in key:
         if k not in written:
@@ -198,6 +284,12 @@ def compile_table(
                 detail="without it a re-run cannot recognise rows it already copied",
                 hint=f"map {k} from the source, or name another unique key with `key:`",
             )
+    return tuple(key)
+
+
+def _batch_by(mapping: TableMapping, source: Table, key: tuple[str, ...], where: str) -> tuple[str, ...]:
+    """The source columns the copy pages on: ``batch_by:``, else (a partitioned source) a key of every partition,
+    else the source's primary key, else the source columns the target key copies; ``ctid`` by blocks."""
     feeders = [mapping.column(k) for k in key]
     plain_feeders = all(f is not None and f.kind == "column" and f.column for f in feeders)
     feeding_columns = tuple(f.column for f in feeders if f is not None and f.column) if plain_feeders else ()
@@ -208,21 +300,24 @@ def compile_table(
                 detail="a ctid is a place in one partition; the partitions are copied one by one on their own keys",
                 hint="leave `batch_by:` out, or give each partition a primary key",
             )
-        batch_by: tuple[str, ...] = ("ctid",)
-    elif mapping.batch_by:
-        batch_by = mapping.batch_by
-    elif source.partitioned:
-        batch_by = partitions.batch_key(source, feeders=feeding_columns)
-    elif source.primary_key:
-        batch_by = source.primary_key
-    else:
-        if not feeding_columns:
-            raise PreflightError(
-                f"{where}: {source.name} has no primary key, and the target's key is not a copy of source columns: "
-                "nothing tells its rows apart to page on",
-                hint=KEYLESS_HINT.format(table=source.name),
-            )
-        batch_by = feeding_columns
+        return ("ctid",)
+    if mapping.batch_by:
+        return tuple(mapping.batch_by)
+    if source.partitioned:
+        return tuple(partitions.batch_key(source, feeders=feeding_columns))
+    if source.primary_key:
+        return tuple(source.primary_key)
+    if not feeding_columns:
+        raise PreflightError(
+            f"{where}: {source.name} has no primary key, and the target's key is not a copy of source columns: "
+            "nothing tells its rows apart to page on",
+            hint=KEYLESS_HINT.format(table=source.name),
+        )
+    return feeding_columns
+
+
+def _batch_types(mapping: TableMapping, source: Table, batch_by: tuple[str, ...], where: str) -> tuple[str, ...]:
+    """The types of the ``batch_by`` columns (the batch bounds are cast to them)."""
     batch_types = []
     for b in batch_by:
         scol = source.column(b)
@@ -232,9 +327,14 @@ def compile_table(
         if scol is None:
             raise PreflightError(f"{where}: batch_by column {source.name}.{b} does not exist")
         batch_types.append(scol.type)
-    overriding = any(target.column(c.target).identity == "a" for c in columns)  # type: ignore[union-attr]
-    # Two source rows can produce the same target key only when the key is not a plain copy of unique source
-    # columns; only then does the copier look for such duplicates (see duplicates.py).
+    return tuple(batch_types)
+
+
+def _key_injective(source: Table, columns: list[CompiledColumn], key: tuple[str, ...]) -> bool:
+    """True when no two source rows can produce the same target key: the key is a plain copy of unique source
+    columns.  Only when it is not does the copier look for such duplicates (see duplicates.py)."""
+    if not key:
+        return True
     key_specs = [next(c for c in columns if c.target == k) for k in key]
     feeding = tuple(c.spec.column or "" for c in key_specs)
     unique_feeding = source.is_unique(feeding) or (
@@ -242,32 +342,11 @@ def compile_table(
         and all(leaf.is_key(feeding) for leaf in source.leaves)
         and partitions.unique_across(source, feeding)
     )
-    key_injective = not key or (
-        all(
-            c.spec.kind == "column" and not (c.spec.map or c.spec.has_default or c.spec.cast) and not c.steps
-            for c in key_specs
-        )
-        and unique_feeding
+    plain = all(
+        c.spec.kind == "column" and not (c.spec.map or c.spec.has_default or c.spec.cast) and not c.steps
+        for c in key_specs
     )
-    replica = (mapping.target_triggers or DEFAULT_TARGET_TRIGGERS) == "skip"
-    return CompiledTable(
-        mapping=mapping,
-        source=source.qualified,
-        target=target.qualified,
-        alias=alias,
-        columns=tuple(columns),
-        joins=tuple(joins),
-        batch_by=tuple(batch_by),
-        batch_types=tuple(batch_types),
-        key=tuple(key),
-        key_types=tuple(target.column(k).type for k in key),  # type: ignore[union-attr]
-        overriding=overriding,
-        lookups=tuple(lookups),
-        key_injective=key_injective,
-        leaves=tuple(leaf.name for leaf in source.leaves),
-        replica=replica,
-        fk_checks=target.foreign_keys if replica else (),  # replica mode silences them: the insert checks them
-    )
+    return plain and unique_feeding
 
 
 def _parenthesized(expression: str) -> str:
