@@ -7,15 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .errors import MappingError
 from .mapping import (
     CAST_TYPE,
-    MAX_IDENTIFIER,
     PHASE_NAME,
-    TIME_ZONE,
     ColumnSpec,
     Lookup,
     Phase,
@@ -27,112 +24,13 @@ from .mapping import (
     phase_order,
     text_form,
 )  # fmt: skip
-
-# ---------------------------------------------------------------------------------------------
-# Node walking with positions
-
-
-class _Ctx:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.constructor = yaml.constructor.SafeConstructor()
-        self.lines: list[str] = []
-
-    def display(self) -> str:
-        return display_path(self.path)
-
-    def error(self, node: Node | None, where: str, message: str) -> MappingError:
-        if node is None:
-            return MappingError(f"{self.display()}: {where + ': ' if where else ''}{message}")
-        line, column = node.start_mark.line + 1, node.start_mark.column + 1
-        prefix = f"{self.display()}:{line}:{column}"
-        return MappingError(
-            f"{prefix} {where}: {message}" if where else f"{prefix}: {message}",
-            detail=source_excerpt(self.lines, line, column),
-        )
-
-    def value(self, node: Node) -> Any:
-        value = self.constructor.construct_object(node, deep=True)
-        return value
-
-    def mapping(self, node: Node, where: str, allowed: tuple[str, ...]) -> dict[str, tuple[Node, Node]]:
-        if not isinstance(node, MappingNode):
-            raise self.error(node, where, f"expected a mapping with keys {', '.join(allowed)}")
-        out: dict[str, tuple[Node, Node]] = {}
-        for k, v in node.value:
-            if not isinstance(k, ScalarNode):
-                raise self.error(k, where, "keys must be plain names")
-            name = k.value
-            if name in out:
-                raise self.error(k, f"{where}.{name}" if where else name, "given twice")
-            if allowed and name not in allowed:
-                raise self.error(k, where or name, f"unknown key {name!r} (expected one of: {', '.join(allowed)})")
-            out[name] = (k, v)
-        return out
-
-    def string(self, node: Node, where: str, *, identifier: bool = False) -> str:
-        if not isinstance(node, ScalarNode) or node.tag == "tag:yaml.org,2002:null":
-            raise self.error(node, where, "expected a string")
-        text = str(node.value) if identifier else str(self.value(node))
-        if not text.strip():
-            raise self.error(node, where, "must not be empty")
-        if identifier:
-            for part in text.split("."):
-                if len(part) > MAX_IDENTIFIER:
-                    raise self.error(node, where, f"identifier {part!r} is longer than {MAX_IDENTIFIER} characters")
-        return text
-
-    def qualified(self, node: Node, where: str) -> QualifiedName:
-        """A ``[schema.]table`` (see QualifiedName.parse), with the file's line on an error."""
-        text = self.string(node, where, identifier=True)
-        try:
-            name = QualifiedName.parse(text)
-        except ValueError as e:
-            raise self.error(
-                node, where, f"{e}; write schema.table, with double quotes around a part that has a ."
-            ) from e
-        for part in (name.schema, name.name):
-            if part is not None and len(part) > MAX_IDENTIFIER:
-                raise self.error(node, where, f"identifier {part!r} is longer than {MAX_IDENTIFIER} characters")
-        return name
-
-    def boolean(self, node: Node, where: str) -> bool:
-        value = self.value(node) if isinstance(node, ScalarNode) else None
-        if not isinstance(value, bool):
-            raise self.error(node, where, "expected true or false")
-        return value
-
-    def zone(self, node: Node, where: str) -> str:
-        text = self.string(node, where)
-        if not TIME_ZONE.match(text):
-            raise self.error(node, where, f"{text!r} is not a time zone name (e.g. UTC, America/Guayaquil)")
-        return text
-
-    def names(self, node: Node, where: str) -> tuple[str, ...]:
-        if isinstance(node, ScalarNode):
-            return (self.string(node, where, identifier=True),)
-        if isinstance(node, SequenceNode) and node.value:
-            out = tuple(self.string(n, f"{where}[{i}]", identifier=True) for i, n in enumerate(node.value))
-            if len(set(out)) != len(out):
-                raise self.error(node, where, "a name is listed twice")
-            return out
-        raise self.error(node, where, "expected a name or a non-empty list of names")
-
-
-def source_excerpt(lines: list[str], line: int, column: int) -> str | None:
-    """The offending line and a caret under its column, as psql shows a statement's error position."""
-    if not 1 <= line <= len(lines):
-        return None
-    label = f"line {line}: "
-    text = lines[line - 1].rstrip("\n").expandtabs(1)
-    return f"{label}{text}\n{' ' * (len(label) + column - 1)}^"
-
+from .yamlfile import YamlFile
 
 BASES = ("column", "value", "lookup", "sql")
 MODIFIERS = ("map", "else", "default", "cast", "truncate", "round", "timezone")
 
 
-def _column(ctx: _Ctx, target: str, node: Node, where: str) -> ColumnSpec:
+def _column(ctx: YamlFile, target: str, node: Node, where: str) -> ColumnSpec:
     line = node.start_mark.line + 1
     if isinstance(node, ScalarNode):
         return ColumnSpec(target=target, kind="column", column=ctx.string(node, where, identifier=True), line=line)
@@ -141,79 +39,85 @@ def _column(ctx: _Ctx, target: str, node: Node, where: str) -> ColumnSpec:
     if len(bases) != 1:
         raise ctx.error(node, where, f"give exactly one of {', '.join(BASES)} (got {', '.join(bases) or 'none'})")
     kind = bases[0]
-    vnode = keys[kind][1]
-    spec: dict[str, Any] = {"target": target, "kind": kind, "line": line}
+    spec: dict[str, Any] = {"target": target, "kind": kind, "line": line, kind: _base(ctx, kind, keys[kind][1], where)}
+    return ColumnSpec(**spec, **_modifiers(ctx, keys, where))
+
+
+def _base(ctx: YamlFile, kind: str, node: Node, where: str) -> Any:
+    """What a column starts from: a source column, a constant (a list or mapping becomes JSON text), ``sql:``, or a
+    lookup."""
     if kind == "column":
-        spec["column"] = ctx.string(vnode, f"{where}.column", identifier=True)
-    elif kind == "value":
-        if not isinstance(vnode, ScalarNode):
-            spec["value"] = ctx.value(vnode)  # a list or mapping becomes JSON text
-        else:
-            spec["value"] = ctx.value(vnode)
-    elif kind == "sql":
-        spec["sql"] = ctx.string(vnode, f"{where}.sql")
-    else:
-        lk = ctx.mapping(vnode, f"{where}.lookup", ("table", "on", "key", "column"))
-        for required in ("table", "on", "key", "column"):
-            if required not in lk:
-                raise ctx.error(
-                    vnode, f"{where}.lookup", f"missing {required!r} (a lookup needs table, on, key and column)"
-                )
-        on = ctx.names(lk["on"][1], f"{where}.lookup.on")
-        key = ctx.names(lk["key"][1], f"{where}.lookup.key")
-        if len(on) != len(key):
-            raise ctx.error(vnode, f"{where}.lookup", f"'on' has {len(on)} columns but 'key' has {len(key)}")
-        spec["lookup"] = Lookup(
-            table=ctx.qualified(lk["table"][1], f"{where}.lookup.table"),
-            on=on,
-            key=key,
-            column=ctx.string(lk["column"][1], f"{where}.lookup.column", identifier=True),
-        )
+        return ctx.string(node, f"{where}.column", identifier=True)
+    if kind == "value":
+        return ctx.value(node)
+    if kind == "sql":
+        return ctx.string(node, f"{where}.sql")
+    return _lookup(ctx, node, f"{where}.lookup")
+
+
+def _lookup(ctx: YamlFile, node: Node, where: str) -> Lookup:
+    lk = ctx.mapping(node, where, ("table", "on", "key", "column"))
+    for required in ("table", "on", "key", "column"):
+        if required not in lk:
+            raise ctx.error(node, where, f"missing {required!r} (a lookup needs table, on, key and column)")
+    on = ctx.names(lk["on"][1], f"{where}.on")
+    key = ctx.names(lk["key"][1], f"{where}.key")
+    if len(on) != len(key):
+        raise ctx.error(node, where, f"'on' has {len(on)} columns but 'key' has {len(key)}")
+    return Lookup(
+        table=ctx.qualified(lk["table"][1], f"{where}.table"),
+        on=on,
+        key=key,
+        column=ctx.string(lk["column"][1], f"{where}.column", identifier=True),
+    )
+
+
+def _modifiers(ctx: YamlFile, keys: dict[str, tuple[Node, Node]], where: str) -> dict[str, Any]:
+    """A column's ``map``, ``else``, ``default``, ``cast``, ``truncate``, ``round`` and ``timezone``, as ColumnSpec
+    fields."""
+    out: dict[str, Any] = {}
     if "map" in keys:
-        mnode = keys["map"][1]
-        if not isinstance(mnode, MappingNode) or not mnode.value:
-            raise ctx.error(mnode, f"{where}.map", "expected a non-empty mapping of old value: new value")
-        pairs: list[tuple[str, Any]] = []
-        seen: set[str] = set()
-        for k, v in mnode.value:
-            if not isinstance(k, ScalarNode) or not isinstance(v, ScalarNode):
-                raise ctx.error(k, f"{where}.map", "keys and values must be scalars")
-            if k.value in seen:
-                raise ctx.error(k, f"{where}.map.{k.value}", "given twice")
-            seen.add(k.value)
-            pairs.append((k.value, text_form(ctx.value(v))))
-        spec["map"] = tuple(pairs)
+        out["map"] = _map(ctx, keys["map"][1], f"{where}.map")
     if "else" in keys:
-        spec["has_else"], spec["else_value"] = True, ctx.value(keys["else"][1])
+        out["has_else"], out["else_value"] = True, ctx.value(keys["else"][1])
         if "map" not in keys:
             raise ctx.error(keys["else"][0], f"{where}.else", "'else' only makes sense with 'map'")
     if "default" in keys:
-        spec["has_default"], spec["default"] = True, ctx.value(keys["default"][1])
+        out["has_default"], out["default"] = True, ctx.value(keys["default"][1])
     if "cast" in keys:
         cast = ctx.string(keys["cast"][1], f"{where}.cast")
         if not CAST_TYPE.match(cast):
             raise ctx.error(keys["cast"][1], f"{where}.cast", f"{cast!r} is not a type name")
-        spec["cast"] = cast
+        out["cast"] = cast
     for flag in ("truncate", "round"):
         if flag in keys:
-            spec[flag] = ctx.boolean(keys[flag][1], f"{where}.{flag}")
+            out[flag] = ctx.boolean(keys[flag][1], f"{where}.{flag}")
     if "timezone" in keys:
-        spec["timezone"] = ctx.zone(keys["timezone"][1], f"{where}.timezone")
-    return ColumnSpec(**spec)
+        out["timezone"] = ctx.zone(keys["timezone"][1], f"{where}.timezone")
+    return out
+
+
+def _map(ctx: YamlFile, node: Node, where: str) -> tuple[tuple[str, Any], ...]:
+    """``map:``, old value: new value, in the file's order (the new values as their text form)."""
+    if not isinstance(node, MappingNode) or not node.value:
+        raise ctx.error(node, where, "expected a non-empty mapping of old value: new value")
+    pairs: list[tuple[str, Any]] = []
+    seen: set[str] = set()
+    for k, v in node.value:
+        if not isinstance(k, ScalarNode) or not isinstance(v, ScalarNode):
+            raise ctx.error(k, where, "keys and values must be scalars")
+        if k.value in seen:
+            raise ctx.error(k, f"{where}.{k.value}", "given twice")
+        seen.add(k.value)
+        pairs.append((k.value, text_form(ctx.value(v))))
+    return tuple(pairs)
 
 
 TRIGGER_MODES = ("fire", "skip")
 
 
-def _trigger_mode(ctx: _Ctx, node: Node, where: str) -> str:
-    mode = ctx.string(node, where)
-    if mode not in TRIGGER_MODES:
-        raise ctx.error(node, where, f"{mode!r}: expected fire or skip")
-    return mode
-
-
 def _table(
-    ctx: _Ctx, node: Node, where: str, timezone: str | None = None, target_triggers: str | None = None
+    ctx: YamlFile, node: Node, where: str, timezone: str | None = None, target_triggers: str | None = None
 ) -> TableMapping:
     keys = ctx.mapping(
         node,
@@ -233,11 +137,8 @@ def _table(
     )
     on_conflict = "nothing"
     if "on_conflict" in keys:
-        on_conflict = ctx.string(keys["on_conflict"][1], f"{where}.on_conflict")
-        if on_conflict not in ("nothing", "update"):
-            raise ctx.error(
-                keys["on_conflict"][1], f"{where}.on_conflict", f"{on_conflict!r}: expected nothing or update"
-            )
+        on_conflict = ctx.one_of(keys["on_conflict"][1], f"{where}.on_conflict", ("nothing", "update"))
+    batch_by = None
     if "batch_by" in keys:
         batch_by = ctx.names(keys["batch_by"][1], f"{where}.batch_by")
         if "ctid" in batch_by and len(batch_by) > 1:
@@ -251,11 +152,11 @@ def _table(
         line=node.start_mark.line + 1,
         where=ctx.string(keys["where"][1], f"{where}.where") if "where" in keys else None,
         key=ctx.names(keys["key"][1], f"{where}.key") if "key" in keys else None,
-        batch_by=ctx.names(keys["batch_by"][1], f"{where}.batch_by") if "batch_by" in keys else None,
+        batch_by=batch_by,
         on_conflict=on_conflict,
         timezone=timezone,
         target_triggers=(
-            _trigger_mode(ctx, keys["target_triggers"][1], f"{where}.target_triggers")
+            ctx.one_of(keys["target_triggers"][1], f"{where}.target_triggers", TRIGGER_MODES)
             if "target_triggers" in keys
             else target_triggers
         ),
@@ -265,21 +166,16 @@ def _table(
 DEPENDENT_DECISIONS = ("keep", "drop")
 
 
-def _dependents(ctx: _Ctx, entry: tuple[Node, Node], backup: tuple[QualifiedName, ...]) -> tuple[tuple[str, str], ...]:
+def _dependents(
+    ctx: YamlFile, entry: tuple[Node, Node], backup: tuple[QualifiedName, ...]
+) -> tuple[tuple[str, str], ...]:
     """``dependents: drop`` (every dropped table) or ``dependents: {table: keep|drop}``."""
     key, node = entry
     if not backup:
         raise ctx.error(key, "dependents", "only a phase that drops tables (`backup:`) has dependents to decide on")
     dropped = [str(t) for t in backup]
-
-    def one(n: Node, where: str) -> str:
-        text = ctx.string(n, where)
-        if text not in DEPENDENT_DECISIONS:
-            raise ctx.error(n, where, f"{text!r}: expected keep or drop")
-        return text
-
     if isinstance(node, ScalarNode):
-        how = one(node, "dependents")
+        how = ctx.one_of(node, "dependents", DEPENDENT_DECISIONS)
         return tuple((t, how) for t in dropped)
     if not isinstance(node, MappingNode) or not node.value:
         raise ctx.error(node, "dependents", "expected keep, drop, or a mapping of dropped table: keep|drop")
@@ -287,11 +183,11 @@ def _dependents(ctx: _Ctx, entry: tuple[Node, Node], backup: tuple[QualifiedName
     for name, (k, v) in ctx.mapping(node, "dependents", ()).items():
         if name not in dropped:
             raise ctx.error(k, f"dependents.{name}", f"{name!r} is not one of the tables the phase drops (`backup:`)")
-        out.append((name, one(v, f"dependents.{name}")))
+        out.append((name, ctx.one_of(v, f"dependents.{name}", DEPENDENT_DECISIONS)))
     return tuple(out)
 
 
-def _backup_tables(ctx: _Ctx, node: Node) -> tuple[QualifiedName, ...]:
+def _backup_tables(ctx: YamlFile, node: Node) -> tuple[QualifiedName, ...]:
     ctx.names(node, "backup")  # a name or a non-empty list, none twice
     nodes = [node] if isinstance(node, ScalarNode) else list(node.value)
     return tuple(ctx.qualified(n, f"backup[{i}]") for i, n in enumerate(nodes))
@@ -300,51 +196,20 @@ def _backup_tables(ctx: _Ctx, node: Node) -> tuple[QualifiedName, ...]:
 def load_phase(path: str | Path) -> Phase:
     """Load one phase file; raise MappingError naming file, line and path on any problem."""
     path = Path(path)
-    ctx = _Ctx(path)
+    ctx = YamlFile(path)
     name = path.stem
     if not PHASE_NAME.match(name):
         raise ctx.error(None, "", f"phase name {name!r} must start with a letter and use letters, digits, - and _")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
-        raise MappingError(f"{ctx.display()}: cannot read: {why}") from e
-    ctx.lines = text.splitlines()
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        problem = getattr(e, "problem", None) or str(e)
-        raise MappingError(
-            f"{ctx.display()}:{line}:{column}: invalid YAML: {problem}", detail=source_excerpt(ctx.lines, line, column)
-        ) from e
-    if root is None:
-        raise ctx.error(None, "", "the file is empty")
     top = ctx.mapping(
-        root,
+        ctx.compose(),
         "",
         ("description", "requires", "revision", "backup", "dependents", "timezone", "target_triggers", "tables"),
     )
     timezone = ctx.zone(top["timezone"][1], "timezone") if "timezone" in top else None
-    triggers = _trigger_mode(ctx, top["target_triggers"][1], "target_triggers") if "target_triggers" in top else None
-    tables: tuple[TableMapping, ...] = ()
-    if "tables" in top:
-        tnode = top["tables"][1]
-        if isinstance(tnode, ScalarNode) and tnode.tag == "tag:yaml.org,2002:null":
-            tnode = SequenceNode("tag:yaml.org,2002:seq", [])
-        if not isinstance(tnode, SequenceNode):
-            raise ctx.error(tnode, "tables", "expected a list of table mappings")
-        tables = tuple(_table(ctx, n, f"tables[{i}]", timezone, triggers) for i, n in enumerate(tnode.value))
-        seen: dict[str, int] = {}
-        for i, t in enumerate(tables):
-            if str(t.target) in seen:
-                raise ctx.error(
-                    tnode.value[i],
-                    f"tables[{i}].target",
-                    f"{t.target} is already the target of tables[{seen[str(t.target)]}]",
-                )
-            seen[str(t.target)] = i
+    triggers = (
+        ctx.one_of(top["target_triggers"][1], "target_triggers", TRIGGER_MODES) if "target_triggers" in top else None
+    )
+    tables = _tables(ctx, top["tables"][1], timezone, triggers) if "tables" in top else ()
     backup = _backup_tables(ctx, top["backup"][1]) if "backup" in top else ()
     return Phase(
         name=name,
@@ -358,6 +223,25 @@ def load_phase(path: str | Path) -> Phase:
         timezone=timezone,
         target_triggers=triggers,
     )
+
+
+def _tables(ctx: YamlFile, node: Node, timezone: str | None, target_triggers: str | None) -> tuple[TableMapping, ...]:
+    """``tables:``, each with a target of its own (an empty ``tables:`` is no table)."""
+    if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+        return ()
+    if not isinstance(node, SequenceNode):
+        raise ctx.error(node, "tables", "expected a list of table mappings")
+    tables = tuple(_table(ctx, n, f"tables[{i}]", timezone, target_triggers) for i, n in enumerate(node.value))
+    seen: dict[str, int] = {}
+    for i, t in enumerate(tables):
+        if str(t.target) in seen:
+            raise ctx.error(
+                node.value[i],
+                f"tables[{i}].target",
+                f"{t.target} is already the target of tables[{seen[str(t.target)]}]",
+            )
+        seen[str(t.target)] = i
+    return tables
 
 
 def load_phases(mappings_dir: str | Path, *, strict: bool = False) -> Phases:
