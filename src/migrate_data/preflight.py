@@ -8,15 +8,15 @@ from typing import Any
 
 import asyncpg
 
-from . import partitions
 from .catalog import Table, Trigger, fk_cycles, parents_first, read_table, user_triggers
-from .compile import DEFAULT_TARGET_TRIGGERS, KEYLESS_HINT, CompiledTable, compile_table
+from .compile import DEFAULT_TARGET_TRIGGERS, CompiledTable, compile_table
 from .conversions import HELPERS_EXIST_SQL, HELPERS_SQL
 from .datachecks import coverage_findings, preview_of
 from .db import Executor, fetch_val, rolled_back
 from .enums import label_problems
 from .errors import PreflightError
 from .findings import Finding, PhasePlan
+from .keychecks import key_findings
 from .mapping import Phase, TableMapping, display_path
 from .names import namesakes_warning
 
@@ -159,10 +159,8 @@ async def preflight(
 async def _check_table(
     ct: CompiledTable, src: Table, tgt: Table, *, source: Executor, target: Executor, same_db: bool
 ) -> list[Finding]:
-    tm: TableMapping = ct.mapping
-    name = str(tm.target)
-    out: list[Finding] = []
-    out += key_findings(ct, src, tgt)
+    name = str(ct.mapping.target)
+    out = key_findings(ct, src, tgt)
     out += await _trigger_findings(ct, tgt, target)
     if ct.by_blocks:
         version = await fetch_val(source, "SHOW server_version_num")
@@ -175,6 +173,24 @@ async def _check_table(
                     f"{int(version) // 10000}: each batch would read the whole table",
                 )
             )
+    out += await _lookup_findings(ct, source)
+    mapped = {c.target for c in ct.columns}
+    for col in tgt.columns:
+        if col.not_null and not col.has_default and not col.identity and not col.generated and col.name not in mapped:
+            out.append(Finding("error", name, f"{tgt.name}.{col.name} is NOT NULL without a default and gets no value"))
+    out += await _zone_findings(ct, target)
+    if any(c.checked for c in ct.columns) or ct.insert_counts:
+        await ensure_helpers(target)
+    err = await _copy_prepares(ct, source=source, target=target, same_db=same_db)
+    if err:
+        out.append(Finding("error", name, f"the copy statement does not prepare: {err}"))
+    return out
+
+
+async def _lookup_findings(ct: CompiledTable, source: Executor) -> list[Finding]:
+    """Each lookup's table and columns exist, and its key is unique (else it would multiply rows)."""
+    name = str(ct.mapping.target)
+    out: list[Finding] = []
     for _, lk in ct.lookups:
         lt = await read_table(source, lk.table)
         if lt is None:
@@ -193,10 +209,13 @@ async def _check_table(
                     "rows would multiply (give a unique key, or use `sql:` with a subquery)",
                 )
             )
-    mapped = {c.target for c in ct.columns}
-    for col in tgt.columns:
-        if col.not_null and not col.has_default and not col.identity and not col.generated and col.name not in mapped:
-            out.append(Finding("error", name, f"{tgt.name}.{col.name} is NOT NULL without a default and gets no value"))
+    return out
+
+
+async def _zone_findings(ct: CompiledTable, target: Executor) -> list[Finding]:
+    """The time zones of the conversions are known to the server; each conversion, said."""
+    name = str(ct.mapping.target)
+    out: list[Finding] = []
     for zone in sorted({c.zone for c in ct.columns if c.zone}):
         try:
             async with rolled_back(target) as conn:
@@ -208,120 +227,19 @@ async def _check_table(
             out.append(
                 Finding("info", name, f"{c.target}: {c.value_type} converted as {c.cast_type}, in time zone {c.zone}")
             )
-    if any(c.checked for c in ct.columns) or ct.insert_counts:
-        await ensure_helpers(target)
+    return out
+
+
+async def _copy_prepares(ct: CompiledTable, *, source: Executor, target: Executor, same_db: bool) -> str | None:
+    """PREPARE the copy's statements (across two databases: the source's SELECT, the target's staged INSERT); return
+    the error or None."""
     if same_db:
-        err = await _prepare(target, ct.insert_sql(lower=True, upper=True))
-    else:
-        err = await _prepare(source, ct.source_text_sql(lower=True, upper=True))
-        if err is None:
-            stage = "migrate_data_preflight"
-            err = await _prepare(target, ct.stage_insert_sql(stage, sub=False), setup=ct.stage_table_sql(stage))
-    if err:
-        out.append(Finding("error", name, f"the copy statement does not prepare: {err}"))
-    return out
-
-
-def key_findings(ct: CompiledTable, src: Table, tgt: Table) -> list[Finding]:
-    """What the pre-flight says about the conflict key on the target and the key that pages the source."""
-    name = str(ct.mapping.target)
-    out: list[Finding] = []
-    if ct.key and not tgt.has_exact_unique(ct.key):
-        missing = [c for c in tgt.partition_columns if c not in ct.key]
-        if tgt.partitioned and missing:
-            out.append(
-                Finding(
-                    "error",
-                    name,
-                    f"key ({', '.join(ct.key)}) is not a unique constraint of {tgt.name}, and cannot be one: "
-                    f"{tgt.name} is partitioned ({tgt.partition_key}), and a unique key of a partitioned table must "
-                    f"include its partition key columns ({', '.join(missing)} missing), so ON CONFLICT has nothing "
-                    "to match; give `key:` with the partition key columns too (e.g. "
-                    f"[{', '.join((*ct.key, *missing))}]) and that unique constraint on {tgt.name}",
-                )
-            )
-        else:
-            out.append(
-                Finding(
-                    "error",
-                    name,
-                    f"key ({', '.join(ct.key)}) is not a primary key or unique constraint of {tgt.name}; "
-                    "ON CONFLICT needs one (give `key:` or add the constraint in the phase's revision)",
-                )
-            )
-    nullable = [k for k in ct.key if (col := tgt.column(k)) is not None and not col.not_null]
-    if nullable:
-        out.append(
-            Finding(
-                "warning",
-                name,
-                f"key column{'s' if len(nullable) > 1 else ''} {', '.join(nullable)} of {tgt.name} "
-                f"{'are' if len(nullable) > 1 else 'is'} nullable: a row with a NULL key conflicts with nothing, "
-                "so every re-run copies it again, and validation cannot match it",
-            )
-        )
-    if ct.by_blocks:
-        out.append(
-            Finding(
-                "warning",
-                name,
-                f"{src.name} is copied by ranges of physical blocks (batch_by: ctid): it must not be written until the "
-                "copy is validated (an UPDATE moves a row to another block: it could be copied twice, or not at "
-                "all); it cannot be synced; validation compares counts and a hash of the whole multiset of rows"
-                + ("" if ct.key else f"; {tgt.name} gets no key from the mapping, so --recheck is refused"),
-            )
-        )
-        return out
-    if src.partitioned:
-        problems = partitions.key_problems(src, ct.batch_by)
-        for problem in problems:
-            out.append(
-                Finding(
-                    "error",
-                    name,
-                    f"{problem}: its rows cannot be paged (give it that key, or name other "
-                    "`batch_by:` columns unique and NOT NULL in every partition)",
-                )
-            )
-        if not src.leaves:
-            out.append(Finding("warning", name, f"{src.name} is partitioned and has no partition: nothing to copy"))
-        elif not problems:
-            leaves = ", ".join(f"{leaf.name} ({leaf.bound})" for leaf in src.leaves)
-            out.append(
-                Finding(
-                    "info",
-                    name,
-                    f"{src.name} is partitioned ({src.partition_key}): {len(src.leaves)} leaf partitions copied one "
-                    f"by one on ({', '.join(ct.batch_by)}), up to --jobs at a time: {leaves}",
-                )
-            )
-            if not partitions.unique_across(src, ct.batch_by):
-                out.append(
-                    Finding(
-                        "info",
-                        name,
-                        f"batch_by ({', '.join(ct.batch_by)}) is unique in each partition of {src.name}, but no "
-                        "constraint makes it unique across partitions; a value found in two partitions would be "
-                        "one source key for the rejects and --deep (validation counts would show it)",
-                    )
-                )
-        return out
-    if not src.is_unique(ct.batch_by):
-        out.append(
-            Finding(
-                "error",
-                name,
-                f"batch_by ({', '.join(ct.batch_by)}) is not unique in {src.name}; keyset batches would skip rows. "
-                + KEYLESS_HINT.format(table=src.name),
-            )
-        )
-    for b in ct.batch_by:
-        col = src.column(b)
-        if col is not None and not col.not_null:
-            out.append(
-                Finding("error", name, f"batch_by column {src.name}.{b} is nullable; rows with NULL would be skipped")
-            )
-    return out
+        return await _prepare(target, ct.insert_sql(lower=True, upper=True))
+    err = await _prepare(source, ct.source_text_sql(lower=True, upper=True))
+    if err is None:
+        stage = "migrate_data_preflight"
+        err = await _prepare(target, ct.stage_insert_sql(stage, sub=False), setup=ct.stage_table_sql(stage))
+    return err
 
 
 async def _trigger_findings(ct: CompiledTable, tgt: Table, target: Executor) -> list[Finding]:
