@@ -93,72 +93,16 @@ async def validate_phase(
     rejected = await ledger.reject_counts(target, phase) if has_ledger else {}
     results: list[TableValidation] = []
     checks: list[Check] = []
-    same_db = source is target
     for ct, tgt in tables:
         name = str(ct.target)
-        problems: list[str] = []
-        src_rows, tgt_rows = await asyncio.gather(
-            fetch_val(source, ct.count_sql()), fetch_val(target, ct.target_count_sql())
-        )
-        rej = rejected.get(name, 0)
         pre = (pre_counts or {}).get(name, 0)
         if pre and started_snapshot:  # rows there before the phase are not the phase's: --deep leaves them out
             ct = replace(ct, before_snapshot=started_snapshot)
-        if not await _lookups_unique(ct, source):  # a unique key cannot multiply rows: no join to count
-            joined = await fetch_val(source, ct.count_joined_sql())
-            if joined != src_rows:
-                problems.append(
-                    f"a lookup multiplies rows: {src_rows} source rows become {joined} when joined "
-                    f"({', '.join(str(lk.table) for _, lk in ct.lookups)}: key not unique)"
-                )
-        if tgt_rows - pre != src_rows - rej:
-            problems.append(
-                f"{src_rows} source rows - {rej} rejected = {src_rows - rej}, "
-                f"but {tgt_rows - pre} rows in {name}" + (f" (beyond {pre} there before)" if pre else "")
-            )
-        if rej and not allow_rejects:
-            problems.append(f"{rej} rows rejected and rejects are not allowed")
-        missing = extra = differs = 0
-        samples: list[dict[str, Any]] = []
+        table = await _counted(ct, source, target, rejected=rejected.get(name, 0), pre=pre, allow_rejects=allow_rejects)
         if deep:
-            if same_db:
-                missing, extra, differs, samples = await deep_one_database(
-                    ct, target, sample, phase if has_ledger else None, tgt_rows, split_rows=split_rows
-                )
-            else:
-                rejected_keys = await ledger.rejected_keys(target, phase, name) if has_ledger else []
-                missing, extra, differs, samples = await deep_two_databases(
-                    ct, source, target, sample, rejected_keys, tgt_rows
-                )
-            if missing:
-                problems.append(
-                    f"{missing} {'keys' if ct.key else 'rows'} missing from {name}"
-                    + (f" (besides {rej} rejected)" if rej else "")
-                )
-            if extra:
-                problems.append(f"{extra} {'keys' if ct.key else 'rows'} in {name} that no source row produces")
-            if differs:
-                problems.append(f"{differs} rows of {name} differ from what the mapping produces")
-            if any(None in s["key"] for s in samples):
-                problems.append(
-                    f"rows with a NULL key ({', '.join(ct.key)}) match no row: ON CONFLICT cannot see them either, "
-                    "so a re-run copies them again (make the key NOT NULL, or map a value to it)"
-                )
-        results.append(
-            TableValidation(
-                str(ct.source),
-                name,
-                src_rows,
-                tgt_rows,
-                rej,
-                "failed" if problems else "ok",
-                tuple(problems),
-                missing,
-                extra,
-                differs,
-                tuple(samples),
-            )
-        )
+            ledger_phase = phase if has_ledger else None
+            table = await _compared(table, ct, source, target, ledger_phase, sample=sample, split_rows=split_rows)
+        results.append(table)
         checks += await integrity(ct, tgt, target)
     reject_rows = [dict(r) for r in await ledger.rejects(target, phase, limit=50)] if has_ledger else []
     causes = [dict(r) for r in await fetch_all(target, reject_causes_sql(), phase)] if has_ledger else []
@@ -173,6 +117,80 @@ async def validate_phase(
         seconds=round(time.monotonic() - started, 3),
         rejects=tuple(reject_rows),
         reject_causes=tuple(causes),
+    )
+
+
+async def _counted(
+    ct: CompiledTable, source: asyncpg.Pool, target: asyncpg.Pool, *, rejected: int, pre: int, allow_rejects: bool
+) -> TableValidation:
+    """A table's counts: its source rows less the ``rejected`` ones against its target rows beyond the ``pre`` ones
+    there before the phase; and that no lookup multiplies rows."""
+    name = str(ct.target)
+    problems: list[str] = []
+    src_rows, tgt_rows = await asyncio.gather(
+        fetch_val(source, ct.count_sql()), fetch_val(target, ct.target_count_sql())
+    )
+    if not await _lookups_unique(ct, source):  # a unique key cannot multiply rows: no join to count
+        joined = await fetch_val(source, ct.count_joined_sql())
+        if joined != src_rows:
+            problems.append(
+                f"a lookup multiplies rows: {src_rows} source rows become {joined} when joined "
+                f"({', '.join(str(lk.table) for _, lk in ct.lookups)}: key not unique)"
+            )
+    if tgt_rows - pre != src_rows - rejected:
+        problems.append(
+            f"{src_rows} source rows - {rejected} rejected = {src_rows - rejected}, "
+            f"but {tgt_rows - pre} rows in {name}" + (f" (beyond {pre} there before)" if pre else "")
+        )
+    if rejected and not allow_rejects:
+        problems.append(f"{rejected} rows rejected and rejects are not allowed")
+    status = "failed" if problems else "ok"
+    return TableValidation(str(ct.source), name, src_rows, tgt_rows, rejected, status, tuple(problems))
+
+
+async def _compared(
+    table: TableValidation,
+    ct: CompiledTable,
+    source: asyncpg.Pool,
+    target: asyncpg.Pool,
+    phase: str | None,
+    *,
+    sample: int,
+    split_rows: int,
+) -> TableValidation:
+    """``table`` with what ``--deep`` finds: the keys missing from the target, those no source row produces, the
+    rows that differ, and samples of each.  ``phase`` (None: no ledger) names the rejected rows left out."""
+    if source is target:
+        missing, extra, differs, samples = await deep_one_database(
+            ct, target, sample, phase, table.target_rows, split_rows=split_rows
+        )
+    else:
+        rejected_keys = await ledger.rejected_keys(target, phase, table.target) if phase is not None else []
+        missing, extra, differs, samples = await deep_two_databases(
+            ct, source, target, sample, rejected_keys, table.target_rows
+        )
+    name, rej, rows = table.target, table.rejected, "keys" if ct.key else "rows"
+    problems = list(table.problems)
+    if missing:
+        problems.append(f"{missing} {rows} missing from {name}" + (f" (besides {rej} rejected)" if rej else ""))
+    if extra:
+        problems.append(f"{extra} {rows} in {name} that no source row produces")
+    if differs:
+        problems.append(f"{differs} rows of {name} differ from what the mapping produces")
+    if any(None in s["key"] for s in samples):
+        problems.append(
+            f"rows with a NULL key ({', '.join(ct.key)}) match no row: ON CONFLICT cannot see them either, "
+            "so a re-run copies them again (make the key NOT NULL, or map a value to it)"
+        )
+    status = "failed" if problems else "ok"
+    return replace(
+        table,
+        status=status,
+        problems=tuple(problems),
+        missing=missing,
+        extra=extra,
+        differs=differs,
+        samples=tuple(samples),
     )
 
 
