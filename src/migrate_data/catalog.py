@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import asyncpg
+
 from . import graph
 from .db import Executor, fetch_all, fetch_one
 from .mapping import QualifiedName
@@ -118,81 +120,73 @@ LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"""
 
 
-async def read_table(db: Executor, name: QualifiedName) -> Table | None:
-    """Return the table ``name`` (schema from search_path when unqualified), or None if it does not exist."""
-    row = await fetch_one(
-        db,
-        """SELECT c.oid, n.nspname, c.relname, c.relkind = 'p' AS partitioned FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-           WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p')""",
-        qname(name),
-    )
-    if row is None:
-        return None
-    oid = row["oid"]
-    cols = await fetch_all(
-        db,
-        COLUMNS_SQL,
-        oid,
-    )
-    keys = await fetch_all(
-        db,
-        """SELECT i.indisprimary AS pk,
+TABLE_SQL = """SELECT c.oid, n.nspname, c.relname, c.relkind = 'p' AS partitioned FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p')"""
+
+KEYS_SQL = """SELECT i.indisprimary AS pk,
                   array(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
                         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.ord) AS cols
            FROM pg_index i WHERE i.indrelid = $1 AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
                  AND i.indisvalid
-           ORDER BY NOT i.indisprimary, i.indexrelid""",
-        oid,
-    )
-    fks = await fetch_all(
-        db,
-        """SELECT con.conname, con.condeferrable, con.convalidated, rn.nspname AS ref_schema, rc.relname AS ref_table,
+           ORDER BY NOT i.indisprimary, i.indexrelid"""
+
+FOREIGN_KEYS_SQL = """SELECT con.conname, con.condeferrable, con.convalidated, rn.nspname AS ref_schema, rc.relname AS ref_table,
                   array(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
                         JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum ORDER BY k.ord) AS cols,
                   array(SELECT a.attname FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord)
                         JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum ORDER BY k.ord) AS ref_cols
            FROM pg_constraint con JOIN pg_class rc ON rc.oid = con.confrelid JOIN pg_namespace rn ON rn.oid = rc.relnamespace
-           WHERE con.conrelid = $1 AND con.contype = 'f' ORDER BY con.conname""",
-        oid,
-    )
-    pk = next((tuple(k["cols"]) for k in keys if k["pk"]), ())
+           WHERE con.conrelid = $1 AND con.contype = 'f' ORDER BY con.conname"""
+
+
+async def read_table(db: Executor, name: QualifiedName) -> Table | None:
+    """Return the table ``name`` (schema from search_path when unqualified), or None if it does not exist."""
+    row = await fetch_one(db, TABLE_SQL, qname(name))
+    if row is None:
+        return None
+    oid = row["oid"]
+    cols = await fetch_all(db, COLUMNS_SQL, oid)
+    keys = await fetch_all(db, KEYS_SQL, oid)
+    fks = await fetch_all(db, FOREIGN_KEYS_SQL, oid)
     parts: dict[str, object] = {}
     if row["partitioned"]:
         parts = await _partitioning(db, oid)
     return Table(
         schema=row["nspname"],
         name=row["relname"],
-        columns=tuple(
-            Column(
-                c["attname"],
-                c["type"],
-                c["attnotnull"],
-                c["atthasdef"],
-                c["attidentity"],
-                c["generated"],
-                c["type_kind"],
-                tuple(c["labels"]),
-                c["expression"] or "",
-                c["base_type"],
-                c["portable"],
-            )
-            for c in cols
-        ),
-        primary_key=pk,
+        columns=tuple(_column(c) for c in cols),
+        primary_key=next((tuple(k["cols"]) for k in keys if k["pk"]), ()),
         unique_keys=tuple(tuple(k["cols"]) for k in keys),
-        foreign_keys=tuple(
-            ForeignKey(
-                f["conname"],
-                tuple(f["cols"]),
-                QualifiedName(f["ref_table"], f["ref_schema"]),
-                tuple(f["ref_cols"]),
-                f["condeferrable"],
-                f["convalidated"],
-            )
-            for f in fks
-        ),
+        foreign_keys=tuple(_foreign_key(f) for f in fks),
         partitioned=row["partitioned"],
         **parts,  # type: ignore[arg-type]
+    )
+
+
+def _column(c: asyncpg.Record) -> Column:
+    return Column(
+        c["attname"],
+        c["type"],
+        c["attnotnull"],
+        c["atthasdef"],
+        c["attidentity"],
+        c["generated"],
+        c["type_kind"],
+        tuple(c["labels"]),
+        c["expression"] or "",
+        c["base_type"],
+        c["portable"],
+    )
+
+
+def _foreign_key(f: asyncpg.Record) -> ForeignKey:
+    return ForeignKey(
+        f["conname"],
+        tuple(f["cols"]),
+        QualifiedName(f["ref_table"], f["ref_schema"]),
+        tuple(f["ref_cols"]),
+        f["condeferrable"],
+        f["convalidated"],
     )
 
 
