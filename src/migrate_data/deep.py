@@ -32,11 +32,7 @@ async def deep_one_database(
     for a big table; rejected rows are left out."""
     if not ct.key:  # copied by blocks into a table without a key: nothing to match rows by
         return await _deep_multiset(ct, db, db, phase)
-    bounds: list[list[str] | None] = [None]
-    if jobs > 1 and rows_n >= split_rows:
-        percent = min(100.0, 100.0 * 20_000 / rows_n)  # about 20,000 sampled keys
-        bounds += [r["k"] for r in await fetch_all(db, ct.key_split_sql(), jobs, percent)]
-    bounds.append(None)
+    key_ranges = await _key_ranges(ct, db, jobs, rows_n) if jobs > 1 and rows_n >= split_rows else [(None, None)]
     skip = [phase, str(ct.target)] if phase is not None else []
 
     async def one(c: CompiledTable, lo: list[str] | None, hi: list[str] | None) -> list[asyncpg.Record]:
@@ -44,7 +40,7 @@ async def deep_one_database(
         return await fetch_all(db, sql, sample, *skip, *(lo or []), *(hi or []))
 
     async def compare(c: CompiledTable) -> list[list[asyncpg.Record]]:
-        return await asyncio.gather(*(one(c, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)))
+        return await asyncio.gather(*(one(c, lo, hi) for lo, hi in key_ranges))
 
     try:
         parts = await compare(ct)
@@ -60,6 +56,17 @@ async def deep_one_database(
             found[r["kind"]].append(list(r["key"]))
     samples = await _samples(ct, found, sample, db, db)
     return totals.get("missing", 0), totals.get("extra", 0), totals.get("differs", 0), samples
+
+
+Bound = list[str] | None  # a key as text[], None: the range is open on that side
+
+
+async def _key_ranges(ct: CompiledTable, db: asyncpg.Pool, parts: int, rows_n: int) -> list[tuple[Bound, Bound]]:
+    """``parts`` ranges of the target key, consecutive, split at keys sampled from about 20,000 of the ``rows_n``
+    rows; the first open below, the last above."""
+    percent = min(100.0, 100.0 * 20_000 / rows_n)
+    bounds: list[Bound] = [None, *[r["k"] for r in await fetch_all(db, ct.key_split_sql(), parts, percent)], None]
+    return list(zip(bounds, bounds[1:], strict=False))
 
 
 async def _samples(
@@ -182,13 +189,9 @@ async def compare_two_databases(
         mid = await fetch_val(db[side], sql, *args(side, lo, hi), max(an, en) // 2)
         await asyncio.gather(compare(lo, mid), compare(mid, hi))
 
-    bounds: list[list[str] | None] = [None]
-    if rows_n > LEAF_ROWS:
-        percent = min(100.0, 100.0 * 20_000 / rows_n)
-        bounds += [r["k"] for r in await fetch_all(target, ct.key_split_sql(), ranges, percent)]
-    bounds.append(None)
+    key_ranges = await _key_ranges(ct, target, ranges, rows_n) if rows_n > LEAF_ROWS else [(None, None)]
     try:
-        await asyncio.gather(*(compare(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)))
+        await asyncio.gather(*(compare(lo, hi) for lo, hi in key_ranges))
     except (asyncpg.UndefinedFunctionError, asyncpg.FeatureNotSupportedError):
         # a column type without a hash function: compare hashes of the rows' text instead
         return await compare_two_databases(
