@@ -227,8 +227,9 @@ def test_sync_re_derives_the_row_a_writer_with_another_datestyle_changed_when_th
 
 FLOATS = """
 CREATE TABLE readings (x float8 PRIMARY KEY, v text);
-CREATE TABLE lecturas (x float8 PRIMARY KEY, v text);
+CREATE TABLE lecturas (x float8 PRIMARY KEY, v varchar(8));
 INSERT INTO readings SELECT i * 0.1::float8, 'v' || i FROM generate_series(1, 30) i;
+UPDATE readings SET v = 'far too long for lecturas' WHERE x = 9 * 0.1::float8;  -- quarantined by the copy (22001)
 """
 FLOATS_MAPPING = """
 tables:
@@ -240,14 +241,16 @@ tables:
 
 def test_sync_re_derives_the_row_of_a_float_key_a_writer_with_fewer_float_digits_changed(db_url, tmp_path):
     """3 * 0.1 is 0.30000000000000004: with extra_float_digits = 0 (older drivers, some ORMs) ::text writes 0.3, another
-    number, and sync re-derived a row that is not there."""
+    number, and sync re-derived a row that is not there (and the copy's reject, written with every digit, stayed)."""
     s = _night(db_url, tmp_path, FLOATS, FLOATS_MAPPING)
+    assert scalar(db_url, "SELECT count(*) FROM migrate_data.rejects") == 1
     run(
         _as_writer(
             db_url,
             [
                 "UPDATE readings SET v = 'changed' WHERE x = 3 * 0.1::float8",
                 "DELETE FROM readings WHERE x = 7 * 0.1::float8",
+                "UPDATE readings SET v = 'fixed' WHERE x = 9 * 0.1::float8",
             ],
             extra_float_digits="0",
         )
@@ -257,6 +260,8 @@ def test_sync_re_derives_the_row_of_a_float_key_a_writer_with_fewer_float_digits
     assert p.waiting == 0
     assert scalar(db_url, "SELECT v FROM lecturas WHERE x = 3 * 0.1::float8") == "changed", f"logged keys {logged}"
     assert scalar(db_url, "SELECT count(*) FROM lecturas WHERE x = 7 * 0.1::float8") == 0, f"logged keys {logged}"
+    assert scalar(db_url, "SELECT v FROM lecturas WHERE x = 9 * 0.1::float8") == "fixed", f"logged keys {logged}"
+    assert scalar(db_url, "SELECT count(*) FROM migrate_data.rejects") == 0, f"logged keys {logged}"
     assert deep(s, "night") == (True, [])
 
 
