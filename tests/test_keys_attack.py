@@ -155,8 +155,9 @@ tables:
 @pytest.mark.xfail(
     strict=True,
     reason="the guard and status check columns by name only: a column that takes the captured key's name (renames in "
-    "one transaction, no write in between) passes them, status says on, and sync upserts rows keyed by the other "
-    "column's values next to the rows the copy keyed by the old one.  Needs each relation's attribute numbers "
+    "one transaction, no write in between) passes them, status says on, and sync writes the changed row under the "
+    "other column's value: over the target row the copy wrote for another person under that key.  (A default "
+    "batch_by follows the primary key's index, by attribute number: then sync refuses.)  Needs each relation's attribute numbers "
     "recorded at install (the parent's and each leaf's: they differ) and checked by the guard and by status "
     "(migrate_data.capture has no column for them: a ledger version)",
 )
