@@ -24,9 +24,11 @@ Why capture cannot make an application write fail, and why nothing is caught:
   writers; sync deletes the rows it applied by id, so the writer and sync never wait for each other.
 - The triggers are ``ENABLE ALWAYS``: a session with ``session_replication_role = replica`` is captured too.
 - A column the function names (a key, a lookup's column) that was renamed or dropped since capture started would
-  make the statement naming it fail.  So each call first checks, in ``pg_attribute``, that they are all still
-  there; if not, it logs one row with an empty key ("some row of this table changed"), and sync re-derives every
-  row that reads the table.  ``status`` shows it as ``COLUMN GONE``.
+  make the statement naming it fail, and so would a key of another type where its text form calls a function of
+  its type (``encode`` of a bytea).  So each call first checks, in ``pg_attribute``, that they are all still there
+  (outside READ COMMITTED, by name in the catalog as it is now: the writer's snapshot may be older than a rename);
+  if not, it logs one row with an empty key ("some row of this table changed"), and sync re-derives every row that
+  reads the table.  ``status`` shows a missing column as ``COLUMN GONE``.
 - There is no ``EXCEPTION`` block.  Catching an error would have to swallow it (the change is lost and nobody
   knows until ``validate --deep``: the very failure capture exists to prevent) and would open a subtransaction per
   statement (past 64 in one transaction, every snapshot in the server gets slower).  What can still fail is what

@@ -11,7 +11,7 @@ from typing import Any
 from .catalog import Table
 from .compile import CompiledTable
 from .mapping import QualifiedName
-from .sql import LEDGER_SCHEMA, key_text_array, qi, ql, qname
+from .sql import LEDGER_SCHEMA, key_text_array, key_text_type, qi, ql, qname
 
 SCHEMA = LEDGER_SCHEMA
 NEW, OLD = "migrate_data_new", "migrate_data_old"  # the transition tables' names inside the trigger function
@@ -172,6 +172,7 @@ def trigger_name(phase: str, table: str, event: str) -> str:
 
 TEXT = "pg_catalog.text"  # never the writer's ``text``: see the module's docstring
 EQ = "OPERATOR(pg_catalog.=)"
+NE = "OPERATOR(pg_catalog.<>)"
 
 
 def _key(alias: str, c: Captured) -> str:
@@ -180,13 +181,26 @@ def _key(alias: str, c: Captured) -> str:
 
 
 def _guard(c: Captured) -> str:
-    """True while every column the function names is still there: a column renamed or dropped since capture started
-    would make the statement that names it fail, and the writer's statement with it."""
+    """True while every column the function names is still there (and of the type its key's form needs): a column
+    renamed, dropped or of another type since capture started would make the statement that names it fail, and the
+    writer's statement with it.  ``pg_attribute`` as the writer's snapshot sees it; outside READ COMMITTED that may be
+    older than the table the statement writes (a rename committed after a REPEATABLE READ writer's first query), so
+    each column's name is checked again in the catalog as it is now (``pg_identify_object_as_address``)."""
     names = tuple(dict.fromkeys((*c.columns, *(c.watched or ()))))
     listed = ", ".join(f"{ql(n)}::pg_catalog.name" for n in names)
+    types = "".join(  # a key whose text form calls its type's functions: that type, by oid
+        f" AND (a.attname {NE} {ql(col)}::pg_catalog.name OR a.atttypid {EQ} {oid}::pg_catalog.oid)"
+        for col, t in zip(c.columns, c.types or ("text",) * len(c.columns), strict=True)
+        if (oid := key_text_type(t)) is not None
+    )
+    now = (  # 1259: pg_class, whose rows the columns are sub-objects of
+        f"(pg_catalog.current_setting('transaction_isolation') {EQ} 'read committed'::{TEXT} OR "
+        f"(pg_catalog.pg_identify_object_as_address(1259::pg_catalog.oid, TG_RELID, a.attnum::pg_catalog.int4))"
+        f".object_names[3]::pg_catalog.name {EQ} a.attname)"
+    )
     return (
         f"(SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute AS a WHERE a.attrelid {EQ} TG_RELID "
-        f"AND a.attname {EQ} ANY (ARRAY[{listed}]) AND NOT a.attisdropped) {EQ} {len(names)}"
+        f"AND a.attname {EQ} ANY (ARRAY[{listed}]) AND NOT a.attisdropped{types} AND {now}) {EQ} {len(names)}"
     )
 
 

@@ -100,8 +100,8 @@ class BatchApplier:
                 unknown.add(r["source"])
         if unknown:
             log.warning(
-                "%s: %s changed while a column capture reads was renamed or dropped: every row that reads them is "
-                "re-derived",
+                "%s: %s changed while a column capture reads was renamed, dropped or of another type: every row that "
+                "reads them is re-derived",
                 self.phase,
                 ", ".join(sorted(unknown)),
             )
