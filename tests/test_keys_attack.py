@@ -194,14 +194,6 @@ tables:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="key_text sees format_type's name, `day`, not the date under it: the trigger writes it with ::text in the "
-    "writer's DateStyle ('13/02/2024'), which our MDY sessions read as another day or not at all.  Needs the "
-    "domain's base type (catalog.Column.base_type) wherever a key's type is given to key_text: compile.py's "
-    "batch_types and key_types, capture_sql.plan_capture's and sync.prepare's types, all alike (the copier's "
-    "rejects and the trigger's log must keep writing the same text); compile.py is being split now",
-)
 def test_sync_re_derives_the_row_a_writer_with_another_datestyle_changed_when_the_key_is_a_domain_over_date(
     db_url, tmp_path
 ):
@@ -370,14 +362,6 @@ tables:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="db.py sets IntervalStyle = postgres on every session for the text that travels between two databases; "
-    "unlike DateStyle = ISO (which keeps the database's day/month order for input) it also changes how text is READ: "
-    "'-1 2:03:04' is -1 day -02:03:04 to the database's own sessions (sql_standard) and -1 day +02:03:04 to ours. "
-    "Validation computes in our sessions too, so it passes.  Needs the override only where text crosses databases "
-    "(or the target's sessions given the source's style), a decision for runtime.py/pipe.py",
-)
 def test_a_mapping_reads_interval_text_as_the_database_does_in_one_database(db_url, tmp_path):
     sql(
         db_url,

@@ -133,7 +133,7 @@ def plan_capture(
             names[n],
             tuple(cols),
             None if watched[n] is None else tuple(watched[n] or ()),
-            tuple(live[n].column(col).type for col in cols),  # type: ignore[union-attr]
+            tuple(live[n].column(col).key_type for col in cols),  # type: ignore[union-attr]
         )
         for n, cols in columns.items()
     )

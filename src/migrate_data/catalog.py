@@ -29,6 +29,11 @@ class Column:
     portable: str = ""
 
     @property
+    def key_type(self) -> str:
+        """The type a key of this column is written as text and read back with (sql.key_text): a domain's base type."""
+        return self.base_type or self.type
+
+    @property
     def is_enum(self) -> bool:
         """An enum, or a domain over one: only its labels are values."""
         return bool(self.labels) and not self.is_array

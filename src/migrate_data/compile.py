@@ -74,7 +74,7 @@ def compile_table(
         batch_by=batch_by,
         batch_types=_batch_types(mapping, source, batch_by, where),
         key=key,
-        key_types=tuple(target.column(k).type for k in key),  # type: ignore[union-attr]
+        key_types=tuple(target.column(k).key_type for k in key),  # type: ignore[union-attr]
         overriding=any(target.column(c.target).identity == "a" for c in columns),  # type: ignore[union-attr]
         lookups=tuple(reads.lookups),
         key_injective=_key_injective(source, columns, key),
@@ -326,7 +326,7 @@ def _batch_types(mapping: TableMapping, source: Table, batch_by: tuple[str, ...]
             continue
         if scol is None:
             raise PreflightError(f"{where}: batch_by column {source.name}.{b} does not exist")
-        batch_types.append(scol.type)
+        batch_types.append(scol.key_type)
     return tuple(batch_types)
 
 

@@ -31,10 +31,14 @@ async def open_pool(
     max_size: int = 4,
     statement_timeout: str | None = None,
     lock_timeout: str | None = None,
+    interval_style: str | None = None,
 ) -> AsyncIterator[asyncpg.Pool]:
-    """Open one pool for one database and close it on every path."""
+    """Open one pool for one database and close it on every path.  ``interval_style``: the ``IntervalStyle`` its
+    sessions read and write intervals in (the source's, for a target that reads the text the source writes)."""
     parsed = DatabaseURL.parse(url)
     server_settings = {"application_name": APPLICATION_NAME}
+    if interval_style:
+        server_settings["IntervalStyle"] = interval_style
     if statement_timeout:
         server_settings["statement_timeout"] = statement_timeout
     if lock_timeout:
@@ -85,13 +89,11 @@ async def open_pool(
 # A session of ours may sit idle between batches (another table's turn, a long validation query elsewhere): a server
 # or role with idle_session_timeout (PostgreSQL 14+) must not end it under the run.  Across two databases values
 # travel as text (COPY, the sync's staged rows): it is written in forms any session reads back the same, whatever the
-# database or role set: ISO dates (``DateStyle = ISO`` keeps the session's day/month order for reading input),
-# ``postgres`` intervals (an SQL-standard ``-1 2:03:04`` means another span to a ``postgres`` reader) and exact floats.
+# database or role set: ISO dates (``DateStyle = ISO`` keeps the session's day/month order for reading input) and
+# exact floats.  Intervals are not: ``IntervalStyle`` also decides how text is read (an SQL-standard ``-1 2:03:04`` is
+# another span to a ``postgres`` reader), so the target's sessions take the source's instead (runtime.connect).
 def _session_settings(conn: asyncpg.Connection) -> str:
-    out = (
-        "SET idle_in_transaction_session_timeout = 0; SET DateStyle = ISO; SET IntervalStyle = postgres; "
-        "SET extra_float_digits = 1;"
-    )
+    out = "SET idle_in_transaction_session_timeout = 0; SET DateStyle = ISO; SET extra_float_digits = 1;"
     return out + (" SET idle_session_timeout = 0;" if conn.get_server_version() >= (14, 0) else "")
 
 

@@ -91,14 +91,17 @@ async def connect(settings: Settings, *, jobs: int = 2) -> AsyncIterator[tuple[a
     """One pool for the target and, when the source is another database, one for the source."""
     size = max(2, jobs + 2)
     st, lt = settings.statement_timeout, settings.lock_timeout
-    async with open_pool(settings.database_url, max_size=size, statement_timeout=st, lock_timeout=lt) as target:
-        if settings.same_database:
+    if settings.same_database:
+        async with open_pool(settings.database_url, max_size=size, statement_timeout=st, lock_timeout=lt) as target:
             yield target, target
-        else:
-            async with open_pool(
-                settings.effective_source_url, max_size=size, statement_timeout=st, lock_timeout=lt
-            ) as source:
-                yield target, source
+        return
+    async with open_pool(settings.effective_source_url, max_size=size, statement_timeout=st, lock_timeout=lt) as source:
+        # the target reads the intervals the source writes as text in the source's own style
+        style = await fetch_val(source, "SHOW IntervalStyle")
+        async with open_pool(
+            settings.database_url, max_size=size, statement_timeout=st, lock_timeout=lt, interval_style=style
+        ) as target:
+            yield target, source
 
 
 async def _server_major(db: Executor) -> int:

@@ -197,13 +197,13 @@ class PhaseSyncer:
             lt = await read_table(self.source, lk.table)
             assert lt is not None
             lcols = registry[str(lt.qualified)]
-            on_types = tuple(src.column(o).type for o in lk.on)  # type: ignore[union-attr]
+            on_types = tuple(src.column(o).key_type for o in lk.on)  # type: ignore[union-attr]
             uses.append(LookupUse(str(lt.qualified), tuple(lcols.index(k) for k in lk.key), lk.on, on_types))
         return SyncTable(
             ct,
             target,
             feed,
-            tuple(src.column(f).type for f in feed),  # type: ignore[union-attr]
+            tuple(src.column(f).key_type for f in feed),  # type: ignore[union-attr]
             tuple(cols.index(b) for b in ct.batch_by),
             tuple(cols.index(f) for f in feed),
             tuple(uses),
