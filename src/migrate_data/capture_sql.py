@@ -221,6 +221,24 @@ def _same(a: str, b: str, columns: tuple[str, ...]) -> str:
     return " AND ".join(out)
 
 
+def _body(phase: str, c: Captured, insert: str, update: str, delete: str) -> str:
+    """A trigger function's body: a TRUNCATE's marker; one row with an empty key when a column it names is gone (or
+    of another type); else the keys the statement's ``insert``, ``update`` or ``delete`` logs."""
+    empty = f"SELECT '{{}}'::{TEXT}[]"
+    return f"""    IF TG_OP {EQ} 'TRUNCATE' THEN
+        {_log(phase, c, "T", empty)};
+    ELSIF NOT {_guard(c)} THEN
+        {_log(phase, c, "U", empty)};
+    ELSIF TG_OP {EQ} 'INSERT' THEN
+        {insert};
+    ELSIF TG_OP {EQ} 'UPDATE' THEN
+        {update};
+    ELSE
+        {delete};
+    END IF;
+    RETURN NULL;"""
+
+
 def function_sql(phase: str, c: Captured, *, level: str = "statement") -> str:
     """The trigger function that logs one table's changed keys; ``level="row"`` builds the row-level equivalent
     (for the benchmark: scripts/bench_capture.py)."""
@@ -235,38 +253,26 @@ def function_sql(phase: str, c: Captured, *, level: str = "statement") -> str:
                 f"{_same('o', 'n', keep)}) UNION SELECT {_key('o', c)} FROM {o} AS o WHERE NOT EXISTS "
                 f"(SELECT 1 FROM {n} AS n WHERE {_same('n', 'o', keep)})"
             )
-        body = f"""    IF TG_OP {EQ} 'TRUNCATE' THEN
-        {_log(phase, c, "T", f"SELECT '{{}}'::{TEXT}[]")};
-    ELSIF NOT {_guard(c)} THEN
-        {_log(phase, c, "U", f"SELECT '{{}}'::{TEXT}[]")};
-    ELSIF TG_OP {EQ} 'INSERT' THEN
-        {_log(phase, c, "I", f"SELECT {_key('n', c)} FROM {n} AS n")};
-    ELSIF TG_OP {EQ} 'UPDATE' THEN
-        {_log(phase, c, "U", update)};
-    ELSE
-        {_log(phase, c, "D", f"SELECT {_key('o', c)} FROM {o} AS o")};
-    END IF;
-    RETURN NULL;"""
+        body = _body(
+            phase,
+            c,
+            _log(phase, c, "I", f"SELECT {_key('n', c)} FROM {n} AS n"),
+            _log(phase, c, "U", update),
+            _log(phase, c, "D", f"SELECT {_key('o', c)} FROM {o} AS o"),
+        )
     elif level == "row":
         new, old = _key("NEW", c), _key("OLD", c)
         changed = "true"
         if c.watched is not None:
             keep = (*c.columns, *c.watched)
             changed = f"({_same('NEW', 'OLD', keep)}) IS NOT TRUE"
-        body = f"""    IF TG_OP {EQ} 'TRUNCATE' THEN
-        {_log(phase, c, "T", f"SELECT '{{}}'::{TEXT}[]")};
-    ELSIF NOT {_guard(c)} THEN
-        {_log(phase, c, "U", f"SELECT '{{}}'::{TEXT}[]")};
-    ELSIF TG_OP {EQ} 'INSERT' THEN
-        {_log(phase, c, "I", f"SELECT {new}")};
-    ELSIF TG_OP {EQ} 'UPDATE' THEN
-        IF {changed} THEN
-            {_log(phase, c, "U", f"SELECT {new} UNION SELECT {old}")};
-        END IF;
-    ELSE
-        {_log(phase, c, "D", f"SELECT {old}")};
-    END IF;
-    RETURN NULL;"""
+        body = _body(
+            phase,
+            c,
+            _log(phase, c, "I", f"SELECT {new}"),
+            f"IF {changed} THEN {_log(phase, c, 'U', f'SELECT {new} UNION SELECT {old}')}; END IF",
+            _log(phase, c, "D", f"SELECT {old}"),
+        )
     else:
         raise ValueError(f"level: {level!r}")
     return (
