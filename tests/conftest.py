@@ -6,10 +6,14 @@ Every test that writes gets a database of its own, dropped afterwards.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import importlib.util
+import logging
 import os
+import signal
 import subprocess
 import sys
+import traceback
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +21,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from click.testing import CliRunner
 
+from migrate_data.cli import cli
 from migrate_data.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,11 +150,12 @@ def settings_for(tmp_path: Path):
 
 
 def run_cli_args(*args: str) -> list[str]:
+    """The real ``migrate-data`` command, for a process of its own: a signal, a kill, another process at once."""
     return [sys.executable, "-m", "migrate_data", *args]
 
 
 def cli_env(url: str | None = None, output_dir: Path | None = None, **extra: str) -> dict[str, str]:
-    """The environment of a ``migrate-data`` run: ours, less DATABASE_URL, plus what is given."""
+    """The environment of a ``migrate-data`` process: ours, less DATABASE_URL, plus what is given."""
     e = dict(os.environ)
     e.pop("DATABASE_URL", None)
     if url:
@@ -167,16 +174,43 @@ def run_cli(
     input: str | None = None,
     timeout: int = 120,
 ) -> subprocess.CompletedProcess:
-    """Run the real ``migrate-data`` command; stdin is not a terminal."""
-    return subprocess.run(
-        run_cli_args(*args),
-        cwd=cwd,
-        env=cli_env(url, **(env or {})),
-        capture_output=True,
-        text=True,
-        input=input if input is not None else "",
-        timeout=timeout,
-    )
+    """Run ``migrate-data ARGS`` in this process, as the command runs (``main``: exit codes, psql-shaped errors);
+    stdin is not a terminal.
+
+    Only what a separate process would not share is set apart: the working directory, the environment (ours, less
+    DATABASE_URL, plus what is given), sys.path, the loggers (the command's log lines go to its stderr) and the
+    signal handlers.  An unexpected exception is exit 1 with its traceback on stderr, as Python prints it; a run
+    still going after ``timeout`` seconds ends the test process (faulthandler), so a hang fails the test.
+    """
+    environment: dict[str, str | None] = {"DATABASE_URL": url, **(env or {})}
+    loggers = [
+        logging.getLogger(),
+        *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)),
+    ]
+    levels = [(lg, lg.level) for lg in loggers]
+    root_handlers = logging.getLogger().handlers[:]
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    path, here = sys.path[:], os.getcwd()
+    logging.getLogger().handlers[:] = []  # so the command's logging.basicConfig writes to its own stderr
+    faulthandler.dump_traceback_later(timeout, exit=True, file=sys.__stderr__)
+    try:
+        os.chdir(cwd)
+        result = CliRunner().invoke(cli, list(args), input=input, env=environment, prog_name="migrate-data")
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        os.chdir(here)
+        sys.path[:] = path
+        for handler in logging.getLogger().handlers:
+            handler.close()
+        logging.getLogger().handlers[:] = root_handlers
+        for lg, level in levels:
+            lg.setLevel(level)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess(["migrate-data", *args], result.exit_code, result.stdout, stderr)
 
 
 def run(coro):
