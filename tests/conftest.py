@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 from click.testing import CliRunner
 
+from migrate_data import api
 from migrate_data.cli import cli
 from migrate_data.settings import Settings
 
@@ -137,6 +138,45 @@ def legacy_url(server_url: str, legacy_template: str) -> Iterator[str]:
     name, url = _create_database(server_url, template=legacy_template)
     yield url
     _drop_database(server_url, name)
+
+
+PLAN = ("phase1", "phase2a", "phase2b", "phase3", "phase4")  # the sample plan's phases before the drop
+
+
+@pytest.fixture(scope="session")
+def plan_template(server_url: str, legacy_template: str, tmp_path_factory) -> Iterator:
+    """``plan_template(phase)``: a template of the seeded database with the sample plan applied up to ``phase`` (each
+    phase without a backup, as the tests' ``apply`` runs it), made once per session (and xdist worker) when first
+    asked, from the template of the phase before.  ``seeded=False``: of an empty database instead (a target whose
+    source is another database; phase1 only, the phases after it copy)."""
+    out = tmp_path_factory.mktemp("plan")
+    no_backup = api.RunOptions(backup=False)
+    made: dict[tuple[str, bool], str] = {}
+
+    def upto(phase: str, seeded: bool = True) -> str:
+        if (phase, seeded) not in made:
+            i = PLAN.index(phase)
+            name, url = _create_database(
+                server_url, template=upto(PLAN[i - 1], seeded) if i else legacy_template if seeded else None
+            )
+            try:
+                run(api.run_phase(Settings(database_url=url, project_dir=ROOT, output_dir=out), phase, no_backup))
+            except BaseException:
+                _drop_database(server_url, name)  # the next test asks again, and fails again
+                raise
+            made[phase, seeded] = name
+        return made[phase, seeded]
+
+    yield upto
+    for name in made.values():
+        _drop_database(server_url, name)
+
+
+@pytest.fixture
+def applied_db(make_db, plan_template):
+    """``applied_db(phase)``: a fresh database, a copy of the seeded one with the plan applied up to ``phase``;
+    ``applied_db("phase1", seeded=False)``: of an empty one with phase1 applied."""
+    return lambda phase, seeded=True: make_db(template=plan_template(phase, seeded))
 
 
 @pytest.fixture

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 
+import asyncpg
 import pytest
 
 from conftest import run, run_cli, scalar, sql
@@ -16,25 +18,36 @@ DATA_PHASES = ("phase1", "phase2a", "phase2b", "phase3")
 
 
 def snapshot(url: str) -> dict:
-    """Tables, a fingerprint of every row, and sequence values of the application's schema."""
-    tables = [
-        r[0]
-        for r in sql(
-            url,
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version' ORDER BY 1",
-        )
-    ]
-    rows = {
-        t: scalar(url, f"SELECT md5(COALESCE(string_agg(x::text, '|' ORDER BY x::text), '')) FROM \"{t}\" x")
-        for t in tables
-    }
-    seqs = {
-        r[0]: (r[1], r[2])
-        for r in sql(
-            url, "SELECT sequencename, last_value, start_value FROM pg_sequences WHERE schemaname = 'public' ORDER BY 1"
-        )
-    }
-    return {"tables": tables, "rows": rows, "sequences": seqs}
+    """Tables, a fingerprint of every row, and sequence values of the application's schema (on one connection)."""
+
+    async def go() -> dict:
+        conn = await asyncpg.connect(url)
+        try:
+            tables = [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version' "
+                    "ORDER BY 1"
+                )
+            ]
+            rows = {
+                t: await conn.fetchval(
+                    f"SELECT md5(COALESCE(string_agg(x::text, '|' ORDER BY x::text), '')) FROM \"{t}\" x"
+                )
+                for t in tables
+            }
+            seqs = {
+                r[0]: (r[1], r[2])
+                for r in await conn.fetch(
+                    "SELECT sequencename, last_value, start_value FROM pg_sequences WHERE schemaname = 'public' "
+                    "ORDER BY 1"
+                )
+            }
+        finally:
+            await conn.close()
+        return {"tables": tables, "rows": rows, "sequences": seqs}
+
+    return asyncio.run(go())
 
 
 def run_all(settings, phases=DATA_PHASES, **opts):
