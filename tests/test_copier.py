@@ -204,8 +204,8 @@ def test_second_runner_fails_fast_naming_the_holder(legacy_url, settings_for):
 def test_concurrent_cli_runs_never_both_copy(db_url, tmp_path):
     sql(db_url, BIG)
     proj = project(tmp_path, night=BIG_MAPPING)
-    a = start_cli(["night", "--yes", "--no-backup", "--batch-size", "20", "--jobs", "1"], db_url, proj)
-    wait_for_progress(db_url, a, minimum=20)
+    a = start_cli(["night", "--yes", "--no-backup", "--batch-size", "50", "--jobs", "1"], db_url, proj)  # 400 batches
+    wait_for_progress(db_url, a, minimum=50)
     b = run_cli("night", "--yes", "--no-backup", url=db_url, cwd=proj)
     a.communicate(timeout=120)
     assert a.returncode == 0
