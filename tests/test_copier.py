@@ -115,15 +115,15 @@ def test_big_table_is_split_into_concurrent_key_ranges(db_url, tmp_path):
     assert result.tables[0].rows_written == 20000 and result.validation.ok
 
 
-def test_invalid_json_rows_are_quarantined_and_good_rows_arrive(legacy_url, settings_for):
-    settings = settings_for(legacy_url)
-    run(api.run_phase(settings, "phase1", api.RunOptions(backup=False)))
+def test_invalid_json_rows_are_quarantined_and_good_rows_arrive(applied_db, settings_for):
+    url = applied_db("phase1")
+    settings = settings_for(url)
     result = run(api.run_phase(settings, "phase2a", api.RunOptions(backup=False, batch_size=100)))
-    rejects = sql(legacy_url, "SELECT target, sqlstate, message, row->>'notes' AS notes FROM migrate_data.rejects")
+    rejects = sql(url, "SELECT target, sqlstate, message, row->>'notes' AS notes FROM migrate_data.rejects")
     assert len(rejects) == 3
     assert {(r["target"], r["sqlstate"], r["notes"]) for r in rejects} == {("public.clientes", "22P02", "{not json")}
     assert all("invalid input syntax for type json" in r["message"] for r in rejects)
-    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 997
+    assert scalar(url, "SELECT count(*) FROM clientes") == 997
     assert result.validation.ok and result.validation.tables[1].rejected == 3
 
 
@@ -154,14 +154,12 @@ def test_two_tables_referencing_each_other_copy(db_url, tmp_path):
     assert scalar(db_url, "SELECT count(*) FROM x JOIN y ON y.id = x.y_id AND y.x_id = x.id") == 50
 
 
-def test_identity_and_serial_accept_new_rows_after_the_copy(legacy_url, settings_for):
-    settings = settings_for(legacy_url)
-    for phase in ("phase1", "phase2a", "phase2b", "phase3"):
-        run(api.run_phase(settings, phase, api.RunOptions(backup=False)))
-    new_msg = scalar(legacy_url, "INSERT INTO mensajes (contenido) VALUES ('new') RETURNING id")
-    assert new_msg > scalar(legacy_url, "SELECT max(id) FROM messages")
-    new_task = scalar(legacy_url, "INSERT INTO tareas_programadas (tipo_tarea) VALUES ('x') RETURNING id")
-    assert new_task == scalar(legacy_url, "SELECT max(id) FROM task_queue") + 1
+def test_identity_and_serial_accept_new_rows_after_the_copy(applied_db):
+    url = applied_db("phase3")
+    new_msg = scalar(url, "INSERT INTO mensajes (contenido) VALUES ('new') RETURNING id")
+    assert new_msg > scalar(url, "SELECT max(id) FROM messages")
+    new_task = scalar(url, "INSERT INTO tareas_programadas (tipo_tarea) VALUES ('x') RETURNING id")
+    assert new_task == scalar(url, "SELECT max(id) FROM task_queue") + 1
 
 
 def test_generated_always_identity_is_written_with_overriding(db_url, tmp_path):
@@ -206,8 +204,8 @@ def test_second_runner_fails_fast_naming_the_holder(legacy_url, settings_for):
 def test_concurrent_cli_runs_never_both_copy(db_url, tmp_path):
     sql(db_url, BIG)
     proj = project(tmp_path, night=BIG_MAPPING)
-    a = start_cli(["night", "--yes", "--no-backup", "--batch-size", "20", "--jobs", "1"], db_url, proj)
-    wait_for_progress(db_url, a, minimum=20)
+    a = start_cli(["night", "--yes", "--no-backup", "--batch-size", "50", "--jobs", "1"], db_url, proj)  # 400 batches
+    wait_for_progress(db_url, a, minimum=50)
     b = run_cli("night", "--yes", "--no-backup", url=db_url, cwd=proj)
     a.communicate(timeout=120)
     assert a.returncode == 0
@@ -217,14 +215,14 @@ def test_concurrent_cli_runs_never_both_copy(db_url, tmp_path):
 
 
 def test_the_copier_stops_at_the_deadline_between_batches_and_the_same_command_resumes(
-    legacy_url, settings_for, monkeypatch
+    applied_db, settings_for, monkeypatch
 ):
     from types import SimpleNamespace
 
     from migrate_data import copier
 
-    settings = settings_for(legacy_url)
-    run(api.run_phase(settings, "phase1", api.RunOptions(backup=False)))
+    url = applied_db("phase1")
+    settings = settings_for(url)
     calls = {"n": 0}
 
     class Clock(dt.datetime):
@@ -238,19 +236,18 @@ def test_the_copier_stops_at_the_deadline_between_batches_and_the_same_command_r
     options = api.RunOptions(backup=False, batch_size=100, jobs=1, deadline=deadline)
     with pytest.raises(Stopped, match=r"\(--until\) before the next batch could finish"):
         run(api.run_phase(settings, "phase2a", options))
-    copied = scalar(legacy_url, "SELECT count(*) FROM clientes")
+    copied = scalar(url, "SELECT count(*) FROM clientes")
     assert 0 < copied < 997 and copied == scalar(
-        legacy_url, "SELECT sum(rows_written) FROM migrate_data.checkpoints WHERE target = 'public.clientes'"
+        url, "SELECT sum(rows_written) FROM migrate_data.checkpoints WHERE target = 'public.clientes'"
     )
     monkeypatch.undo()
     assert run(api.run_phase(settings, "phase2a", api.RunOptions(backup=False))).validation.ok
-    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 997
+    assert scalar(url, "SELECT count(*) FROM clientes") == 997
 
 
-def test_cross_database_copy_gives_the_same_rows_and_rejects(legacy_url, make_db, settings_for):
-    target_url = make_db()
+def test_cross_database_copy_gives_the_same_rows_and_rejects(legacy_url, applied_db, make_db, settings_for):
+    target_url = applied_db("phase1", seeded=False)
     settings = settings_for(target_url).with_(source_url=legacy_url)
-    run(api.run_phase(settings_for(target_url), "phase1", api.RunOptions(backup=False)))
     result = run(api.run_phase(settings, "phase2a", api.RunOptions(backup=False, batch_size=128)))
     assert result.validation.ok
     assert scalar(target_url, "SELECT count(*) FROM clientes") == 997
@@ -258,17 +255,14 @@ def test_cross_database_copy_gives_the_same_rows_and_rejects(legacy_url, make_db
     same = make_db()
     sql(same, open(ROOT / "alembic" / "sql" / "legacy_schema.sql").read())
     # the transformed values equal those of the one-database path
-    one_db = settings_for(legacy_url)
-    run(api.run_phase(one_db, "phase1", api.RunOptions(backup=False)))
-    run(api.run_phase(one_db, "phase2a", api.RunOptions(backup=False)))
+    one_db = applied_db("phase2a")
     fingerprint = "SELECT md5(string_agg(c::text, ',' ORDER BY id)) FROM clientes c"
-    assert scalar(target_url, fingerprint) == scalar(legacy_url, fingerprint)
+    assert scalar(target_url, fingerprint) == scalar(one_db, fingerprint)
 
 
-def test_cross_database_copy_keeps_rows_already_in_the_target(legacy_url, make_db, settings_for):
+def test_cross_database_copy_keeps_rows_already_in_the_target(legacy_url, applied_db, settings_for):
     """The direct COPY meets a conflicting key, falls back to the ON CONFLICT path, and keeps the existing row."""
-    target_url = make_db()
-    run(api.run_phase(settings_for(target_url), "phase1", api.RunOptions(backup=False)))
+    target_url = applied_db("phase1", seeded=False)
     key = scalar(legacy_url, "SELECT id::text FROM professions ORDER BY id LIMIT 1")
     sql(target_url, "INSERT INTO profesiones (id, nombre) VALUES ($1::uuid, 'ya estaba')", key)
     settings = settings_for(target_url).with_(source_url=legacy_url)

@@ -7,7 +7,7 @@ import asyncio
 
 import asyncpg
 import pytest
-from test_sync import apply, capture_triggers, waiting
+from test_sync import capture_triggers, waiting
 
 from conftest import run, run_cli, scalar, sql
 from migrate_data import api
@@ -31,11 +31,10 @@ async def _probe(url: str) -> dict[str, object]:
 
 
 @pytest.fixture
-def applied(legacy_url, settings_for):
-    settings = settings_for(legacy_url)
-    apply(settings, "phase1", "phase2a")
-    sql(legacy_url, "UPDATE customers SET city = 'Antes del corte' WHERE phone_number LIKE '+59390000002_'")
-    return settings, legacy_url
+def applied(applied_db, settings_for):
+    url = applied_db("phase2a")
+    sql(url, "UPDATE customers SET city = 'Antes del corte' WHERE phone_number LIKE '+59390000002_'")
+    return settings_for(url), url
 
 
 def test_cutover_blocks_writes_applies_the_last_changes_validates_and_removes_capture(applied):
@@ -119,11 +118,11 @@ def test_a_cutover_whose_last_sync_takes_a_row_out_of_the_target_exits_3_naming_
     assert scalar(url, "SELECT cut_over_at FROM migrate_data.phases WHERE phase = 'phase2a'") is None
 
 
-def test_cutover_refuses_a_phase_before_the_phase_it_requires_and_passes_with_both(legacy_url, settings_for):
-    settings = settings_for(legacy_url)
-    apply(settings, "phase1", "phase2a", "phase2b")
+def test_cutover_refuses_a_phase_before_the_phase_it_requires_and_passes_with_both(applied_db, settings_for):
+    url = applied_db("phase2b")
+    settings = settings_for(url)
     with pytest.raises(RefusedError, match="phase2b cannot be cut over before phase2a, which it requires"):
         run(api.cutover(settings, ["phase2b"]))
-    assert len(capture_triggers(legacy_url)) == 8 + 12  # nothing was changed
+    assert len(capture_triggers(url)) == 8 + 12  # nothing was changed
     result = run(api.cutover(settings, ["phase2b", "phase2a"]))
-    assert result.ok and result.capture_removed and capture_triggers(legacy_url) == []
+    assert result.ok and result.capture_removed and capture_triggers(url) == []

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from clikit import invoke, read_only_role, with_user
 
-from conftest import ROOT, run, scalar, sql
-from migrate_data import api, cli, ledger
+from conftest import ROOT, scalar, sql
+from migrate_data import cli, ledger
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,6 @@ CASES = [
 ]  # fmt: skip
 
 
-def _apply(settings) -> None:
-    for name in ("phase1", "phase2a"):
-        run(api.run_phase(settings, name, api.RunOptions(backup=False)))
-
-
 def _hold_lock(url: str) -> subprocess.Popen:
     holder = subprocess.Popen(
         ["psql", url, "-qc", f"SELECT pg_advisory_lock({ledger.LOCK_KEY})", "-c", "SELECT pg_sleep(60)"],
@@ -75,12 +70,11 @@ def _hold_lock(url: str) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_exit_code(case: Case, legacy_url, server_url, settings_for, tmp_path, monkeypatch):
-    url = legacy_url
-    if "applied" in case.given or case.given == "tampered":
-        _apply(settings_for(legacy_url))
+def test_exit_code(case: Case, applied_db, legacy_template, make_db, server_url, tmp_path, monkeypatch):
+    applied = "applied" in case.given or case.given == "tampered"  # phase1 and phase2a
+    url = applied_db("phase2a") if applied else make_db(template=legacy_template)
     if case.given == "tampered":
-        sql(legacy_url, "DELETE FROM clientes WHERE id IN (SELECT id FROM clientes LIMIT 2)")
+        sql(url, "DELETE FROM clientes WHERE id IN (SELECT id FROM clientes LIMIT 2)")
     if "terminal" in case.given:
         monkeypatch.setattr(cli.base, "interactive", lambda: True)
     if case.given == "no server":
@@ -123,13 +117,11 @@ def test_an_error_under_format_json_is_a_json_object(legacy_url, tmp_path):
     assert bad_flag["exit_code"] == 2 and "unknown time zone" in bad_flag["message"]
 
 
-def test_a_missing_privilege_names_the_privilege_the_object_and_the_role(
-    legacy_url, server_url, settings_for, tmp_path
-):
-    _apply(settings_for(legacy_url))
-    database = legacy_url.rpartition("/")[2]
+def test_a_missing_privilege_names_the_privilege_the_object_and_the_role(applied_db, server_url, tmp_path):
+    url = applied_db("phase2a")
+    database = url.rpartition("/")[2]
     with read_only_role(server_url) as reader:
-        result = invoke("phase2b", "--yes", "--no-backup", url=with_user(legacy_url, reader), output_dir=tmp_path)
+        result = invoke("phase2b", "--yes", "--no-backup", url=with_user(url, reader), output_dir=tmp_path)
     assert result.exit_code == 2, result.stderr
     assert result.stderr.splitlines() == [
         f"ERROR: permission denied for database {database}",
@@ -176,10 +168,10 @@ def test_privilege_hints_name_what_to_grant(message, query, hint):
     assert privilege_hint(message, query, role="dba", doing="migrate-data phase2a").startswith(hint)
 
 
-def test_read_only_role_can_plan_dry_run_validate_and_see_status(legacy_url, server_url, settings_for, tmp_path):
-    _apply(settings_for(legacy_url))
+def test_read_only_role_can_plan_dry_run_validate_and_see_status(applied_db, server_url, tmp_path):
+    applied = applied_db("phase2a")
     with read_only_role(server_url) as reader:
-        url = with_user(legacy_url, reader)
+        url = with_user(applied, reader)
         status = invoke("status", url=url, output_dir=tmp_path)
         plan = invoke("plan", "phase2b", url=url, output_dir=tmp_path)
         dry = invoke("phase2b", "--dry-run", url=url, output_dir=tmp_path)
@@ -189,7 +181,7 @@ def test_read_only_role_can_plan_dry_run_validate_and_see_status(legacy_url, ser
     assert dry.exit_code == 0 and "dry run of phase2b: pre-flight passed" in dry.stdout, dry.stderr
     assert "the requirements were not checked: pre-flight only" in dry.stderr
     assert validate.exit_code == 0 and "validation of phase2a PASSED" in validate.stdout, validate.stderr
-    assert scalar(legacy_url, "SELECT count(*) FROM migrate_data.runs WHERE kind = 'validate'") == 0  # not recorded
+    assert scalar(applied, "SELECT count(*) FROM migrate_data.runs WHERE kind = 'validate'") == 0  # not recorded
 
 
 # -- connect timeouts -------------------------------------------------------------------------------------------

@@ -133,14 +133,14 @@ def test_failed_pg_dump_leaves_no_partial_file(legacy_url, tmp_path):
     assert list(path.parent.iterdir()) == []
 
 
-def test_dump_killed_after_pg_dump_leaves_a_partial_that_the_next_run_removes(legacy_url, settings_for, tmp_path):
-    settings = settings_for(legacy_url)
-    run(api.run_phase(settings, "phase1", api.RunOptions(backup=False)))
+def test_dump_killed_after_pg_dump_leaves_a_partial_that_the_next_run_removes(applied_db, settings_for, tmp_path):
+    url = applied_db("phase1")
+    settings = settings_for(url)
     killed = kill_at(
         "migrate_data.backup:_run:return",  # pg_dump finished, not yet verified nor renamed
         "phase2a",
         "--yes",
-        url=legacy_url,
+        url=url,
         cwd=ROOT,
         env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)},
     )
@@ -153,11 +153,11 @@ def test_dump_killed_after_pg_dump_leaves_a_partial_that_the_next_run_removes(le
     assert [p.name for p in settings.backups_dir.iterdir()] == [Path(result.backup_path).name]
 
 
-def test_too_little_disk_space_refuses_before_the_dump_with_the_numbers(legacy_url, settings_for, monkeypatch):
-    settings = settings_for(legacy_url)
-    run(api.run_phase(settings, "phase1", api.RunOptions(backup=False)))
+def test_too_little_disk_space_refuses_before_the_dump_with_the_numbers(applied_db, settings_for, monkeypatch):
+    url = applied_db("phase1")
+    settings = settings_for(url)
     need = scalar(
-        legacy_url,
+        url,
         "SELECT sum(pg_table_size(c))::bigint FROM unnest(ARRAY['public.professions', 'public.customers', "
         "'public.profesiones', 'public.clientes']::regclass[]) c",
     )
@@ -170,5 +170,5 @@ def test_too_little_disk_space_refuses_before_the_dump_with_the_numbers(legacy_u
     )
     assert e.value.hint and "MIGRATE_DATA_OUTPUT_DIR" in e.value.hint
     assert list(settings.backups_dir.iterdir()) == []
-    assert scalar(legacy_url, "SELECT state FROM migrate_data.phases WHERE phase = 'phase2a'") is None
-    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 0
+    assert scalar(url, "SELECT state FROM migrate_data.phases WHERE phase = 'phase2a'") is None
+    assert scalar(url, "SELECT count(*) FROM clientes") == 0

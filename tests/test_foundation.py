@@ -58,9 +58,9 @@ def _our_sessions(url: str) -> int:
     )
 
 
-def test_no_session_left_open_after_runs_that_fail_midway(legacy_url, settings_for):
-    settings = settings_for(legacy_url)
-    run(api.run_phase(settings, "phase1", api.RunOptions(backup=False)))
+def test_no_session_left_open_after_runs_that_fail_midway(applied_db, settings_for):
+    url = applied_db("phase1")
+    settings = settings_for(url)
     # phase2a failing in the middle of the copy (the seed's invalid JSON exceeds --max-rejects 0) ...
     with pytest.raises(MigrationError, match="more than --max-rejects 0"):
         run(api.run_phase(settings, "phase2a", api.RunOptions(backup=False, batch_size=50, max_rejects=0)))
@@ -71,10 +71,10 @@ def test_no_session_left_open_after_runs_that_fail_midway(legacy_url, settings_f
     with pytest.raises(MigrationError):
         run(api.rollback(settings, "phase3"))
     run(api.validate(settings, "phase3"))
-    assert _our_sessions(legacy_url) == 0
+    assert _our_sessions(url) == 0
     assert (
         scalar(
-            legacy_url,
+            url,
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'migrate-data' "
             "AND datname = current_database() AND state LIKE 'idle in transaction%'",
         )

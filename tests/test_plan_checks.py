@@ -66,9 +66,9 @@ def test_a_default_the_check_refuses_is_counted(db_url, tmp_path):
     )
 
 
-def test_plan_of_phase2b_counts_the_on_hold_rows_the_check_refuses(legacy_url, settings_for):
-    run(api.run_phase(settings_for(legacy_url), "phase1", api.RunOptions(backup=False)))
-    out = run_cli("plan", "phase2b", url=legacy_url)
+def test_plan_of_phase2b_counts_the_on_hold_rows_the_check_refuses(applied_db):
+    url = applied_db("phase1")
+    out = run_cli("plan", "phase2b", url=url)
     assert out.returncode == 0, out.stderr
     assert (
         "WARNING: public.proveedor_profesiones: CHECK proveedor_profesiones_estado_verificacion_check refuses 12 rows: "

@@ -78,9 +78,9 @@ def test_type_errors_surface_at_prepare(db_url, tmp_path):
     assert "the copy statement does not prepare: 42883" in detail
 
 
-def test_plan_of_phase3_shows_sql_preview_and_coverage_warnings(legacy_url, settings_for, tmp_path):
-    run(api.run_phase(settings_for(legacy_url), "phase1", api.RunOptions(backup=False)))
-    out = run_cli("plan", "phase3", url=legacy_url, env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)})
+def test_plan_of_phase3_shows_sql_preview_and_coverage_warnings(applied_db, tmp_path):
+    url = applied_db("phase1")
+    out = run_cli("plan", "phase3", url=url, env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert 'INSERT INTO "public"."mensajes"' in text and 'ON CONFLICT ("id") DO NOTHING' in text
@@ -93,7 +93,7 @@ def test_plan_of_phase3_shows_sql_preview_and_coverage_warnings(legacy_url, sett
         "order: public.sesiones -> public.mensajes -> public.solicitudes_servicio -> public.tareas_programadas" in text
     )
     # plan never writes
-    assert sql(legacy_url, "SELECT count(*) FROM mensajes")[0][0] == 0
+    assert sql(url, "SELECT count(*) FROM mensajes")[0][0] == 0
 
 
 def test_plan_json_and_offline_ddl(legacy_url, tmp_path):

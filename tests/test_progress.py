@@ -17,7 +17,7 @@ import time
 from clikit import invoke
 from test_exit_codes import slow_project, start_night, wait_for_rows
 
-from conftest import ROOT, scalar, sql
+from conftest import ROOT, run_cli, scalar, sql
 from migrate_data import console, human
 from migrate_data.copier import CopyEvent
 
@@ -70,9 +70,10 @@ SMALL = 1500  # rows of the slow table: 2 ms each, about 3 s
 def test_without_a_terminal_steps_at_once_and_a_progress_line_every_few_seconds(db_url, tmp_path):
     project = slow_project(tmp_path, db_url)
     sql(db_url, f"DELETE FROM big WHERE id > {SMALL}")
-    proc = start_night(db_url, project, "--batch-size", "20", every="1")  # 75 batches in about 4 s
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    args = ("night", "--yes", "--no-backup", "--batch-size", "20", "--jobs", "1")  # 75 batches in about 4 s
+    ran = run_cli(*args, url=db_url, cwd=project, env={"MIGRATE_DATA_PROGRESS_EVERY": "1"})
+    err = ran.stderr
+    assert ran.returncode == 0, err
     steps = re.findall(r"^step phase=night step=(\w+) at=\d\d:\d\d:\d\d elapsed=\d+s note=", err, re.M)
     assert steps == ["preflight", "schema", "copy", "validate"]  # --no-backup: no backup step
     progress = re.findall(

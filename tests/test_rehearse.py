@@ -120,24 +120,21 @@ def test_advice_for_a_phase_that_does_not_fit():
 
 
 @pytest.mark.parametrize("capture_on", [False, True])
-def test_busy_production_is_copied_with_pg_dump_instead_of_template(legacy_url, make_db, tmp_path, capture_on):
+def test_busy_production_is_copied_with_pg_dump_instead_of_template(
+    legacy_template, applied_db, make_db, tmp_path, capture_on
+):
     staging = make_db()
-    if capture_on:  # production mid-migration: phase2a applied, its change capture on customers and professions
-        for phase in ("phase1", "phase2a"):
-            assert (
-                run_cli(
-                    phase, "--yes", "--no-backup", url=legacy_url, env={"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)}
-                ).returncode
-                == 0
-            )
-        assert scalar(legacy_url, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'md\\_capture\\_%'") > 0
+    # production mid-migration: phase2a applied, its change capture on customers and professions
+    production = applied_db("phase2a") if capture_on else make_db(template=legacy_template)
+    if capture_on:
+        assert scalar(production, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'md\\_capture\\_%'") > 0
 
     async def rehearse_while_busy():
-        busy = await asyncpg.connect(legacy_url)  # an application session: TEMPLATE is impossible
+        busy = await asyncpg.connect(production)  # an application session: TEMPLATE is impossible
         try:
             proc = await asyncio.create_subprocess_exec(
                 *run_cli_args("rehearse", "phase2b", "--staging-url", staging, "--rebuild", "--format", "json"),
-                env=cli_env(legacy_url, tmp_path),
+                env=cli_env(production, tmp_path),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
             )

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from clikit import invoke
 
-from conftest import run, sql
-from migrate_data import api, rehearsal, report
+from conftest import sql
+from migrate_data import rehearsal, report
 from migrate_data.rehearsal import Drift, PhasePrediction, RehearsalResult, Step, TablePrediction
 from migrate_data.validate import TableValidation, ValidationResult
 
@@ -119,19 +119,16 @@ def _browser(page: Path, out: Path, width: int) -> tuple[Path, int, int]:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
-def test_reports_fit_1150_and_1920_px_in_chromium(legacy_url, settings_for, tmp_path):
-    run(api.run_phase(settings_for(legacy_url), "phase1", api.RunOptions(backup=False)))
-    ran = invoke("phase2a", "--yes", "--no-backup", url=legacy_url, output_dir=tmp_path)
+def test_reports_fit_1150_and_1920_px_in_chromium(applied_db, tmp_path):
+    url = applied_db("phase1")
+    ran = invoke("phase2a", "--yes", "--no-backup", url=url, output_dir=tmp_path)
     assert ran.exit_code == 0, ran.stderr
     passed = Path(next(line.split(": ", 1)[1] for line in ran.stdout.splitlines() if line.startswith("report: ")))
     assert "<h2>Steps</h2>" in passed.read_text() and "migrate-data phase2b</code>" in passed.read_text()
-    sql(legacy_url, "DELETE FROM clientes WHERE id IN (SELECT id FROM clientes ORDER BY id LIMIT 2)")
-    sql(legacy_url, "UPDATE clientes SET ciudad = 'Otra' WHERE id = (SELECT id FROM clientes ORDER BY id DESC LIMIT 1)")
+    sql(url, "DELETE FROM clientes WHERE id IN (SELECT id FROM clientes ORDER BY id LIMIT 2)")
+    sql(url, "UPDATE clientes SET ciudad = 'Otra' WHERE id = (SELECT id FROM clientes ORDER BY id DESC LIMIT 1)")
     failed = tmp_path / "failed.html"
-    assert (
-        invoke("validate", "phase2a", "--deep", "--format", "html", "--output", str(failed), url=legacy_url).exit_code
-        == 3
-    )
+    assert invoke("validate", "phase2a", "--deep", "--format", "html", "--output", str(failed), url=url).exit_code == 3
     rehearsed = tmp_path / "rehearsal.html"
     rehearsed.write_text(rehearsal.rehearsal_html(_rehearsal()))
     keep = Path(os.environ["MIGRATE_DATA_SCREENSHOTS"]) if os.environ.get("MIGRATE_DATA_SCREENSHOTS") else None

@@ -47,10 +47,8 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     monkeypatch.setattr(db, "_session_init", init)
 
 
-def test_plan_prints_exactly_the_statements_the_run_executes(legacy_url, settings_for, monkeypatch):
-    settings = settings_for(legacy_url)
-    for done in ("phase1", "phase2a"):
-        run(api.run_phase(settings, done, api.RunOptions(backup=False)))
+def test_plan_prints_exactly_the_statements_the_run_executes(applied_db, settings_for, monkeypatch):
+    settings = settings_for(applied_db("phase2a"))
     planned = run(api.plan(settings, "phase2b"))
     described = {_norm(s) for st in planned.steps for s in st.statements}
     with recorded(monkeypatch) as seen:
@@ -65,9 +63,9 @@ def test_plan_prints_exactly_the_statements_the_run_executes(legacy_url, setting
     assert effects_described - executed == set()
 
 
-def test_plan_lists_the_steps_of_a_phase_in_the_order_a_run_applies_them(legacy_url, settings_for):
-    settings = settings_for(legacy_url)
-    run(api.run_phase(settings, "phase1", api.RunOptions(backup=False)))
+def test_plan_lists_the_steps_of_a_phase_in_the_order_a_run_applies_them(applied_db, settings_for):
+    url = applied_db("phase1")
+    settings = settings_for(url)
     planned = run(api.plan(settings, "phase2a"))
     assert [s.step for s in planned.steps] == ["backup", "schema", "copy", "validate"]
     backup = planned.steps[0]
@@ -80,9 +78,9 @@ def test_plan_lists_the_steps_of_a_phase_in_the_order_a_run_applies_them(legacy_
     assert all(any(s.startswith("INSERT INTO") for s in sqls) for _, sqls in copy.parts)
 
 
-def test_rollback_undoes_the_steps_in_the_reverse_order_of_the_run(legacy_url, settings_for, monkeypatch):
-    settings = settings_for(legacy_url)
-    run(api.run_phase(settings, "phase1", api.RunOptions(backup=False)))
+def test_rollback_undoes_the_steps_in_the_reverse_order_of_the_run(applied_db, settings_for, monkeypatch):
+    url = applied_db("phase1")
+    settings = settings_for(url)
     applied: list[str] = []
     undone: list[str] = []
     for cls in (steps.Backup, steps.Start, steps.Copy, steps.Validate):

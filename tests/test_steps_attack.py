@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ROOT, _create_database, _drop_database, run, run_cli, scalar, sql
+from conftest import ROOT, _create_database, _drop_database, run, run_cli, scalar, sql, with_database
 from killer import kill_at
 from migrate_data import api
 from migrate_data.settings import Settings
@@ -39,27 +39,34 @@ def capture_left(url: str, phase: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def templates(server_url, legacy_template, tmp_path_factory):
-    """Databases with the plan applied up to a phase (``after[p]``), and the snapshot of each; backups under one dir."""
+def templates(server_url, legacy_template, plan_template, tmp_path_factory):
+    """Databases with the plan applied up to a phase (``after[p]``), and the snapshot of each; backups under one dir.
+    Up to phase4 the session's templates (no backup); phase5 made here on a copy of phase4's, with its backup."""
     out = tmp_path_factory.mktemp("attack")
+    full = api.RunOptions(accept_unmapped=True)  # with its backup
     made: dict[str, str] = {}
     snaps: dict[str, dict] = {}
-    order = ["phase1", "phase2a", "phase2b", "phase3", "phase4", "phase5"]
 
     def after(phase: str) -> str:
         if phase not in made:
-            name, url = _create_database(server_url, template=legacy_template)
-            settings = Settings(database_url=url, project_dir=ROOT, output_dir=out)
-            upto = order[: order.index(phase) + 1] if phase != "legacy" else []
-            for p in upto:
-                run(api.run_phase(settings, p, api.RunOptions(backup=p == "phase5", accept_unmapped=True)))
-            made[phase] = name
-            snaps[phase] = snapshot(url)
+            if phase == "legacy":
+                made[phase] = legacy_template
+            elif phase != "phase5":
+                made[phase] = plan_template(phase)
+            else:
+                name, url = _create_database(server_url, template=plan_template("phase4"))
+                try:
+                    run(api.run_phase(Settings(database_url=url, project_dir=ROOT, output_dir=out), phase, full))
+                except BaseException:
+                    _drop_database(server_url, name)
+                    raise
+                made[phase] = name
+            snaps[phase] = snapshot(with_database(server_url, made[phase]))
         return made[phase]
 
     yield after, snaps, out
-    for name in made.values():
-        _drop_database(server_url, name)
+    if "phase5" in made:
+        _drop_database(server_url, made["phase5"])
 
 
 BEFORE = {"phase1": "legacy", "phase2a": "phase1", "phase3": "phase2b", "phase5": "phase4"}
@@ -202,22 +209,20 @@ def test_phase5_killed_at_each_step_boundary_then_run_again_equals_a_clean_run(t
 
 # -- two databases: a run killed inside Start.apply ---------------------------------------------------------------
 @pytest.fixture
-def two_dbs(legacy_url, make_db, tmp_path):
+def two_dbs(legacy_url, applied_db, tmp_path):
     """(source url, target url with phase1 applied, environment of a CLI run against both)."""
-    target = make_db()
-    apply(Settings(database_url=target, project_dir=ROOT, output_dir=tmp_path), "phase1")
+    target = applied_db("phase1", seeded=False)
     return legacy_url, target, {"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path), "SOURCE_DATABASE_URL": legacy_url}
 
 
 @pytest.mark.parametrize("step", ["migrate_data.capture:install:return", "migrate_data.steps:Start.apply:return"])
 def test_run_on_two_databases_killed_in_start_then_run_again_equals_a_clean_run(
-    two_dbs, make_db, legacy_template, tmp_path, step
+    two_dbs, applied_db, make_db, legacy_template, tmp_path, step
 ):
     source, target, env = two_dbs
-    clean_target = make_db()
+    clean_target = applied_db("phase1", seeded=False)
     clean_source = make_db(template=legacy_template)
     settings = Settings(database_url=clean_target, project_dir=ROOT, output_dir=tmp_path)
-    apply(settings, "phase1")
     apply(settings.with_(source_url=clean_source), "phase2a")
     args = ["phase2a", "--yes", "--no-backup", "--batch-size", "200"]
     killed = kill_at(step, *args, url=target, cwd=ROOT, env=env)
@@ -317,11 +322,10 @@ def _record_schema_transactions(monkeypatch, seen: list[str]) -> None:
 
 @pytest.mark.parametrize("phase, done", [("phase3", ("phase1", "phase2a", "phase2b")),
                                          ("phase5", ("phase1", "phase2a", "phase2b", "phase3", "phase4"))])  # fmt: skip
-def test_plan_of_a_phase_prints_every_statement_its_run_executes(legacy_url, settings_for, monkeypatch, phase, done):
+def test_plan_of_a_phase_prints_every_statement_its_run_executes(applied_db, settings_for, monkeypatch, phase, done):
     from test_steps import _is_effect, _norm, recorded
 
-    settings = settings_for(legacy_url)
-    apply(settings, *done)
+    settings = settings_for(applied_db(done[-1]))  # the phases in done applied
     planned = run(api.plan(settings, phase))
     described = {_norm(s) for st in planned.steps for s in st.statements}
     with recorded(monkeypatch) as seen:
@@ -335,7 +339,7 @@ def test_plan_of_a_phase_prints_every_statement_its_run_executes(legacy_url, set
 
 # -- --until: the window closes in the middle of the copy ---------------------------------------------------------
 def test_a_run_stopped_by_until_mid_copy_is_not_applied_and_resumes_to_a_clean_run(
-    legacy_url, legacy_template, make_db, settings_for, monkeypatch
+    applied_db, settings_for, monkeypatch
 ):
     import datetime as real_dt
     import types
@@ -343,10 +347,9 @@ def test_a_run_stopped_by_until_mid_copy_is_not_applied_and_resumes_to_a_clean_r
     from migrate_data import copier
     from migrate_data.errors import Stopped
 
-    clean = make_db(template=legacy_template)
-    apply(settings_for(clean), "phase1", "phase2a")
-    settings = settings_for(legacy_url)
-    apply(settings, "phase1")
+    clean = applied_db("phase2a")
+    url = applied_db("phase1")
+    settings = settings_for(url)
     calls = {"n": 0}
 
     class Clock(real_dt.datetime):
@@ -362,14 +365,12 @@ def test_a_run_stopped_by_until_mid_copy_is_not_applied_and_resumes_to_a_clean_r
     with pytest.raises(Stopped):
         run(api.run_phase(settings, "phase2a", api.RunOptions(backup=False, batch_size=100, jobs=1, deadline=deadline)))
     assert calls["n"] > 3
-    assert phase_row(legacy_url, "phase2a") == ("partial", None)
-    assert 0 < scalar(legacy_url, "SELECT count(*) FROM clientes") + scalar(
-        legacy_url, "SELECT count(*) FROM profesiones"
-    )
+    assert phase_row(url, "phase2a") == ("partial", None)
+    assert 0 < scalar(url, "SELECT count(*) FROM clientes") + scalar(url, "SELECT count(*) FROM profesiones")
     monkeypatch.undo()
     apply(settings, "phase2a")
-    assert phase_row(legacy_url, "phase2a") == ("applied", True)
-    assert snapshot(legacy_url) == snapshot(clean)
+    assert phase_row(url, "phase2a") == ("applied", True)
+    assert snapshot(url) == snapshot(clean)
 
 
 # -- a phase rolled back (by a rollback killed and finished) runs again to what a clean run gives --------------------
@@ -440,39 +441,39 @@ def test_rollback_on_two_databases_killed_around_capture_removal_finishes_when_r
 
 # -- what sync wrote between nights is the phase's: a rollback takes it back too ----------------------------------
 def test_a_rollback_after_sync_deletes_the_rows_sync_wrote_and_keeps_the_applications_source_rows(
-    legacy_url, settings_for
+    applied_db, settings_for
 ):
-    settings = settings_for(legacy_url)
-    apply(settings, "phase1")
-    before = snapshot(legacy_url)
+    url = applied_db("phase1")
+    settings = settings_for(url)
+    before = snapshot(url)
     apply(settings, "phase2a")
     new = "00000000-0000-0000-0000-0000000000cc"
-    sql(legacy_url, f"INSERT INTO customers (id, phone_number, full_name) VALUES ('{new}', '+593-sync', 'Nueva')")
-    sql(legacy_url, "UPDATE customers SET city = 'Loja (sync)' WHERE id = (SELECT min(id::text)::uuid FROM customers)")
+    sql(url, f"INSERT INTO customers (id, phone_number, full_name) VALUES ('{new}', '+593-sync', 'Nueva')")
+    sql(url, "UPDATE customers SET city = 'Loja (sync)' WHERE id = (SELECT min(id::text)::uuid FROM customers)")
     run(api.sync(settings, ["phase2a"]))
-    assert scalar(legacy_url, "SELECT count(*) FROM clientes WHERE id = $1::uuid", new) == 1
-    source_after = {t: v for t, v in snapshot(legacy_url)["rows"].items() if t in ("customers", "professions")}
+    assert scalar(url, "SELECT count(*) FROM clientes WHERE id = $1::uuid", new) == 1
+    source_after = {t: v for t, v in snapshot(url)["rows"].items() if t in ("customers", "professions")}
     result = run(api.rollback(settings, "phase2a"))
     assert result.deleted["public.clientes"] == 998
-    now = snapshot(legacy_url)
+    now = snapshot(url)
     assert {t: v for t, v in now["rows"].items() if t in ("customers", "professions")} == source_after
-    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 0
+    assert scalar(url, "SELECT count(*) FROM clientes") == 0
     assert now["tables"] == before["tables"] and now["sequences"] == before["sequences"]
 
 
-def test_plan_of_a_drop_prints_the_drop_of_the_objects_that_depend_on_the_tables(legacy_url, settings_for, monkeypatch):
+def test_plan_of_a_drop_prints_the_drop_of_the_objects_that_depend_on_the_tables(applied_db, settings_for, monkeypatch):
     from test_steps import _is_effect, _norm, recorded
 
-    settings = settings_for(legacy_url)
-    apply(settings, "phase1", "phase2a", "phase2b", "phase3", "phase4")
-    sql(legacy_url, "CREATE VIEW clientes_de_quito AS SELECT id, full_name FROM customers WHERE city = 'Quito'")
+    url = applied_db("phase4")
+    settings = settings_for(url)
+    sql(url, "CREATE VIEW clientes_de_quito AS SELECT id, full_name FROM customers WHERE city = 'Quito'")
     planned = run(api.plan(settings, "phase5"))
     assert [d.name for d in planned.dependents if "clientes_de_quito" in d.name]
     described = {_norm(s) for st in planned.steps for s in st.statements}
     with recorded(monkeypatch) as seen:
         _record_schema_transactions(monkeypatch, seen)
         run(api.run_phase(settings, "phase5", api.RunOptions(accept_unmapped=True, force=True)))
-    assert scalar(legacy_url, "SELECT to_regclass('clientes_de_quito') IS NULL") is True
+    assert scalar(url, "SELECT to_regclass('clientes_de_quito') IS NULL") is True
     drops = {_norm(s) for s in seen if _is_effect(s) and _norm(s).upper().startswith("DROP VIEW")}
     assert drops, "the recorder saw no DROP VIEW: the test would prove nothing"
     assert drops - described == set()

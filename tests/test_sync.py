@@ -47,16 +47,16 @@ def capture_triggers(url: str) -> list[str]:
 
 
 @pytest.fixture(params=["one database", "two databases"])
-def setup(request, legacy_url, make_db, settings_for, tmp_path):
+def setup(request, legacy_template, make_db, applied_db, settings_for, tmp_path):
     """(settings, source url, target url, environment of a CLI run), with phase1 applied on the target."""
     if request.param == "one database":
-        settings, target, env = settings_for(legacy_url), legacy_url, {}
+        source = target = applied_db("phase1")
+        settings, env = settings_for(target), {}
     else:
-        target = make_db()
-        settings = settings_for(target).with_(source_url=legacy_url)
-        env = {"SOURCE_DATABASE_URL": legacy_url}
-    apply(settings_for(target), "phase1")
-    return settings, legacy_url, target, {"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path), **env}
+        source, target = make_db(template=legacy_template), applied_db("phase1", seeded=False)
+        settings = settings_for(target).with_(source_url=source)
+        env = {"SOURCE_DATABASE_URL": source}
+    return settings, source, target, {"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path), **env}
 
 
 # -- what capture installs --------------------------------------------------------------------------------------------
@@ -76,32 +76,30 @@ def test_capture_is_statement_level_grant_free_and_catches_nothing():
 
 
 def test_capture_starts_with_the_phase_and_a_delete_waits_for_the_later_phase_that_references_it(
-    legacy_url, settings_for
+    applied_db, settings_for
 ):
-    settings = settings_for(legacy_url)
-    apply(settings, "phase1", "phase2a", "phase2b", "phase3")
+    url = applied_db("phase3")
+    settings = settings_for(url)
     registry = {
-        (r["phase"], r["source"]): (r["columns"], r["watched"])
-        for r in sql(legacy_url, "SELECT * FROM migrate_data.capture")
+        (r["phase"], r["source"]): (r["columns"], r["watched"]) for r in sql(url, "SELECT * FROM migrate_data.capture")
     }
     assert registry[("phase2a", "public.customers")] == (["id"], None)
     assert registry[("phase2b", "public.provider_professions")] == (["provider_id", "profession_id"], None)
     assert registry[("phase3", "public.users")] == (["id"], ["phone_number"])  # only a lookup's table in phase3
     assert len(registry) == 2 + 3 + 5
     assert all(
-        r["tgenabled"] == b"A"
-        for r in sql(legacy_url, "SELECT tgenabled FROM pg_trigger WHERE tgname LIKE 'md_capture_%'")
+        r["tgenabled"] == b"A" for r in sql(url, "SELECT tgenabled FROM pg_trigger WHERE tgname LIKE 'md_capture_%'")
     )
     # an update of a users column no lookup reads is not phase3's business (phase2b copies users: it logs it)
-    sql(legacy_url, "UPDATE users SET email = 'x@example.com' WHERE id = (SELECT id FROM users ORDER BY id LIMIT 1)")
-    assert (waiting(legacy_url, "phase3"), waiting(legacy_url, "phase2b")) == (0, 1)
+    sql(url, "UPDATE users SET email = 'x@example.com' WHERE id = (SELECT id FROM users ORDER BY id LIMIT 1)")
+    assert (waiting(url, "phase3"), waiting(url, "phase2b")) == (0, 1)
     rows = {s.phase: s for s in run(api.status(settings))}
     assert (rows["phase3"].capture, rows["phase2b"].capture, rows["phase1"].capture) == ("on", "on", "-")
     assert rows["phase2b"].changes_waiting == 1 and rows["phase2b"].oldest_change_seconds >= 0
     # a delete that a later phase's rows still reference waits for that phase to be synced too
     customer = "(SELECT id FROM customers WHERE phone_number = '+593900000005')"  # it has service requests
     sql(
-        legacy_url,
+        url,
         f"DELETE FROM service_requests WHERE customer_id = {customer}; DELETE FROM customers WHERE id = {customer}",
     )
     first = run(api.sync(settings, ["phase2a"])).phases[0]
@@ -115,12 +113,11 @@ def test_capture_starts_with_the_phase_and_a_delete_waits_for_the_later_phase_th
     assert deep(settings, "phase2a") == (True, []) and deep(settings, "phase3") == (True, [])
 
 
-def test_a_writers_search_path_cannot_put_its_own_operator_or_type_in_the_definer_trigger(legacy_url, settings_for):
-    settings = settings_for(legacy_url)
-    apply(settings, "phase1", "phase2a", "phase2b", "phase3")  # users: a lookup's table (phase3), compared with =
+def test_a_writers_search_path_cannot_put_its_own_operator_or_type_in_the_definer_trigger(applied_db):
+    url = applied_db("phase3")  # users: a lookup's table (phase3), compared with =
     schema = f"evil_{uuid.uuid4().hex[:8]}"
     sql(
-        legacy_url,
+        url,
         f"""CREATE SCHEMA {schema};
         CREATE FUNCTION {schema}.eq(text, text) RETURNS boolean LANGUAGE plpgsql AS
             $$ BEGIN RAISE EXCEPTION 'hijacked: % = %', $1, $2; END $$;
@@ -130,7 +127,7 @@ def test_a_writers_search_path_cannot_put_its_own_operator_or_type_in_the_define
     user = "(SELECT id FROM users ORDER BY id LIMIT 1)"
 
     async def go():
-        conn = await asyncpg.connect(legacy_url)
+        conn = await asyncpg.connect(url)
         try:
             await conn.execute(f"SET search_path = {schema}, public, pg_catalog")  # its = and its text come first
             with pytest.raises(asyncpg.RaiseError, match="hijacked"):  # the session's own statements use them
@@ -145,17 +142,17 @@ def test_a_writers_search_path_cannot_put_its_own_operator_or_type_in_the_define
             await conn.close()
 
     run(go())
-    assert waiting(legacy_url, "phase3") == 1 and waiting(legacy_url, "phase2a") == 1
+    assert waiting(url, "phase3") == 1 and waiting(url, "phase2a") == 1
 
 
-def test_a_rolled_back_write_leaves_nothing_and_a_role_without_grants_is_captured(legacy_url, settings_for):
-    apply(settings_for(legacy_url), "phase1", "phase2a")
+def test_a_rolled_back_write_leaves_nothing_and_a_role_without_grants_is_captured(applied_db):
+    url = applied_db("phase2a")
     role = f"app_{uuid.uuid4().hex[:8]}"
-    sql(legacy_url, f"CREATE ROLE {role}; GRANT SELECT, INSERT, UPDATE, DELETE ON customers TO {role}")
+    sql(url, f"CREATE ROLE {role}; GRANT SELECT, INSERT, UPDATE, DELETE ON customers TO {role}")
     try:
 
         async def go():
-            conn = await asyncpg.connect(legacy_url)
+            conn = await asyncpg.connect(url)
             try:
                 async with conn.transaction():
                     await conn.execute(NEW_CUSTOMER.format(id=uuid.uuid4(), phone="+593-rolled-back"))
@@ -172,8 +169,8 @@ def test_a_rolled_back_write_leaves_nothing_and_a_role_without_grants_is_capture
 
         rows = run(go())
     finally:
-        sql(legacy_url, f"DROP OWNED BY {role}; DROP ROLE {role}")
-    key = scalar(legacy_url, "SELECT id::text FROM customers WHERE phone_number = '+593900000001'")
+        sql(url, f"DROP OWNED BY {role}; DROP ROLE {role}")
+    key = scalar(url, "SELECT id::text FROM customers WHERE phone_number = '+593900000001'")
     assert [(r["source"], r["key"], r["op"]) for r in rows] == [("public.customers", [key], b"U")]
 
 
@@ -245,66 +242,65 @@ def test_a_truncated_source_table_makes_sync_refuse_and_its_log_rows_stay(setup)
     assert scalar(target, "SELECT count(*) FROM clientes WHERE ciudad = 'Antes'") == 0
 
 
-def test_a_lookup_row_changed_during_the_copy_re_derives_the_rows_that_read_it(legacy_url, settings_for, tmp_path):
-    settings = settings_for(legacy_url)
-    apply(settings, "phase1", "phase2a", "phase2b")
+def test_a_lookup_row_changed_during_the_copy_re_derives_the_rows_that_read_it(applied_db, settings_for, tmp_path):
+    url = applied_db("phase2b")
+    settings = settings_for(url)
     args = ["phase3", "--yes", "--no-backup", "--batch-size", "500", "--jobs", "1"]
     env = {"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)}
-    killed = kill_at("migrate_data.copier:Copier._batch:return", *args, url=legacy_url, cwd=ROOT, nth=5, env=env)
+    killed = kill_at("migrate_data.copier:Copier._batch:return", *args, url=url, cwd=ROOT, nth=5, env=env)
     assert killed.returncode == -9, killed.stderr
     # a user whose messages the copy has read (some or all of them) changes phone number
     user = scalar(
-        legacy_url,
+        url,
         "SELECT m.user_id FROM messages m JOIN mensajes t USING (id) WHERE m.user_id IS NOT NULL AND t.telefono IS NOT NULL ORDER BY m.id LIMIT 1",
     )
-    sql(legacy_url, "UPDATE users SET phone_number = '+593-nuevo' WHERE id = $1", user)
-    assert waiting(legacy_url, "phase3") == 1
+    sql(url, "UPDATE users SET phone_number = '+593-nuevo' WHERE id = $1", user)
+    assert waiting(url, "phase3") == 1
     apply(settings, "phase3", batch_size=500, jobs=1)
     assert deep(settings, "phase3")[0] is False
     result = run(api.sync(settings, ["phase3"]))
     assert result.phases[0].upserted >= 2  # every message (and session) of that user
     assert deep(settings, "phase3") == (True, [])
-    n = scalar(legacy_url, "SELECT count(*) FROM messages WHERE user_id = $1", user)
-    assert scalar(legacy_url, "SELECT count(*) FROM mensajes WHERE telefono = '+593-nuevo'") == n
+    n = scalar(url, "SELECT count(*) FROM messages WHERE user_id = $1", user)
+    assert scalar(url, "SELECT count(*) FROM mensajes WHERE telefono = '+593-nuevo'") == n
 
 
-def test_rows_entering_and_leaving_the_where_and_quarantined_rows_follow_the_source(legacy_url, settings_for):
-    settings = settings_for(legacy_url)
-    apply(settings, "phase1", "phase2a", "phase2b")
-    left = scalar(legacy_url, "SELECT provider_id::text FROM provider_professions ORDER BY 1 LIMIT 1")
-    joined = scalar(legacy_url, "SELECT id::text FROM users WHERE user_type = 'customer' ORDER BY id LIMIT 1")
+def test_rows_entering_and_leaving_the_where_and_quarantined_rows_follow_the_source(applied_db, settings_for):
+    url = applied_db("phase2b")
+    settings = settings_for(url)
+    left = scalar(url, "SELECT provider_id::text FROM provider_professions ORDER BY 1 LIMIT 1")
+    joined = scalar(url, "SELECT id::text FROM users WHERE user_type = 'customer' ORDER BY id LIMIT 1")
     sql(
-        legacy_url,
+        url,
         f"""UPDATE users SET user_type = 'customer' WHERE id = '{left}';
             UPDATE users SET user_type = 'provider' WHERE id = '{joined}';
             UPDATE customers SET notes = '{{not json' WHERE phone_number = '+593900000003'""",
     )
     run(api.sync(settings, ["phase2a", "phase2b"]))
     assert deep(settings, "phase2a") == (True, []) and deep(settings, "phase2b") == (True, [])
-    assert scalar(legacy_url, "SELECT count(*) FROM proveedores WHERE id = $1::uuid", left) == 0
-    assert scalar(legacy_url, "SELECT count(*) FROM proveedores WHERE id = $1::uuid", joined) == 1
+    assert scalar(url, "SELECT count(*) FROM proveedores WHERE id = $1::uuid", left) == 0
+    assert scalar(url, "SELECT count(*) FROM proveedores WHERE id = $1::uuid", joined) == 1
     # its professions and services went with it (ON DELETE CASCADE): they are quarantined, not lost in silence
     rejected = "SELECT count(*) FROM migrate_data.rejects WHERE phase = 'phase2b' AND row->>'provider_id' = $1"
     children = (
         "SELECT (SELECT count(*) FROM provider_professions WHERE provider_id = $1::uuid) + "
         "(SELECT count(*) FROM provider_services WHERE provider_id = $1::uuid)"
     )
-    assert scalar(legacy_url, rejected, left) == scalar(legacy_url, children, left) > 0
+    assert scalar(url, rejected, left) == scalar(url, children, left) > 0
     assert (
-        scalar(legacy_url, "SELECT sqlstate FROM migrate_data.rejects WHERE row->>'phone_number' = '+593900000003'")
-        == "22P02"
+        scalar(url, "SELECT sqlstate FROM migrate_data.rejects WHERE row->>'phone_number' = '+593900000003'") == "22P02"
     )
-    assert scalar(legacy_url, "SELECT count(*) FROM clientes WHERE telefono = '+593900000003'") == 0
+    assert scalar(url, "SELECT count(*) FROM clientes WHERE telefono = '+593900000003'") == 0
     # fixed in the source: copied, and the rejects are cleared
     sql(
-        legacy_url,
+        url,
         f"""UPDATE users SET user_type = 'provider' WHERE id = '{left}';
             UPDATE customers SET notes = NULL WHERE phone_number = '+593900000003'""",
     )
     run(api.sync(settings, ["phase2a", "phase2b"]))
     assert deep(settings, "phase2a") == (True, []) and deep(settings, "phase2b") == (True, [])
-    assert scalar(legacy_url, rejected + " AND sqlstate = '23503'", left) == 0
-    assert scalar(legacy_url, "SELECT count(*) FROM clientes WHERE telefono = '+593900000003'") == 1
+    assert scalar(url, rejected + " AND sqlstate = '23503'", left) == 0
+    assert scalar(url, "SELECT count(*) FROM clientes WHERE telefono = '+593900000003'") == 1
 
 
 WRITES = f"""UPDATE customers SET city = 'Sync ' || right(phone_number, 3) WHERE right(phone_number, 1) IN ('1', '4');
@@ -337,29 +333,29 @@ def test_kill_9_during_sync_then_sync_again_is_exact(setup, at, nth):
     assert run(api.rollback(settings, "phase2a")).deleted["public.clientes"] > 0  # every sync write is the phase's
 
 
-def test_rollback_removes_the_capture_its_log_and_the_rows_sync_wrote(legacy_url, settings_for):
-    settings = settings_for(legacy_url)
-    apply(settings, "phase1", "phase2a")
-    sql(legacy_url, NEW_CUSTOMER.format(id=uuid.uuid4(), phone="+593-synced"))
+def test_rollback_removes_the_capture_its_log_and_the_rows_sync_wrote(applied_db, settings_for):
+    url = applied_db("phase2a")
+    settings = settings_for(url)
+    sql(url, NEW_CUSTOMER.format(id=uuid.uuid4(), phone="+593-synced"))
     run(api.sync(settings, ["phase2a"]))
-    sql(legacy_url, "UPDATE customers SET city = 'Ambato' WHERE phone_number = '+593900000009'")
-    assert capture_triggers(legacy_url) and waiting(legacy_url, "phase2a") == 1
+    sql(url, "UPDATE customers SET city = 'Ambato' WHERE phone_number = '+593900000009'")
+    assert capture_triggers(url) and waiting(url, "phase2a") == 1
     run(api.rollback(settings, "phase2a"))  # no refusal: the rows sync wrote are the phase's
-    assert capture_triggers(legacy_url) == []
-    assert scalar(legacy_url, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'capture\\_%'") == 0
-    assert scalar(legacy_url, "SELECT count(*) FROM migrate_data.changes") == 0
-    assert scalar(legacy_url, "SELECT count(*) FROM migrate_data.capture") == 0
-    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 0
-    sql(legacy_url, "UPDATE customers SET city = 'Ambato'")  # writes go on, logged by nobody
-    assert waiting(legacy_url, "phase2a") == 0
+    assert capture_triggers(url) == []
+    assert scalar(url, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'capture\\_%'") == 0
+    assert scalar(url, "SELECT count(*) FROM migrate_data.changes") == 0
+    assert scalar(url, "SELECT count(*) FROM migrate_data.capture") == 0
+    assert scalar(url, "SELECT count(*) FROM clientes") == 0
+    sql(url, "UPDATE customers SET city = 'Ambato'")  # writes go on, logged by nobody
+    assert waiting(url, "phase2a") == 0
     with pytest.raises(RefusedError, match="phase2a is rolled_back"):
         run(api.sync(settings, ["phase2a"]))
 
 
-def test_sync_follow_applies_as_writes_come_and_stops_on_sigint_with_130(legacy_url, settings_for, tmp_path):
-    settings = settings_for(legacy_url)
-    apply(settings, "phase1", "phase2a")
-    env = cli_env(legacy_url, MIGRATE_DATA_OUTPUT_DIR=str(tmp_path))
+def test_sync_follow_applies_as_writes_come_and_stops_on_sigint_with_130(applied_db, settings_for, tmp_path):
+    url = applied_db("phase2a")
+    settings = settings_for(url)
+    env = cli_env(url, MIGRATE_DATA_OUTPUT_DIR=str(tmp_path))
     proc = subprocess.Popen(
         run_cli_args("sync", "phase2a", "--follow", "--interval", "0.1"),
         cwd=ROOT,
@@ -370,11 +366,11 @@ def test_sync_follow_applies_as_writes_come_and_stops_on_sigint_with_130(legacy_
     )
     try:
         time.sleep(1.0)
-        sql(legacy_url, "UPDATE customers SET city = 'Macas' WHERE phone_number LIKE '+59390000001_'")
+        sql(url, "UPDATE customers SET city = 'Macas' WHERE phone_number LIKE '+59390000001_'")
         deadline = time.monotonic() + 10
-        while waiting(legacy_url, "phase2a") and time.monotonic() < deadline:
+        while waiting(url, "phase2a") and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert waiting(legacy_url, "phase2a") == 0
+        assert waiting(url, "phase2a") == 0
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
     finally:
@@ -413,9 +409,9 @@ def test_a_computed_key_cannot_be_captured_and_sync_says_why(db_url, tmp_path):
     assert "p: its changes cannot be captured" in out.stderr and "is computed (sql:)" in out.stderr
 
 
-def test_sync_refuses_a_phase_whose_copy_is_not_finished(legacy_url, settings_for):
-    settings = settings_for(legacy_url)
-    apply(settings, "phase1")
+def test_sync_refuses_a_phase_whose_copy_is_not_finished(applied_db, settings_for):
+    url = applied_db("phase1")
+    settings = settings_for(url)
     with pytest.raises(RefusedError, match="phase2a is pending"):
         run(api.sync(settings, ["phase2a"]))
 

@@ -198,13 +198,13 @@ BLOCKED_WRITE = "UPDATE customers SET city = 'Esperó el corte' WHERE phone_numb
 TARGET_CITY = "SELECT ciudad FROM clientes WHERE telefono = '+593900000012'"
 
 
-def test_cutover_does_not_drop_a_write_that_waited_for_the_block_to_end(legacy_url, settings_for):
-    settings_ = settings_for(legacy_url)
-    apply(settings_, "phase1", "phase2a")
+def test_cutover_does_not_drop_a_write_that_waited_for_the_block_to_end(applied_db, settings_for):
+    url = applied_db("phase2a")
+    settings_ = settings_for(url)
     writer: dict[str, object] = {}
 
     async def go():
-        conn = await asyncpg.connect(legacy_url)
+        conn = await asyncpg.connect(url)
         try:
 
             async def while_blocked() -> None:
@@ -212,7 +212,7 @@ def test_cutover_does_not_drop_a_write_that_waited_for_the_block_to_end(legacy_u
                 writer["task"] = asyncio.ensure_future(conn.execute(BLOCKED_WRITE))
                 pid = conn.get_server_pid()
                 for _ in range(100):
-                    probe = await asyncpg.connect(legacy_url)
+                    probe = await asyncpg.connect(url)
                     try:
                         if await probe.fetchval("SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted", pid):
                             return
@@ -229,32 +229,32 @@ def test_cutover_does_not_drop_a_write_that_waited_for_the_block_to_end(legacy_u
 
     result = run(go())
     assert result.ok
-    assert scalar(legacy_url, "SELECT city FROM customers WHERE phone_number = '+593900000012'") == "Esperó el corte"
+    assert scalar(url, "SELECT city FROM customers WHERE phone_number = '+593900000012'") == "Esperó el corte"
     # the write was logged (the triggers were still there) and then thrown away with the log by capture.remove: it is
     # neither in the Spanish table nor anywhere to be applied from, and the cutover said OK
-    applied = scalar(legacy_url, TARGET_CITY) == "Esperó el corte"
-    kept = scalar(legacy_url, "SELECT count(*) FROM migrate_data.changes") > 0
+    applied = scalar(url, TARGET_CITY) == "Esperó el corte"
+    kept = scalar(url, "SELECT count(*) FROM migrate_data.changes") > 0
     assert applied or kept or not result.capture_removed
 
 
 def test_cutover_killed_after_recording_it_does_not_throw_away_the_changes_logged_since(
-    legacy_url, settings_for, tmp_path
+    applied_db, settings_for, tmp_path
 ):
-    settings_ = settings_for(legacy_url)
-    apply(settings_, "phase1", "phase2a")
+    url = applied_db("phase2a")
+    settings_ = settings_for(url)
     env = {"MIGRATE_DATA_OUTPUT_DIR": str(tmp_path)}
     args = ["cutover", "phase2a", "--yes"]
-    killed = kill_at("migrate_data.capture:remove:enter", *args, url=legacy_url, cwd=ROOT, env=env)
+    killed = kill_at("migrate_data.capture:remove:enter", *args, url=url, cwd=ROOT, env=env)
     assert killed.returncode == -9, killed.stderr
     # the ledger says cut over, the triggers are still on; the DBA does not know whether the cutover finished, so the
     # application has not moved yet, and keeps writing the English table
-    assert scalar(legacy_url, "SELECT cut_over_at IS NOT NULL FROM migrate_data.phases WHERE phase = 'phase2a'")
-    assert len(capture_triggers(legacy_url)) == 8
-    sql(legacy_url, BLOCKED_WRITE)
-    assert waiting(legacy_url, "phase2a") == 1
+    assert scalar(url, "SELECT cut_over_at IS NOT NULL FROM migrate_data.phases WHERE phase = 'phase2a'")
+    assert len(capture_triggers(url)) == 8
+    sql(url, BLOCKED_WRITE)
+    assert waiting(url, "phase2a") == 1
     result = run(api.cutover(settings_, ["phase2a"]))  # the same command again
-    applied = scalar(legacy_url, TARGET_CITY) == "Esperó el corte"
-    kept = waiting(legacy_url, "phase2a") == 1
+    applied = scalar(url, TARGET_CITY) == "Esperó el corte"
+    kept = waiting(url, "phase2a") == 1
     assert applied or kept or not result.ok, "a captured change was deleted from the log without being applied"
 
 
@@ -318,12 +318,12 @@ def test_sync_follows_a_table_that_a_sql_expression_of_the_mapping_reads(db_url,
 
 
 # -- cutover of one phase at a time ---------------------------------------------------------------------------------
-def test_a_row_waiting_for_an_earlier_phase_is_not_lost_when_its_phase_is_cut_over_first(legacy_url, settings_for):
-    settings_ = settings_for(legacy_url)
-    apply(settings_, "phase1", "phase2a", "phase2b", "phase3")
+def test_a_row_waiting_for_an_earlier_phase_is_not_lost_when_its_phase_is_cut_over_first(applied_db, settings_for):
+    url = applied_db("phase3")
+    settings_ = settings_for(url)
     customer, request = "00000000-0000-4000-8000-00000000c0de", "00000000-0000-4000-8000-00000000beef"
     sql(
-        legacy_url,
+        url,
         NEW_CUSTOMER.format(id=customer, phone="+593-nueva")
         + f"; INSERT INTO service_requests (id, customer_id, description, status) "
         f"VALUES ('{request}', '{customer}', 'Necesito ayuda', 'pending')",
@@ -335,9 +335,9 @@ def test_a_row_waiting_for_an_earlier_phase_is_not_lost_when_its_phase_is_cut_ov
     except MigrationError:
         third = None  # refusing to cut over phase3 before phase2a would hold too
     run(api.cutover(settings_, ["phase2a"]))
-    assert scalar(legacy_url, "SELECT count(*) FROM clientes WHERE id = $1::uuid", customer) == 1
+    assert scalar(url, "SELECT count(*) FROM clientes WHERE id = $1::uuid", customer) == 1
     if third is not None and third.ok:
-        assert scalar(legacy_url, "SELECT count(*) FROM solicitudes_servicio WHERE id = $1::uuid", request) == 1, (
+        assert scalar(url, "SELECT count(*) FROM solicitudes_servicio WHERE id = $1::uuid", request) == 1, (
             "phase3 was cut over with the request quarantined; after phase2a's cutover nothing applies it any more"
         )
 
@@ -349,55 +349,55 @@ def test_a_row_waiting_for_an_earlier_phase_is_not_lost_when_its_phase_is_cut_ov
     "(PhaseSync.skipped, and cutover refuses) but cannot tell them from rows the application wrote, so it does not "
     "overwrite them",
 )
-def test_sync_still_applies_changes_after_a_table_rewrite_of_the_target(legacy_url, settings_for):
-    settings_ = settings_for(legacy_url)
-    apply(settings_, "phase1", "phase2a")
+def test_sync_still_applies_changes_after_a_table_rewrite_of_the_target(applied_db, settings_for):
+    url = applied_db("phase2a")
+    settings_ = settings_for(url)
     # between nights the team adds a column to the Spanish table (a volatile default rewrites the table, like a column
     # type change or pg_repack does): every row gets a new xmin, none is "written by the phase" any more
-    sql(legacy_url, "ALTER TABLE clientes ADD COLUMN origen uuid DEFAULT gen_random_uuid()")
-    sql(legacy_url, "UPDATE customers SET city = 'Riobamba' WHERE phone_number = '+593900000014'")
-    gone = scalar(legacy_url, f"SELECT id FROM {LONELY} x(id) ORDER BY id LIMIT 1")
-    sql(legacy_url, "DELETE FROM customers WHERE id = $1", gone)
+    sql(url, "ALTER TABLE clientes ADD COLUMN origen uuid DEFAULT gen_random_uuid()")
+    sql(url, "UPDATE customers SET city = 'Riobamba' WHERE phone_number = '+593900000014'")
+    gone = scalar(url, f"SELECT id FROM {LONELY} x(id) ORDER BY id LIMIT 1")
+    sql(url, "DELETE FROM customers WHERE id = $1", gone)
     (p,) = run(api.sync(settings_, ["phase2a"])).phases
     assert p.waiting == 0  # sync says it is done
     assert p.skipped == 2, "sync must at least say that it did not apply them"
-    assert scalar(legacy_url, "SELECT ciudad FROM clientes WHERE telefono = '+593900000014'") == "Riobamba"
-    assert scalar(legacy_url, "SELECT count(*) FROM clientes WHERE id = $1", gone) == 0
+    assert scalar(url, "SELECT ciudad FROM clientes WHERE telefono = '+593900000014'") == "Riobamba"
+    assert scalar(url, "SELECT count(*) FROM clientes WHERE id = $1", gone) == 0
 
 
 # -- capture must never fail a write (README "It never fails a write") -------------------------------------------------
-def test_renaming_a_column_capture_reads_does_not_make_application_writes_fail(legacy_url, settings_for):
-    settings_ = settings_for(legacy_url)
-    apply(settings_, "phase1", "phase2a", "phase2b", "phase3")
-    uid = scalar(legacy_url, "SELECT user_id FROM messages ORDER BY id LIMIT 1")  # a provider whose messages phase3 has
+def test_renaming_a_column_capture_reads_does_not_make_application_writes_fail(applied_db, settings_for):
+    url = applied_db("phase3")
+    settings_ = settings_for(url)
+    uid = scalar(url, "SELECT user_id FROM messages ORDER BY id LIMIT 1")  # a provider whose messages phase3 has
     # the legacy team renames a column of users between nights (phase3's lookup reads it); the application goes on
-    sql(legacy_url, "ALTER TABLE users RENAME COLUMN phone_number TO phone")
-    sql(legacy_url, "UPDATE users SET phone = '+593911111111' WHERE id = $1", uid)
-    sql(legacy_url, "UPDATE messages SET content = 'during the rename' WHERE id = (SELECT min(id) FROM messages)")
+    sql(url, "ALTER TABLE users RENAME COLUMN phone_number TO phone")
+    sql(url, "UPDATE users SET phone = '+593911111111' WHERE id = $1", uid)
+    sql(url, "UPDATE messages SET content = 'during the rename' WHERE id = (SELECT min(id) FROM messages)")
     (st,) = [p for p in run(api.status(settings_)) if p.phase == "phase3"]
     assert st.capture == "COLUMN GONE"
     with pytest.raises(MigrationError, match="phone_number"):  # sync cannot map the table as it is: it says so
         run(api.sync(settings_, ["phase3"]))
-    sql(legacy_url, "ALTER TABLE users RENAME COLUMN phone TO phone_number")
+    sql(url, "ALTER TABLE users RENAME COLUMN phone TO phone_number")
     (p,) = run(api.sync(settings_, ["phase3"])).phases
     assert p.waiting == 0
-    moved = scalar(legacy_url, "SELECT count(*) FROM messages WHERE user_id = $1", uid)
-    assert moved and scalar(legacy_url, "SELECT count(*) FROM mensajes WHERE telefono = '+593911111111'") == moved
-    assert scalar(legacy_url, "SELECT contenido FROM mensajes ORDER BY id LIMIT 1") == "during the rename"
+    moved = scalar(url, "SELECT count(*) FROM messages WHERE user_id = $1", uid)
+    assert moved and scalar(url, "SELECT count(*) FROM mensajes WHERE telefono = '+593911111111'") == moved
+    assert scalar(url, "SELECT contenido FROM mensajes ORDER BY id LIMIT 1") == "during the rename"
     assert deep(settings_, "phase3") == (True, [])
 
 
 # -- cutover and the rows its last sync quarantines --------------------------------------------------------------------
-def test_cutover_does_not_pass_after_its_last_sync_took_a_customer_out_of_the_target(legacy_url, settings_for):
-    settings_ = settings_for(legacy_url)
-    apply(settings_, "phase1", "phase2a")
-    key = scalar(legacy_url, f"SELECT id FROM {LONELY} x(id) ORDER BY id LIMIT 1")
-    assert scalar(legacy_url, "SELECT count(*) FROM clientes WHERE id = $1", key) == 1
+def test_cutover_does_not_pass_after_its_last_sync_took_a_customer_out_of_the_target(applied_db, settings_for):
+    url = applied_db("phase2a")
+    settings_ = settings_for(url)
+    key = scalar(url, f"SELECT id FROM {LONELY} x(id) ORDER BY id LIMIT 1")
+    assert scalar(url, "SELECT count(*) FROM clientes WHERE id = $1", key) == 1
     # the application writes notes that are not JSON (notas is jsonb): the final sync quarantines the row and deletes
     # the customer that was in the Spanish table; the validation counts it as explained, and capture goes
-    sql(legacy_url, "UPDATE customers SET notes = '{not json' WHERE id = $1", key)
+    sql(url, "UPDATE customers SET notes = '{not json' WHERE id = $1", key)
     result = run(api.cutover(settings_, ["phase2a"]))
-    still_there = scalar(legacy_url, "SELECT count(*) FROM clientes WHERE id = $1", key) == 1
+    still_there = scalar(url, "SELECT count(*) FROM clientes WHERE id = $1", key) == 1
     assert still_there or not result.ok, "the cutover passed with a customer gone from the Spanish table"
 
 
@@ -448,17 +448,17 @@ def test_sync_follows_a_table_that_the_where_of_the_mapping_reads(db_url, tmp_pa
     assert deep(s, "night") == (True, [])
 
 
-def test_sync_says_which_changes_it_did_not_apply_after_a_table_rewrite_of_the_target(legacy_url, settings_for):
-    settings_ = settings_for(legacy_url)
-    apply(settings_, "phase1", "phase2a")
-    sql(legacy_url, "ALTER TABLE clientes ADD COLUMN origen uuid DEFAULT gen_random_uuid()")  # every row: a new xmin
-    sql(legacy_url, "UPDATE customers SET city = 'Riobamba' WHERE phone_number = '+593900000014'")
-    gone = scalar(legacy_url, f"SELECT id FROM {LONELY} x(id) ORDER BY id LIMIT 1")
-    sql(legacy_url, "DELETE FROM customers WHERE id = $1", gone)
+def test_sync_says_which_changes_it_did_not_apply_after_a_table_rewrite_of_the_target(applied_db, settings_for):
+    url = applied_db("phase2a")
+    settings_ = settings_for(url)
+    sql(url, "ALTER TABLE clientes ADD COLUMN origen uuid DEFAULT gen_random_uuid()")  # every row: a new xmin
+    sql(url, "UPDATE customers SET city = 'Riobamba' WHERE phone_number = '+593900000014'")
+    gone = scalar(url, f"SELECT id FROM {LONELY} x(id) ORDER BY id LIMIT 1")
+    sql(url, "DELETE FROM customers WHERE id = $1", gone)
     (p,) = run(api.sync(settings_, ["phase2a"])).phases
     assert (p.waiting, p.skipped, p.upserted, p.deleted) == (0, 2, 0, 0)
     result = run(api.cutover(settings_, ["phase2a"]))  # the log is empty now: validation shows the two rows
-    assert not result.ok and not result.validations[0].ok and len(capture_triggers(legacy_url)) == 8
+    assert not result.ok and not result.validations[0].ok and len(capture_triggers(url)) == 8
 
 
 def test_sync_refuses_after_a_truncate_of_the_partitioned_source_itself(db_url, tmp_path):

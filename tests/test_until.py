@@ -94,30 +94,30 @@ def migrate_data(monkeypatch, capsys, url, out_dir, *args) -> tuple[int, str]:
     return e.value.code, capsys.readouterr().err
 
 
-def test_passed_until_is_refused_before_anything_runs(legacy_url, settings_for, tmp_path, monkeypatch, capsys):
-    settings = settings_for(legacy_url)
-    run(api.run_phase(settings, "phase1", api.RunOptions(backup=False)))
-    runs = scalar(legacy_url, "SELECT count(*) FROM migrate_data.runs")
+def test_passed_until_is_refused_before_anything_runs(applied_db, settings_for, tmp_path, monkeypatch, capsys):
+    url = applied_db("phase1")
+    settings = settings_for(url)
+    runs = scalar(url, "SELECT count(*) FROM migrate_data.runs")
     past = hhmm(-dt.timedelta(minutes=2))
     code, err = migrate_data(
-        monkeypatch, capsys, legacy_url, tmp_path, "phase2a", "--yes", "--until", past, "--tz", "America/Guayaquil"
+        monkeypatch, capsys, url, tmp_path, "phase2a", "--yes", "--until", past, "--tz", "America/Guayaquil"
     )
     assert code == 2
     assert f"ERROR: --until {past}: {past} America/Guayaquil has passed (2 min ago)" in err
     assert not settings.backups_dir.exists()
-    assert scalar(legacy_url, "SELECT count(*) FROM migrate_data.runs") == runs
+    assert scalar(url, "SELECT count(*) FROM migrate_data.runs") == runs
 
 
-def test_window_closing_in_under_a_minute_refuses_before_the_backup(legacy_url, settings_for):
+def test_window_closing_in_under_a_minute_refuses_before_the_backup(applied_db, settings_for):
     # what the CLI checks at parse time, the library checks again before the backup (a confirmation may have waited)
-    settings = settings_for(legacy_url)
-    run(api.run_phase(settings, "phase1", api.RunOptions(backup=False)))
+    url = applied_db("phase1")
+    settings = settings_for(url)
     deadline = dt.datetime.now(GYE) + dt.timedelta(seconds=30)
     with pytest.raises(RefusedError, match=f"closes at {deadline:%H:%M} America/Guayaquil, too soon for a batch"):
         run(api.run_phase(settings, "phase2a", api.RunOptions(deadline=deadline)))
     assert not settings.backups_dir.exists()
-    assert scalar(legacy_url, "SELECT state FROM migrate_data.phases WHERE phase = 'phase2a'") is None
-    assert scalar(legacy_url, "SELECT count(*) FROM clientes") == 0
+    assert scalar(url, "SELECT state FROM migrate_data.phases WHERE phase = 'phase2a'") is None
+    assert scalar(url, "SELECT count(*) FROM clientes") == 0
 
 
 def test_until_is_printed_in_the_given_zone_and_the_resume_hint_keeps_until_and_tz(

@@ -15,11 +15,8 @@ from migrate_data.settings import Settings
 
 
 @pytest.fixture
-def phase2a(legacy_url, settings_for):
-    settings = settings_for(legacy_url)
-    run(api.run_phase(settings, "phase1", api.RunOptions(backup=False)))
-    run(api.run_phase(settings, "phase2a", api.RunOptions(backup=False)))
-    return legacy_url
+def phase2a(applied_db):
+    return applied_db("phase2a")
 
 
 def validate(url: str, *args: str) -> tuple[int, dict]:
@@ -89,25 +86,23 @@ def test_lookup_to_a_non_unique_key_fails(db_url, tmp_path):
     assert "a lookup multiplies rows: 2 source rows become 3 when joined" in result.tables[0].problems[0]
 
 
-def test_orphan_foreign_key_fails(phase2a, settings_for):
-    settings = settings_for(phase2a)
-    run(api.run_phase(settings, "phase2b", api.RunOptions(backup=False)))
-    sql(phase2a, "ALTER TABLE servicios_proveedor DISABLE TRIGGER ALL")
+def test_orphan_foreign_key_fails(applied_db):
+    url = applied_db("phase2b")
+    sql(url, "ALTER TABLE servicios_proveedor DISABLE TRIGGER ALL")
     sql(
-        phase2a,
+        url,
         "UPDATE servicios_proveedor SET profesion_id = gen_random_uuid() WHERE id = (SELECT min(id) FROM servicios_proveedor)",
     )
-    sql(phase2a, "ALTER TABLE servicios_proveedor ENABLE TRIGGER ALL")
-    out = run_cli("validate", "phase2b", url=phase2a)
+    sql(url, "ALTER TABLE servicios_proveedor ENABLE TRIGGER ALL")
+    out = run_cli("validate", "phase2b", url=url)
     assert out.returncode == 3
     assert "servicios_proveedor_profesion_id_fkey: 1 rows reference no row of public.profesiones" in out.stdout
 
 
-def test_sequence_behind_its_column_fails(legacy_url, settings_for):
-    settings = settings_for(legacy_url)
-    for p in ("phase1", "phase2a", "phase2b", "phase3"):
-        run(api.run_phase(settings, p, api.RunOptions(backup=False)))
-    sql(legacy_url, "SELECT setval(pg_get_serial_sequence('tareas_programadas', 'id'), 1)")
+def test_sequence_behind_its_column_fails(applied_db, settings_for):
+    url = applied_db("phase3")
+    settings = settings_for(url)
+    sql(url, "SELECT setval(pg_get_serial_sequence('tareas_programadas', 'id'), 1)")
     result = run(api.validate(settings, "phase3"))
     assert not result.ok
     assert any(c.name == "sequence" and not c.ok and "new rows would collide" in c.message for c in result.checks)
@@ -126,7 +121,8 @@ def test_reports_render_in_every_format(phase2a, tmp_path):
     assert out.returncode == 0 and "22P02" in target.read_text() and "***" not in target.read_text()
 
 
-def test_phase_run_saves_json_and_html_reports(phase2a, tmp_path):
+def test_phase_run_saves_json_and_html_reports(applied_db, settings_for, tmp_path):
+    run(api.run_phase(settings_for(applied_db("phase1")), "phase2a", api.RunOptions(backup=False)))
     reports = sorted((tmp_path / "reports").glob("phase2a-*"))
     assert {p.suffix for p in reports} == {".json", ".html"}
     data = json.loads(next(p for p in reports if p.suffix == ".json").read_text())
@@ -244,12 +240,11 @@ def test_deep_hashes_rows_with_types_that_have_no_hash_function(db_url, tmp_path
     assert table["differs"] == 1 and table["samples"][0]["columns"][0]["column"] == "pos"
 
 
-def test_deep_across_two_databases_bisects_to_the_differing_rows(legacy_url, make_db, settings_for, monkeypatch):
+def test_deep_across_two_databases_bisects_to_the_differing_rows(legacy_url, applied_db, settings_for, monkeypatch):
     from migrate_data import deep
 
     monkeypatch.setattr(deep, "LEAF_ROWS", 40)  # ranges of ~1,000 rows are bisected down to 40
-    target_url = make_db()
-    run(api.run_phase(settings_for(target_url), "phase1", api.RunOptions(backup=False)))
+    target_url = applied_db("phase1", seeded=False)
     settings = settings_for(target_url).with_(source_url=legacy_url)
     run(api.run_phase(settings, "phase2a", api.RunOptions(backup=False)))
     clean = run(api.validate(settings, "phase2a", deep=True))
