@@ -63,7 +63,12 @@ def _hold_lock(url: str) -> subprocess.Popen:
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 20
-    while not scalar(url, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"):
+    # this database's lock only: other tests hold advisory locks of their own in theirs, on the same server
+    held = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    while not scalar(url, held):
         assert time.monotonic() < deadline and holder.poll() is None, "psql did not take the lock"
         time.sleep(0.05)
     return holder
