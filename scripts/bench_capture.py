@@ -52,7 +52,7 @@ from seed_legacy import counts, seed  # noqa: E402
 
 PHASES = ("phase2a", "phase3")
 VARIANTS = ("none", "statement", "unguarded", "row")
-GUARD = re.compile(r"    ELSIF NOT \(SELECT pg_catalog\.count\(\*\) FROM pg_catalog\.pg_attribute .*?\n.*?\n")
+GUARD = re.compile(r"    ELSIF \(CASE WHEN TG_RELID .*? IS NOT TRUE THEN\n.*?\n")
 OLTP = """\\set c random(1, {customers})
 \\set m random(1, {messages})
 \\set u random(1, {users})
@@ -91,15 +91,15 @@ async def set_capture(url: str, settings: Settings, variant: str) -> None:
                 plan = await capture.capture_plan(pool, phase, [ct for ct, _ in tables])
                 async with pool.acquire() as conn:
                     for c in plan.tables:
-                        sql_, n = GUARD.subn("", capture_sql.function_sql(phase, c))
-                        assert n == 1 and "pg_attribute" not in sql_
+                        sql_, n = GUARD.subn("", (await capture.install_statements(conn, phase, c))[0][0])
+                        assert n == 1 and "pg_identify_object_as_address" not in sql_
                         await conn.execute(sql_)
                 continue
             plan = await capture.capture_plan(pool, phase, [ct for ct, _ in tables])
             async with pool.acquire() as conn, conn.transaction():
                 await ledger.ensure_capture(conn)
                 for c in plan.tables:
-                    for statement in capture_sql.install_sql(phase, c, level="row"):
+                    for statement in (await capture.install_statements(conn, phase, c, level="row"))[0]:
                         await conn.execute(statement)
                     await conn.execute(
                         "INSERT INTO migrate_data.capture (phase, source, relation, columns, function) "

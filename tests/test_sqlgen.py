@@ -244,7 +244,8 @@ def test_capture_of_a_partitioned_table_puts_the_parents_function_on_every_leaf(
     from migrate_data.mapping import QualifiedName
 
     c = capture_sql.Captured(QualifiedName("ev", "public"), ("id", "d"))
-    statements = capture_sql.install_sql("night", c, leaves=['"ev_jan"', '"ev_feb"'])
+    layouts = [capture_sql.Layout(9001, (1, 2), (20, 1082)), capture_sql.Layout(9002, (1, 2), (20, 1082))]
+    statements = capture_sql.install_sql("night", c, layouts, leaves=['"ev_jan"', '"ev_feb"'])
     fn = capture_sql.function_name("night", c.name)
     creates = [x for x in statements if x.startswith("CREATE TRIGGER")]
     assert len(creates) == 3 * 4 and all(x.endswith(f"EXECUTE FUNCTION {fn}()") for x in creates)
@@ -252,6 +253,31 @@ def test_capture_of_a_partitioned_table_puts_the_parents_function_on_every_leaf(
     assert statements[-1].startswith('ALTER TABLE "ev_feb" ENABLE ALWAYS TRIGGER')
     drops = capture_sql.remove_sql("night", c.name, c.relation, exists=True, others=['"ev_jan"'])
     assert sum('ON "ev_jan"' in x for x in drops) == 4 and drops[-1] == f"DROP FUNCTION IF EXISTS {fn}()"
+
+
+def test_the_guard_checks_each_column_at_its_number_in_the_relation_the_trigger_fired_on():
+    """Each relation's columns are checked where they were at install, by name from the system cache; a query on
+    pg_attribute only for a key whose text form needs its type (against the type it had: a domain's own oid); any
+    other relation is not trusted."""
+    from migrate_data import capture_sql
+    from migrate_data.mapping import QualifiedName
+
+    c = capture_sql.Captured(QualifiedName("ev", "public"), ("id", "b"), types=("integer", "bytea"))
+    layouts = [
+        capture_sql.Layout(9001, (1, 2), (23, 17)),
+        capture_sql.Layout(9002, (1, 2), (23, 17)),  # a leaf numbered as its parent: one branch
+        capture_sql.Layout(9003, (2, 4), (23, 50001)),  # a leaf with a dropped column before them
+    ]
+    body = capture_sql.function_sql("night", c, layouts)
+    assert body.count("WHEN TG_RELID OPERATOR(pg_catalog.=) ANY (") == 2 and "ANY ('{9001, 9002}'" in body
+    assert "TG_RELID, 4::pg_catalog.int4)).object_names[3] OPERATOR(pg_catalog.=) 'b'::pg_catalog.text" in body
+    assert "a.attnum OPERATOR(pg_catalog.=) 4::pg_catalog.int2 AND a.atttypid OPERATOR(pg_catalog.=) 50001" in body
+    assert "a.attnum OPERATOR(pg_catalog.=) 1::pg_catalog.int2" not in body  # an integer's text needs no type
+    assert "ELSE false END) IS NOT TRUE THEN" in body
+    plain = capture_sql.function_sql(
+        "night", capture_sql.Captured(c.table, ("id",)), [capture_sql.Layout(9001, (1,), (23,))]
+    )
+    assert "pg_attribute" not in plain
 
 
 def test_a_key_is_written_as_text_no_session_setting_changes():
@@ -265,11 +291,11 @@ def test_a_key_is_written_as_text_no_session_setting_changes():
     assert "timezone('UTC'::pg_catalog.text, t.d)" in key_text("t.d", "timestamp with time zone")
     assert "encode(t.b, 'hex'" in key_text("t.b", "bytea")
     c = capture_sql.Captured(QualifiedName("days", "public"), ("d",), types=("date",))
-    body = capture_sql.function_sql("night", c)
+    body = capture_sql.function_sql("night", c, [capture_sql.Layout(9001, (1,), (1082,))])
     assert 'to_jsonb(n."d")' in body and 'to_jsonb(o."d")' in body and "::pg_catalog.text)" not in body
     # the trigger checks that the columns it names are there before it names them: a rename must not fail a write
     guard, keyed = (
-        body.index("pg_catalog.pg_attribute"),
+        body.index("pg_identify_object_as_address(1259::pg_catalog.oid, TG_RELID, 1::pg_catalog.int4)"),
         body.index(
             "INSERT INTO \"migrate_data\".changes (phase, source, key, op) SELECT 'night', 'public.days', k, 'I'"
         ),

@@ -62,7 +62,7 @@ def setup(request, legacy_template, make_db, applied_db, settings_for, tmp_path)
 # -- what capture installs --------------------------------------------------------------------------------------------
 def test_capture_is_statement_level_grant_free_and_catches_nothing():
     c = capture_sql.Captured(QualifiedName("customers", "public"), ("id",))
-    statements = capture_sql.install_sql("phase2a", c)
+    statements = capture_sql.install_sql("phase2a", c, [capture_sql.Layout(9001, (1,), (20,))])
     text = "\n".join(statements)
     assert "SECURITY DEFINER" in text and "SET search_path" not in text  # a SET clause costs every call
     assert "EXCEPTION" not in text  # no subtransaction per statement, nothing swallowed (see capture.py)
@@ -71,7 +71,7 @@ def test_capture_is_statement_level_grant_free_and_catches_nothing():
     assert "ENABLE ALWAYS TRIGGER" in statements[-1]  # captured under session_replication_role = replica too
     assert "REVOKE ALL ON FUNCTION" in text
     lookup = capture_sql.Captured(QualifiedName("users", "public"), ("id",), watched=("phone_number",))
-    body = capture_sql.function_sql("phase3", lookup)
+    body = capture_sql.function_sql("phase3", lookup, [capture_sql.Layout(9001, (1, 5), (2950, 25))])
     assert '"phone_number"::pg_catalog.text OPERATOR(pg_catalog.=)' in body  # a lookup's table: what it reads
 
 

@@ -25,10 +25,12 @@ Why capture cannot make an application write fail, and why nothing is caught:
 - The triggers are ``ENABLE ALWAYS``: a session with ``session_replication_role = replica`` is captured too.
 - A column the function names (a key, a lookup's column) that was renamed or dropped since capture started would
   make the statement naming it fail, and so would a key of another type where its text form calls a function of
-  its type (``encode`` of a bytea).  So each call first checks, in ``pg_attribute``, that they are all still there
-  (outside READ COMMITTED, by name in the catalog as it is now: the writer's snapshot may be older than a rename);
-  if not, it logs one row with an empty key ("some row of this table changed"), and sync re-derives every row that
-  reads the table.  ``status`` shows a missing column as ``COLUMN GONE``.
+  its type (``encode`` of a bytea); a column that took its name (renames in one transaction) would log another
+  column's values as keys.  So each call first checks that every column it names is still the one it was: under its
+  name at its attribute number (in the catalog as it is now, from the system cache), and of its type where that
+  matters (see ``capture_sql._guard``); if not, it logs one row with an empty key ("some row of this table
+  changed"), and sync re-derives every row that reads the table.  ``status`` shows such a column as
+  ``COLUMN GONE`` (the registry keeps where the columns were), and ``sync`` refuses until it is back.
 - There is no ``EXCEPTION`` block.  Catching an error would have to swallow it (the change is lost and nobody
   knows until ``validate --deep``: the very failure capture exists to prevent) and would open a subtransaction per
   statement (past 64 in one transaction, every snapshot in the server gets slower).  What can still fail is what
@@ -57,6 +59,7 @@ import asyncpg
 from . import ledger
 from .capture_sql import (
     EVENTS,
+    LAYOUT_SQL,
     LEAVES_SQL,
     LOCK_RETRIES,
     LOCK_WAIT,
@@ -64,7 +67,9 @@ from .capture_sql import (
     SCHEMA,
     TRIGGERED_SQL,
     TRIGGERS_OK_SQL,
+    Captured,
     CapturePlan,
+    Layout,
     function_name,
     install_sql,
     plan_capture,
@@ -103,6 +108,26 @@ async def partition_problem(db: Executor, phase: str, name: str, relation: str) 
 
 
 # -- install / remove ---------------------------------------------------------------------------------------------
+async def install_statements(
+    db: Executor, phase: str, c: Captured, *, level: str = "statement"
+) -> tuple[list[str], list[int]]:
+    """The statements that turn capture on for ``c`` (its function knows where the table and each of its partitions
+    hold the columns it names), and those columns' attribute numbers in the table (in ``columns + watched`` order,
+    as the registry keeps them).  ``level``: see ``capture_sql.function_sql``."""
+    parts = await leaves(db, c.relation)
+    rows = await db.fetch(LAYOUT_SQL, [c.relation, *parts], list(c.names))
+    layouts = [
+        Layout(r["oid"], tuple(r["attnums"]), tuple(r["types"]))
+        for r in rows
+        if r["oid"] is not None and None not in r["attnums"]
+    ]
+    if not layouts or layouts[0].oid != rows[0]["oid"]:
+        raise MigrationError(f"{c.name} does not have the columns {', '.join(c.names)} that change capture logs")
+    at = dict(zip(c.names, layouts[0].attnums, strict=True))
+    statements = install_sql(phase, c, layouts, level=level, leaves=parts)
+    return statements, [at[x] for x in (*c.columns, *(c.watched or ()))]
+
+
 # The table a relation the planner scans belongs to: itself, or the root of the partitioned table it is a leaf of.
 
 
@@ -204,21 +229,24 @@ async def install(
             and await partition_problem(db, phase, c.name, c.relation) is None
             and tuple(r["columns"]) == c.columns
             and (None if r["watched"] is None else tuple(r["watched"])) == c.watched
+            and r["attnums"] is not None  # else installed by a release whose triggers checked names only
         ):
             continue
-        statements = install_sql(phase, c, leaves=await leaves(db, c.relation))
+        statements, attnums = await install_statements(db, phase, c)
         await _with_short_locks(db, f"turn on change capture on {c.name}", statements, wait, retries)
         await db.execute(
-            f"""INSERT INTO {SCHEMA}.capture (phase, source, relation, columns, watched, function)
-                VALUES ($1, $2, $3, $4, $5, $6)
+            f"""INSERT INTO {SCHEMA}.capture (phase, source, relation, columns, watched, function, attnums)
+                VALUES ($1, $2, $3, $4, $5, $6, $7)
                 ON CONFLICT (phase, source) DO UPDATE SET relation = EXCLUDED.relation, columns = EXCLUDED.columns,
-                    watched = EXCLUDED.watched, function = EXCLUDED.function, installed_at = clock_timestamp()""",
+                    watched = EXCLUDED.watched, function = EXCLUDED.function, attnums = EXCLUDED.attnums,
+                    installed_at = clock_timestamp()""",
             phase,
             c.name,
             c.relation,
             list(c.columns),
             None if c.watched is None else list(c.watched),
             function_name(phase, c.name),
+            attnums,
         )
         log.info("%s: change capture on for %s (key %s)", phase, c.name, ", ".join(c.columns))
     for gone in set(have) - {c.name for c in plan.tables}:  # the mapping no longer reads it
@@ -342,8 +370,8 @@ async def state(db: Executor, phase: str) -> CaptureState:
     gone = [f"{', '.join(r['missing'])} of {r['source']}" for r in rows if r["table_exists"] and r["missing"]]
     if gone:
         why = (
-            f"column {'; '.join(gone)} renamed or dropped since capture started: writes are still logged, without "
-            "their keys; sync re-derives every row that reads the table once the column is back (or the phase is "
+            f"column {'; '.join(gone)} renamed, dropped or replaced by another under its name since capture started: "
+            "writes are still logged, without their keys; sync re-derives every row that reads the table once the column is back (or the phase is "
             "rolled back and run again with its mapping changed)"
         )
         return CaptureState(phase, "COLUMN GONE", waiting, age, tables, why)

@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 
 from . import backup as backups
-from . import capture, capture_sql, copy_sql, dependents, ledger, legacy, pre_state, report, schema
+from . import capture, copy_sql, dependents, ledger, legacy, pre_state, report, schema
 from . import rollback as undoing
 from .catalog import sequences
 from .copier import Copier, CopyEvent, CopyOptions, TableResult
@@ -170,7 +170,7 @@ async def _capture_statements(phase: Phase, plan: PhasePlan, source: Executor) -
     cp = await capture.capture_plan(source, phase.name, [ct for ct, _ in plan.tables])
     out: list[str] = []
     for c in cp.tables if cp.ok else ():
-        out += capture_sql.install_sql(phase.name, c, leaves=await capture.leaves(source, c.relation))
+        out += (await capture.install_statements(source, phase.name, c))[0]
     return tuple(out)
 
 

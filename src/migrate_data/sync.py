@@ -163,7 +163,7 @@ class PhaseSyncer:
                 f"{name}: change capture is {cap.state}" + (f" ({cap.problem})" if cap.problem else ""),
                 hint={
                     "off": "capture starts with the phase's run: roll the phase back and run it again",
-                    "COLUMN GONE": "give the column its name back (nothing written meanwhile is lost: sync then "
+                    "COLUMN GONE": "give each column back its own name (nothing written meanwhile is lost: sync then "
                     "re-derives the table), or roll the phase back and run it again with its mapping changed",
                 }.get(
                     cap.state,
