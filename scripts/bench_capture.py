@@ -10,6 +10,8 @@ lookup's table).  pgbench then runs a custom script of inserts and updates on cu
   unguarded  the same without the check that the columns it names are still there (``capture_sql._guard``, which
              keeps a renamed column from failing the application's writes): what that check costs
   row        the same log written by row-level triggers (``capture_sql.function_sql(level="row")``)
+  empty      the same statement-level triggers with transition tables, whose function only returns: the floor of
+             any trigger-based capture (the trigger call and the transition tables, nothing logged)
 
 Two workloads: "oltp" (a transaction of 4 one-row statements, as the application writes) and "batch" (one UPDATE
 of 100 messages per transaction).  The variants alternate for ``--rounds`` rounds; the table shows the median tps
@@ -51,7 +53,16 @@ from migrate_data.settings import Settings  # noqa: E402
 from seed_legacy import counts, seed  # noqa: E402
 
 PHASES = ("phase2a", "phase3")
-VARIANTS = ("none", "statement", "unguarded", "row")
+VARIANTS = ("none", "statement", "unguarded", "row", "empty")
+CAPTURED = VARIANTS[1:]
+HEADS = {  # the column of each captured variant, as its cost is shown
+    "statement": "statement-level",
+    "unguarded": "without the column check",
+    "row": "row-level",
+    "empty": "an empty trigger",
+}
+ADDS = " | ".join(f"{HEADS[v]} adds" for v in CAPTURED)
+EMPTY_BODY = re.compile(r"(?s)\nBEGIN\n.*\nEND\n")
 GUARD = re.compile(r"    ELSIF \(CASE WHEN TG_RELID .*? IS NOT TRUE THEN\n.*?\n")
 OLTP = """\\set c random(1, {customers})
 \\set m random(1, {messages})
@@ -85,6 +96,20 @@ async def set_capture(url: str, settings: Settings, variant: str) -> None:
             tables, _ = await compile_phase(ph, source=pool, target=pool)
             if variant == "statement":
                 await capture.install(pool, phase, tables)
+                continue
+            if variant == "empty":
+                await capture.install(pool, phase, tables)
+                plan = await capture.capture_plan(pool, phase, [ct for ct, _ in tables])
+                async with pool.acquire() as conn:
+                    for c in plan.tables:
+                        sql_, n = EMPTY_BODY.subn(
+                            "\nBEGIN\n    RETURN NULL;\nEND\n",
+                            capture_sql.function_sql(
+                                phase, c, [capture_sql.Layout(0, (0,) * len(c.names), (0,) * len(c.names))]
+                            ),
+                        )
+                        assert n == 1
+                        await conn.execute(sql_)
                 continue
             if variant == "unguarded":
                 await capture.install(pool, phase, tables)
@@ -227,7 +252,7 @@ async def main() -> None:
                     logged = await c.fetchval("SELECT count(*) FROM migrate_data.changes") if variant != "none" else 0
                     await c.execute("TRUNCATE migrate_data.changes") if variant != "none" else None
                     await c.close()
-                    if variant != "none" and not logged:
+                    if variant not in ("none", "empty") and not logged:
                         raise SystemExit(f"{variant}: nothing was logged")
         await set_capture(url, settings, "none")
         load = os.getloadavg()
@@ -239,7 +264,7 @@ async def main() -> None:
         for workload in paths:
             base = tps[(workload, "none")]
             cells = [f"{statistics.median(base):,.0f}"]
-            for variant in ("statement", "unguarded", "row"):
+            for variant in CAPTURED:
                 # the ratio of each round (the variants of a round run back to back: the machine's load is shared)
                 ratios = [v / b for v, b in zip(tps[(workload, variant)], base, strict=True)]
                 cells += [
@@ -251,7 +276,7 @@ async def main() -> None:
         for loop in SERVER_LOOPS:
             base = min(cost[(loop, "none")])
             cells = [f"{base:.1f} µs"]
-            for variant in ("statement", "unguarded", "row"):
+            for variant in CAPTURED:
                 extra = min(cost[(loop, variant)]) - base
                 cells.append(f"+{extra:.1f} µs" + (f" ({extra / 100:.2f} µs a row)" if loop == "100 rows" else ""))
             costs.append(f"| UPDATE of {loop} | " + " | ".join(cells) + " |")
@@ -259,7 +284,7 @@ async def main() -> None:
         for workload in paths:
             base_c = statistics.median(cpu_tx[(workload, "none")])
             cells = [f"{base_c:.0f} µs"]
-            for variant in ("statement", "unguarded", "row"):
+            for variant in CAPTURED:
                 # per round, against the round's own "none"
                 d = [v - b for v, b in zip(cpu_tx[(workload, variant)], cpu_tx[(workload, "none")], strict=True)]
                 cells.append(
@@ -271,14 +296,13 @@ async def main() -> None:
             "Server CPU per transaction: the on-CPU time of the database's server processes (/proc/<pid>/schedstat, "
             "sampled every 20 ms) over the transactions pgbench made; waiting for a CPU that the machine's other "
             "load holds is not in it (median of the rounds; the spread of the per-round difference):\n\n"
-            "| workload | no capture | statement-level adds | without the column check adds | row-level adds |\n"
-            "|---|--:|--:|--:|--:|\n" + "\n".join(cpu_rows) + "\n\n"
+            f"| workload | no capture | {ADDS} |\n|---|--:|{'--:|' * len(CAPTURED)}\n" + "\n".join(cpu_rows) + "\n\n"
         )
         served_rows = []
         for workload in paths if stats else ():
             base_s = statistics.median(served[(workload, "none")])
             cells = [f"{base_s:.1f} µs"]
-            for variant in ("statement", "unguarded", "row"):
+            for variant in CAPTURED:
                 v = served[(workload, variant)]
                 cells.append(
                     f"+{statistics.median(v) - base_s:.1f} µs ({min(v) - base_s:+.1f} to {max(v) - base_s:+.1f})"
@@ -287,8 +311,7 @@ async def main() -> None:
         served_table = (
             "Server execution time per statement of the pgbench script, triggers included (pg_stat_statements, "
             "`BEGIN`/`END` counted as statements; the median of the rounds, and the spread of the difference):\n\n"
-            "| workload | no capture | statement-level adds | without the column check adds | row-level adds |\n"
-            "|---|--:|--:|--:|--:|\n" + "\n".join(served_rows) + "\n\n"
+            f"| workload | no capture | {ADDS} |\n|---|--:|{'--:|' * len(CAPTURED)}\n" + "\n".join(served_rows) + "\n\n"
             if stats
             else ""
         )
@@ -298,20 +321,19 @@ async def main() -> None:
             f"{os.cpu_count()} cores, {platform.python_version()}\n\n"
             f"`python scripts/bench_capture.py --scale {args.scale} --seconds {args.seconds} --rounds {args.rounds} "
             f"--clients {args.clients} --jobs {args.jobs}` ({pgv}, PostgreSQL {version}; seeding took {seeded:.1f} s; "
-            f"{args.rounds} rounds of {args.seconds} s runs, the four variants back to back in each; capture on "
+            f"{args.rounds} rounds of {args.seconds} s runs, the {len(VARIANTS)} variants back to back in each; capture on "
             "phase2a and phase3, as a phase start installs it; the change log grows during a run, as when nobody "
             f"syncs; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f})\n\n"
-            "| workload | no capture (tps, median) | statement-level (tps) | ratio, median of the rounds (min–max) "
-            "| without the column check (tps) | ratio (min–max) | row-level (tps) | ratio (min–max) |\n"
-            "|---|--:|--:|--:|--:|--:|--:|--:|\n"
+            "| workload | no capture (tps, median) | "
+            + " | ".join(f"{HEADS[v]} (tps) | ratio, median of the rounds (min–max)" for v in CAPTURED)
+            + f" |\n|---|--:|{'--:|--:|' * len(CAPTURED)}\n"
             + "\n".join(rows)
             + "\n\n"
             + cpu_table
             + served_table
             + "The server's own cost per statement (a DO loop in one transaction, rolled back: no client, no network, no "
             "commit; its server process's on-CPU time; the best of the rounds):\n\n"
-            "| statement | no capture | statement-level adds | without the column check adds | row-level adds |\n"
-            "|---|--:|--:|--:|--:|\n" + "\n".join(costs) + "\n"
+            f"| statement | no capture | {ADDS} |\n|---|--:|{'--:|' * len(CAPTURED)}\n" + "\n".join(costs) + "\n"
         )
         write_section(args.output, section)
     finally:

@@ -121,7 +121,7 @@ def test_two_bases_in_one_column_is_an_error(tmp_path):
 
 def test_broken_yaml_names_the_line(tmp_path):
     msg = error_of(tmp_path, "tables:\n  - source: a\n    target: [b\n")
-    assert msg.endswith("phase9.yaml:4:1: invalid YAML: expected ',' or ']', but got '<stream end>'")
+    assert "phase9.yaml:4:1: invalid YAML: " in msg and "expected ',' or ']'" in msg  # libyaml's words or PyYAML's
 
 
 def test_on_conflict_accepts_only_nothing_or_update(tmp_path):
