@@ -116,7 +116,7 @@ async def set_capture(url: str, settings: Settings, variant: str) -> None:
                 plan = await capture.capture_plan(pool, phase, [ct for ct, _ in tables])
                 async with pool.acquire() as conn:
                     for c in plan.tables:
-                        sql_, n = GUARD.subn("", (await capture.install_statements(conn, phase, c))[0][0])
+                        sql_, n = GUARD.subn("", (await capture.install_statements(conn, phase, c)).statements[0])
                         assert n == 1 and "pg_identify_object_as_address" not in sql_
                         await conn.execute(sql_)
                 continue
@@ -124,7 +124,7 @@ async def set_capture(url: str, settings: Settings, variant: str) -> None:
             async with pool.acquire() as conn, conn.transaction():
                 await ledger.ensure_capture(conn)
                 for c in plan.tables:
-                    for statement in (await capture.install_statements(conn, phase, c, level="row"))[0]:
+                    for statement in (await capture.install_statements(conn, phase, c, level="row")).statements:
                         await conn.execute(statement)
                     await conn.execute(
                         "INSERT INTO migrate_data.capture (phase, source, relation, columns, function) "

@@ -60,13 +60,12 @@ from . import ledger
 from .capture_sql import (
     EVENTS,
     LAYOUT_SQL,
-    LEAVES_SQL,
     LOCK_RETRIES,
     LOCK_WAIT,
+    PARTITIONS_SQL,
     ROOT_SQL,
     SCHEMA,
     TRIGGERED_SQL,
-    TRIGGERS_OK_SQL,
     Captured,
     CapturePlan,
     Layout,
@@ -75,6 +74,7 @@ from .capture_sql import (
     plan_capture,
     plan_relations,
     remove_sql,
+    triggers_ok_sql,
 )
 from .catalog import Table, read_table
 from .compile import CompiledTable
@@ -88,17 +88,18 @@ from .sql import qname
 log = logging.getLogger(__name__)
 
 
-async def leaves(db: Executor, relation: str) -> list[str]:
-    """The leaf partitions of ``relation`` (none for a plain table), as regclass text."""
+async def partitions(db: Executor, relation: str) -> list[str]:
+    """The partitions of ``relation`` at every level (none for a plain table), as regclass text: a statement fires
+    the statement-level triggers of the table it names only, a partition that is partitioned itself too."""
     if not await db.fetchval("SELECT to_regclass($1) IS NOT NULL", relation):
         return []
-    return [r["leaf"] for r in await db.fetch(LEAVES_SQL, relation)]
+    return [r["part"] for r in await db.fetch(PARTITIONS_SQL, relation)]
 
 
 async def partition_problem(db: Executor, phase: str, name: str, relation: str) -> str | None:
-    """Why the triggers of a captured partitioned table are not on exactly its leaves (one attached since has none,
+    """Why the triggers of a captured partitioned table are not on exactly its partitions (one attached since has none,
     one detached still has them: its rows came or went without a write), or None."""
-    want = set(await leaves(db, relation))
+    want = set(await partitions(db, relation))
     have = {r["rel"]: r["enabled"] for r in await db.fetch(TRIGGERED_SQL, function_name(phase, name), relation)}
     missing = sorted(x for x in want if have.get(x) != len(EVENTS))
     stale = sorted(set(have) - want)
@@ -108,13 +109,21 @@ async def partition_problem(db: Executor, phase: str, name: str, relation: str) 
 
 
 # -- install / remove ---------------------------------------------------------------------------------------------
-async def install_statements(
-    db: Executor, phase: str, c: Captured, *, level: str = "statement"
-) -> tuple[list[str], list[int]]:
-    """The statements that turn capture on for ``c`` (its function knows where the table and each of its partitions
-    hold the columns it names), and those columns' attribute numbers in the table (in ``columns + watched`` order,
-    as the registry keeps them).  ``level``: see ``capture_sql.function_sql``."""
-    parts = await leaves(db, c.relation)
+@dataclass(frozen=True)
+class Installing:
+    """What turns capture on for one table: the statements, and where the columns the function names are in the
+    table and of which type (in ``columns + watched`` order, as the registry keeps them)."""
+
+    statements: list[str]
+    attnums: list[int]
+    types: list[int]
+
+
+async def install_statements(db: Executor, phase: str, c: Captured, *, level: str = "statement") -> Installing:
+    """The statements that turn capture on for ``c``: its function knows where the table and each of its partitions
+    (at every level: a statement fires the triggers of the table it names only) hold the columns it names.
+    ``level``: see ``capture_sql.function_sql``."""
+    parts = await partitions(db, c.relation)
     rows = await db.fetch(LAYOUT_SQL, [c.relation, *parts], list(c.names))
     layouts = [
         Layout(r["oid"], tuple(r["attnums"]), tuple(r["types"]))
@@ -123,9 +132,20 @@ async def install_statements(
     ]
     if not layouts or layouts[0].oid != rows[0]["oid"]:
         raise MigrationError(f"{c.name} does not have the columns {', '.join(c.names)} that change capture logs")
-    at = dict(zip(c.names, layouts[0].attnums, strict=True))
-    statements = install_sql(phase, c, layouts, level=level, leaves=parts)
-    return statements, [at[x] for x in (*c.columns, *(c.watched or ()))]
+    at = dict(zip(c.names, zip(layouts[0].attnums, layouts[0].types, strict=True), strict=True))
+    order = [at[x] for x in (*c.columns, *(c.watched or ()))]
+    return Installing(
+        install_sql(phase, c, layouts, level=level, partitions=parts), [n for n, _ in order], [t for _, t in order]
+    )
+
+
+async def _triggers_ok(db: Executor, phase: str) -> list[Any]:
+    """``TRIGGERS_OK`` of ``phase``'s captured tables, from a registry of this release or of one before it."""
+    recorded = await db.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = 'atttypes')",
+        f"{SCHEMA}.capture",
+    )
+    return list(await db.fetch(triggers_ok_sql(bool(recorded)), phase))
 
 
 # The table a relation the planner scans belongs to: itself, or the root of the partitioned table it is a leaf of.
@@ -220,33 +240,35 @@ async def install(
         return _findings(plan)
     await ledger.ensure_capture(db)
     have = {r["source"]: r for r in await db.fetch(f"SELECT * FROM {SCHEMA}.capture WHERE phase = $1", phase)}
-    ok = {r["source"] for r in await db.fetch(TRIGGERS_OK_SQL, phase) if r["enabled"] == len(EVENTS)}
+    ok = {r["source"] for r in await _triggers_ok(db, phase) if r["enabled"] == len(EVENTS)}
     for c in plan.tables:
         r = have.get(c.name)
+        todo = await install_statements(db, phase, c)
         if (
             r is not None
             and c.name in ok
             and await partition_problem(db, phase, c.name, c.relation) is None
             and tuple(r["columns"]) == c.columns
             and (None if r["watched"] is None else tuple(r["watched"])) == c.watched
-            and r["attnums"] is not None  # else installed by a release whose triggers checked names only
+            and r["attnums"] == todo.attnums  # NULL: installed by a release whose triggers checked names only
+            and r["atttypes"] == todo.types
         ):
             continue
-        statements, attnums = await install_statements(db, phase, c)
-        await _with_short_locks(db, f"turn on change capture on {c.name}", statements, wait, retries)
+        await _with_short_locks(db, f"turn on change capture on {c.name}", todo.statements, wait, retries)
         await db.execute(
-            f"""INSERT INTO {SCHEMA}.capture (phase, source, relation, columns, watched, function, attnums)
-                VALUES ($1, $2, $3, $4, $5, $6, $7)
+            f"""INSERT INTO {SCHEMA}.capture (phase, source, relation, columns, watched, function, attnums, atttypes)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                 ON CONFLICT (phase, source) DO UPDATE SET relation = EXCLUDED.relation, columns = EXCLUDED.columns,
                     watched = EXCLUDED.watched, function = EXCLUDED.function, attnums = EXCLUDED.attnums,
-                    installed_at = clock_timestamp()""",
+                    atttypes = EXCLUDED.atttypes, installed_at = clock_timestamp()""",
             phase,
             c.name,
             c.relation,
             list(c.columns),
             None if c.watched is None else list(c.watched),
             function_name(phase, c.name),
-            attnums,
+            todo.attnums,
+            todo.types,
         )
         log.info("%s: change capture on for %s (key %s)", phase, c.name, ", ".join(c.columns))
     for gone in set(have) - {c.name for c in plan.tables}:  # the mapping no longer reads it
@@ -340,7 +362,8 @@ async def _with_short_locks(
 @dataclass(frozen=True)
 class CaptureState:
     phase: str
-    state: str  # "on" | "off" | "BROKEN" (a trigger missing or disabled) | "COLUMN GONE" | "tables dropped"
+    state: str  # "on" | "off" | "BROKEN" (a trigger missing or disabled) | "COLUMN GONE" | "COLUMN MOVED" |
+    # "tables dropped"
     waiting: int = 0  # changes logged and not applied yet
     oldest_seconds: float | None = None  # age of the oldest of them
     tables: tuple[str, ...] = ()
@@ -351,7 +374,7 @@ async def state(db: Executor, phase: str) -> CaptureState:
     """Is capture on for ``phase`` (every trigger in place and enabled), and how far behind is sync."""
     if not await db.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{SCHEMA}.capture"):
         return CaptureState(phase, "off")
-    rows = await db.fetch(TRIGGERS_OK_SQL, phase)
+    rows = await _triggers_ok(db, phase)
     lag = await db.fetchrow(
         f"SELECT count(*) AS n, extract(epoch FROM clock_timestamp() - min(at))::float8 AS age "
         f"FROM {SCHEMA}.changes WHERE phase = $1",
@@ -371,14 +394,21 @@ async def state(db: Executor, phase: str) -> CaptureState:
     if gone:
         why = (
             f"column {'; '.join(gone)} renamed, dropped or replaced by another under its name since capture started: "
-            "writes are still logged, without their keys; sync re-derives every row that reads the table once the column is back (or the phase is "
-            "rolled back and run again with its mapping changed)"
+            "writes are still logged, without their keys; sync re-derives every row that reads the table once the "
+            "column is back (or the phase is rolled back and run again with its mapping changed)"
         )
         return CaptureState(phase, "COLUMN GONE", waiting, age, tables, why)
     for r in rows:
         problem = await partition_problem(db, phase, r["source"], r["relation"])
         if problem:
             return CaptureState(phase, "BROKEN", waiting, age, tables, problem)
+    moved = [f"{', '.join(r['moved'])} of {r['source']}" for r in rows if r["table_exists"] and r["moved"]]
+    if moved:
+        why = (
+            f"column {'; '.join(moved)} dropped and added again, or of another type, since capture started: writes "
+            "are logged without their keys until the next sync captures the table again (and re-derives it)"
+        )
+        return CaptureState(phase, "COLUMN MOVED", waiting, age, tables, why)
     return CaptureState(phase, "on", waiting, age, tables)
 
 

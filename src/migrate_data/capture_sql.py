@@ -198,38 +198,54 @@ class Layout:
 
 def _guard(c: Captured, layouts: Sequence[Layout]) -> str:
     """True while every column the function names is the one it was at install: still at its attribute number under
-    its name, and of its type where the key's text form calls the type's functions.  A column renamed, dropped or of
-    another type would make the statement that names it fail, and the writer's statement with it; a column that took
-    the name of another (renames in one transaction) would log the other column's values as keys.
+    its name.  A column renamed or dropped would make the statement that names it fail, and the writer's statement
+    with it; a column that took the name of another (renames in one transaction) would log the other column's
+    values as keys.
 
     The names are read with ``pg_identify_object_as_address``: the catalog as it is now, as the statement that names
     them will be planned (a REPEATABLE READ writer's snapshot may be older than a rename), from the system cache,
     without a query (about 0.7 µs a column; the query on ``pg_attribute`` it replaces cost 10 µs).  A relation the
     layouts do not know (attached or restored since) is not trusted (false), nor a number past its last column (NULL)."""
-    by_layout: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+    by_layout: dict[tuple[int, ...], list[int]] = {}
     for layout in layouts:
-        by_layout.setdefault((layout.attnums, layout.types), []).append(layout.oid)
-    typed = {col for col, t in zip(c.columns, c.types or ("text",) * len(c.columns), strict=True) if key_text_type(t)}
+        by_layout.setdefault(layout.attnums, []).append(layout.oid)
     branches = []
-    for (attnums, types), oids in by_layout.items():
+    for attnums, oids in by_layout.items():
         checks = [
             f"(pg_catalog.pg_identify_object_as_address(1259::pg_catalog.oid, TG_RELID, {n}::pg_catalog.int4))"
             f".object_names[3] {EQ} {ql(name)}::{TEXT}"  # 1259: pg_class, whose rows the columns are sub-objects of
             for name, n in zip(c.names, attnums, strict=True)
         ]
-        same_type = [
-            f"(a.attnum {EQ} {n}::pg_catalog.int2 AND a.atttypid {EQ} {t}::pg_catalog.oid)"
-            for name, n, t in zip(c.names, attnums, types, strict=True)
-            if name in typed
-        ]
-        if same_type:
-            checks.append(
-                f"(SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute AS a WHERE a.attrelid {EQ} TG_RELID AND "
-                f"({' OR '.join(same_type)})) {EQ} {len(same_type)}"
-            )
         listed = ", ".join(str(o) for o in sorted(oids))
         branches.append(f"WHEN TG_RELID {EQ} ANY ('{{{listed}}}'::pg_catalog.oid[]) THEN {' AND '.join(checks)}")
     return f"(CASE {' '.join(branches)} ELSE false END)" if branches else "false"
+
+
+def _same_types(c: Captured, layouts: Sequence[Layout], row: str) -> str | None:
+    """True while each key column whose text form calls its type's functions (``encode`` takes a bytea only) is of
+    the type it had at install, read from ``row`` (a transition table's row, or NEW / OLD): the type the statement
+    that names it will be planned with, whatever the writer's snapshot; None when no key needs it.  (A partition's
+    columns are of its parent's types.)"""
+    types = dict(zip(c.names, layouts[0].types, strict=True)) if layouts else {}
+    typed = [
+        f"pg_catalog.pg_typeof({row}.{qi(col)})::pg_catalog.oid {EQ} {types.get(col, 0)}::pg_catalog.oid"
+        for col, t in zip(c.columns, c.types or ("text",) * len(c.columns), strict=True)
+        if key_text_type(t) is not None
+    ]
+    return " AND ".join(typed) or None
+
+
+def _typed(phase: str, c: Captured, layouts: Sequence[Layout], table: str) -> str:
+    """Before a statement-level branch logs the keys of transition table ``table``: nothing when it is empty, one
+    row with an empty key when a typed key is of another type now (see ``_same_types``)."""
+    same = _same_types(c, layouts, "r")
+    if same is None:
+        return ""
+    empty = f"SELECT '{{}}'::{TEXT}[]"
+    return (
+        f"md_typed := (SELECT {same} FROM {table} AS r LIMIT 1);\n        IF md_typed IS NULL THEN RETURN NULL; END IF;\n"
+        f"        IF NOT md_typed THEN {_log(phase, c, 'U', empty)}; RETURN NULL; END IF;\n        "
+    )
 
 
 def _log(phase: str, c: Captured, op: str, select: str) -> str:
@@ -251,7 +267,8 @@ def _same(a: str, b: str, columns: tuple[str, ...]) -> str:
 
 def _body(phase: str, c: Captured, layouts: Sequence[Layout], insert: str, update: str, delete: str) -> str:
     """A trigger function's body: a TRUNCATE's marker; one row with an empty key when a column it names is not the
-    one it was (see ``_guard``); else the keys the statement's ``insert``, ``update`` or ``delete`` logs."""
+    one it was (see ``_guard``); else what the statement's ``insert``, ``update`` or ``delete`` branch logs (each
+    checks a typed key's type first: ``_typed``)."""
     empty = f"SELECT '{{}}'::{TEXT}[]"
     return f"""    IF TG_OP {EQ} 'TRUNCATE' THEN
         {_log(phase, c, "T", empty)};
@@ -285,9 +302,9 @@ def function_sql(phase: str, c: Captured, layouts: Sequence[Layout], *, level: s
             phase,
             c,
             layouts,
-            _log(phase, c, "I", f"SELECT {_key('n', c)} FROM {n} AS n"),
-            _log(phase, c, "U", update),
-            _log(phase, c, "D", f"SELECT {_key('o', c)} FROM {o} AS o"),
+            _typed(phase, c, layouts, n) + _log(phase, c, "I", f"SELECT {_key('n', c)} FROM {n} AS n"),
+            _typed(phase, c, layouts, n) + _log(phase, c, "U", update),
+            _typed(phase, c, layouts, o) + _log(phase, c, "D", f"SELECT {_key('o', c)} FROM {o} AS o"),
         )
     elif level == "row":
         new, old = _key("NEW", c), _key("OLD", c)
@@ -295,19 +312,25 @@ def function_sql(phase: str, c: Captured, layouts: Sequence[Layout], *, level: s
         if c.watched is not None:
             keep = (*c.columns, *c.watched)
             changed = f"({_same('NEW', 'OLD', keep)}) IS NOT TRUE"
+        empty = _log(phase, c, "U", f"SELECT '{{}}'::{TEXT}[]")
+
+        def typed(row: str) -> str:
+            same = _same_types(c, layouts, row)
+            return f"IF NOT ({same}) THEN {empty}; RETURN NULL; END IF;\n        " if same else ""
+
         body = _body(
             phase,
             c,
             layouts,
-            _log(phase, c, "I", f"SELECT {new}"),
-            f"IF {changed} THEN {_log(phase, c, 'U', f'SELECT {new} UNION SELECT {old}')}; END IF",
-            _log(phase, c, "D", f"SELECT {old}"),
+            typed("NEW") + _log(phase, c, "I", f"SELECT {new}"),
+            typed("NEW") + f"IF {changed} THEN {_log(phase, c, 'U', f'SELECT {new} UNION SELECT {old}')}; END IF",
+            typed("OLD") + _log(phase, c, "D", f"SELECT {old}"),
         )
     else:
         raise ValueError(f"level: {level!r}")
     return (
         f"CREATE OR REPLACE FUNCTION {function_name(phase, c.name)}() RETURNS trigger LANGUAGE plpgsql "
-        f"SECURITY DEFINER AS $capture$\nBEGIN\n{body}\nEND\n$capture$"
+        f"SECURITY DEFINER AS $capture$\nDECLARE\n    md_typed boolean;\nBEGIN\n{body}\nEND\n$capture$"
     )
 
 
@@ -317,14 +340,15 @@ def install_sql(
     layouts: Sequence[Layout],
     *,
     level: str = "statement",
-    leaves: Sequence[str] = (),
+    partitions: Sequence[str] = (),
 ) -> list[str]:
     """Every statement that turns capture on for one table of a phase (idempotent); a partitioned table's triggers
-    go on each of its ``leaves`` (regclass text) too, with the same function: a statement that names a partition
-    fires that partition's statement-level triggers only.  ``layouts``: the table's and its leaves' (``LAYOUT_SQL``)."""
+    go on each of its ``partitions`` (regclass text, every level) too, with the same function: a statement that names
+    a partition fires that partition's statement-level triggers only.  ``layouts``: the table's and its partitions'
+    (``LAYOUT_SQL``)."""
     fn = function_name(phase, c.name)
     out = [function_sql(phase, c, layouts, level=level), f"REVOKE ALL ON FUNCTION {fn}() FROM PUBLIC"]
-    for table in (qname(c.table), *leaves):
+    for table in (qname(c.table), *partitions):
         out += triggers_sql(phase, c, table, level=level)
     return out
 
@@ -360,9 +384,9 @@ def remove_sql(phase: str, table: str, relation: str, *, exists: bool, others: S
     return out + [f"DROP FUNCTION IF EXISTS {function_name(phase, table)}()"]
 
 
-# The leaf partitions of a table ($1: quoted relation), and every table a function's triggers are on ($1: function).
-LEAVES_SQL = """SELECT relid::regclass::text AS leaf FROM pg_partition_tree(to_regclass($1))
-WHERE isleaf AND relid <> to_regclass($1) ORDER BY 1"""
+# The partitions of a table at every level (a partition that is partitioned too, and its own: $1: quoted relation), and every table a function's triggers are on ($1: function).
+PARTITIONS_SQL = """SELECT relid::regclass::text AS part FROM pg_partition_tree(to_regclass($1))
+WHERE relid <> to_regclass($1) ORDER BY level, 1"""
 TRIGGERED_SQL = """SELECT t.tgrelid::regclass::text AS rel, count(*) FILTER (WHERE t.tgenabled = 'A') AS enabled
 FROM pg_trigger t WHERE t.tgfoid = to_regprocedure($1 || '()') AND t.tgrelid IS DISTINCT FROM to_regclass($2)
 GROUP BY t.tgrelid ORDER BY 1"""
@@ -376,17 +400,31 @@ FROM unnest($1::text[]) WITH ORDINALITY AS r(rel, o) CROSS JOIN unnest($2::text[
 LEFT JOIN pg_attribute a ON a.attrelid = to_regclass(r.rel) AND a.attname = u.name AND NOT a.attisdropped
 GROUP BY r.rel, r.o ORDER BY r.o"""
 
-# Per captured table of a phase ($1): is it there, how many of its triggers are enabled, and which columns its
-# function names are not the ones they were at install: gone, or another column under the name (``attnums``, in
-# the order of ``columns || watched``: NULL in a registry row written before they were recorded).
-TRIGGERS_OK_SQL = f"""SELECT c.source, c.relation,
+# Per captured table of a phase ($1): is it there, how many of its triggers are enabled, which columns its function
+# names are not the ones they were at install (``missing``: gone, or another live column is where it was), and which
+# are still there but elsewhere or of another type (``moved``: dropped and added again, retyped; capturing them again
+# puts things right).  ``attnums`` and ``atttypes`` are in the order of ``columns || watched``; a registry written
+# before they were recorded has no such columns (``triggers_ok_sql(recorded=False)``) or NULL in them.
+_TRIGGERS_OK = f"""SELECT c.source, c.relation,
        to_regclass(c.relation) IS NOT NULL AS table_exists,
        (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = to_regclass(c.relation)
           AND t.tgfoid = to_regprocedure(c.function || '()') AND t.tgenabled = 'A') AS enabled,
        ARRAY(SELECT DISTINCT u.x FROM unnest(c.columns || COALESCE(c.watched, '{{}}')) WITH ORDINALITY AS u(x, i)
-          WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = to_regclass(c.relation) AND a.attname = u.x
-           AND NOT a.attisdropped AND (c.attnums IS NULL OR a.attnum = c.attnums[u.i]))) AS missing
+          WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = to_regclass(c.relation)
+                            AND a.attname = u.x AND NOT a.attisdropped)
+             OR EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = to_regclass(c.relation)
+                        AND a.attnum = __ATTNUMS__[u.i] AND a.attname <> u.x AND NOT a.attisdropped)) AS missing,
+       ARRAY(SELECT DISTINCT u.x FROM unnest(c.columns || COALESCE(c.watched, '{{}}')) WITH ORDINALITY AS u(x, i)
+          JOIN pg_attribute a ON a.attrelid = to_regclass(c.relation) AND a.attname = u.x AND NOT a.attisdropped
+          WHERE a.attnum <> __ATTNUMS__[u.i] OR a.atttypid <> __ATTTYPES__[u.i]) AS moved
 FROM {SCHEMA}.capture AS c WHERE c.phase = $1 ORDER BY c.source"""
+
+
+def triggers_ok_sql(recorded: bool) -> str:
+    """``_TRIGGERS_OK`` for a registry that has (``recorded``) or has not the columns of the install's layout."""
+    attnums, atttypes = ("c.attnums", "c.atttypes") if recorded else ("(NULL::int2[])", "(NULL::oid[])")
+    return _TRIGGERS_OK.replace("__ATTNUMS__", attnums).replace("__ATTTYPES__", atttypes)
+
 
 ROOT_SQL = """SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.oid = COALESCE(pg_partition_root(to_regclass($1)), to_regclass($1))"""

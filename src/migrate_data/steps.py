@@ -170,7 +170,7 @@ async def _capture_statements(phase: Phase, plan: PhasePlan, source: Executor) -
     cp = await capture.capture_plan(source, phase.name, [ct for ct, _ in plan.tables])
     out: list[str] = []
     for c in cp.tables if cp.ok else ():
-        out += (await capture.install_statements(source, phase.name, c))[0]
+        out += (await capture.install_statements(source, phase.name, c)).statements
     return tuple(out)
 
 

@@ -158,6 +158,10 @@ class PhaseSyncer:
                 "the phase with --recheck in a window, with writes stopped",
             )
         cap = await capture.state(self.source, name)
+        if cap.state == "COLUMN MOVED":  # its function still looks where the column was: point it to where it is
+            log.warning("%s: %s; capturing it again", name, cap.problem)
+            await capture.install(self.source, name, self.pairs)
+            cap = await capture.state(self.source, name)
         if cap.state != "on":
             raise RefusedError(
                 f"{name}: change capture is {cap.state}" + (f" ({cap.problem})" if cap.problem else ""),

@@ -136,12 +136,13 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.capture (
     installed_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (phase, source)
 );
--- Where the columns were at install (in the order of columns || watched): a column that took another's name is not
--- the one captured.  NULL in a row a release before this one wrote.  (Only when missing: an ALTER TABLE locks the
--- registry that status and sync read even when it adds nothing.)
+-- Where the columns were at install, and their types (in the order of columns || watched): a column that took
+-- another's name is not the one captured; one moved (dropped and added again) or retyped is captured again by sync.
+-- NULL in a row a release before this one wrote.  (Added only when missing: an ALTER TABLE locks the registry that
+-- status and sync read even when it adds nothing.)
 DO $$ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{SCHEMA}.capture'::regclass AND attname = 'attnums')
-    THEN ALTER TABLE {SCHEMA}.capture ADD COLUMN attnums int2[];
+    THEN ALTER TABLE {SCHEMA}.capture ADD COLUMN attnums int2[], ADD COLUMN atttypes oid[];
     END IF;
 END $$;
 """
