@@ -28,9 +28,11 @@ Why capture cannot make an application write fail, and why nothing is caught:
   its type (``encode`` of a bytea); a column that took its name (renames in one transaction) would log another
   column's values as keys.  So each call first checks that every column it names is still the one it was: under its
   name at its attribute number (in the catalog as it is now, from the system cache), and of its type where that
-  matters (see ``capture_sql._guard``); if not, it logs one row with an empty key ("some row of this table
-  changed"), and sync re-derives every row that reads the table.  ``status`` shows such a column as
-  ``COLUMN GONE`` (the registry keeps where the columns were), and ``sync`` refuses until it is back.
+  matters (in the rows the statement changed: see ``capture_sql._guard`` and ``_typed``); if not, it logs one row
+  with an empty key ("some row of this table changed"), and sync re-derives every row that reads the table.  The
+  registry keeps where the columns were and their types: ``status`` shows a column renamed away or replaced as
+  ``COLUMN GONE`` (``sync`` refuses until it is back), one dropped and added again or retyped as ``COLUMN MOVED``
+  (``sync`` installs capture again where it is now).
 - There is no ``EXCEPTION`` block.  Catching an error would have to swallow it (the change is lost and nobody
   knows until ``validate --deep``: the very failure capture exists to prevent) and would open a subtransaction per
   statement (past 64 in one transaction, every snapshot in the server gets slower).  What can still fail is what
