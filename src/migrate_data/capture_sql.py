@@ -11,7 +11,7 @@ from typing import Any
 from .catalog import Table
 from .compile import CompiledTable
 from .mapping import QualifiedName
-from .sql import LEDGER_SCHEMA, key_text_array, key_text_type, qi, ql, qname
+from .sql import LEDGER_SCHEMA, key_text_array, key_text_typed, qi, ql, qname
 
 SCHEMA = LEDGER_SCHEMA
 NEW, OLD = "migrate_data_new", "migrate_data_old"  # the transition tables' names inside the trigger function
@@ -222,7 +222,7 @@ def _guard(c: Captured, layouts: Sequence[Layout]) -> str:
 
 
 def _same_types(c: Captured, layouts: Sequence[Layout], row: str) -> str | None:
-    """True while each key column whose text form calls its type's functions (``encode`` takes a bytea only) is of
+    """True while each key column whose text form is its type's own (``sql.key_text_typed``: a date, a bytea…) is of
     the type it had at install, read from ``row`` (a transition table's row, or NEW / OLD): the type the statement
     that names it will be planned with, whatever the writer's snapshot; None when no key needs it.  (A partition's
     columns are of its parent's types.)"""
@@ -230,7 +230,7 @@ def _same_types(c: Captured, layouts: Sequence[Layout], row: str) -> str | None:
     typed = [
         f"pg_catalog.pg_typeof({row}.{qi(col)})::pg_catalog.oid {EQ} {types.get(col, 0)}::pg_catalog.oid"
         for col, t in zip(c.columns, c.types or ("text",) * len(c.columns), strict=True)
-        if key_text_type(t) is not None
+        if key_text_typed(t)
     ]
     return " AND ".join(typed) or None
 

@@ -90,15 +90,11 @@ def key_text(expr: str, type_: str) -> str:
     return f"({expr})::pg_catalog.text"
 
 
-def key_text_type(type_: str) -> int | None:
-    """The oid of the built-in type whose functions ``key_text``'s form of ``type_`` calls (``encode`` takes a bytea
-    only), or None when that form works whatever the column's type is now (``::text``, ``to_jsonb``)."""
-    t = type_.lower()
-    if t.startswith("timestamp") and t.endswith("with time zone"):
-        return 1184
-    if t == "interval" or t.startswith(("interval ", "interval(")):
-        return 1186
-    return {"bytea": 17, "double precision": 701, "real": 700}.get(t)
+def key_text_typed(type_: str) -> bool:
+    """Whether ``key_text``'s form of ``type_`` is its own (anything but ``::text``): it calls the type's functions
+    (``encode`` takes a bytea only), or it reads as another value once the column is of another type (a timestamptz in
+    JSON's form is another day as a date).  Capture checks such a key's type in every statement."""
+    return key_text("x", type_) != "(x)::pg_catalog.text"
 
 
 def key_text_array(exprs: Sequence[str], types: Sequence[str]) -> str:
