@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from . import blocking, capture, ledger
+from . import blocking, capture, capture_state, ledger
 from . import sync as syncing
 from .errors import BadInput, MigrationError, RefusedError, Stopped
 from .preflight import PhasePlan, compile_phase
@@ -155,7 +155,7 @@ async def cutover(
         async with AsyncExitStack() as runs:
             for s in syncers:
                 s.run_id = await runs.enter_async_context(recorded(target, lock, kind="cutover", phase=s.phase))
-            tables = {n: r for s in syncers for n, r in (await capture.relations(source, s.phase)).items()}
+            tables = {n: r for s in syncers for n, r in (await capture_state.relations(source, s.phase)).items()}
             tables = dict(sorted(tables.items()))
             async with blocking.writes_blocked(source, tables, wait=lock_wait, retries=retries) as blocked:
                 totals, validations, problems = await _while_blocked(settings, syncers, on_blocked, batch_size)
@@ -317,7 +317,7 @@ async def stray_capture(
     the phase.  Removes the capture and its log (nothing applied them: the phase has no copy); None when there is no
     such capture."""
     started = time.monotonic()
-    if not await capture.registry(source, name):
+    if not await capture_state.registry(source, name):
         return None
     if not dry_run:
         dropped = await capture.remove(settings, target, name, lock=lock)

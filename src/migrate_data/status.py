@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 
-from . import capture, ledger, pre_state, steps
+from . import capture_state, ledger, pre_state, steps
 from .db import fetch_val
 from .mapping import Phase, Phases, QualifiedName
 from .preflight import PhasePlan, compile_phase
@@ -183,7 +183,7 @@ async def _sync_status(source: asyncpg.Pool, phase: Phase, st: asyncpg.Record | 
     sync, the cutover."""
     if not phase.tables:
         return {}
-    cap = await capture.state(source, phase.name)
+    cap = await capture_state.state(source, phase.name)
     if st is None and cap.state == "off" and not cap.waiting:
         return {}  # pending; but capture a killed start left on the source (two databases) shows
     cut_over_at = st.get("cut_over_at") if st is not None else None

@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 
 import asyncpg
 
-from . import capture, capture_sql, ledger
+from . import capture, capture_sql, capture_state, ledger
 from .catalog import ForeignKey, Table, read_table
 from .compile import CompiledTable
 from .errors import RefusedError
@@ -157,11 +157,11 @@ class PhaseSyncer:
                 hint="map each target key column from a unique source column (a plain rename); until then, re-run "
                 "the phase with --recheck in a window, with writes stopped",
             )
-        cap = await capture.state(self.source, name)
+        cap = await capture_state.state(self.source, name)
         if cap.state == "COLUMN MOVED":  # its function still looks where the column was: point it to where it is
             log.warning("%s: %s; capturing it again", name, cap.problem)
             await capture.install(self.source, name, self.pairs)
-            cap = await capture.state(self.source, name)
+            cap = await capture_state.state(self.source, name)
         if cap.state != "on":
             raise RefusedError(
                 f"{name}: change capture is {cap.state}" + (f" ({cap.problem})" if cap.problem else ""),
@@ -175,7 +175,7 @@ class PhaseSyncer:
                     "phase back and run it again",
                 ),
             )
-        registry = await capture.registry(self.source, name)
+        registry = await capture_state.registry(self.source, name)
         for c in plan.tables:
             have = registry.get(c.name, ())
             if not set(c.columns) <= set(have):
@@ -218,7 +218,7 @@ class PhaseSyncer:
         return await self.source.fetchval(MAX_ID_SQL, self.phase)
 
     async def lag(self) -> tuple[int, float | None]:
-        st = await capture.state(self.source, self.phase)
+        st = await capture_state.state(self.source, self.phase)
         return st.waiting, st.oldest_seconds
 
     async def waiting_rejects(self) -> dict[str, list[list[str]]]:
