@@ -197,8 +197,10 @@ async def install(
 ) -> tuple[Finding, ...]:
     """Turn capture on for ``phase`` in the source database ``db``: a connection inside the transaction that starts
     the phase (one database), or the source's pool (its own transaction, committed before the phase starts).
-    Idempotent: a table whose triggers are in place is left alone.  Returns the warnings of a phase that cannot be
-    captured (then nothing is installed)."""
+    Idempotent: a table whose capture is in place is left alone; one whose capture was on another way (a column
+    moved, a partition attached, a trigger dropped, an older release) is captured again, and one row with an empty
+    key logged for it, so that sync re-derives what the old capture missed.  Returns the warnings of a phase that
+    cannot be captured (then nothing is installed)."""
     if isinstance(db, asyncpg.Pool):
         async with db.acquire() as conn, conn.transaction():
             return await install(conn, phase, tables, wait=wait, retries=retries)
@@ -211,20 +213,19 @@ async def install(
             log.warning("%s: no change capture: %s", target, why)
         return _findings(plan)
     await ledger.ensure_capture(db)
-    have = {r["source"]: r for r in await db.fetch(f"SELECT * FROM {SCHEMA}.capture WHERE phase = $1", phase)}
+    have = {  # named, not *: a `SELECT *` prepared before ensure_capture added columns would fail in this transaction
+        r["source"]: r
+        for r in await db.fetch(
+            f"SELECT source, relation, columns, watched, function, attnums, atttypes FROM {SCHEMA}.capture "
+            "WHERE phase = $1",
+            phase,
+        )
+    }
     ok = {r["source"] for r in await triggers_ok(db, phase) if r["enabled"] == len(EVENTS)}
     for c in plan.tables:
         r = have.get(c.name)
-        todo = await install_statements(db, phase, c)
-        if (
-            r is not None
-            and c.name in ok
-            and await partition_problem(db, phase, c.name, c.relation) is None
-            and tuple(r["columns"]) == c.columns
-            and (None if r["watched"] is None else tuple(r["watched"])) == c.watched
-            and r["attnums"] == todo.attnums  # NULL: installed by a release whose triggers checked names only
-            and r["atttypes"] == todo.types
-        ):
+        todo = await _outdated(db, phase, c, r, ok)
+        if todo is None:
             continue
         await _with_short_locks(db, f"turn on change capture on {c.name}", todo.statements, wait, retries)
         await db.execute(
@@ -242,10 +243,58 @@ async def install(
             todo.attnums,
             todo.types,
         )
+        if r is not None:  # capture was on, another way: what it missed or logged without keys is re-derived
+            await db.execute(
+                f"INSERT INTO {SCHEMA}.changes (phase, source, key, op) VALUES ($1, $2, '{{}}', 'U')", phase, c.name
+            )
         log.info("%s: change capture on for %s (key %s)", phase, c.name, ", ".join(c.columns))
     for gone in set(have) - {c.name for c in plan.tables}:  # the mapping no longer reads it
         await _remove_table(db, phase, gone, have[gone]["relation"], wait, retries)
     return ()
+
+
+async def _outdated(db: Executor, phase: str, c: Captured, r: Any, ok: set[str]) -> Installing | None:
+    """What installs capture on ``c`` again, or None when it is on as this release would install it now: its
+    triggers on the table and on every partition, its registry row (``r``) and its function written for the
+    columns where they are now (``ok``: the tables whose triggers are all enabled)."""
+    todo = await install_statements(db, phase, c)
+    if (
+        r is not None
+        and c.name in ok
+        and await partition_problem(db, phase, c.name, c.relation) is None
+        and tuple(r["columns"]) == c.columns
+        and (None if r["watched"] is None else tuple(r["watched"])) == c.watched
+        and r.get("attnums") == todo.attnums  # NULL or absent: a release whose triggers checked names only
+        and r.get("atttypes") == todo.types
+        and await db.fetchval("SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure($1 || '()')", r["function"])
+        == todo.statements[0].split("$capture$")[1]  # the body: it knows each partition's column numbers
+    ):
+        return None
+    return todo
+
+
+async def outdated(db: Executor, phase: str, tables: Sequence[tuple[CompiledTable, Any]]) -> list[str]:
+    """The tables of ``phase`` whose capture, as installed (the registry's columns, whatever the mapping says now),
+    is not what this release would install for them now: a column moved or retyped, a partition attached again, a
+    trigger gone.  Read-only."""
+    plan = await capture_plan(db, phase, [ct for ct, _ in tables])
+    if not plan.ok or not await db.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{SCHEMA}.capture"):
+        return []
+    have = {r["source"]: r for r in await db.fetch(f"SELECT * FROM {SCHEMA}.capture WHERE phase = $1", phase)}
+    ok = {r["source"] for r in await triggers_ok(db, phase) if r["enabled"] == len(EVENTS)}
+    out = []
+    for c in plan.tables:
+        r, live = have.get(c.name), await read_table(db, c.table)
+        if r is None or live is None:
+            out += [c.name]
+            continue
+        columns, watched = tuple(r["columns"]), None if r["watched"] is None else tuple(r["watched"])
+        if any(live.column(x) is None for x in (*columns, *(watched or ()))):
+            continue  # a column gone: not a matter of installing again (status says COLUMN GONE)
+        types = tuple(live.column(x).key_type for x in columns)  # type: ignore[union-attr]
+        if await _outdated(db, phase, Captured(c.table, columns, watched, types), r, ok) is not None:
+            out.append(c.name)
+    return out
 
 
 async def _remove_table(

@@ -158,9 +158,8 @@ class PhaseSyncer:
                 "the phase with --recheck in a window, with writes stopped",
             )
         cap = await capture_state.state(self.source, name)
-        if cap.state == "COLUMN MOVED":  # its function still looks where the column was: point it to where it is
-            log.warning("%s: %s; capturing it again", name, cap.problem)
-            await capture.install(self.source, name, self.pairs)
+        if cap.state in ("on", "COLUMN MOVED"):
+            await self._capture_again(plan, cap)
             cap = await capture_state.state(self.source, name)
         if cap.state != "on":
             raise RefusedError(
@@ -185,6 +184,24 @@ class PhaseSyncer:
                     hint=f"roll {name} back and run it again",
                 )
         return registry
+
+    async def _capture_again(self, plan: capture_sql.CapturePlan, cap: capture_state.CaptureState) -> None:
+        """Install capture again on the tables whose function no longer looks where their columns are (a column
+        dropped and added again or retyped, a partition attached again), with a row that makes this sync re-derive
+        each: what the DDL rewrote fired no trigger.  Only as the mapping was: the log's rows hold its keys."""
+        stale = await capture.outdated(self.source, self.phase, self.pairs)
+        if not stale:
+            return
+        registry = await capture_state.registry(self.source, self.phase)
+        if registry != {c.name: c.columns for c in plan.tables}:
+            raise RefusedError(
+                f"{self.phase}: change capture on {', '.join(stale)} must be installed again "
+                f"({cap.problem or 'its function does not match the columns as they are now'}), but the mapping "
+                "changed since capture started: the logged keys are the old mapping's",
+                hint=f"roll {self.phase} back and run it again",
+            )
+        log.warning("%s: capturing %s again (%s)", self.phase, ", ".join(stale), cap.problem or "its function")
+        await capture.install(self.source, self.phase, self.pairs)
 
     async def _sync_table(
         self, ct: CompiledTable, target: Table, registry: dict[str, tuple[str, ...]], reads: tuple[str, ...]
