@@ -228,29 +228,35 @@ async def install(
         if todo is None:
             continue
         await _with_short_locks(db, f"turn on change capture on {c.name}", todo.statements, wait, retries)
-        await db.execute(
-            f"""INSERT INTO {SCHEMA}.capture (phase, source, relation, columns, watched, function, attnums, atttypes)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                ON CONFLICT (phase, source) DO UPDATE SET relation = EXCLUDED.relation, columns = EXCLUDED.columns,
-                    watched = EXCLUDED.watched, function = EXCLUDED.function, attnums = EXCLUDED.attnums,
-                    atttypes = EXCLUDED.atttypes, installed_at = clock_timestamp()""",
-            phase,
-            c.name,
-            c.relation,
-            list(c.columns),
-            None if c.watched is None else list(c.watched),
-            function_name(phase, c.name),
-            todo.attnums,
-            todo.types,
-        )
-        if r is not None:  # capture was on, another way: what it missed or logged without keys is re-derived
-            await db.execute(
-                f"INSERT INTO {SCHEMA}.changes (phase, source, key, op) VALUES ($1, $2, '{{}}', 'U')", phase, c.name
-            )
+        await _record(db, phase, c, todo, again=r is not None)
         log.info("%s: change capture on for %s (key %s)", phase, c.name, ", ".join(c.columns))
     for gone in set(have) - {c.name for c in plan.tables}:  # the mapping no longer reads it
         await _remove_table(db, phase, gone, have[gone]["relation"], wait, retries)
     return ()
+
+
+async def _record(db: Executor, phase: str, c: Captured, todo: Installing, *, again: bool) -> None:
+    """The registry row of ``c`` as just installed; ``again``: capture was on another way, so one row with an empty
+    key is logged, and sync re-derives what the old capture missed or logged without keys."""
+    await db.execute(
+        f"""INSERT INTO {SCHEMA}.capture (phase, source, relation, columns, watched, function, attnums, atttypes)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            ON CONFLICT (phase, source) DO UPDATE SET relation = EXCLUDED.relation, columns = EXCLUDED.columns,
+                watched = EXCLUDED.watched, function = EXCLUDED.function, attnums = EXCLUDED.attnums,
+                atttypes = EXCLUDED.atttypes, installed_at = clock_timestamp()""",
+        phase,
+        c.name,
+        c.relation,
+        list(c.columns),
+        None if c.watched is None else list(c.watched),
+        function_name(phase, c.name),
+        todo.attnums,
+        todo.types,
+    )
+    if again:
+        await db.execute(
+            f"INSERT INTO {SCHEMA}.changes (phase, source, key, op) VALUES ($1, $2, '{{}}', 'U')", phase, c.name
+        )
 
 
 async def _outdated(db: Executor, phase: str, c: Captured, r: Any, ok: set[str]) -> Installing | None:
