@@ -106,6 +106,27 @@ def test_a_long_transaction_makes_the_cutover_give_up_quickly_without_queueing_w
     assert len(capture_triggers(url)) == 8
 
 
+def test_a_cutover_applies_the_changes_pending_before_it_blocks_writes(applied):
+    """The changes logged since the last sync (hours of them, on the night of the cutover) are applied with the
+    application still writing; writes are blocked only for what came meanwhile."""
+    settings, url = applied
+    sql(url, "UPDATE customers SET city = 'Pendiente' WHERE phone_number LIKE '+5939000001__'")  # 100 more
+    assert waiting(url, "phase2a") == 110
+    pending: list[int] = []
+
+    async def while_blocked() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            pending.append(await conn.fetchval("SELECT count(*) FROM migrate_data.changes WHERE phase = 'phase2a'"))
+        finally:
+            await conn.close()
+
+    result = run(api.cutover(settings, ["phase2a"], on_blocked=while_blocked))
+    assert pending == [0], "the changes were applied while writes were blocked"
+    assert result.ok and result.synced[0].changes == 110 and result.validations[0].deep
+    assert scalar(url, "SELECT count(*) FROM clientes WHERE ciudad = 'Pendiente'") == 100
+
+
 def test_a_cutover_whose_last_sync_takes_a_row_out_of_the_target_exits_3_naming_it(applied, tmp_path):
     settings, url = applied
     key = scalar(url, "SELECT id::text FROM customers WHERE phone_number = '+593900000021'")

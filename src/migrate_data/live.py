@@ -157,8 +157,9 @@ async def cutover(
                 s.run_id = await runs.enter_async_context(recorded(target, lock, kind="cutover", phase=s.phase))
             tables = {n: r for s in syncers for n, r in (await capture_state.relations(source, s.phase)).items()}
             tables = dict(sorted(tables.items()))
+            caught = await _catch_up(syncers, batch_size)
             async with blocking.writes_blocked(source, tables, wait=lock_wait, retries=retries) as blocked:
-                totals, validations, problems = await _while_blocked(settings, syncers, on_blocked, batch_size)
+                totals, validations, problems = await _while_blocked(settings, syncers, on_blocked, batch_size, caught)
                 ok = all(v.ok for v in validations) and not problems
                 blocked.release_only = not ok  # the writes are released, nothing is cut over
                 if ok:
@@ -205,18 +206,37 @@ async def _locked(
             yield target, source, lock, states
 
 
+CATCH_UP_PASSES = 3  # before a cutover blocks writes: passes over the log, while each still finds more than a batch
+
+
+async def _catch_up(syncers: list[syncing.PhaseSyncer], batch_size: int) -> dict[str, syncing.PhaseSync]:
+    """Before a cutover blocks writes: apply what is logged, and again while a pass found more than a batch, so that
+    writes are blocked only for what came during the last pass, not for the hours of changes since the last sync."""
+    options = syncing.SyncOptions(batch_size=batch_size)
+    out = {s.phase: syncing.PhaseSync(s.phase) for s in syncers}
+    for _ in range(CATCH_UP_PASSES):
+        totals = await syncing.sync(syncers, options, stop=asyncio.Event())
+        out = {n: out[n] + t for n, t in totals.items()}
+        if sum(t.changes for t in totals.values()) <= batch_size:
+            break
+    return out
+
+
 async def _while_blocked(
     settings: Settings,
     syncers: list[syncing.PhaseSyncer],
     on_blocked: Callable[[], Awaitable[None]] | None,
     batch_size: int,
+    caught: dict[str, syncing.PhaseSync],
 ) -> tuple[dict[str, syncing.PhaseSync], tuple[ValidationResult, ...], tuple[str, ...]]:
     """What a cutover does while writes are blocked, before it decides: ``on_blocked``, the last captured changes
-    applied, every phase validated with checksums; and what the sync left undone."""
+    applied, every phase validated with checksums; and what its syncs (this one and ``caught``: before the block)
+    left undone."""
     if on_blocked is not None:
         await on_blocked()
     options = syncing.SyncOptions(batch_size=batch_size)
-    totals = await syncing.sync(syncers, options, stop=asyncio.Event(), bounded=False)
+    last = await syncing.sync(syncers, options, stop=asyncio.Event(), bounded=False)
+    totals = {n: t + caught[n] for n, t in last.items()}  # the last pass's waiting and age
     validations = tuple([await validate(settings, s.phase, deep=True) for s in syncers])
     return totals, validations, await _not_applied(syncers, totals)
 
