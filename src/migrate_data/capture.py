@@ -194,6 +194,7 @@ async def install(
     *,
     wait: str = LOCK_WAIT,
     retries: int = LOCK_RETRIES,
+    only: str | None = None,
 ) -> tuple[Finding, ...]:
     """Turn capture on for ``phase`` in the source database ``db``: a connection inside the transaction that starts
     the phase (one database), or the source's pool (its own transaction, committed before the phase starts).
@@ -203,7 +204,7 @@ async def install(
     cannot be captured (then nothing is installed)."""
     if isinstance(db, asyncpg.Pool):
         async with db.acquire() as conn, conn.transaction():
-            return await install(conn, phase, tables, wait=wait, retries=retries)
+            return await install(conn, phase, tables, wait=wait, retries=retries, only=only)
     compiled = [ct for ct, _ in tables]
     if not compiled:
         return ()
@@ -224,15 +225,31 @@ async def install(
     ok = {r["source"] for r in await triggers_ok(db, phase) if r["enabled"] == len(EVENTS)}
     for c in plan.tables:
         r = have.get(c.name)
-        todo = await _outdated(db, phase, c, r, ok)
+        todo = await _outdated(db, phase, c, r, ok) if only in (None, c.name) else None
         if todo is None:
             continue
         await _with_short_locks(db, f"turn on change capture on {c.name}", todo.statements, wait, retries)
         await _record(db, phase, c, todo, again=r is not None)
         log.info("%s: change capture on for %s (key %s)", phase, c.name, ", ".join(c.columns))
-    for gone in set(have) - {c.name for c in plan.tables}:  # the mapping no longer reads it
+    for gone in set(have) - {c.name for c in plan.tables} if only is None else ():  # the mapping no longer reads it
         await _remove_table(db, phase, gone, have[gone]["relation"], wait, retries)
     return ()
+
+
+async def install_again(
+    pool: asyncpg.Pool,
+    phase: str,
+    tables: Sequence[tuple[CompiledTable, Any]],
+    *,
+    wait: str = LOCK_WAIT,
+    retries: int = LOCK_RETRIES,
+) -> list[str]:
+    """Capture installed again on each table of ``phase`` whose capture is outdated, each in a transaction of its own:
+    a busy table's lock is waited for without holding another's.  Returns those tables."""
+    names = await outdated(pool, phase, tables)
+    for name in names:
+        await install(pool, phase, tables, wait=wait, retries=retries, only=name)
+    return names
 
 
 async def _record(db: Executor, phase: str, c: Captured, todo: Installing, *, again: bool) -> None:

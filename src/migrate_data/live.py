@@ -137,10 +137,13 @@ async def cutover(
     retries: int = 5,
     batch_size: int = syncing.SyncOptions.batch_size,
     on_blocked: Callable[[], Awaitable[None]] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> CutoverResult:
-    """Cut phases over: block writes to their source (and lookup) tables, apply the last captured changes, validate
-    with checksums, then record the cutover, release the writes and remove the capture.  When validation fails,
-    writes are released and capture stays on (``ok`` False).  ``on_blocked`` runs while writes are blocked."""
+    """Cut phases over: apply what is logged (writes still go on), block writes to their source (and lookup) tables,
+    apply the last captured changes, validate with checksums, then record the cutover, release the writes and remove
+    the capture.  When validation fails, writes are released and capture stays on (``ok`` False).  ``on_blocked``
+    runs while writes are blocked.  ``stop`` set before writes are blocked raises Stopped (nothing blocked, nothing
+    cut over: the same command goes on); once they are, the cutover finishes, as briefly as it can."""
     started = time.monotonic()
     names = _in_order(settings, names)
     async with _locked(settings, f"cutover of {', '.join(names)}") as (target, source, lock, states):
@@ -157,7 +160,7 @@ async def cutover(
                 s.run_id = await runs.enter_async_context(recorded(target, lock, kind="cutover", phase=s.phase))
             tables = {n: r for s in syncers for n, r in (await capture_state.relations(source, s.phase)).items()}
             tables = dict(sorted(tables.items()))
-            caught = await _catch_up(syncers, batch_size)
+            caught = await _catch_up(syncers, batch_size, stop or asyncio.Event())
             async with blocking.writes_blocked(source, tables, wait=lock_wait, retries=retries) as blocked:
                 totals, validations, problems = await _while_blocked(settings, syncers, on_blocked, batch_size, caught)
                 ok = all(v.ok for v in validations) and not problems
@@ -209,14 +212,22 @@ async def _locked(
 CATCH_UP_PASSES = 3  # before a cutover blocks writes: passes over the log, while each still finds more than a batch
 
 
-async def _catch_up(syncers: list[syncing.PhaseSyncer], batch_size: int) -> dict[str, syncing.PhaseSync]:
+async def _catch_up(
+    syncers: list[syncing.PhaseSyncer], batch_size: int, stop: asyncio.Event
+) -> dict[str, syncing.PhaseSync]:
     """Before a cutover blocks writes: apply what is logged, and again while a pass found more than a batch, so that
-    writes are blocked only for what came during the last pass, not for the hours of changes since the last sync."""
+    writes are blocked only for what came during the last pass, not for the hours of changes since the last sync.
+    ``stop`` set: raise Stopped, with nothing blocked."""
     options = syncing.SyncOptions(batch_size=batch_size)
     out = {s.phase: syncing.PhaseSync(s.phase) for s in syncers}
     for _ in range(CATCH_UP_PASSES):
-        totals = await syncing.sync(syncers, options, stop=asyncio.Event())
+        totals = await syncing.sync(syncers, options, stop=stop)
         out = {n: out[n] + t for n, t in totals.items()}
+        if stop.is_set():
+            applied = sum(t.changes for t in out.values())
+            raise Stopped(
+                f"cutover stopped before writes were blocked, after applying {applied:,} changes; nothing is cut over"
+            )
         if sum(t.changes for t in totals.values()) <= batch_size:
             break
     return out

@@ -68,7 +68,7 @@ def cutover(obj: Context, phases: tuple[str, ...], yes: bool, lock_wait: str, re
             f"cut over {', '.join(phases)} on {redact(settings.database_url)}: writes to their English tables are "
             "blocked while the last changes are applied and validated; go?",
         )
-    result = run(lambda stop: api.cutover(settings, list(phases), lock_wait=lock_wait, retries=retries))
+    result = run(lambda stop: api.cutover(settings, list(phases), lock_wait=lock_wait, retries=retries, stop=stop))
     if fmt == "json":
         print_json(asdict(result))
     else:

@@ -125,7 +125,13 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.changes (
     op      "char" NOT NULL,
     at      timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS changes_phase_id ON {SCHEMA}.changes (phase, id);
+-- Only when missing: CREATE INDEX takes a SHARE lock on the log even when the index is there, and every captured
+-- write (a ROW EXCLUSIVE insert into the log) would wait for the transaction that ran it: a phase's start, a sync.
+DO $$ BEGIN
+    IF to_regclass('{SCHEMA}.changes_phase_id') IS NULL THEN
+        CREATE INDEX changes_phase_id ON {SCHEMA}.changes (phase, id);
+    END IF;
+END $$;
 CREATE TABLE IF NOT EXISTS {SCHEMA}.capture (
     phase         text NOT NULL,
     source        text NOT NULL,
