@@ -1,5 +1,6 @@
-"""Blocking writes for a cutover: SHARE locks on the source tables (reads go on), each try with a short
-``lock_timeout`` so it never queues the application behind a long transaction for long, and who was in the way."""
+"""Locks on the application's tables, each try with a short ``lock_timeout`` so that it never queues the application
+behind a long transaction for long: a cutover's SHARE locks on the source tables (reads go on), and who was in the
+way; DDL on a busy table (change capture's triggers)."""
 
 from __future__ import annotations
 
@@ -84,3 +85,33 @@ async def writes_blocked(
             await tr.commit()
         blocked.seconds = time.monotonic() - blocked.since
         log.info("writes to %s released after %.2f s", ", ".join(tables), blocked.seconds)
+
+
+async def ddl_with_short_locks(
+    conn: asyncpg.Connection, what: str, statements: list[str], wait: str, retries: int
+) -> None:
+    """Run DDL that locks a busy table in a savepoint with a short lock_timeout, retried a few times: a writer's long
+    transaction makes it wait at most ``wait`` per attempt (and the writers queued behind it as long), never longer."""
+    old = await conn.fetchval("SELECT current_setting('lock_timeout')")
+    try:
+        for attempt in range(retries + 1):
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT set_config('lock_timeout', $1, true)", wait)
+                    for sql in statements:
+                        await conn.execute(sql)
+                return
+            except asyncpg.LockNotAvailableError as e:
+                if attempt == retries:
+                    raise MigrationError(
+                        f"could not {what}: a transaction kept the table locked through {retries + 1} attempts of "
+                        f"{wait} each",
+                        detail=str(e),
+                        hint="find the long transaction (pg_stat_activity, pg_locks) and end it or wait for it, then "
+                        "run the same command again",
+                    ) from e
+                log.info("%s: the table is busy (%s); trying again", what, e)
+                await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
+    finally:
+        if conn.is_in_transaction():
+            await conn.execute("SELECT set_config('lock_timeout', $1, true)", old)

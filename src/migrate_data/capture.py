@@ -49,7 +49,6 @@ is not so, capture is not installed; the run says why, and ``sync`` refuses.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Sequence
@@ -58,7 +57,7 @@ from typing import Any
 
 import asyncpg
 
-from . import ledger
+from . import blocking, ledger
 from .capture_sql import (
     EVENTS,
     LAYOUT_SQL,
@@ -228,7 +227,7 @@ async def install(
         todo = await _outdated(db, phase, c, r, ok) if only in (None, c.name) else None
         if todo is None:
             continue
-        await _with_short_locks(db, f"turn on change capture on {c.name}", todo.statements, wait, retries)
+        await blocking.ddl_with_short_locks(db, f"turn on change capture on {c.name}", todo.statements, wait, retries)
         await _record(db, phase, c, todo, again=r is not None)
         log.info("%s: change capture on for %s (key %s)", phase, c.name, ", ".join(c.columns))
     for gone in set(have) - {c.name for c in plan.tables} if only is None else ():  # the mapping no longer reads it
@@ -326,7 +325,7 @@ async def _remove_table(
     exists = bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", relation))
     others = [r["rel"] for r in await conn.fetch(TRIGGERED_SQL, function_name(phase, table), relation)]
     statements = remove_sql(phase, table, relation, exists=exists, others=others)
-    await _with_short_locks(conn, f"turn off change capture on {table}", statements, wait, retries)
+    await blocking.ddl_with_short_locks(conn, f"turn off change capture on {table}", statements, wait, retries)
     await conn.execute(f"DELETE FROM {SCHEMA}.capture WHERE phase = $1 AND source = $2", phase, table)
 
 
@@ -370,33 +369,3 @@ async def _remove(
     else:
         log.info("%s: change capture off, %d logged changes %s", phase, n, "kept" if keep_log else "dropped")
     return int(n)
-
-
-async def _with_short_locks(
-    conn: asyncpg.Connection, what: str, statements: list[str], wait: str, retries: int
-) -> None:
-    """Run DDL that locks a busy table in a savepoint with a short lock_timeout, retried a few times: a writer's long
-    transaction makes it wait at most ``wait`` per attempt (and the writers queued behind it as long), never longer."""
-    old = await conn.fetchval("SELECT current_setting('lock_timeout')")
-    try:
-        for attempt in range(retries + 1):
-            try:
-                async with conn.transaction():
-                    await conn.execute("SELECT set_config('lock_timeout', $1, true)", wait)
-                    for sql in statements:
-                        await conn.execute(sql)
-                return
-            except asyncpg.LockNotAvailableError as e:
-                if attempt == retries:
-                    raise MigrationError(
-                        f"could not {what}: a transaction kept the table locked through {retries + 1} attempts of "
-                        f"{wait} each",
-                        detail=str(e),
-                        hint="find the long transaction (pg_stat_activity, pg_locks) and end it or wait for it, then "
-                        "run the same command again",
-                    ) from e
-                log.info("%s: the table is busy (%s); trying again", what, e)
-                await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
-    finally:
-        if conn.is_in_transaction():
-            await conn.execute("SELECT set_config('lock_timeout', $1, true)", old)
