@@ -94,7 +94,7 @@ def test_status_and_sync_of_a_phase_captured_by_the_previous_release_do_not_fail
     """The previous release's registry has no attnums column, and only an install (ensure_capture) adds it: status
     and sync after the upgrade, before any install, must not name it."""
     s = _night(db_url, tmp_path, ITEMS, ITEMS_MAPPING)
-    sql(db_url, "ALTER TABLE migrate_data.capture DROP COLUMN attnums, DROP COLUMN atttypes")  # as it was
+    sql(db_url, "ALTER TABLE migrate_data.capture DROP COLUMN attnums, DROP COLUMN atttypes, DROP COLUMN shape")
     sql(db_url, "UPDATE items SET v = 'changed' WHERE id = 3")
     assert _status(s) == "on"
     (p,) = run(api.sync(s, ["night"])).phases

@@ -184,3 +184,17 @@ def test_a_partition_detached_and_attached_again_with_its_key_re_added_is_logged
     sql(db_url, "DELETE FROM migrate_data.changes")
     sql(db_url, "UPDATE ev_jan SET v = 'direct' WHERE id = 3")
     assert _logged(db_url) == [["3", "2024-01-15"]], (st, _logged(db_url))
+
+
+# -- 4. DDL that rewrites a column capture does not name -------------------------------------------------------------
+def test_sync_re_derives_a_table_whose_other_column_an_alter_type_rewrote(db_url, tmp_path):
+    """`ALTER … TYPE … USING` of a column no key or lookup names rewrites every value and fires no trigger; the
+    registry's digest of the table's columns and files (capture_sql.SHAPE_SQL) tells sync, which re-derives it."""
+    s = _night(db_url, tmp_path, ITEMS, ITEMS_MAPPING)
+    sql(db_url, "ALTER TABLE items ALTER COLUMN v TYPE text USING upper(v)")
+    assert _logged(db_url) == [] and _status(s) == "on"
+    run(api.sync(s, ["night"]))
+    assert scalar(db_url, "SELECT v FROM articulos WHERE id = 3") == "V3"
+    assert deep(s, "night") == (True, [])
+    run(api.sync(s, ["night"]))  # captured again: the next sync re-derives nothing more
+    assert _logged(db_url) == []

@@ -65,6 +65,7 @@ from .capture_sql import (
     LOCK_WAIT,
     ROOT_SQL,
     SCHEMA,
+    SHAPE_SQL,
     TRIGGERED_SQL,
     Captured,
     CapturePlan,
@@ -97,6 +98,7 @@ class Installing:
     statements: list[str]
     attnums: list[int]
     types: list[int]
+    shape: str  # capture_sql.SHAPE_SQL
 
 
 async def install_statements(db: Executor, phase: str, c: Captured, *, level: str = "statement") -> Installing:
@@ -115,7 +117,10 @@ async def install_statements(db: Executor, phase: str, c: Captured, *, level: st
     at = dict(zip(c.names, zip(layouts[0].attnums, layouts[0].types, strict=True), strict=True))
     order = [at[x] for x in (*c.columns, *(c.watched or ()))]
     return Installing(
-        install_sql(phase, c, layouts, level=level, partitions=parts), [n for n, _ in order], [t for _, t in order]
+        install_sql(phase, c, layouts, level=level, partitions=parts),
+        [n for n, _ in order],
+        [t for _, t in order],
+        await db.fetchval(SHAPE_SQL, c.relation),
     )
 
 
@@ -216,7 +221,7 @@ async def install(
     have = {  # named, not *: a `SELECT *` prepared before ensure_capture added columns would fail in this transaction
         r["source"]: r
         for r in await db.fetch(
-            f"SELECT source, relation, columns, watched, function, attnums, atttypes FROM {SCHEMA}.capture "
+            f"SELECT source, relation, columns, watched, function, attnums, atttypes, shape FROM {SCHEMA}.capture "
             "WHERE phase = $1",
             phase,
         )
@@ -255,11 +260,12 @@ async def _record(db: Executor, phase: str, c: Captured, todo: Installing, *, ag
     """The registry row of ``c`` as just installed; ``again``: capture was on another way, so one row with an empty
     key is logged, and sync re-derives what the old capture missed or logged without keys."""
     await db.execute(
-        f"""INSERT INTO {SCHEMA}.capture (phase, source, relation, columns, watched, function, attnums, atttypes)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        f"""INSERT INTO {SCHEMA}.capture (phase, source, relation, columns, watched, function, attnums, atttypes,
+                shape)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
             ON CONFLICT (phase, source) DO UPDATE SET relation = EXCLUDED.relation, columns = EXCLUDED.columns,
                 watched = EXCLUDED.watched, function = EXCLUDED.function, attnums = EXCLUDED.attnums,
-                atttypes = EXCLUDED.atttypes, installed_at = clock_timestamp()""",
+                atttypes = EXCLUDED.atttypes, shape = EXCLUDED.shape, installed_at = clock_timestamp()""",
         phase,
         c.name,
         c.relation,
@@ -268,6 +274,7 @@ async def _record(db: Executor, phase: str, c: Captured, todo: Installing, *, ag
         function_name(phase, c.name),
         todo.attnums,
         todo.types,
+        todo.shape,
     )
     if again:
         await db.execute(
@@ -288,6 +295,7 @@ async def _outdated(db: Executor, phase: str, c: Captured, r: Any, ok: set[str])
         and (None if r["watched"] is None else tuple(r["watched"])) == c.watched
         and r.get("attnums") == todo.attnums  # NULL or absent: a release whose triggers checked names only
         and r.get("atttypes") == todo.types
+        and r.get("shape") == todo.shape  # DDL since: what it rewrote fired no trigger
         and await db.fetchval("SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure($1 || '()')", r["function"])
         == todo.statements[0].split("$capture$")[1]  # the body: it knows each partition's column numbers
     ):

@@ -400,6 +400,17 @@ FROM unnest($1::text[]) WITH ORDINALITY AS r(rel, o) CROSS JOIN unnest($2::text[
 LEFT JOIN pg_attribute a ON a.attrelid = to_regclass(r.rel) AND a.attname = u.name AND NOT a.attisdropped
 GROUP BY r.rel, r.o ORDER BY r.o"""
 
+# A digest of what DDL changes without firing a trigger ($1: quoted relation): every column of the table and of its
+# partitions (number, name, type, typmod) and the file of each partition that has one (an ALTER TYPE, a VACUUM FULL
+# or a TRUNCATE gives it another).
+SHAPE_SQL = """WITH rel AS (SELECT to_regclass($1) AS relid UNION SELECT relid FROM pg_partition_tree(to_regclass($1)))
+SELECT md5(string_agg(x, ',' ORDER BY x)) FROM (
+    SELECT 'f' || c.oid::text || ':' || pg_relation_filenode(c.oid)::text AS x
+    FROM rel JOIN pg_class c ON c.oid = rel.relid WHERE c.relkind = 'r'
+    UNION ALL
+    SELECT 'a' || a.attrelid::text || ':' || a.attnum || ':' || a.attname || ':' || a.atttypid || ':' || a.atttypmod
+    FROM pg_attribute a WHERE a.attrelid IN (SELECT relid FROM rel) AND a.attnum > 0 AND NOT a.attisdropped) s"""
+
 # Per captured table of a phase ($1): is it there, how many of its triggers are enabled, which columns its function
 # names are not the ones they were at install (``missing``: gone, or another live column is where it was), and which
 # are still there but elsewhere or of another type (``moved``: dropped and added again, retyped; capturing them again

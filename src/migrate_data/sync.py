@@ -190,7 +190,8 @@ class PhaseSyncer:
         dropped and added again or retyped, a partition attached again), with a row that makes this sync re-derive
         each: what the DDL rewrote fired no trigger.  Only as the mapping was: the log's rows hold its keys."""
         stale = await capture.outdated(self.source, self.phase, self.pairs)
-        if not stale:
+        truncated = f"SELECT EXISTS (SELECT 1 FROM {SCHEMA}.changes WHERE phase = $1 AND op = 'T')"
+        if not stale or await self.source.fetchval(truncated, self.phase):  # a TRUNCATE: sync refuses below
             return
         registry = await capture_state.registry(self.source, self.phase)
         if registry != {c.name: c.columns for c in plan.tables}:

@@ -144,11 +144,14 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.capture (
 );
 -- Where the columns were at install, and their types (in the order of columns || watched): a column that took
 -- another's name is not the one captured; one moved (dropped and added again) or retyped is captured again by sync.
--- NULL in a row a release before this one wrote.  (Added only when missing: an ALTER TABLE locks the registry that
--- status and sync read even when it adds nothing.)
+-- ``shape``: a digest of the table's columns and of its partitions' files at install (capture_sql.SHAPE_SQL): DDL
+-- that rewrites values fires no trigger, so sync re-derives a table whose shape changed.  NULL in a row a release
+-- before this one wrote.  (Added only when missing: an ALTER TABLE locks the registry that status and sync read
+-- even when it adds nothing.)
 DO $$ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{SCHEMA}.capture'::regclass AND attname = 'attnums')
-    THEN ALTER TABLE {SCHEMA}.capture ADD COLUMN attnums int2[], ADD COLUMN atttypes oid[];
+    THEN ALTER TABLE {SCHEMA}.capture ADD COLUMN IF NOT EXISTS attnums int2[], ADD COLUMN IF NOT EXISTS atttypes oid[],
+        ADD COLUMN IF NOT EXISTS shape text;
     END IF;
 END $$;
 """
