@@ -4,6 +4,7 @@ trigger is re-derived, the log's keys are read as the mapping that wrote them, a
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 
 import asyncpg
@@ -198,3 +199,35 @@ def test_sync_re_derives_a_table_whose_other_column_an_alter_type_rewrote(db_url
     assert deep(s, "night") == (True, [])
     run(api.sync(s, ["night"]))  # captured again: the next sync re-derives nothing more
     assert _logged(db_url) == []
+
+
+def test_a_follower_re_derives_a_table_rewritten_while_it_runs(db_url, tmp_path):
+    """`sync --follow` checks capture again every `recheck_every` seconds, not only when it starts: DDL made while it
+    runs is re-derived by it, not left until the next command."""
+    from migrate_data.errors import Stopped
+    from migrate_data.sync import SyncOptions
+
+    s = _night(db_url, tmp_path, ITEMS, ITEMS_MAPPING)
+
+    async def scenario() -> str | None:
+        stop = asyncio.Event()
+        follower = asyncio.ensure_future(
+            api.sync(s, ["night"], SyncOptions(follow=True, interval=0.1, recheck_every=0.3), stop=stop)
+        )
+        conn = await asyncpg.connect(db_url)
+        try:
+            await asyncio.sleep(0.5)
+            await conn.execute("ALTER TABLE items ALTER COLUMN v TYPE text USING upper(v)")
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                if await conn.fetchval("SELECT v FROM articulos WHERE id = 3") == "V3":
+                    break
+            return await conn.fetchval("SELECT v FROM articulos WHERE id = 3")
+        finally:
+            stop.set()
+            with pytest.raises(Stopped):
+                await follower
+            await conn.close()
+
+    assert run(scenario()) == "V3"
+    assert deep(s, "night") == (True, [])

@@ -53,6 +53,7 @@ class SyncOptions:
     follow: bool = False  # keep going until stopped
     interval: float = 1.0  # --follow: seconds to wait when the log is empty
     report_every: float = 10.0  # --follow: seconds between lag lines when nothing happens
+    recheck_every: float = 60.0  # --follow: seconds between checks of capture (DDL since: see PhaseSyncer.prepare)
 
 
 @dataclass(frozen=True)
@@ -335,9 +336,13 @@ async def sync(
     that waited for an earlier one).  With ``follow``: until ``stop``, logging the lag."""
     totals = {s.phase: PhaseSync(s.phase) for s in syncers}
     upto = {s.phase: ((await s.max_id() or 0) if bounded and not options.follow else None) for s in syncers}
-    said = time.monotonic()
+    said = checked = time.monotonic()
     moved = True  # rows refused for want of another row are tried again in a round after one that moved something
     while not stop.is_set():
+        if options.follow and time.monotonic() - checked >= options.recheck_every:
+            for s in syncers:  # a column moved, a table rewritten since the follower started: capture it again
+                await s.prepare()
+            checked = time.monotonic()
         retry, moved = moved, False
         for s in syncers:
             if stop.is_set():
