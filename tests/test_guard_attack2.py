@@ -12,7 +12,7 @@ import pytest
 from test_guard_attack import LOOKUP, LOOKUP_MAPPING
 from test_keys_attack import BLOBS, BLOBS_MAPPING, ITEMS, ITEMS_MAPPING, _logged, _status
 from test_sync import deep
-from test_sync_attack import _night
+from test_sync_attack import PARTITIONED, PARTITIONED_MAPPING, _night
 
 from conftest import run, scalar, sql
 from migrate_data import api
@@ -83,32 +83,31 @@ def test_sync_refuses_a_mapping_changed_since_capture_started_even_when_a_column
 
 
 # -- 3. MERGE, ON CONFLICT, COPY, views, zero-row updates with typed keys ---------------------------
-@pytest.mark.parametrize("table", ["items", "blobs"])
-def test_merge_is_captured_by_key(db_url, tmp_path, table):
-    if table == "items":
-        s = _night(db_url, tmp_path, ITEMS, ITEMS_MAPPING)
-        merge = (
-            "MERGE INTO items t USING (VALUES (3, 'm3'), (4, NULL), (99, 'new')) AS s(id, v) ON t.id = s.id "
-            "WHEN MATCHED AND s.v IS NULL THEN DELETE WHEN MATCHED THEN UPDATE SET v = s.v "
-            "WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.v)"
-        )
-        tgt, key = "articulos", "id"
-        checks = [("3", "m3"), ("4", None), ("99", "new")]
-    else:
-        s = _night(db_url, tmp_path, BLOBS, BLOBS_MAPPING)
-        merge = (
-            "MERGE INTO blobs t USING (VALUES ('\\x03'::bytea, 'm3'), ('\\x04', NULL), ('\\xff', 'new')) AS s(b, v) "
-            "ON t.b = s.b WHEN MATCHED AND s.v IS NULL THEN DELETE WHEN MATCHED THEN UPDATE SET v = s.v "
-            "WHEN NOT MATCHED THEN INSERT VALUES (s.b, s.v)"
-        )
-        tgt, key = "datos", "b"
-        checks = [("\\x03", "m3"), ("\\x04", None), ("\\xff", "new")]
+MERGE = (
+    "MERGE INTO {t} t USING (VALUES ({a}, 'm3'), ({b}, NULL), ({c}, 'new')) AS s(k, v) ON t.{k} = s.k "
+    "WHEN MATCHED AND s.v IS NULL THEN DELETE WHEN MATCHED THEN UPDATE SET v = s.v "
+    "WHEN NOT MATCHED THEN INSERT VALUES (s.k, s.v)"
+)
+
+
+@pytest.mark.parametrize(
+    "setup, mapping, table, key, keys, target",
+    [
+        (ITEMS, ITEMS_MAPPING, "items", "id", ("3", "4", "99"), "articulos"),
+        (BLOBS, BLOBS_MAPPING, "blobs", "b", ("\\x03", "\\x04", "\\xff"), "datos"),
+    ],
+    ids=["items", "blobs"],
+)
+def test_merge_is_captured_by_key(db_url, tmp_path, setup, mapping, table, key, keys, target):
+    s = _night(db_url, tmp_path, setup, mapping)
+    values = [f"'{k}'::bytea" if key == "b" else k for k in keys]
+    merge = MERGE.format(t=table, k=key, a=values[0], b=values[1], c=values[2])
     sql(db_url, merge)
     logged = _logged(db_url)
     assert [] not in logged, logged
     run(api.sync(s, ["night"]))
-    for k, v in checks:
-        assert scalar(db_url, f"SELECT v FROM {tgt} WHERE {key}::text = $1", k) == v, (k, logged)
+    for k, v in zip(keys, ("m3", None, "new"), strict=True):
+        assert scalar(db_url, f"SELECT v FROM {target} WHERE {key}::text = $1", k) == v, (k, logged)
 
 
 def test_upsert_copy_and_view_writes_on_a_typed_key_are_captured_by_key(db_url, tmp_path):
@@ -163,9 +162,6 @@ def test_a_change_logged_before_a_batch_by_was_removed_from_the_mapping_is_not_l
     except MigrationError:
         return  # refusing is fine
     assert scalar(db_url, "SELECT v FROM articulos WHERE id = 7") == "changed", "row 7's change was lost"
-
-
-from test_sync_attack import PARTITIONED, PARTITIONED_MAPPING  # noqa: E402
 
 
 def test_a_partition_detached_and_attached_again_with_its_key_re_added_is_logged_by_key_after_a_sync(db_url, tmp_path):

@@ -244,16 +244,15 @@ async def install_again(
     pool: asyncpg.Pool,
     phase: str,
     tables: Sequence[tuple[CompiledTable, Any]],
+    names: Sequence[str],
     *,
     wait: str = LOCK_WAIT,
     retries: int = LOCK_RETRIES,
-) -> list[str]:
-    """Capture installed again on each table of ``phase`` whose capture is outdated, each in a transaction of its own:
-    a busy table's lock is waited for without holding another's.  Returns those tables."""
-    names = await outdated(pool, phase, tables)
+) -> None:
+    """Capture installed again on the tables ``names`` of ``phase`` (``outdated``), each in a transaction of its own:
+    a busy table's lock is waited for without holding another's."""
     for name in names:
         await install(pool, phase, tables, wait=wait, retries=retries, only=name)
-    return names
 
 
 async def _record(db: Executor, phase: str, c: Captured, todo: Installing, *, again: bool) -> None:
@@ -293,9 +292,8 @@ async def _outdated(db: Executor, phase: str, c: Captured, r: Any, ok: set[str])
         and await partition_problem(db, phase, c.name, c.relation) is None
         and tuple(r["columns"]) == c.columns
         and (None if r["watched"] is None else tuple(r["watched"])) == c.watched
-        and r.get("attnums") == todo.attnums  # NULL or absent: a release whose triggers checked names only
-        and r.get("atttypes") == todo.types
-        and r.get("shape") == todo.shape  # DDL since: what it rewrote fired no trigger
+        and r.get("shape") == todo.shape  # DDL since (columns moved, retyped, rewritten): it fired no trigger; NULL or
+        # absent: a release whose triggers checked names only
         and await db.fetchval("SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure($1 || '()')", r["function"])
         == todo.statements[0].split("$capture$")[1]  # the body: it knows each partition's column numbers
     ):

@@ -176,6 +176,7 @@ def trigger_name(phase: str, table: str, event: str) -> str:
 
 
 TEXT = "pg_catalog.text"  # never the writer's ``text``: see the module's docstring
+EMPTY = f"SELECT '{{}}'::{TEXT}[]"  # the key of "some row of this table changed": sync re-derives the table
 EQ = "OPERATOR(pg_catalog.=)"
 NE = "OPERATOR(pg_catalog.<>)"
 
@@ -235,16 +236,16 @@ def _same_types(c: Captured, layouts: Sequence[Layout], row: str) -> str | None:
     return " AND ".join(typed) or None
 
 
-def _typed(phase: str, c: Captured, layouts: Sequence[Layout], table: str) -> str:
-    """Before a statement-level branch logs the keys of transition table ``table``: nothing when it is empty, one
-    row with an empty key when a typed key is of another type now (see ``_same_types``)."""
-    same = _same_types(c, layouts, "r")
+def _typed(phase: str, c: Captured, layouts: Sequence[Layout], row: str, table: str | None = None) -> str:
+    """Before a branch logs the keys of ``row`` (NEW / OLD), or of the rows of transition table ``table``: nothing
+    when it is empty, one row with an empty key when a typed key is of another type now (see ``_same_types``)."""
+    same = _same_types(c, layouts, row)
     if same is None:
         return ""
-    empty = f"SELECT '{{}}'::{TEXT}[]"
+    value = f"(SELECT {same} FROM {table} AS {row} LIMIT 1)" if table else f"({same})"
     return (
-        f"md_typed := (SELECT {same} FROM {table} AS r LIMIT 1);\n        IF md_typed IS NULL THEN RETURN NULL; END IF;\n"
-        f"        IF NOT md_typed THEN {_log(phase, c, 'U', empty)}; RETURN NULL; END IF;\n        "
+        f"md_typed := {value};\n        IF md_typed IS NULL THEN RETURN NULL; END IF;\n"
+        f"        IF NOT md_typed THEN {_log(phase, c, 'U', EMPTY)}; RETURN NULL; END IF;\n        "
     )
 
 
@@ -269,11 +270,10 @@ def _body(phase: str, c: Captured, layouts: Sequence[Layout], insert: str, updat
     """A trigger function's body: a TRUNCATE's marker; one row with an empty key when a column it names is not the
     one it was (see ``_guard``); else what the statement's ``insert``, ``update`` or ``delete`` branch logs (each
     checks a typed key's type first: ``_typed``)."""
-    empty = f"SELECT '{{}}'::{TEXT}[]"
     return f"""    IF TG_OP {EQ} 'TRUNCATE' THEN
-        {_log(phase, c, "T", empty)};
+        {_log(phase, c, "T", EMPTY)};
     ELSIF {_guard(c, layouts)} IS NOT TRUE THEN
-        {_log(phase, c, "U", empty)};
+        {_log(phase, c, "U", EMPTY)};
     ELSIF TG_OP {EQ} 'INSERT' THEN
         {insert};
     ELSIF TG_OP {EQ} 'UPDATE' THEN
@@ -302,9 +302,9 @@ def function_sql(phase: str, c: Captured, layouts: Sequence[Layout], *, level: s
             phase,
             c,
             layouts,
-            _typed(phase, c, layouts, n) + _log(phase, c, "I", f"SELECT {_key('n', c)} FROM {n} AS n"),
-            _typed(phase, c, layouts, n) + _log(phase, c, "U", update),
-            _typed(phase, c, layouts, o) + _log(phase, c, "D", f"SELECT {_key('o', c)} FROM {o} AS o"),
+            _typed(phase, c, layouts, "r", n) + _log(phase, c, "I", f"SELECT {_key('n', c)} FROM {n} AS n"),
+            _typed(phase, c, layouts, "r", n) + _log(phase, c, "U", update),
+            _typed(phase, c, layouts, "r", o) + _log(phase, c, "D", f"SELECT {_key('o', c)} FROM {o} AS o"),
         )
     elif level == "row":
         new, old = _key("NEW", c), _key("OLD", c)
@@ -312,19 +312,14 @@ def function_sql(phase: str, c: Captured, layouts: Sequence[Layout], *, level: s
         if c.watched is not None:
             keep = (*c.columns, *c.watched)
             changed = f"({_same('NEW', 'OLD', keep)}) IS NOT TRUE"
-        empty = _log(phase, c, "U", f"SELECT '{{}}'::{TEXT}[]")
-
-        def typed(row: str) -> str:
-            same = _same_types(c, layouts, row)
-            return f"IF NOT ({same}) THEN {empty}; RETURN NULL; END IF;\n        " if same else ""
-
         body = _body(
             phase,
             c,
             layouts,
-            typed("NEW") + _log(phase, c, "I", f"SELECT {new}"),
-            typed("NEW") + f"IF {changed} THEN {_log(phase, c, 'U', f'SELECT {new} UNION SELECT {old}')}; END IF",
-            typed("OLD") + _log(phase, c, "D", f"SELECT {old}"),
+            _typed(phase, c, layouts, "NEW") + _log(phase, c, "I", f"SELECT {new}"),
+            _typed(phase, c, layouts, "NEW")
+            + f"IF {changed} THEN {_log(phase, c, 'U', f'SELECT {new} UNION SELECT {old}')}; END IF",
+            _typed(phase, c, layouts, "OLD") + _log(phase, c, "D", f"SELECT {old}"),
         )
     else:
         raise ValueError(f"level: {level!r}")
@@ -384,7 +379,8 @@ def remove_sql(phase: str, table: str, relation: str, *, exists: bool, others: S
     return out + [f"DROP FUNCTION IF EXISTS {function_name(phase, table)}()"]
 
 
-# The partitions of a table at every level (a partition that is partitioned too, and its own: $1: quoted relation), and every table a function's triggers are on ($1: function).
+# The partitions of a table at every level (a partition that is partitioned too, and its own; $1: quoted relation),
+# and every table a function's triggers are on ($1: function).
 PARTITIONS_SQL = """SELECT relid::regclass::text AS part FROM pg_partition_tree(to_regclass($1))
 WHERE relid <> to_regclass($1) ORDER BY level, 1"""
 TRIGGERED_SQL = """SELECT t.tgrelid::regclass::text AS rel, count(*) FILTER (WHERE t.tgenabled = 'A') AS enabled

@@ -71,7 +71,7 @@ async def state(db: Executor, phase: str) -> CaptureState:
     if bad:
         why = f"triggers missing or disabled on {', '.join(bad)}"
         return CaptureState(phase, "BROKEN", waiting, age, tables, why)
-    gone = [f"{', '.join(r['missing'])} of {r['source']}" for r in rows if r["table_exists"] and r["missing"]]
+    gone = _columns(rows, "missing")
     if gone:
         why = (
             f"column {'; '.join(gone)} renamed, dropped or replaced by another under its name since capture started: "
@@ -83,7 +83,7 @@ async def state(db: Executor, phase: str) -> CaptureState:
         problem = await partition_problem(db, phase, r["source"], r["relation"])
         if problem:
             return CaptureState(phase, "BROKEN", waiting, age, tables, problem)
-    moved = [f"{', '.join(r['moved'])} of {r['source']}" for r in rows if r["table_exists"] and r["moved"]]
+    moved = _columns(rows, "moved")
     if moved:
         why = (
             f"column {'; '.join(moved)} dropped and added again, or of another type, since capture started: writes "
@@ -91,6 +91,11 @@ async def state(db: Executor, phase: str) -> CaptureState:
         )
         return CaptureState(phase, "COLUMN MOVED", waiting, age, tables, why)
     return CaptureState(phase, "on", waiting, age, tables)
+
+
+def _columns(rows: list[Any], field: str) -> list[str]:
+    """``a, b of public.t`` for each existing table whose ``field`` (of ``triggers_ok``) lists columns."""
+    return [f"{', '.join(r[field])} of {r['source']}" for r in rows if r["table_exists"] and r[field]]
 
 
 async def registry(db: Executor, phase: str) -> dict[str, tuple[str, ...]]:

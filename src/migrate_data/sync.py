@@ -203,7 +203,7 @@ class PhaseSyncer:
                 hint=f"roll {self.phase} back and run it again",
             )
         log.warning("%s: capturing %s again (%s)", self.phase, ", ".join(stale), cap.problem or "its function")
-        await capture.install_again(self.source, self.phase, self.pairs)
+        await capture.install_again(self.source, self.phase, self.pairs, stale)
 
     async def _sync_table(
         self, ct: CompiledTable, target: Table, registry: dict[str, tuple[str, ...]], reads: tuple[str, ...]
