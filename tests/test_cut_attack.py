@@ -17,10 +17,11 @@ from test_keys_attack import ITEMS, ITEMS_MAPPING, _logged, _status
 from test_sync import deep
 from test_sync_attack import _night
 
-from conftest import ROOT, run, scalar, sql
+from conftest import ROOT, run, run_cli, scalar, sql
 from killer import kill_at
 from migrate_data import api
 from migrate_data.errors import MigrationError
+from migrate_data.sync import SyncOptions
 
 BOTH_MOVED = "ALTER TABLE countries ALTER COLUMN name TYPE varchar(40); ALTER TABLE shops ALTER COLUMN id TYPE bigint"
 
@@ -68,16 +69,18 @@ def test_a_repair_waiting_for_one_busy_table_does_not_block_the_other_tables_rea
         except asyncpg.LockNotAvailableError:
             seen["probe"] = f"blocked > {time.monotonic() - t0:.1f}s"
         await probe.close()
+        await holder.execute("ROLLBACK")  # the application's transaction ends: the repair's next try goes through
+        await holder.close()
         try:
             await task
             seen["sync"] = "ok"
         except MigrationError as e:
             seen["sync"] = str(e)[:80]
-        await holder.execute("ROLLBACK")
-        await holder.close()
 
     run(scenario())
     assert seen["probe"] == "ok", seen
+    assert seen["sync"] == "ok", seen
+    assert _status(s) == "on"
 
 
 # -- 2. a repair that keeps failing leaves nothing behind (no re-derive row per attempt) -----------------------------
@@ -93,7 +96,7 @@ def test_a_repair_that_keeps_failing_leaves_the_log_and_the_registry_as_they_wer
         out = []
         for _ in range(2):
             try:
-                await api.sync(s, ["night"])
+                await api.sync(s, ["night"], SyncOptions(lock_wait="100ms", retries=1))
                 out.append("ok")
             except MigrationError as e:
                 out.append(str(e)[:60])
@@ -108,6 +111,29 @@ def test_a_repair_that_keeps_failing_leaves_the_log_and_the_registry_as_they_wer
     run(api.sync(s, ["night"]))  # once the table is free, the same command finishes
     assert scalar(db_url, "SELECT pais FROM tiendas WHERE id = 2") == "SPAIN"
     assert deep(s, "night")[0]
+
+
+def test_sync_lock_wait_and_retries_set_how_long_a_repair_waits_for_a_busy_table(db_url, tmp_path):
+    s = _night(db_url, tmp_path, LOOKUP, LOOKUP_MAPPING)
+    sql(db_url, "ALTER TABLE countries ALTER COLUMN name TYPE varchar(40) USING upper(name)")
+    loop = asyncio.new_event_loop()
+    holder = loop.run_until_complete(asyncpg.connect(db_url))
+    try:
+        loop.run_until_complete(holder.execute("BEGIN; LOCK TABLE countries IN ROW EXCLUSIVE MODE"))
+        t0 = time.monotonic()
+        res = run_cli("sync", "night", "--lock-wait", "300ms", "--retries", "0", *_proj(s), url=db_url)
+        waited = time.monotonic() - t0
+        loop.run_until_complete(holder.execute("ROLLBACK"))
+    finally:
+        loop.run_until_complete(holder.close())
+        loop.close()
+    assert res.returncode == 1, res.stderr
+    assert "could not turn on change capture on public.countries" in res.stderr
+    assert "through 1 attempts of 300ms each" in res.stderr, res.stderr
+    assert waited < 5.0  # one try of 300 ms, not six of 1 s (about 14 s with the pauses between them)
+    assert _status(s) == "COLUMN MOVED"
+    assert run_cli("sync", "night", *_proj(s), url=db_url).returncode == 0  # free again: the same command finishes
+    assert _status(s) == "on"
 
 
 # -- 3. kill -9 inside the repair, then the same sync --------------------------------------------------------------

@@ -59,8 +59,7 @@ async def _syncers(
     source: asyncpg.Pool,
     lock: ledger.LockSession,
     states: dict[str, asyncpg.Record],
-    *,
-    batch_size: int,
+    options: syncing.SyncOptions,
 ) -> list[syncing.PhaseSyncer]:
     out = []
     for name in names:
@@ -84,7 +83,9 @@ async def _syncers(
             target=target,
             source=source,
             lock=lock,
-            batch_size=batch_size,
+            batch_size=options.batch_size,
+            lock_wait=options.lock_wait,
+            retries=options.retries,
             snapshot=st["started_snapshot"],
         )
         await s.prepare()
@@ -110,7 +111,7 @@ async def sync(
     stop = stop or asyncio.Event()
     async with _locked(settings, f"sync of {', '.join(names)}") as (target, source, lock, states):
         lock.watch(stop)
-        syncers = await _syncers(settings, names, target, source, lock, states, batch_size=options.batch_size)
+        syncers = await _syncers(settings, names, target, source, lock, states, options)
         async with AsyncExitStack() as runs:
             for s in syncers:  # a refusal above leaves no run behind
                 s.run_id = await runs.enter_async_context(recorded(target, lock, kind="sync", phase=s.phase))
@@ -153,7 +154,8 @@ async def cutover(
         late = sum([await capture.remove(settings, target, n, lock=lock, keep_log=True) for n in already])
         if not todo:
             return CutoverResult(tuple(names), True, capture_removed=True, already=already, late=late)
-        syncers = await _syncers(settings, todo, target, source, lock, states, batch_size=batch_size)
+        patience = syncing.SyncOptions(batch_size=batch_size, lock_wait=lock_wait, retries=retries)
+        syncers = await _syncers(settings, todo, target, source, lock, states, patience)
         _refuse_before_parents(settings, todo, syncers, states)
         async with AsyncExitStack() as runs:
             for s in syncers:

@@ -54,6 +54,8 @@ class SyncOptions:
     interval: float = 1.0  # --follow: seconds to wait when the log is empty
     report_every: float = 10.0  # --follow: seconds between lag lines when nothing happens
     recheck_every: float = 60.0  # --follow: seconds between checks of capture (DDL since: see PhaseSyncer.prepare)
+    lock_wait: str = capture_sql.LOCK_WAIT  # capture installed again on a busy table: how long one try may wait
+    retries: int = capture_sql.LOCK_RETRIES  # … and how many tries after the first
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,8 @@ class PhaseSyncer:
         lock: ledger.LockSession,
         run_id: int | None = None,
         batch_size: int = SyncOptions.batch_size,
+        lock_wait: str = SyncOptions.lock_wait,
+        retries: int = SyncOptions.retries,
         snapshot: str | None = None,
     ) -> None:
         self.phase = phase
@@ -119,6 +123,7 @@ class PhaseSyncer:
         self.lock = lock
         self.run_id = run_id
         self.batch_size = batch_size
+        self.lock_wait, self.retries = lock_wait, retries
         self.snapshot = snapshot  # the phase's start snapshot: which target rows were there before it
         self.applier: BatchApplier | None = None  # once prepared
         self.deferred: set[int] = set()
@@ -203,7 +208,9 @@ class PhaseSyncer:
                 hint=f"roll {self.phase} back and run it again",
             )
         log.warning("%s: capturing %s again (%s)", self.phase, ", ".join(stale), cap.problem or "its function")
-        await capture.install_again(self.source, self.phase, self.pairs, stale)
+        await capture.install_again(
+            self.source, self.phase, self.pairs, stale, wait=self.lock_wait, retries=self.retries
+        )
 
     async def _sync_table(
         self, ct: CompiledTable, target: Table, registry: dict[str, tuple[str, ...]], reads: tuple[str, ...]

@@ -12,7 +12,7 @@ from .. import api, human, report
 from ..errors import Stopped
 from ..settings import redact
 from ..sync import SyncOptions
-from .base import Context, confirm, format_option, pass_ctx, print_json, run
+from .base import Context, Duration, confirm, format_option, pass_ctx, print_json, run
 from .group import cli
 
 
@@ -23,14 +23,21 @@ from .group import cli
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1), help="Changes per transaction.")
 @click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.05), help="--follow: seconds "
               "between looks at an empty change log.")  # fmt: skip
+@click.option("--lock-wait", default=SyncOptions.lock_wait, show_default=True, type=Duration(), help="How long one try to install "
+              "capture again on a table (after DDL) may wait for the application's transactions.")  # fmt: skip
+@click.option("--retries", default=SyncOptions.retries, show_default=True, type=click.IntRange(0),
+              help="Tries after the first.")  # fmt: skip
 @format_option()
 @pass_ctx
-def sync(obj: Context, phases: tuple[str, ...], follow: bool, batch_size: int, interval: float, fmt: str) -> None:
+def sync(
+    obj: Context, phases: tuple[str, ...], follow: bool, batch_size: int, interval: float, lock_wait: str,
+    retries: int, fmt: str,
+) -> None:  # fmt: skip
     """Apply the writes captured since a phase's copy to its Spanish tables."""
     settings = obj.settings()
     if follow:
         logging.getLogger("migrate_data.sync").setLevel(logging.INFO)  # the lag, as it goes
-    options = SyncOptions(batch_size=batch_size, follow=follow, interval=interval)
+    options = SyncOptions(batch_size=batch_size, follow=follow, interval=interval, lock_wait=lock_wait, retries=retries)
     try:
         result = run(lambda stop: api.sync(settings, list(phases), options, stop=stop))
     except Stopped as e:
@@ -53,7 +60,8 @@ def sync(obj: Context, phases: tuple[str, ...], follow: bool, batch_size: int, i
 @cli.command(epilog="\b\nExamples:\n  migrate-data cutover phase2a\n  migrate-data cutover phase2a --lock-wait 1s")
 @click.argument("phases", nargs=-1, required=True)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--lock-wait", default="2s", show_default=True, help="How long one try to block writes may wait.")
+@click.option("--lock-wait", default="2s", show_default=True, type=Duration(), help="How long one try to block writes "
+              "(or to install capture again on a table) may wait.")  # fmt: skip
 @click.option("--retries", default=5, show_default=True, type=click.IntRange(0), help="Tries after the first.")
 @format_option()
 @pass_ctx
