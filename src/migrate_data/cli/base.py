@@ -156,14 +156,26 @@ class Duration(click.ParamType):
     """A PostgreSQL duration for statement_timeout / lock_timeout: ``30min``, ``10s``, ``500ms``, ``0`` (none)."""
 
     name = "DURATION"
-    PATTERN = re.compile(r"\d+(\.\d+)?\s*(us|ms|s|min|h|d)?")
+    PATTERN = re.compile(r"(\d+(\.\d+)?)\s*(us|ms|s|min|h|d)?")
+
+    def __init__(self, *, bounded: bool = False) -> None:
+        self.bounded = bounded  # a wait in front of the application's writers: 0 (no limit) is refused
 
     def convert(self, value: Any, param: Any, ctx: Any) -> str | None:
         if value is None:
             return None
         text = str(value).strip()
-        if not self.PATTERN.fullmatch(text):
-            self.fail(f"{value!r} is not a duration; write e.g. 30min, 10s or 500ms (0 for none)", param, ctx)
+        match = self.PATTERN.fullmatch(text)
+        if not match:
+            zero = "" if self.bounded else " (0 for none)"
+            self.fail(f"{value!r} is not a duration; write e.g. 30min, 10s or 500ms{zero}", param, ctx)
+        if self.bounded and float(match.group(1)) == 0:
+            self.fail(
+                f"{value!r} would wait without limit, and every write of the application would queue behind the wait; "
+                "write e.g. 2s",
+                param,
+                ctx,
+            )
         return text
 
 

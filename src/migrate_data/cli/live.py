@@ -23,7 +23,7 @@ from .group import cli
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1), help="Changes per transaction.")
 @click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.05), help="--follow: seconds "
               "between looks at an empty change log.")  # fmt: skip
-@click.option("--lock-wait", default=SyncOptions.lock_wait, show_default=True, type=Duration(), help="How long one try to install "
+@click.option("--lock-wait", default=SyncOptions.lock_wait, show_default=True, type=Duration(bounded=True), help="How long one try to install "
               "capture again on a table (after DDL) may wait for the application's transactions.")  # fmt: skip
 @click.option("--retries", default=SyncOptions.retries, show_default=True, type=click.IntRange(0),
               help="Tries after the first.")  # fmt: skip
@@ -60,7 +60,7 @@ def sync(
 @cli.command(epilog="\b\nExamples:\n  migrate-data cutover phase2a\n  migrate-data cutover phase2a --lock-wait 1s")
 @click.argument("phases", nargs=-1, required=True)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--lock-wait", default="2s", show_default=True, type=Duration(), help="How long one try to block writes "
+@click.option("--lock-wait", default="2s", show_default=True, type=Duration(bounded=True), help="How long one try to block writes "
               "(or to install capture again on a table) may wait.")  # fmt: skip
 @click.option("--retries", default=5, show_default=True, type=click.IntRange(0), help="Tries after the first.")
 @format_option()
