@@ -180,6 +180,8 @@ def test_commands_without_a_database_say_how_to_give_one(command):
 
 @pytest.mark.parametrize("command", ["sync", "cutover"])
 @pytest.mark.parametrize("wait, refused", [("0", "would wait without limit"), ("0ms", "would wait without limit"),
+                                           ("0.4ms", "would wait without limit"), ("300us", "would wait without limit"),
+                                           ("999h", "is longer than PostgreSQL allows"),
                                            ("soon", "is not a duration")])  # fmt: skip
 def test_a_lock_wait_without_limit_or_that_is_no_duration_is_refused_before_connecting(command, wait, refused):
     result = invoke(command, "phase2a", "--yes" if command == "cutover" else "--follow", "--lock-wait", wait,

@@ -157,6 +157,7 @@ class Duration(click.ParamType):
 
     name = "DURATION"
     PATTERN = re.compile(r"(\d+(\.\d+)?)\s*(us|ms|s|min|h|d)?")
+    MS = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
 
     def __init__(self, *, bounded: bool = False) -> None:
         self.bounded = bounded  # a wait in front of the application's writers: 0 (no limit) is refused
@@ -169,10 +170,13 @@ class Duration(click.ParamType):
         if not match:
             zero = "" if self.bounded else " (0 for none)"
             self.fail(f"{value!r} is not a duration; write e.g. 30min, 10s or 500ms{zero}", param, ctx)
-        if self.bounded and float(match.group(1)) == 0:
+        ms = float(match.group(1)) * self.MS[match.group(3) or "ms"]
+        if round(ms) > 2**31 - 1:  # the server's limit for a timeout
+            self.fail(f"{value!r} is longer than PostgreSQL allows (about 24 days)", param, ctx)
+        if self.bounded and round(ms) < 1:  # the server counts whole milliseconds: under half of one is 0, no limit
             self.fail(
-                f"{value!r} would wait without limit, and every write of the application would queue behind the wait; "
-                "write e.g. 2s",
+                f"{value!r} would wait without limit (the server rounds it to 0 ms), and every write of the application "
+                "would queue behind the wait; write e.g. 2s",
                 param,
                 ctx,
             )
