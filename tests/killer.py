@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,15 @@ def install(target: str, nth: int = 1) -> None:
     original = inspect.getattr_static(owner, attr)
     if isinstance(original, staticmethod):
         setattr(owner, attr, staticmethod(_wrap(original.__func__, when, nth)))
-    else:
-        setattr(owner, attr, _wrap(getattr(owner, attr), when, nth))
+        return
+    wrapped = _wrap(getattr(owner, attr), when, nth)
+    setattr(owner, attr, wrapped)
+    if not path:  # a module's function: also where it was imported by name before (``from .status import validate``)
+        for name, module in list(sys.modules.items()):
+            if name.split(".")[0] == module_name.split(".")[0] and module is not owner:
+                for alias, value in list(vars(module).items()):
+                    if value is original:
+                        setattr(module, alias, wrapped)
 
 
 def main(argv: list[str]) -> None:
@@ -98,6 +106,7 @@ def _child(target: str, nth: int, args: list[str], cwd: str, env: dict[str, str]
     """In a process forked from the fork server: the command's own environment, directory and stdio, then the CLI."""
     os.environ.clear()
     os.environ.update(env)
+    time.tzset()  # TZ, as a process started with this environment reads it
     os.chdir(cwd)
     for fd, path in ((1, out), (2, err)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

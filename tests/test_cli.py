@@ -176,15 +176,3 @@ def test_commands_without_a_database_say_how_to_give_one(command):
     args = (command, "phase2a") if command == "plan" else (command,)
     result = invoke(*args, url=None)
     assert result.exit_code == 2 and "HINT: set DATABASE_URL, pass --database-url" in result.stderr
-
-
-@pytest.mark.parametrize("command", ["sync", "cutover"])
-@pytest.mark.parametrize("wait, refused", [("0", "would wait without limit"), ("0ms", "would wait without limit"),
-                                           ("0.4ms", "would wait without limit"), ("300us", "would wait without limit"),
-                                           ("999h", "is longer than PostgreSQL allows"),
-                                           ("soon", "is not a duration")])  # fmt: skip
-def test_a_lock_wait_without_limit_or_that_is_no_duration_is_refused_before_connecting(command, wait, refused):
-    result = invoke(command, "phase2a", "--yes" if command == "cutover" else "--follow", "--lock-wait", wait,
-                    url="postgresql://nobody@127.0.0.1:1/nowhere")  # fmt: skip
-    assert result.exit_code == 2, result.output
-    assert f"Invalid value for '--lock-wait': {wait!r} {refused}" in result.stderr

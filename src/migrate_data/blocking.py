@@ -5,6 +5,7 @@ way; DDL on a busy table (change capture's triggers)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -71,6 +72,10 @@ async def writes_blocked(
                     ) from e
                 log.info("cutover: writers still busy on %s (%s); trying again", ", ".join(tables), e)
                 await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
+            except BaseException:
+                with contextlib.suppress(Exception):  # not left to the pool's reset: the connection goes back clean
+                    await tr.rollback()
+                raise
         blocked = Blocked(tuple(tables), attempts=attempt + 1)
         log.info("writes to %s blocked", ", ".join(tables))
         try:

@@ -345,10 +345,12 @@ async def remove(
     wait: str = LOCK_WAIT,
     retries: int = LOCK_RETRIES,
 ) -> int:
-    """Turn capture off for ``phase`` in the source database (one transaction; in one database it commits only while
-    ``lock`` is held).  Idempotent.  Its change log is forgotten (a rollback), or with ``keep_log`` (a cutover) kept:
-    a row still there was logged after the cutover's last sync, a write nobody applied, which is never deleted.
-    Returns the number of log rows dropped, or with ``keep_log`` kept."""
+    """Turn capture off for ``phase`` in the source database, one table per transaction (a busy table's lock is
+    waited for holding no other's; in one database each commits only while ``lock`` is held), then its change log
+    in one more.  Idempotent: killed between two tables, the same call removes the rest.  The log is forgotten (a
+    rollback), or with ``keep_log`` (a cutover) kept: a row still there was logged after the cutover's last sync, a
+    write nobody applied, which is never deleted.  Returns the number of log rows dropped, or with ``keep_log``
+    kept."""
     if settings.same_database:
         return await _remove(target, phase, lock, wait, retries, keep_log)
     async with open_pool(settings.effective_source_url, max_size=1, lock_timeout=settings.lock_timeout) as source:
@@ -358,18 +360,27 @@ async def remove(
 async def _remove(
     db: asyncpg.Pool, phase: str, lock: ledger.LockSession | None, wait: str, retries: int, keep_log: bool
 ) -> int:
-    async with db.acquire() as conn, conn.transaction():
+    async with db.acquire() as conn:
         if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{SCHEMA}.capture"):
             return 0
-        rows = await conn.fetch(f"SELECT source, relation FROM {SCHEMA}.capture WHERE phase = $1 FOR UPDATE", phase)
-        for r in rows:
-            await _remove_table(conn, phase, r["source"], r["relation"], wait, retries)
-        if keep_log:  # the triggers are gone (their locks waited for the writers in flight): the log is complete
-            n = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.changes WHERE phase = $1", phase)
-        else:
-            n = rowcount(await conn.execute(f"DELETE FROM {SCHEMA}.changes WHERE phase = $1", phase))
-        if lock is not None:
-            await lock.check(conn)
+        for table in await conn.fetch(f"SELECT source FROM {SCHEMA}.capture WHERE phase = $1 ORDER BY 1", phase):
+            async with conn.transaction():
+                r = await conn.fetchrow(
+                    f"SELECT source, relation FROM {SCHEMA}.capture WHERE phase = $1 AND source = $2 FOR UPDATE",
+                    phase,
+                    table["source"],
+                )
+                if r is not None:
+                    await _remove_table(conn, phase, r["source"], r["relation"], wait, retries)
+                if lock is not None:
+                    await lock.check(conn)
+        async with conn.transaction():  # every trigger is gone (its lock waited for the writers in flight)
+            if keep_log:  # the log is complete
+                n = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.changes WHERE phase = $1", phase)
+            else:
+                n = rowcount(await conn.execute(f"DELETE FROM {SCHEMA}.changes WHERE phase = $1", phase))
+            if lock is not None:
+                await lock.check(conn)
     if keep_log and n:
         log.warning("%s: change capture off; %d changes logged after the cutover's last sync are kept", phase, n)
     else:

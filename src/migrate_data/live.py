@@ -18,7 +18,7 @@ from .errors import BadInput, MigrationError, RefusedError, Stopped
 from .preflight import PhasePlan, compile_phase
 from .rollback import RollbackPlan, RollbackResult
 from .runtime import check_schema_agrees, connect, database_errors, get_phase, project_phases, recorded
-from .settings import Settings
+from .settings import Settings, check_duration
 from .status import validate
 from .validate import ValidationResult
 
@@ -107,7 +107,7 @@ async def sync(
     ``stop`` is set (then raises Stopped: the same command goes on where it stopped)."""
     started = time.monotonic()
     names = _in_order(settings, names)
-    options = options or syncing.SyncOptions()
+    options = _patient(options or syncing.SyncOptions())
     stop = stop or asyncio.Event()
     async with _locked(settings, f"sync of {', '.join(names)}") as (target, source, lock, states):
         lock.watch(stop)
@@ -147,14 +147,14 @@ async def cutover(
     cut over: the same command goes on); once they are, the cutover finishes, as briefly as it can."""
     started = time.monotonic()
     names = _in_order(settings, names)
+    patience = _patient(syncing.SyncOptions(batch_size=batch_size, lock_wait=lock_wait, retries=retries))
     async with _locked(settings, f"cutover of {', '.join(names)}") as (target, source, lock, states):
         already = tuple(n for n in names if (states.get(n) or {}).get("cut_over_at") is not None)
         todo = [n for n in names if n not in already]
         # a cutover killed after it recorded the phase: finish removing the capture
-        late = sum([await capture.remove(settings, target, n, lock=lock, keep_log=True) for n in already])
+        late = sum([await _remove_one(settings, target, n, lock, patience) for n in already])
         if not todo:
             return CutoverResult(tuple(names), True, capture_removed=True, already=already, late=late)
-        patience = syncing.SyncOptions(batch_size=batch_size, lock_wait=lock_wait, retries=retries)
         syncers = await _syncers(settings, todo, target, source, lock, states, patience)
         _refuse_before_parents(settings, todo, syncers, states)
         async with AsyncExitStack() as runs:
@@ -178,7 +178,7 @@ async def cutover(
                 await ledger.update_run(target, s.run_id, status=status, rows=changes, validation_ok=ok)
         removed = False
         if ok:
-            removed, after = await _remove_capture(settings, target, todo, lock)
+            removed, after = await _remove_capture(settings, target, todo, lock, patience)
             late += after
         return CutoverResult(
             tuple(names),
@@ -254,15 +254,32 @@ async def _while_blocked(
     return totals, validations, await _not_applied(syncers, totals)
 
 
+def _patient(options: syncing.SyncOptions) -> syncing.SyncOptions:
+    """``options`` whose lock waits are bounded, before anything is done; else BadInput."""
+    if options.retries < 0:
+        raise BadInput(f"retries must be 0 or more, not {options.retries}")
+    check_duration(options.lock_wait, bounded=True)
+    return options
+
+
+async def _remove_one(
+    settings: Settings, target: asyncpg.Pool, name: str, lock: ledger.LockSession, patience: syncing.SyncOptions
+) -> int:
+    """Remove the change capture of a phase cut over, keeping its log, with the cutover's patience for locks."""
+    return await capture.remove(
+        settings, target, name, lock=lock, keep_log=True, wait=patience.lock_wait, retries=patience.retries
+    )
+
+
 async def _remove_capture(
-    settings: Settings, target: asyncpg.Pool, names: list[str], lock: ledger.LockSession
+    settings: Settings, target: asyncpg.Pool, names: list[str], lock: ledger.LockSession, patience: syncing.SyncOptions
 ) -> tuple[bool, int]:
     """Remove the change capture of phases just cut over, keeping the log: whether it is all gone, and the changes
     logged after the last sync (writes to the English tables once released)."""
     late = 0
     try:
         for n in names:
-            late += await capture.remove(settings, target, n, lock=lock, keep_log=True)
+            late += await _remove_one(settings, target, n, lock, patience)
     except MigrationError as e:  # the phase is cut over: the triggers only log what nobody reads
         log.warning("capture of %s not removed yet: %s; `migrate-data cutover` again removes it", names, e)
         return False, late

@@ -268,6 +268,31 @@ def sqlalchemy_url(url: str | DatabaseURL) -> str:
     return str(DatabaseURL.parse(url).sqlalchemy_url().render_as_string(hide_password=False))
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(us|ms|s|min|h|d)?", re.ASCII)  # what the server reads, digits and all
+_MS = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def check_duration(text: str, *, bounded: bool = False) -> str:
+    """``text`` as a timeout the server takes (``30min``, ``10s``, ``500ms``; a bare number is milliseconds), or
+    BadInput.  ``bounded``: a wait in front of the application's writers, where what the server reads as 0 (no limit;
+    it counts whole milliseconds, so ``0.4ms`` is 0) would queue every write behind it."""
+    text = text.strip()
+    match = _DURATION.fullmatch(text)
+    if not match:
+        raise BadInput(
+            f"{text!r} is not a duration; write e.g. 30min, 10s or 500ms" + ("" if bounded else " (0 for none)")
+        )
+    ms = round(float(match.group(1)) * _MS[match.group(2) or "ms"])
+    if ms > 2**31 - 1:
+        raise BadInput(f"{text!r} is longer than PostgreSQL allows (about 24 days)")
+    if bounded and ms < 1:
+        raise BadInput(
+            f"{text!r} would wait without limit (the server reads it as 0 ms), and every write of the application "
+            "would queue behind the wait; write e.g. 2s"
+        )
+    return text
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a command needs to reach the databases and the project."""

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -24,7 +23,7 @@ import click
 
 from .. import api
 from ..errors import BadInput, MigrationError, RefusedError, database_error, postgres_error
-from ..settings import Settings, find_project, load_settings, redact, redact_text
+from ..settings import Settings, check_duration, find_project, load_settings, redact, redact_text
 
 T = TypeVar("T")
 log = logging.getLogger("migrate_data")
@@ -156,31 +155,17 @@ class Duration(click.ParamType):
     """A PostgreSQL duration for statement_timeout / lock_timeout: ``30min``, ``10s``, ``500ms``, ``0`` (none)."""
 
     name = "DURATION"
-    PATTERN = re.compile(r"(\d+(\.\d+)?)\s*(us|ms|s|min|h|d)?")
-    MS = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
 
     def __init__(self, *, bounded: bool = False) -> None:
-        self.bounded = bounded  # a wait in front of the application's writers: 0 (no limit) is refused
+        self.bounded = bounded  # a wait in front of the application's writers: what the server reads as 0 is refused
 
     def convert(self, value: Any, param: Any, ctx: Any) -> str | None:
         if value is None:
             return None
-        text = str(value).strip()
-        match = self.PATTERN.fullmatch(text)
-        if not match:
-            zero = "" if self.bounded else " (0 for none)"
-            self.fail(f"{value!r} is not a duration; write e.g. 30min, 10s or 500ms{zero}", param, ctx)
-        ms = float(match.group(1)) * self.MS[match.group(3) or "ms"]
-        if round(ms) > 2**31 - 1:  # the server's limit for a timeout
-            self.fail(f"{value!r} is longer than PostgreSQL allows (about 24 days)", param, ctx)
-        if self.bounded and round(ms) < 1:  # the server counts whole milliseconds: under half of one is 0, no limit
-            self.fail(
-                f"{value!r} would wait without limit (the server rounds it to 0 ms), and every write of the application "
-                "would queue behind the wait; write e.g. 2s",
-                param,
-                ctx,
-            )
-        return text
+        try:
+            return check_duration(str(value), bounded=self.bounded)
+        except BadInput as e:
+            self.fail(e.message, param, ctx)
 
 
 class RejectLimit(click.ParamType):

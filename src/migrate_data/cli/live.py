@@ -61,7 +61,7 @@ def sync(
 @click.argument("phases", nargs=-1, required=True)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--lock-wait", default="2s", show_default=True, type=Duration(bounded=True), help="How long one try to block writes "
-              "(or to install capture again on a table) may wait.")  # fmt: skip
+              "(or to install capture again on a table, or to remove it) may wait.")  # fmt: skip
 @click.option("--retries", default=5, show_default=True, type=click.IntRange(0), help="Tries after the first.")
 @format_option()
 @pass_ctx
