@@ -66,7 +66,11 @@ def _state(url: str) -> dict:
         ],
         "functions": [
             tuple(r)
-            for r in sql(url, "SELECT proname, md5(prosrc) FROM pg_proc WHERE proname LIKE 'md_capture%' ORDER BY 1")
+            for r in sql(
+                url,
+                "SELECT p.proname, md5(p.prosrc) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                "WHERE n.nspname = 'migrate_data' AND p.proname LIKE 'capture\\_%' ORDER BY 1",
+            )
         ],
         "log": [tuple(r) for r in sql(url, "SELECT id, source, key, op FROM migrate_data.changes ORDER BY id")],
         "writes": scalar(url, "SELECT count(*) FROM migrate_data.writes"),
@@ -119,6 +123,7 @@ def test_a_repair_out_of_tries_leaves_nothing_half_done_and_nothing_held(db_url,
     sql(db_url, MOVED)
     sql(db_url, "UPDATE shops SET v = 'pending' WHERE id = 3")
     before = _state(db_url)
+    assert before["functions"] and before["triggers"] and before["registry"]  # what must stay is there to compare
     extra = ["--yes"] if command == "cutover" else []
     with _holding(db_url, "countries"):
         t0 = time.monotonic()
@@ -380,9 +385,10 @@ def test_the_cutover_lock_wait_and_retries_bound_the_capture_removal_too(db_url,
 
 @pytest.mark.parametrize("held", ["shops", "countries"])
 def test_removing_capture_after_a_cutover_holds_no_table_while_it_waits_for_another(db_url, tmp_path, held):
-    """capture.remove drops each table's triggers in a transaction of its own: before, one transaction kept the first
-    table's ACCESS EXCLUSIVE lock while the second's was retried (about 14 s), and every read and write of the first
-    table waited that long, right after the cutover said writes were released."""
+    """capture.remove drops every table's triggers in one transaction, each try under the cutover's --lock-wait: a try
+    that cannot lock one table lets go of the other, so no table is held longer than one try (500 ms here).  Before,
+    the first table's ACCESS EXCLUSIVE lock was kept while the second's was retried (about 14 s), and every read and
+    write of the first table waited that long, right after the cutover said writes were released."""
     from migrate_data import api
 
     s = _night(db_url, tmp_path, LOOKUP, LOOKUP_MAPPING)
@@ -393,9 +399,9 @@ def test_removing_capture_after_a_cutover_holds_no_table_while_it_waits_for_anot
         report = await asyncpg.connect(db_url)
         await report.execute(f"BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM {held}")
         try:
-            task = asyncio.ensure_future(api.cutover(s, ["night"]))
+            task = asyncio.ensure_future(api.cutover(s, ["night"], lock_wait="500ms", retries=10))
             await asyncio.sleep(3.5)  # blocked, validated, cut over, released; the removal is retrying on `held`
-            probe = await asyncpg.connect(db_url, server_settings={"lock_timeout": "1s"})
+            probe = await asyncpg.connect(db_url, server_settings={"lock_timeout": "2s"})
             try:
                 seen["cut"] = await probe.fetchval(
                     "SELECT cut_over_at IS NOT NULL FROM migrate_data.phases WHERE phase = 'night'"
@@ -411,7 +417,7 @@ def test_removing_capture_after_a_cutover_holds_no_table_while_it_waits_for_anot
                 await probe.fetchval(f"SELECT count(*) FROM {other}")
                 seen["probe"] = "ok"
             except asyncpg.LockNotAvailableError:
-                seen["probe"] = f"{other} blocked > 1 s after the cutover released writes"
+                seen["probe"] = f"{other} blocked > 2 s after the cutover released writes"
             finally:
                 await probe.close()
         finally:
@@ -422,21 +428,3 @@ def test_removing_capture_after_a_cutover_holds_no_table_while_it_waits_for_anot
     asyncio.run(scenario())
     assert seen["ok"] and seen["cut"], seen
     assert seen["probe"] == "ok", seen
-
-
-def test_a_cutover_killed_between_two_tables_capture_removals_removes_the_rest_when_run_again(db_url, tmp_path):
-    s = _night(db_url, tmp_path, LOOKUP, LOOKUP_MAPPING)
-    sql(db_url, "UPDATE shops SET v = 'before the cutover' WHERE id = 3")
-    killed = kill_at("migrate_data.capture:_remove_table:return", *_proj(s), "cutover", "night", "--yes", url=db_url,
-                     cwd=ROOT)  # fmt: skip
-    assert killed.returncode == -9, killed.stderr[-1500:]
-    assert scalar(db_url, "SELECT cut_over_at IS NOT NULL FROM migrate_data.phases WHERE phase = 'night'")
-    left = scalar(db_url, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'md\\_capture\\_%'")
-    assert left > 0  # one table's triggers gone, the other's still there
-    sql(db_url, "UPDATE shops SET v = 'after the cutover' WHERE id = 4")  # logged or not: never applied, never lost
-    again = run_cli("cutover", "night", "--yes", *_proj(s), url=db_url)
-    assert again.returncode == 0, again.stderr
-    assert scalar(db_url, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'md\\_capture\\_%'") == 0
-    assert scalar(db_url, "SELECT count(*) FROM migrate_data.capture") == 0
-    assert scalar(db_url, "SELECT v FROM tiendas WHERE id = 3") == "before the cutover"
-    assert _leftovers(db_url) == {"running": 0, "sessions": [], "advisory": 0}

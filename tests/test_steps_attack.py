@@ -82,7 +82,7 @@ ROLLBACK_KILLS = [
     ("migrate_data.rollback:restore_sequences:enter", 1),
     ("migrate_data.rollback:restore_sequences:return", 1),
     ("migrate_data.capture:remove:enter", 1),
-    ("migrate_data.capture:_remove_table:return", 1),
+    ("migrate_data.capture:_removal:return", 2),
     ("migrate_data.capture:remove:return", 1),
     ("migrate_data.rollback:downgrade:return", 1),
     ("migrate_data.rollback:finish:enter", 1),
@@ -136,11 +136,13 @@ def test_rollback_of_phase5_killed_at_each_step_boundary_finishes_when_run_again
     _rollback_killed_then_again(templates, make_db, "phase5", step, nth)
 
 
-@pytest.mark.parametrize("nth", [1, 2])
-def test_a_rollback_killed_between_two_tables_capture_removals_finishes_when_run_again(templates, make_db, nth):
-    """Capture is removed one table per transaction: killed after the first (or second) table's, the same rollback
-    removes the rest and the log, and gives back the database as it was."""
-    _rollback_killed_then_again(templates, make_db, "phase3", "migrate_data.capture:_remove_table:return", nth)
+@pytest.mark.parametrize(
+    "step", ["migrate_data.capture:_removal:return", "migrate_data.blocking:ddl_with_short_locks:return"]
+)
+def test_a_rollback_killed_inside_capture_removal_finishes_when_run_again(templates, make_db, step):
+    """Capture's removal is one transaction (every table's triggers, the registry, the log): killed inside it, with
+    some or all of the DDL run, the same rollback removes all of it and gives back the database as it was."""
+    _rollback_killed_then_again(templates, make_db, "phase3", step, 2 if step.endswith("_removal:return") else 1)
 
 
 @pytest.mark.parametrize("step", ["migrate_data.rollback:downgrade:return", "migrate_data.rollback:finish:enter"])

@@ -95,15 +95,18 @@ async def writes_blocked(
 async def ddl_with_short_locks(
     conn: asyncpg.Connection, what: str, statements: list[str], wait: str, retries: int
 ) -> None:
-    """Run DDL that locks a busy table in a savepoint with a short lock_timeout, retried a few times: a writer's long
-    transaction makes it wait at most ``wait`` per attempt (and the writers queued behind it as long), never longer."""
+    """Run DDL that locks busy tables in a savepoint with a short lock_timeout, retried a few times: a writer's long
+    transaction makes it wait at most ``wait`` per attempt (and the writers queued behind it as long), never longer.
+    A try that cannot lock one table rolls back to its savepoint, which lets go of the tables it had locked."""
     old = await conn.fetchval("SELECT current_setting('lock_timeout')")
+    waiting = ""
     try:
         for attempt in range(retries + 1):
             try:
                 async with conn.transaction():
                     await conn.execute("SELECT set_config('lock_timeout', $1, true)", wait)
                     for sql in statements:
+                        waiting = sql
                         await conn.execute(sql)
                 return
             except asyncpg.LockNotAvailableError as e:
@@ -111,7 +114,7 @@ async def ddl_with_short_locks(
                     raise MigrationError(
                         f"could not {what}: a transaction kept the table locked through {retries + 1} attempts of "
                         f"{wait} each",
-                        detail=str(e),
+                        detail=f"{e}, at: {waiting}",
                         hint="find the long transaction (pg_stat_activity, pg_locks) and end it or wait for it, then "
                         "run the same command again",
                     ) from e

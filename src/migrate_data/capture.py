@@ -325,12 +325,17 @@ async def outdated(db: Executor, phase: str, tables: Sequence[tuple[CompiledTabl
     return out
 
 
+async def _removal(conn: asyncpg.Connection, phase: str, table: str, relation: str) -> list[str]:
+    """The statements that turn capture off for one table of ``phase``, wherever its triggers are now."""
+    exists = bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", relation))
+    others = [r["rel"] for r in await conn.fetch(TRIGGERED_SQL, function_name(phase, table), relation)]
+    return remove_sql(phase, table, relation, exists=exists, others=others)
+
+
 async def _remove_table(
     conn: asyncpg.Connection, phase: str, table: str, relation: str, wait: str, retries: int
 ) -> None:
-    exists = bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", relation))
-    others = [r["rel"] for r in await conn.fetch(TRIGGERED_SQL, function_name(phase, table), relation)]
-    statements = remove_sql(phase, table, relation, exists=exists, others=others)
+    statements = await _removal(conn, phase, table, relation)
     await blocking.ddl_with_short_locks(conn, f"turn off change capture on {table}", statements, wait, retries)
     await conn.execute(f"DELETE FROM {SCHEMA}.capture WHERE phase = $1 AND source = $2", phase, table)
 
@@ -345,12 +350,13 @@ async def remove(
     wait: str = LOCK_WAIT,
     retries: int = LOCK_RETRIES,
 ) -> int:
-    """Turn capture off for ``phase`` in the source database, one table per transaction (a busy table's lock is
-    waited for holding no other's; in one database each commits only while ``lock`` is held), then its change log
-    in one more.  Idempotent: killed between two tables, the same call removes the rest.  The log is forgotten (a
-    rollback), or with ``keep_log`` (a cutover) kept: a row still there was logged after the cutover's last sync, a
-    write nobody applied, which is never deleted.  Returns the number of log rows dropped, or with ``keep_log``
-    kept."""
+    """Turn capture off for ``phase`` in the source database: every table's triggers, the registry and the log in
+    one transaction (in one database it commits only while ``lock`` is held), so an application transaction is
+    logged whole or not at all, and a kill leaves capture all on.  All the tables' DDL goes in each short-lock try
+    (``blocking.ddl_with_short_locks``): a try that cannot lock one table lets go of the others too, so no table is
+    held longer than one try while another is waited for.  Idempotent.  The log is forgotten (a rollback), or with
+    ``keep_log`` (a cutover) kept: a row still there was logged after the cutover's last sync, a write nobody
+    applied, which is never deleted.  Returns the number of log rows dropped, or with ``keep_log`` kept."""
     if settings.same_database:
         return await _remove(target, phase, lock, wait, retries, keep_log)
     async with open_pool(settings.effective_source_url, max_size=1, lock_timeout=settings.lock_timeout) as source:
@@ -360,27 +366,23 @@ async def remove(
 async def _remove(
     db: asyncpg.Pool, phase: str, lock: ledger.LockSession | None, wait: str, retries: int, keep_log: bool
 ) -> int:
-    async with db.acquire() as conn:
+    async with db.acquire() as conn, conn.transaction():
         if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{SCHEMA}.capture"):
             return 0
-        for table in await conn.fetch(f"SELECT source FROM {SCHEMA}.capture WHERE phase = $1 ORDER BY 1", phase):
-            async with conn.transaction():
-                r = await conn.fetchrow(
-                    f"SELECT source, relation FROM {SCHEMA}.capture WHERE phase = $1 AND source = $2 FOR UPDATE",
-                    phase,
-                    table["source"],
-                )
-                if r is not None:
-                    await _remove_table(conn, phase, r["source"], r["relation"], wait, retries)
-                if lock is not None:
-                    await lock.check(conn)
-        async with conn.transaction():  # every trigger is gone (its lock waited for the writers in flight)
-            if keep_log:  # the log is complete
-                n = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.changes WHERE phase = $1", phase)
-            else:
-                n = rowcount(await conn.execute(f"DELETE FROM {SCHEMA}.changes WHERE phase = $1", phase))
-            if lock is not None:
-                await lock.check(conn)
+        rows = await conn.fetch(
+            f"SELECT source, relation FROM {SCHEMA}.capture WHERE phase = $1 ORDER BY source FOR UPDATE", phase
+        )
+        statements = [s for r in rows for s in await _removal(conn, phase, r["source"], r["relation"])]
+        if statements:
+            what = f"turn off change capture on {', '.join(r['source'] for r in rows)}"
+            await blocking.ddl_with_short_locks(conn, what, statements, wait, retries)
+        await conn.execute(f"DELETE FROM {SCHEMA}.capture WHERE phase = $1", phase)
+        if keep_log:  # the triggers are gone (their locks waited for the writers in flight): the log is complete
+            n = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.changes WHERE phase = $1", phase)
+        else:
+            n = rowcount(await conn.execute(f"DELETE FROM {SCHEMA}.changes WHERE phase = $1", phase))
+        if lock is not None:
+            await lock.check(conn)
     if keep_log and n:
         log.warning("%s: change capture off; %d changes logged after the cutover's last sync are kept", phase, n)
     else:

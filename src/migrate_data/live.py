@@ -178,7 +178,7 @@ async def cutover(
                 await ledger.update_run(target, s.run_id, status=status, rows=changes, validation_ok=ok)
         removed = False
         if ok:
-            removed, after = await _remove_capture(settings, target, todo, lock, patience)
+            removed, after = await _remove_capture(settings, target, source, todo, lock, patience)
             late += after
         return CutoverResult(
             tuple(names),
@@ -272,18 +272,26 @@ async def _remove_one(
 
 
 async def _remove_capture(
-    settings: Settings, target: asyncpg.Pool, names: list[str], lock: ledger.LockSession, patience: syncing.SyncOptions
+    settings: Settings,
+    target: asyncpg.Pool,
+    source: asyncpg.Pool,
+    names: list[str],
+    lock: ledger.LockSession,
+    patience: syncing.SyncOptions,
 ) -> tuple[bool, int]:
     """Remove the change capture of phases just cut over, keeping the log: whether it is all gone, and the changes
-    logged after the last sync (writes to the English tables once released)."""
-    late = 0
-    try:
-        for n in names:
+    logged after the last sync (writes to the English tables once released), counted too where capture stays."""
+    late, removed = 0, True
+    for n in names:
+        try:
             late += await _remove_one(settings, target, n, lock, patience)
-    except MigrationError as e:  # the phase is cut over: the triggers only log what nobody reads
-        log.warning("capture of %s not removed yet: %s; `migrate-data cutover` again removes it", names, e)
-        return False, late
-    return True, late
+        except MigrationError as e:  # the phase is cut over: the triggers only log what nobody reads
+            log.warning(
+                "capture of %s not removed yet: %s (%s); `migrate-data cutover` again removes it", n, e, e.detail
+            )
+            late += (await capture_state.state(source, n)).waiting
+            removed = False
+    return removed, late
 
 
 def _refuse_before_parents(
