@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 from test_guard_attack import LOOKUP, LOOKUP_MAPPING
 from test_keys_attack import ITEMS, ITEMS_MAPPING, _status
+from test_partitions import project, settings
 from test_sync_attack import _night
 
 from conftest import ROOT, cli_env, run_cli, scalar, sql
@@ -428,3 +429,43 @@ def test_removing_capture_after_a_cutover_holds_no_table_while_it_waits_for_anot
     asyncio.run(scenario())
     assert seen["ok"] and seen["cut"], seen
     assert seen["probe"] == "ok", seen
+
+
+@pytest.mark.parametrize("held", ["shops", "countries"])
+def test_a_phase_start_waiting_for_one_busy_table_holds_no_other_tables_lock(db_url, tmp_path, held):
+    """The phase's start turns capture on for every table in each short-lock try: a try that cannot lock one table
+    lets go of the others.  Before, the first table's trigger lock (SHARE ROW EXCLUSIVE) was kept while the second's
+    was retried (1 s × 6, about 14 s), and every write of the first table waited that long."""
+    from migrate_data import api
+
+    sql(db_url, LOOKUP)
+    s = settings(db_url, project(tmp_path, LOOKUP_MAPPING))
+    other = {"shops": "countries", "countries": "shops"}[held]
+    seen: dict[str, object] = {}
+
+    async def scenario() -> None:
+        holder = await asyncpg.connect(db_url)
+        await holder.execute(f"BEGIN; LOCK TABLE {held} IN ROW EXCLUSIVE MODE")  # an application transaction
+        task = asyncio.ensure_future(api.run_phase(s, "night", api.RunOptions(backup=False)))
+        try:
+            await asyncio.sleep(3.0)  # the start is retrying on `held`
+            seen["running"] = not task.done()
+            probe = await asyncpg.connect(db_url, server_settings={"lock_timeout": "2s"})  # more than one try (1 s)
+            try:
+                column = "v" if other == "shops" else "name"
+                await probe.execute(f"UPDATE {other} SET {column} = {column} WHERE false")
+                seen["probe"] = "ok"
+            except asyncpg.LockNotAvailableError:
+                seen["probe"] = f"writes to {other} blocked > 2 s while the start waited for {held}"
+            finally:
+                await probe.close()
+        finally:
+            await holder.execute("ROLLBACK")
+            await holder.close()
+        seen["ok"] = (await task).validation.ok
+
+    asyncio.run(scenario())
+    assert seen["running"], seen
+    assert seen["probe"] == "ok", seen
+    assert seen["ok"], seen
+    assert _status(s) == "on"

@@ -227,16 +227,22 @@ async def install(
         )
     }
     ok = {r["source"] for r in await triggers_ok(db, phase) if r["enabled"] == len(EVENTS)}
-    for c in plan.tables:
-        r = have.get(c.name)
-        todo = await _outdated(db, phase, c, r, ok) if only in (None, c.name) else None
-        if todo is None:
-            continue
-        await blocking.ddl_with_short_locks(db, f"turn on change capture on {c.name}", todo.statements, wait, retries)
-        await _record(db, phase, c, todo, again=r is not None)
+    todo = [
+        (c, t)
+        for c in plan.tables
+        if only in (None, c.name) and (t := await _outdated(db, phase, c, have.get(c.name), ok)) is not None
+    ]
+    gone = sorted(set(have) - {c.name for c in plan.tables}) if only is None else []  # the mapping no longer reads it
+    statements = [s for _, t in todo for s in t.statements]
+    statements += [s for g in gone for s in await _removal(db, phase, g, have[g]["relation"])]
+    if statements:  # every table in each short-lock try: one that cannot be locked lets go of the others
+        names = ", ".join([c.name for c, _ in todo] + gone)
+        await blocking.ddl_with_short_locks(db, f"turn on change capture on {names}", statements, wait, retries)
+    for c, t in todo:
+        await _record(db, phase, c, t, again=c.name in have)
         log.info("%s: change capture on for %s (key %s)", phase, c.name, ", ".join(c.columns))
-    for gone in set(have) - {c.name for c in plan.tables} if only is None else ():  # the mapping no longer reads it
-        await _remove_table(db, phase, gone, have[gone]["relation"], wait, retries)
+    for g in gone:
+        await db.execute(f"DELETE FROM {SCHEMA}.capture WHERE phase = $1 AND source = $2", phase, g)
     return ()
 
 
@@ -330,14 +336,6 @@ async def _removal(conn: asyncpg.Connection, phase: str, table: str, relation: s
     exists = bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", relation))
     others = [r["rel"] for r in await conn.fetch(TRIGGERED_SQL, function_name(phase, table), relation)]
     return remove_sql(phase, table, relation, exists=exists, others=others)
-
-
-async def _remove_table(
-    conn: asyncpg.Connection, phase: str, table: str, relation: str, wait: str, retries: int
-) -> None:
-    statements = await _removal(conn, phase, table, relation)
-    await blocking.ddl_with_short_locks(conn, f"turn off change capture on {table}", statements, wait, retries)
-    await conn.execute(f"DELETE FROM {SCHEMA}.capture WHERE phase = $1 AND source = $2", phase, table)
 
 
 async def remove(
