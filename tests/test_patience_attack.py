@@ -101,20 +101,21 @@ def _leftovers(url: str) -> dict:
     }
 
 
+async def _attempt(url: str, statement: str, wait: str) -> str:
+    """An application statement with a ``wait`` lock_timeout: 'ok', or why not."""
+    conn = await asyncpg.connect(url, server_settings={"lock_timeout": wait})
+    try:
+        await conn.execute(statement)
+        return "ok"
+    except asyncpg.LockNotAvailableError as e:
+        return f"blocked > {wait}: {e}"
+    finally:
+        await conn.close()
+
+
 def _writable(url: str, statement: str) -> str:
     """An application write with a 1 s lock_timeout: 'ok', or why not."""
-
-    async def go() -> str:
-        conn = await asyncpg.connect(url, server_settings={"lock_timeout": "1s"})
-        try:
-            await conn.execute(statement)
-            return "ok"
-        except asyncpg.LockNotAvailableError as e:
-            return f"blocked: {e}"
-        finally:
-            await conn.close()
-
-    return asyncio.run(go())
+    return asyncio.run(_attempt(url, statement, "1s"))
 
 
 # -- 1. a repair that runs out of tries leaves nothing half-done --------------------------------------------------
@@ -450,15 +451,8 @@ def test_a_phase_start_waiting_for_one_busy_table_holds_no_other_tables_lock(db_
         try:
             await asyncio.sleep(3.0)  # the start is retrying on `held`
             seen["running"] = not task.done()
-            probe = await asyncpg.connect(db_url, server_settings={"lock_timeout": "2s"})  # more than one try (1 s)
-            try:
-                column = "v" if other == "shops" else "name"
-                await probe.execute(f"UPDATE {other} SET {column} = {column} WHERE false")
-                seen["probe"] = "ok"
-            except asyncpg.LockNotAvailableError:
-                seen["probe"] = f"writes to {other} blocked > 2 s while the start waited for {held}"
-            finally:
-                await probe.close()
+            column = "v" if other == "shops" else "name"  # a write, given more than one try (1 s)
+            seen["probe"] = await _attempt(db_url, f"UPDATE {other} SET {column} = {column} WHERE false", "2s")
         finally:
             await holder.execute("ROLLBACK")
             await holder.close()
