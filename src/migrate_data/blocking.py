@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from .errors import MigrationError
+from .settings import duration_ms
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,24 @@ class Blocked:
     seconds: float | None = None
     attempts: int = 1
     release_only: bool = False  # end with ROLLBACK (a failed cutover); the transaction wrote nothing either way
+
+
+# A try that holds one table while it waits for another can close a lock cycle with an application transaction that
+# holds the other and then wants the first: PostgreSQL then aborts whoever checks first, deadlock_timeout after it
+# began to wait, which could be the application.  Such a try waits less than deadlock_timeout, so its own lock_timeout
+# ends it before anyone's check (the application began to wait after it); a deadlock found anyway is retried too.
+DEADLOCK_SHARE = 0.8
+RETRIED = (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError)
+
+
+async def _try_wait(conn: asyncpg.Connection, wait: str, several: bool) -> str:
+    """The lock_timeout of one try: ``wait``; if the try locks several tables, at most 80 % of deadlock_timeout."""
+    if not several:
+        return wait
+    deadlock = duration_ms(await conn.fetchval("SELECT current_setting('deadlock_timeout')")) or 1000
+    asked = duration_ms(wait) or 0
+    limit = max(int(deadlock * DEADLOCK_SHARE), 1)
+    return wait if 0 < asked <= limit else f"{limit}ms"
 
 
 BLOCKERS_SQL = """SELECT a.pid, a.usename, a.state, now() - a.xact_start AS age, left(a.query, 120) AS query
@@ -47,20 +66,21 @@ async def writes_blocked(
     otherwise queue every new writer behind us), then lets go and tries again, ``retries`` times."""
     names = ", ".join(tables.values())
     async with source.acquire() as conn:
+        each = await _try_wait(conn, wait, len(tables) > 1)
         for attempt in range(retries + 1):
             tr = conn.transaction()
             await tr.start()
             try:
-                await conn.execute("SELECT set_config('lock_timeout', $1, true)", wait)
+                await conn.execute("SELECT set_config('lock_timeout', $1, true)", each)
                 await conn.execute(f"LOCK TABLE {names} IN SHARE MODE")
                 break
-            except asyncpg.LockNotAvailableError as e:
+            except RETRIED as e:
                 await tr.rollback()
                 if attempt == retries:
                     who = await conn.fetch(BLOCKERS_SQL, list(tables.values()))
                     raise MigrationError(
                         f"could not block writes to {', '.join(tables)}: writers kept them through {retries + 1} "
-                        f"attempts of {wait} each; nothing was changed",
+                        f"attempts of {each} each; nothing was changed",
                         detail="\n".join(
                             f"backend pid {r['pid']} ({r['usename']}, {r['state']}, transaction open for {r['age']}): "
                             f"{r['query']}"
@@ -99,21 +119,22 @@ async def ddl_with_short_locks(
     transaction makes it wait at most ``wait`` per attempt (and the writers queued behind it as long), never longer.
     A try that cannot lock one table rolls back to its savepoint, which lets go of the tables it had locked."""
     old = await conn.fetchval("SELECT current_setting('lock_timeout')")
+    each = await _try_wait(conn, wait, len(statements) > 1)
     waiting = ""
     try:
         for attempt in range(retries + 1):
             try:
                 async with conn.transaction():
-                    await conn.execute("SELECT set_config('lock_timeout', $1, true)", wait)
+                    await conn.execute("SELECT set_config('lock_timeout', $1, true)", each)
                     for sql in statements:
                         waiting = sql
                         await conn.execute(sql)
                 return
-            except asyncpg.LockNotAvailableError as e:
+            except RETRIED as e:
                 if attempt == retries:
                     raise MigrationError(
                         f"could not {what}: a transaction kept the table locked through {retries + 1} attempts of "
-                        f"{wait} each",
+                        f"{each} each",
                         detail=f"{e}, at: {waiting}",
                         hint="find the long transaction (pg_stat_activity, pg_locks) and end it or wait for it, then "
                         "run the same command again",

@@ -272,17 +272,23 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(us|ms|s|min|h|d)?", re.ASCII)  # wha
 _MS = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
+def duration_ms(text: str) -> int | None:
+    """The whole milliseconds the server reads a timeout ``text`` as (a bare number is milliseconds); None when it is
+    no duration."""
+    match = _DURATION.fullmatch(text.strip())
+    return round(float(match.group(1)) * _MS[match.group(2) or "ms"]) if match else None
+
+
 def check_duration(text: str, *, bounded: bool = False) -> str:
     """``text`` as a timeout the server takes (``30min``, ``10s``, ``500ms``; a bare number is milliseconds), or
     BadInput.  ``bounded``: a wait in front of the application's writers, where what the server reads as 0 (no limit;
     it counts whole milliseconds, so ``0.4ms`` is 0) would queue every write behind it."""
     text = text.strip()
-    match = _DURATION.fullmatch(text)
-    if not match:
+    ms = duration_ms(text)
+    if ms is None:
         raise BadInput(
             f"{text!r} is not a duration; write e.g. 30min, 10s or 500ms" + ("" if bounded else " (0 for none)")
         )
-    ms = round(float(match.group(1)) * _MS[match.group(2) or "ms"])
     if ms > 2**31 - 1:
         raise BadInput(f"{text!r} is longer than PostgreSQL allows (about 24 days)")
     if bounded and ms < 1:

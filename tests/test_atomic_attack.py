@@ -1,0 +1,306 @@
+"""capture's install and removal with every table's DDL in each short-lock try (blocking.ddl_with_short_locks),
+attacked as an adversarial DBA would: partitioned sources with a busy partition, an application transaction that
+writes a partition and then its parent while the start retries, the locks the start holds while it waits, kill -9
+during the start's install across two databases, and a table dropped from a phase between two runs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import pytest
+from test_guard_attack import LOOKUP, LOOKUP_MAPPING
+from test_partitions import project, settings
+from test_patience_attack import _attempt
+from test_removal_attack import _captured, _kill, _phase, _tables_captured
+from test_sync_attack import PARTITIONED, PARTITIONED_MAPPING
+
+from conftest import run_cli, scalar, sql
+from migrate_data import api
+from test_orchestration import snapshot
+
+LOCKS_SQL = (
+    "SELECT l.relation::regclass::text, l.mode, l.granted FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+    "WHERE a.application_name = 'migrate-data' AND a.datname = current_database() AND l.locktype = 'relation' "
+    "AND l.relation::regclass::text = ANY ($1::text[]) ORDER BY 1, 2, 3"
+)
+
+
+async def _wait_for(cond, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if await cond():
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+# == 1. a partitioned source with a busy partition ====================================================================
+def test_a_start_waiting_for_a_busy_partition_holds_nothing_writers_of_the_other_partitions_wait_for(db_url, tmp_path):
+    """An application transaction keeps ev_feb (a write straight into the leaf).  While the start retries, writes to
+    ev_jan and through the parent must go through under a 2 s lock_timeout (one try is 1 s), and after the start every
+    leaf is captured."""
+    sql(db_url, PARTITIONED)
+    s = settings(db_url, project(tmp_path, PARTITIONED_MAPPING))
+    seen: dict = {}
+
+    async def scenario() -> None:
+        holder = await asyncpg.connect(db_url)
+        await holder.execute("BEGIN; UPDATE ev_feb SET v = v WHERE false")
+        task = asyncio.ensure_future(api.run_phase(s, "night", api.RunOptions(backup=False)))
+        try:
+            await asyncio.sleep(3.0)
+            seen["running"] = not task.done()
+            probe = await asyncpg.connect(db_url)
+            seen["locks"] = [tuple(r) for r in await probe.fetch(LOCKS_SQL, ["ev", "ev_jan", "ev_feb"])]
+            await probe.close()
+            seen["leaf"] = await _attempt(db_url, "UPDATE ev_jan SET v = v WHERE id = 1", "2s")
+            seen["parent"] = await _attempt(db_url, "UPDATE ev SET v = v WHERE id = 1 AND d < '2024-02-01'", "2s")
+        finally:
+            await holder.execute("ROLLBACK")
+            await holder.close()
+        seen["ok"] = (await task).validation.ok
+
+    asyncio.run(scenario())
+    assert seen["running"], seen
+    assert (seen["leaf"], seen["parent"]) == ("ok", "ok"), seen
+    assert seen["ok"], seen
+    triggered = {
+        r[0] for r in sql(db_url, "SELECT tgrelid::regclass::text FROM pg_trigger WHERE tgname LIKE 'md_capture_%'")
+    }
+    assert triggered == {"ev", "ev_jan", "ev_feb"}, triggered
+
+
+@pytest.mark.parametrize("deadlock_timeout, delay", [("1s", 0.0), ("200ms", 0.0), ("200ms", 0.4)])
+def test_an_application_writing_a_partition_then_its_parent_is_not_failed_by_the_start(
+    make_db, tmp_path, deadlock_timeout, delay
+):
+    """The application writes ev_feb (leaf) and then, in the same transaction, ev (the parent): an ordinary
+    application pattern.  The start's try has taken ev's trigger lock and waits for ev_feb: a lock cycle.  A DBA
+    expects the migration to give way (a lock timeout, retried) and the application's transaction to commit; neither
+    the application nor the start should end with "deadlock detected".  (A try that locks one table and then WAITS
+    for another holds the first while it waits: NOWAIT tries would never be part of a cycle.)"""
+    db_url = make_db()
+    sql(db_url, f"ALTER DATABASE {db_url.rsplit('/', 1)[1]} SET deadlock_timeout = '{deadlock_timeout}'")
+    sql(db_url, PARTITIONED)
+    s = settings(db_url, project(tmp_path, PARTITIONED_MAPPING))
+    seen: dict = {}
+
+    async def scenario() -> None:
+        app = await asyncpg.connect(db_url, server_settings={"lock_timeout": "10s"})
+        await app.execute("BEGIN; UPDATE ev_feb SET v = 'app leaf' WHERE id = 40")
+        task = asyncio.ensure_future(api.run_phase(s, "night", api.RunOptions(backup=False)))
+        probe = await asyncpg.connect(db_url)
+        try:
+
+            async def start_waits_on_leaf_holding_parent() -> bool:
+                rows = {tuple(r) for r in await probe.fetch(LOCKS_SQL, ["ev", "ev_feb"])}
+                return ("ev", "ShareRowExclusiveLock", True) in rows and any(
+                    r[0] == "ev_feb" and not r[2] for r in rows
+                )
+
+            seen["cycle"] = await _wait_for(start_waits_on_leaf_holding_parent, 12)
+            await asyncio.sleep(delay)  # after the start's own deadlock check: the application's finds the cycle
+            try:
+                await app.execute("UPDATE ev SET v = 'app parent' WHERE id = 1")
+                await app.execute("COMMIT")
+                seen["app"] = "committed"
+            except asyncpg.PostgresError as e:
+                seen["app"] = f"{type(e).__name__}: {e}"
+                await app.execute("ROLLBACK")
+        finally:
+            await probe.close()
+            await app.close()
+        try:
+            seen["start"] = "ok" if (await task).validation.ok else "not valid"
+        except Exception as e:  # noqa: BLE001
+            seen["start"] = f"{type(e).__name__}: {e} {getattr(e, 'detail', '')}"
+
+    asyncio.run(scenario())
+    assert seen["cycle"], seen
+    assert seen["app"] == "committed", seen
+    assert seen["start"] == "ok", seen
+    assert scalar(db_url, "SELECT v FROM ev_t WHERE id = 40") == "app leaf"
+
+
+# == 2. what the start holds, from before its savepoint, while it retries ===============================================
+def test_a_start_retrying_on_one_table_holds_no_lock_a_writer_of_another_waits_for(db_url, tmp_path):
+    """One database: the start's own statements (preflight, EXPLAIN, pre_state, ledger, ensure_capture) run before the
+    savepoint.  While it retries on countries, what it holds on shops between tries is ACCESS SHARE (no writer waits
+    for it), and a write to shops goes through under a 2 s lock_timeout, longer than one try."""
+    sql(db_url, LOOKUP)
+    s = settings(db_url, project(tmp_path, LOOKUP_MAPPING))
+    seen: dict = {}
+
+    async def scenario() -> None:
+        holder = await asyncpg.connect(db_url)
+        await holder.execute("BEGIN; LOCK TABLE countries IN ROW EXCLUSIVE MODE")
+        task = asyncio.ensure_future(api.run_phase(s, "night", api.RunOptions(backup=False)))
+        try:
+            await asyncio.sleep(3.0)
+            seen["running"] = not task.done()
+            probe = await asyncpg.connect(db_url)
+            seen["locks"] = [r for r in (tuple(x) for x in await probe.fetch(LOCKS_SQL, ["shops", "tiendas"])) if r[2]]
+            await probe.close()
+            seen["write"] = await _attempt(db_url, "UPDATE shops SET v = v WHERE id = 1", "2s")
+            seen["insert"] = await _attempt(db_url, "INSERT INTO shops VALUES (999, 'es', 'new')", "2s")
+        finally:
+            await holder.execute("ROLLBACK")
+            await holder.close()
+        seen["ok"] = (await task).validation.ok
+
+    asyncio.run(scenario())
+    assert seen["running"], seen
+    # between tries only ACCESS SHARE (the start's reads); within one, shops' trigger lock for at most that try
+    assert all(m in ("AccessShareLock", "ShareRowExclusiveLock") for t, m, _ in seen["locks"] if t == "shops"), seen
+    assert (seen["write"], seen["insert"]) == ("ok", "ok"), seen
+    assert seen["ok"], seen
+
+
+# == 3. kill -9 during the start's install across two databases =========================================================
+@pytest.mark.parametrize(
+    "kill",
+    [
+        ("migrate_data.blocking:ddl_with_short_locks:return", 1),  # DDL done, registry not written, not committed
+        ("migrate_data.capture:_record:return", 1),  # one registry row written, not committed
+        ("migrate_data.capture:install:return", 1),  # the source committed, the target's start not
+    ],
+    ids=["ddl", "record", "committed"],
+)
+def test_a_start_killed_during_its_install_on_two_databases_finishes_exactly_when_run_again(make_db, tmp_path, kill):
+    from test_removal_attack import TIENDAS
+
+    def fresh(name: str):
+        source, target = make_db(), make_db()
+        sql(source, LOOKUP.replace(TIENDAS, ""))
+        sql(target, TIENDAS)
+        (tmp_path / name).mkdir()
+        s = settings(target, project(tmp_path / name, LOOKUP_MAPPING)).with_(source_url=source)
+        return s, source, target, {"SOURCE_DATABASE_URL": source}
+
+    s, source, target, env = fresh("killed")
+    c, csource, ctarget, cenv = fresh("clean")
+    killed = _kill(s, env, *kill, "night", "--yes", "--no-backup")
+    assert killed.returncode == -9, killed.stderr[-1500:]
+    if kill[0].endswith("install:return"):
+        assert _tables_captured(source, "night") == ["countries", "shops"]
+    else:
+        assert _tables_captured(source, "night") == [], _captured(source, "night")
+    for url in (source, csource):
+        sql(url, "UPDATE shops SET v = 'between' WHERE id = 3")
+    again = run_cli("--project", str(s.project_dir), "night", "--yes", "--no-backup", url=s.database_url, env=env)
+    clean = run_cli("--project", str(c.project_dir), "night", "--yes", "--no-backup", url=c.database_url, env=cenv)
+    assert again.returncode == clean.returncode == 0, (again.stderr[-1500:], clean.stderr[-800:])
+    for url in (source, csource):
+        sql(url, "UPDATE shops SET v = 'after' WHERE id = 4")
+    k, cl = _captured(source), _captured(csource)
+    assert (k["triggers"], k["functions"], k["registry"]) == (cl["triggers"], cl["functions"], cl["registry"])
+    assert _phase(target, "night") == _phase(ctarget, "night")
+    for st in (s, c):
+        done = run_cli("cutover", "night", "--yes", "--project", str(st.project_dir), url=st.database_url,
+                       env={"SOURCE_DATABASE_URL": source if st is s else csource})  # fmt: skip
+        assert done.returncode == 0, done.stderr[-1500:]
+    assert snapshot(target) == snapshot(ctarget)
+    assert _captured(source) == {"triggers": [], "functions": [], "registry": [], "log": []}
+
+
+# == 4. a table dropped from a phase between two runs ================================================================
+TWO = """
+CREATE TABLE countries (code text PRIMARY KEY, name text);
+CREATE TABLE shops (id int PRIMARY KEY, country text, v text);
+CREATE TABLE tiendas (id int PRIMARY KEY, pais text, v text);
+CREATE TABLE paises (codigo text PRIMARY KEY, nombre text);
+INSERT INTO countries VALUES ('es', 'Spain'), ('fr', 'France');
+INSERT INTO shops SELECT i, CASE WHEN i % 2 = 0 THEN 'es' ELSE 'fr' END, 'v' || i FROM generate_series(1, 20) i;
+"""
+TWO_MAPPING = """
+tables:
+  - source: shops
+    target: tiendas
+    columns: {id: id, pais: country, v: v}
+  - source: countries
+    target: paises
+    columns: {codigo: code, nombre: name}
+"""
+ONE_MAPPING = """
+tables:
+  - source: shops
+    target: tiendas
+    columns: {id: id, pais: country, v: v}
+"""
+
+
+def test_a_table_dropped_from_a_phase_between_runs_leaves_no_capture_nor_log_nobody_knows_of(db_url, tmp_path):
+    """The phase is killed after its start (capture on both tables), the application writes countries (logged), the
+    mapping drops countries, the same command resumes: the resumed start removes countries' capture in the same try
+    as it checks shops'.  Nothing of countries' capture may be left: no trigger, no function, no registry row, and no
+    log row that sync will never apply and the cutover then reports (and keeps) as a late change."""
+    sql(db_url, TWO)
+    s = settings(db_url, project(tmp_path, TWO_MAPPING))
+    killed = _kill(s, {}, "migrate_data.steps:Copy.apply:enter", 1, "night", "--yes", "--no-backup")
+    assert killed.returncode == -9, killed.stderr[-1500:]
+    assert _tables_captured(db_url, "night") == ["countries", "shops"], _captured(db_url, "night")
+    sql(db_url, "UPDATE countries SET name = 'Francia' WHERE code = 'fr'")
+    assert any(r[1] == "public.countries" for r in _captured(db_url, "night")["log"])
+    (tmp_path / "mappings" / "night.yaml").write_text(ONE_MAPPING)
+    again = run_cli("--project", str(s.project_dir), "night", "--yes", "--no-backup", url=db_url)
+    assert again.returncode == 0, again.stderr[-1500:]
+    assert _tables_captured(db_url, "night") == ["shops"], _captured(db_url, "night")
+    assert [r[1] for r in _captured(db_url, "night")["registry"]] == ["public.shops"]
+    synced = run_cli("sync", "night", "--project", str(s.project_dir), url=db_url)
+    assert synced.returncode == 0, synced.stderr[-1500:]
+    left = [r for r in _captured(db_url, "night")["log"] if r[1] == "public.countries"]
+    cut = run_cli("cutover", "night", "--yes", "--project", str(s.project_dir), url=db_url)
+    assert cut.returncode == 0, cut.stderr[-1500:]
+    assert "after the last sync" not in cut.stdout, cut.stdout
+    assert left == [], f"log rows of a table the phase no longer reads, never applied nor dropped: {left}"
+    assert _captured(db_url) == {"triggers": [], "functions": [], "registry": [], "log": []}
+
+
+@pytest.mark.parametrize("delay", [0.2, 1.3])
+def test_a_report_reading_a_partition_then_its_parent_is_not_failed_by_the_cutovers_removal(db_url, tmp_path, delay):
+    """Default server settings (deadlock_timeout 1s), a cutover with --lock-wait 3s (a documented flag).  A report's
+    REPEATABLE READ transaction reads ev_feb (ACCESS SHARE): the block (SHARE) goes through, the phase is cut over,
+    writes released; the removal's try drops ev's trigger (ACCESS EXCLUSIVE on the parent, granted) and waits for
+    ev_feb.  The report then reads the parent: a lock cycle, and the report's own deadlock check (1 s after it began
+    to wait, within the removal's 3 s try) aborts the REPORT with "deadlock detected".  A DBA expects the migration
+    to give way, never to fail a read-only report."""
+    from test_sync_attack import _night
+
+    s = _night(db_url, tmp_path, PARTITIONED, PARTITIONED_MAPPING)
+    seen: dict = {}
+
+    async def scenario() -> None:
+        report = await asyncpg.connect(db_url)
+        await report.execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM ev_feb")
+        task = asyncio.ensure_future(api.cutover(s, ["night"], lock_wait="3s", retries=3))
+        probe = await asyncpg.connect(db_url)
+        try:
+
+            async def removal_waits_on_leaf_holding_parent() -> bool:
+                rows = {tuple(r) for r in await probe.fetch(LOCKS_SQL, ["ev", "ev_feb"])}
+                return ("ev", "AccessExclusiveLock", True) in rows and any(r[0] == "ev_feb" and not r[2] for r in rows)
+
+            seen["cycle"] = await _wait_for(removal_waits_on_leaf_holding_parent, 15)
+            await asyncio.sleep(delay)  # 0.2: the removal's deadlock check finds the cycle; 1.3: the report's
+            try:
+                seen["rows"] = await report.fetchval("SELECT count(*) FROM ev")
+                await report.execute("COMMIT")
+                seen["report"] = "ok"
+            except asyncpg.PostgresError as e:
+                seen["report"] = f"{type(e).__name__}: {e}"
+                await report.execute("ROLLBACK")
+        finally:
+            await probe.close()
+            await report.close()
+        try:
+            r = await task
+            seen["ok"], seen["removed"] = r.ok, r.capture_removed
+        except Exception as e:  # noqa: BLE001
+            seen["ok"], seen["removed"] = f"cutover raised {type(e).__name__}: {e}", None
+
+    asyncio.run(scenario())
+    assert seen["cycle"], seen
+    assert seen["report"] == "ok", seen
+    assert seen["ok"] and seen["removed"], seen
