@@ -304,3 +304,46 @@ def test_a_report_reading_a_partition_then_its_parent_is_not_failed_by_the_cutov
     assert seen["cycle"], seen
     assert seen["report"] == "ok", seen
     assert seen["ok"] and seen["removed"], seen
+
+
+def test_an_application_writing_two_tables_is_not_failed_by_the_cutovers_block_of_both(db_url, tmp_path):
+    """The cutover blocks writes to shops and countries with one LOCK TABLE (countries first), --lock-wait 3s.  The
+    application has written shops and then writes countries in the same transaction: the block holds countries and
+    waits for shops, the application waits for countries, a lock cycle.  With a 3 s try the application's deadlock
+    check (1 s) aborted the APPLICATION's transaction; the block now gives way (its tries wait under deadlock_timeout)
+    and the application commits."""
+    from test_sync_attack import _night
+
+    s = _night(db_url, tmp_path, LOOKUP, LOOKUP_MAPPING)
+    seen: dict = {}
+
+    async def scenario() -> None:
+        app = await asyncpg.connect(db_url, server_settings={"lock_timeout": "10s"})
+        await app.execute("BEGIN; UPDATE shops SET v = 'app' WHERE id = 2")
+        task = asyncio.ensure_future(api.cutover(s, ["night"], lock_wait="3s", retries=5))
+        probe = await asyncpg.connect(db_url)
+        try:
+
+            async def block_waits_on_shops_holding_countries() -> bool:
+                rows = {tuple(r) for r in await probe.fetch(LOCKS_SQL, ["countries", "shops"])}
+                return ("countries", "ShareLock", True) in rows and ("shops", "ShareLock", False) in rows
+
+            seen["cycle"] = await _wait_for(block_waits_on_shops_holding_countries, 12)
+            try:
+                await app.execute("UPDATE countries SET name = 'Francia' WHERE code = 'fr'")
+                await app.execute("COMMIT")
+                seen["app"] = "committed"
+            except asyncpg.PostgresError as e:
+                seen["app"] = f"{type(e).__name__}: {e}"
+                await app.execute("ROLLBACK")
+        finally:
+            await probe.close()
+            await app.close()
+        r = await task
+        seen["ok"], seen["attempts"] = r.ok, r.attempts
+
+    asyncio.run(scenario())
+    assert seen["cycle"], seen
+    assert seen["app"] == "committed", seen
+    assert seen["ok"] and seen["attempts"] > 1, seen
+    assert scalar(db_url, "SELECT v FROM tiendas WHERE id = 2") == "app"
