@@ -12,19 +12,13 @@ import asyncpg
 import pytest
 from test_guard_attack import LOOKUP, LOOKUP_MAPPING
 from test_partitions import project, settings
-from test_patience_attack import _attempt
+from test_patience_attack import LOCKS_SQL, start_while_busy
 from test_removal_attack import _captured, _kill, _phase, _tables_captured
 from test_sync_attack import PARTITIONED, PARTITIONED_MAPPING
 
 from conftest import run_cli, scalar, sql
 from migrate_data import api
 from test_orchestration import snapshot
-
-LOCKS_SQL = (
-    "SELECT l.relation::regclass::text, l.mode, l.granted FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
-    "WHERE a.application_name = 'migrate-data' AND a.datname = current_database() AND l.locktype = 'relation' "
-    "AND l.relation::regclass::text = ANY ($1::text[]) ORDER BY 1, 2, 3"
-)
 
 
 async def _wait_for(cond, seconds: float = 10.0) -> bool:
@@ -36,6 +30,45 @@ async def _wait_for(cond, seconds: float = 10.0) -> bool:
     return False
 
 
+def _cycle(url: str, first: str, ours, holding: tuple[str, str], waiting: str, then: str, delay: float = 0.0) -> dict:
+    """An application transaction runs ``first``; ``ours()`` (a coroutine: the start, the cutover) then holds
+    ``holding`` (relation, lock mode) and waits for ``waiting``, which the application holds; after ``delay`` the
+    application runs ``then``, which wants ``holding``: a lock cycle.  Returns whether the cycle was seen, how the
+    application's transaction ended and what ours returned (or raised)."""
+    seen: dict = {}
+
+    async def scenario() -> None:
+        app = await asyncpg.connect(url, server_settings={"lock_timeout": "10s"})
+        await app.execute(first)
+        task = asyncio.ensure_future(ours())
+        probe = await asyncpg.connect(url)
+        try:
+
+            async def in_cycle() -> bool:
+                rows = {tuple(r) for r in await probe.fetch(LOCKS_SQL, [holding[0], waiting])}
+                return (*holding, True) in rows and any(r[0] == waiting and not r[2] for r in rows)
+
+            seen["cycle"] = await _wait_for(in_cycle, 15)
+            await asyncio.sleep(delay)
+            try:
+                await app.execute(then)
+                await app.execute("COMMIT")
+                seen["app"] = "committed"
+            except asyncpg.PostgresError as e:
+                seen["app"] = f"{type(e).__name__}: {e}"
+                await app.execute("ROLLBACK")
+        finally:
+            await probe.close()
+            await app.close()
+        try:
+            seen["ours"] = await task
+        except Exception as e:  # noqa: BLE001 - what a deadlock did to us is what the test reports
+            seen["ours"] = f"{type(e).__name__}: {e} {getattr(e, 'detail', '')}"
+
+    asyncio.run(scenario())
+    return seen
+
+
 # == 1. a partitioned source with a busy partition ====================================================================
 def test_a_start_waiting_for_a_busy_partition_holds_nothing_writers_of_the_other_partitions_wait_for(db_url, tmp_path):
     """An application transaction keeps ev_feb (a write straight into the leaf).  While the start retries, writes to
@@ -43,26 +76,11 @@ def test_a_start_waiting_for_a_busy_partition_holds_nothing_writers_of_the_other
     leaf is captured."""
     sql(db_url, PARTITIONED)
     s = settings(db_url, project(tmp_path, PARTITIONED_MAPPING))
-    seen: dict = {}
-
-    async def scenario() -> None:
-        holder = await asyncpg.connect(db_url)
-        await holder.execute("BEGIN; UPDATE ev_feb SET v = v WHERE false")
-        task = asyncio.ensure_future(api.run_phase(s, "night", api.RunOptions(backup=False)))
-        try:
-            await asyncio.sleep(3.0)
-            seen["running"] = not task.done()
-            probe = await asyncpg.connect(db_url)
-            seen["locks"] = [tuple(r) for r in await probe.fetch(LOCKS_SQL, ["ev", "ev_jan", "ev_feb"])]
-            await probe.close()
-            seen["leaf"] = await _attempt(db_url, "UPDATE ev_jan SET v = v WHERE id = 1", "2s")
-            seen["parent"] = await _attempt(db_url, "UPDATE ev SET v = v WHERE id = 1 AND d < '2024-02-01'", "2s")
-        finally:
-            await holder.execute("ROLLBACK")
-            await holder.close()
-        seen["ok"] = (await task).validation.ok
-
-    asyncio.run(scenario())
+    probes = {
+        "leaf": "UPDATE ev_jan SET v = v WHERE id = 1",
+        "parent": "UPDATE ev SET v = v WHERE id = 1 AND d < '2024-02-01'",
+    }
+    seen = start_while_busy(db_url, s, "UPDATE ev_feb SET v = v WHERE false", probes)
     assert seen["running"], seen
     assert (seen["leaf"], seen["parent"]) == ("ok", "ok"), seen
     assert seen["ok"], seen
@@ -85,42 +103,18 @@ def test_an_application_writing_a_partition_then_its_parent_is_not_failed_by_the
     sql(db_url, f"ALTER DATABASE {db_url.rsplit('/', 1)[1]} SET deadlock_timeout = '{deadlock_timeout}'")
     sql(db_url, PARTITIONED)
     s = settings(db_url, project(tmp_path, PARTITIONED_MAPPING))
-    seen: dict = {}
-
-    async def scenario() -> None:
-        app = await asyncpg.connect(db_url, server_settings={"lock_timeout": "10s"})
-        await app.execute("BEGIN; UPDATE ev_feb SET v = 'app leaf' WHERE id = 40")
-        task = asyncio.ensure_future(api.run_phase(s, "night", api.RunOptions(backup=False)))
-        probe = await asyncpg.connect(db_url)
-        try:
-
-            async def start_waits_on_leaf_holding_parent() -> bool:
-                rows = {tuple(r) for r in await probe.fetch(LOCKS_SQL, ["ev", "ev_feb"])}
-                return ("ev", "ShareRowExclusiveLock", True) in rows and any(
-                    r[0] == "ev_feb" and not r[2] for r in rows
-                )
-
-            seen["cycle"] = await _wait_for(start_waits_on_leaf_holding_parent, 12)
-            await asyncio.sleep(delay)  # after the start's own deadlock check: the application's finds the cycle
-            try:
-                await app.execute("UPDATE ev SET v = 'app parent' WHERE id = 1")
-                await app.execute("COMMIT")
-                seen["app"] = "committed"
-            except asyncpg.PostgresError as e:
-                seen["app"] = f"{type(e).__name__}: {e}"
-                await app.execute("ROLLBACK")
-        finally:
-            await probe.close()
-            await app.close()
-        try:
-            seen["start"] = "ok" if (await task).validation.ok else "not valid"
-        except Exception as e:  # noqa: BLE001
-            seen["start"] = f"{type(e).__name__}: {e} {getattr(e, 'detail', '')}"
-
-    asyncio.run(scenario())
+    seen = _cycle(
+        db_url,
+        "BEGIN; UPDATE ev_feb SET v = 'app leaf' WHERE id = 40",
+        lambda: api.run_phase(s, "night", api.RunOptions(backup=False)),
+        ("ev", "ShareRowExclusiveLock"),
+        "ev_feb",
+        "UPDATE ev SET v = 'app parent' WHERE id = 1",
+        delay,  # 0.4: after the start's own deadlock check, the application's finds the cycle
+    )
     assert seen["cycle"], seen
     assert seen["app"] == "committed", seen
-    assert seen["start"] == "ok", seen
+    assert not isinstance(seen["ours"], str) and seen["ours"].validation.ok, seen
     assert scalar(db_url, "SELECT v FROM ev_t WHERE id = 40") == "app leaf"
 
 
@@ -131,26 +125,8 @@ def test_a_start_retrying_on_one_table_holds_no_lock_a_writer_of_another_waits_f
     for it), and a write to shops goes through under a 2 s lock_timeout, longer than one try."""
     sql(db_url, LOOKUP)
     s = settings(db_url, project(tmp_path, LOOKUP_MAPPING))
-    seen: dict = {}
-
-    async def scenario() -> None:
-        holder = await asyncpg.connect(db_url)
-        await holder.execute("BEGIN; LOCK TABLE countries IN ROW EXCLUSIVE MODE")
-        task = asyncio.ensure_future(api.run_phase(s, "night", api.RunOptions(backup=False)))
-        try:
-            await asyncio.sleep(3.0)
-            seen["running"] = not task.done()
-            probe = await asyncpg.connect(db_url)
-            seen["locks"] = [r for r in (tuple(x) for x in await probe.fetch(LOCKS_SQL, ["shops", "tiendas"])) if r[2]]
-            await probe.close()
-            seen["write"] = await _attempt(db_url, "UPDATE shops SET v = v WHERE id = 1", "2s")
-            seen["insert"] = await _attempt(db_url, "INSERT INTO shops VALUES (999, 'es', 'new')", "2s")
-        finally:
-            await holder.execute("ROLLBACK")
-            await holder.close()
-        seen["ok"] = (await task).validation.ok
-
-    asyncio.run(scenario())
+    probes = {"write": "UPDATE shops SET v = v WHERE id = 1", "insert": "INSERT INTO shops VALUES (999, 'es', 'new')"}
+    seen = start_while_busy(db_url, s, "LOCK TABLE countries IN ROW EXCLUSIVE MODE", probes, ("shops", "tiendas"))
     assert seen["running"], seen
     # between tries only ACCESS SHARE (the start's reads); within one, shops' trigger lock for at most that try
     assert all(m in ("AccessShareLock", "ShareRowExclusiveLock") for t, m, _ in seen["locks"] if t == "shops"), seen
@@ -269,41 +245,18 @@ def test_a_report_reading_a_partition_then_its_parent_is_not_failed_by_the_cutov
     from test_sync_attack import _night
 
     s = _night(db_url, tmp_path, PARTITIONED, PARTITIONED_MAPPING)
-    seen: dict = {}
-
-    async def scenario() -> None:
-        report = await asyncpg.connect(db_url)
-        await report.execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM ev_feb")
-        task = asyncio.ensure_future(api.cutover(s, ["night"], lock_wait="3s", retries=3))
-        probe = await asyncpg.connect(db_url)
-        try:
-
-            async def removal_waits_on_leaf_holding_parent() -> bool:
-                rows = {tuple(r) for r in await probe.fetch(LOCKS_SQL, ["ev", "ev_feb"])}
-                return ("ev", "AccessExclusiveLock", True) in rows and any(r[0] == "ev_feb" and not r[2] for r in rows)
-
-            seen["cycle"] = await _wait_for(removal_waits_on_leaf_holding_parent, 15)
-            await asyncio.sleep(delay)  # 0.2: the removal's deadlock check finds the cycle; 1.3: the report's
-            try:
-                seen["rows"] = await report.fetchval("SELECT count(*) FROM ev")
-                await report.execute("COMMIT")
-                seen["report"] = "ok"
-            except asyncpg.PostgresError as e:
-                seen["report"] = f"{type(e).__name__}: {e}"
-                await report.execute("ROLLBACK")
-        finally:
-            await probe.close()
-            await report.close()
-        try:
-            r = await task
-            seen["ok"], seen["removed"] = r.ok, r.capture_removed
-        except Exception as e:  # noqa: BLE001
-            seen["ok"], seen["removed"] = f"cutover raised {type(e).__name__}: {e}", None
-
-    asyncio.run(scenario())
+    seen = _cycle(
+        db_url,
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM ev_feb",
+        lambda: api.cutover(s, ["night"], lock_wait="3s", retries=3),
+        ("ev", "AccessExclusiveLock"),
+        "ev_feb",
+        "SELECT count(*) FROM ev",
+        delay,  # 0.2: the removal's deadlock check finds the cycle; 1.3: the report's
+    )
     assert seen["cycle"], seen
-    assert seen["report"] == "ok", seen
-    assert seen["ok"] and seen["removed"], seen
+    assert seen["app"] == "committed", seen  # the report's transaction
+    assert not isinstance(seen["ours"], str) and seen["ours"].ok and seen["ours"].capture_removed, seen
 
 
 def test_an_application_writing_two_tables_is_not_failed_by_the_cutovers_block_of_both(db_url, tmp_path):
@@ -315,35 +268,15 @@ def test_an_application_writing_two_tables_is_not_failed_by_the_cutovers_block_o
     from test_sync_attack import _night
 
     s = _night(db_url, tmp_path, LOOKUP, LOOKUP_MAPPING)
-    seen: dict = {}
-
-    async def scenario() -> None:
-        app = await asyncpg.connect(db_url, server_settings={"lock_timeout": "10s"})
-        await app.execute("BEGIN; UPDATE shops SET v = 'app' WHERE id = 2")
-        task = asyncio.ensure_future(api.cutover(s, ["night"], lock_wait="3s", retries=5))
-        probe = await asyncpg.connect(db_url)
-        try:
-
-            async def block_waits_on_shops_holding_countries() -> bool:
-                rows = {tuple(r) for r in await probe.fetch(LOCKS_SQL, ["countries", "shops"])}
-                return ("countries", "ShareLock", True) in rows and ("shops", "ShareLock", False) in rows
-
-            seen["cycle"] = await _wait_for(block_waits_on_shops_holding_countries, 12)
-            try:
-                await app.execute("UPDATE countries SET name = 'Francia' WHERE code = 'fr'")
-                await app.execute("COMMIT")
-                seen["app"] = "committed"
-            except asyncpg.PostgresError as e:
-                seen["app"] = f"{type(e).__name__}: {e}"
-                await app.execute("ROLLBACK")
-        finally:
-            await probe.close()
-            await app.close()
-        r = await task
-        seen["ok"], seen["attempts"] = r.ok, r.attempts
-
-    asyncio.run(scenario())
+    seen = _cycle(
+        db_url,
+        "BEGIN; UPDATE shops SET v = 'app' WHERE id = 2",
+        lambda: api.cutover(s, ["night"], lock_wait="3s", retries=5),
+        ("countries", "ShareLock"),
+        "shops",
+        "UPDATE countries SET name = 'Francia' WHERE code = 'fr'",
+    )
     assert seen["cycle"], seen
     assert seen["app"] == "committed", seen
-    assert seen["ok"] and seen["attempts"] > 1, seen
+    assert not isinstance(seen["ours"], str) and seen["ours"].ok and seen["ours"].attempts > 1, seen
     assert scalar(db_url, "SELECT v FROM tiendas WHERE id = 2") == "app"

@@ -113,6 +113,44 @@ async def _attempt(url: str, statement: str, wait: str) -> str:
         await conn.close()
 
 
+def start_while_busy(url: str, s, busy: str, probes: dict[str, str], locks: tuple[str, ...] = ()) -> dict:
+    """Run the phase ``night`` of ``s`` while an application transaction that ran ``busy`` stays open; 3 s in (the
+    start retrying), each probe statement under a 2 s lock_timeout (more than one try), and which of ``locks`` our
+    sessions hold then; the application's transaction ends, the run finishes.  Returns what was seen."""
+    from migrate_data import api
+
+    seen: dict = {}
+
+    async def scenario() -> None:
+        holder = await asyncpg.connect(url)
+        await holder.execute(f"BEGIN; {busy}")
+        task = asyncio.ensure_future(api.run_phase(s, "night", api.RunOptions(backup=False)))
+        try:
+            await asyncio.sleep(3.0)
+            seen["running"] = not task.done()
+            probe = await asyncpg.connect(url)
+            try:
+                seen["locks"] = [tuple(r) for r in await probe.fetch(LOCKS_SQL, list(locks)) if r["granted"]]
+            finally:
+                await probe.close()
+            for name, statement in probes.items():
+                seen[name] = await _attempt(url, statement, "2s")
+        finally:
+            await holder.execute("ROLLBACK")
+            await holder.close()
+        seen["ok"] = (await task).validation.ok
+
+    asyncio.run(scenario())
+    return seen
+
+
+LOCKS_SQL = (
+    "SELECT l.relation::regclass::text, l.mode, l.granted FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+    "WHERE a.application_name = 'migrate-data' AND a.datname = current_database() AND l.locktype = 'relation' "
+    "AND l.relation::regclass::text = ANY ($1::text[]) ORDER BY 1, 2, 3"
+)
+
+
 def _writable(url: str, statement: str) -> str:
     """An application write with a 1 s lock_timeout: 'ok', or why not."""
     return asyncio.run(_attempt(url, statement, "1s"))
@@ -437,28 +475,11 @@ def test_a_phase_start_waiting_for_one_busy_table_holds_no_other_tables_lock(db_
     """The phase's start turns capture on for every table in each short-lock try: a try that cannot lock one table
     lets go of the others.  Before, the first table's trigger lock (SHARE ROW EXCLUSIVE) was kept while the second's
     was retried (1 s × 6, about 14 s), and every write of the first table waited that long."""
-    from migrate_data import api
-
     sql(db_url, LOOKUP)
     s = settings(db_url, project(tmp_path, LOOKUP_MAPPING))
-    other = {"shops": "countries", "countries": "shops"}[held]
-    seen: dict[str, object] = {}
-
-    async def scenario() -> None:
-        holder = await asyncpg.connect(db_url)
-        await holder.execute(f"BEGIN; LOCK TABLE {held} IN ROW EXCLUSIVE MODE")  # an application transaction
-        task = asyncio.ensure_future(api.run_phase(s, "night", api.RunOptions(backup=False)))
-        try:
-            await asyncio.sleep(3.0)  # the start is retrying on `held`
-            seen["running"] = not task.done()
-            column = "v" if other == "shops" else "name"  # a write, given more than one try (1 s)
-            seen["probe"] = await _attempt(db_url, f"UPDATE {other} SET {column} = {column} WHERE false", "2s")
-        finally:
-            await holder.execute("ROLLBACK")
-            await holder.close()
-        seen["ok"] = (await task).validation.ok
-
-    asyncio.run(scenario())
+    other, column = {"shops": ("countries", "name"), "countries": ("shops", "v")}[held]
+    write = f"UPDATE {other} SET {column} = {column} WHERE false"
+    seen = start_while_busy(db_url, s, f"LOCK TABLE {held} IN ROW EXCLUSIVE MODE", {"probe": write})
     assert seen["running"], seen
     assert seen["probe"] == "ok", seen
     assert seen["ok"], seen
