@@ -1,6 +1,8 @@
-"""capture's removal one table per transaction (capture._remove), attacked as an adversarial DBA would: kill -9 between
-two tables' removals and between the last table and the log, on one database and across two; the application writing
-while one table's capture is gone and another's is not; a table two phases capture; a busy table.
+"""capture's removal (capture._remove), attacked as an adversarial DBA would, first when it removed one table per
+transaction (these tests found the window that opened: a transaction half logged, a late write lost, `status` saying
+`on`), then as it is, one transaction with every table's DDL in each short-lock try: kill -9 inside the removal and
+after it, on one database and across two; the application writing while the removal retries; a table two phases
+capture; a busy table.
 
 Small projects of their own: ``night`` (shops, looking up countries: two captured tables, removed countries first)
 on one database or across two, and ``alpha`` / ``beta`` (both capture countries)."""
@@ -143,7 +145,7 @@ def _kill(s, env, target: str, nth: int, *args: str):
     return kill_at(target, *_proj(s), *args, url=s.database_url, cwd=ROOT, env=env, nth=nth)
 
 
-# == 1. kill -9 between two tables' removals, and between the last table and the log ==================================
+# == 1. kill -9 inside the removal, and after it =====================================================================
 @pytest.mark.parametrize("where", WHERE)
 @pytest.mark.parametrize("kill", [BETWEEN, ("migrate_data.capture:_remove:return", 1)], ids=["between", "after-last"])
 def test_a_cutover_killed_during_the_removal_finishes_exactly_when_run_again(make_db, tmp_path, where, kill):
@@ -211,8 +213,8 @@ def test_a_rollback_killed_during_the_removal_finishes_exactly_when_run_again(ma
 # == 2. what `status` says in between ==================================================================================
 @pytest.mark.parametrize("command", ["cutover", "rollback"])
 def test_status_between_two_tables_removals_does_not_say_capture_is_on(make_db, tmp_path, command):
-    """Killed with countries' capture gone and shops' still there: status says capture `on` (every trigger in place),
-    because it judges only the registry rows left; writes to countries are no longer logged at all."""
+    """Killed inside the removal: `status` must say something true.  (Removed one table per transaction, a kill left
+    countries' capture gone and shops' there, and status said `on`: writes to countries were no longer logged at all.)"""
     s, source, target, env = _night_on(make_db, tmp_path, "one database")
     killed = _kill(s, env, *BETWEEN, command, "night", "--yes")
     assert killed.returncode == -9, killed.stderr[-1500:]
@@ -226,7 +228,7 @@ def test_status_between_two_tables_removals_does_not_say_capture_is_on(make_db, 
     )
 
 
-# == 3. the application writing while one table's capture is gone and another's is not ================================
+# == 3. the application writing while the removal retries, or after a killed one ====================================
 APP_TX = (  # one application transaction that writes both tables
     "BEGIN; UPDATE countries SET name = 'Francia!' WHERE code = 'fr'; UPDATE shops SET v = 'app' WHERE id = 5; COMMIT"
 )
@@ -234,9 +236,9 @@ APP_TX = (  # one application transaction that writes both tables
 
 def test_a_write_made_after_a_cutover_was_killed_between_two_tables_is_kept_and_reported(make_db, tmp_path):
     """README: "a write … made after a cutover was killed, stays in migrate_data.changes, and the cutover prints a
-    WARNING with their number".  Killed between the two tables, one application transaction updates countries and
-    shops: shops' write is kept and counted, countries' is neither applied nor kept (its triggers are gone), so the
-    late log tells half of the transaction.  Before (one transaction) a kill left every trigger: both kept."""
+    WARNING with their number".  Killed inside the removal, then one application transaction updates countries and
+    shops: both writes are kept and counted.  (Removed one table per transaction, shops' write was kept and countries'
+    neither applied nor kept: the late log told half of the transaction.)"""
     s, source, target, env = _night_on(make_db, tmp_path, "one database")
     killed = _kill(s, env, *BETWEEN, "cutover", "night", "--yes")
     assert killed.returncode == -9, killed.stderr[-1500:]
@@ -439,10 +441,9 @@ def test_late_changes_are_reported_even_when_the_removal_fails_on_a_busy_table(m
 @pytest.mark.parametrize("kill", [BETWEEN, ("migrate_data.capture:rowcount:enter", 1)], ids=["between", "after-last"])
 def test_a_stray_captures_rollback_killed_during_the_removal_drops_the_log_when_run_again(make_db, tmp_path, kill):
     """Two databases: `night` killed after the source committed capture, before the target committed the start; the
-    application writes (logged).  `rollback night` (stray_capture) is killed in the log's transaction, every table's
-    removal committed: the registry is empty, the log is not.  Run again, it finds no registry row, says "not applied;
-    nothing to roll back" and the log rows stay in migrate_data.changes for good (and are synced into the phase the
-    next time it runs).  Before (one transaction) such a kill left the registry, and the same command removed all."""
+    application writes (logged).  `rollback night` (stray_capture) is killed inside the removal; run again, it removes
+    triggers, registry and log.  (Removed one table per transaction, a kill after every table's removal left the log
+    without a registry: the same command said "not applied; nothing to roll back" and the log rows stayed for good.)"""
     source, target = make_db(), make_db()
     sql(source, LOOKUP.replace(TIENDAS, ""))
     sql(target, TIENDAS)
