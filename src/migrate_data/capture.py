@@ -236,8 +236,9 @@ async def install(
     statements = [s for _, t in todo for s in t.statements]
     statements += [s for g in gone for s in await _removal(db, phase, g, have[g]["relation"])]
     if statements:  # every table in each short-lock try: one that cannot be locked lets go of the others
-        what = f"turn on change capture on {', '.join(c.name for c, _ in todo)}" if todo else "turn off change capture"
-        what += f"{' and off' if todo else ''} on {', '.join(gone)}" if gone else ""
+        on = f"turn on change capture on {', '.join(c.name for c, _ in todo)}" if todo else ""
+        off = f"turn off change capture on {', '.join(gone)}" if gone else ""
+        what = " and ".join(filter(None, (on, off)))
         await blocking.ddl_with_short_locks(db, what, statements, wait, retries)
     for c, t in todo:
         await _record(db, phase, c, t, again=c.name in have)
