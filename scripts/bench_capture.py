@@ -10,6 +10,9 @@ lookup's table).  pgbench then runs a custom script of inserts and updates on cu
   unguarded  the same without the check that the columns it names are still there (``capture_sql._guard``, which
              keeps a renamed column from failing the application's writes): what that check costs
   row        the same log written by row-level triggers (``capture_sql.function_sql(level="row")``)
+  floor      the same triggers whose function only logs, with one INSERT a statement, the keys of its new rows (of
+             its old ones for a DELETE): no column check, and an UPDATE that changes a key loses the old one.  The
+             floor of any trigger that logs keys; what "statement" adds to it is what its guarantees cost
   empty      the same statement-level triggers with transition tables, whose function only returns: the floor of
              any trigger-based capture (the trigger call and the transition tables, nothing logged)
 
@@ -50,15 +53,17 @@ from migrate_data import api, capture, capture_sql, ledger  # noqa: E402
 from migrate_data.db import open_pool  # noqa: E402
 from migrate_data.preflight import compile_phase  # noqa: E402
 from migrate_data.settings import Settings  # noqa: E402
+from migrate_data.sql import key_text_array, qi, ql  # noqa: E402
 from seed_legacy import counts, seed  # noqa: E402
 
 PHASES = ("phase2a", "phase3")
-VARIANTS = ("none", "statement", "unguarded", "row", "empty")
+VARIANTS = ("none", "statement", "unguarded", "row", "floor", "empty")
 CAPTURED = VARIANTS[1:]
 HEADS = {  # the column of each captured variant, as its cost is shown
     "statement": "statement-level",
     "unguarded": "without the column check",
     "row": "row-level",
+    "floor": "one INSERT of the keys",
     "empty": "an empty trigger",
 }
 ADDS = " | ".join(f"{HEADS[v]} adds" for v in CAPTURED)
@@ -80,6 +85,26 @@ UPDATE messages SET processing_status = 'processed' WHERE id BETWEEN :m AND :m +
 """
 
 
+def floor_sql(phase: str, c: capture_sql.Captured) -> str:
+    """The trigger function of the "floor" variant: one INSERT of the statement's new keys (old ones for a DELETE)."""
+    types = c.types or ("text",) * len(c.columns)
+
+    def log(op: str, alias: str, table: str) -> str:
+        key = key_text_array([f"{alias}.{qi(col)}" for col in c.columns], types)
+        return (
+            f"INSERT INTO migrate_data.changes (phase, source, key, op) "
+            f"SELECT {ql(phase)}, {ql(c.name)}, {key}, '{op}' FROM {qi(table)} AS {alias}"
+        )
+
+    return (
+        f"CREATE OR REPLACE FUNCTION {capture_sql.function_name(phase, c.name)}() RETURNS trigger LANGUAGE plpgsql "
+        f"SECURITY DEFINER AS $capture$\nBEGIN\n    IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN "
+        f"{log('D', 'o', capture_sql.OLD)};\n    ELSIF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN "
+        f"{log('I', 'n', capture_sql.NEW)};\n    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN "
+        f"{log('U', 'n', capture_sql.NEW)};\n    END IF;\n    RETURN NULL;\nEND\n$capture$"
+    )
+
+
 def db(server: str, name: str) -> str:
     return urlunsplit(urlsplit(server)._replace(path="/" + name))
 
@@ -96,6 +121,13 @@ async def set_capture(url: str, settings: Settings, variant: str) -> None:
             tables, _ = await compile_phase(ph, source=pool, target=pool)
             if variant == "statement":
                 await capture.install(pool, phase, tables)
+                continue
+            if variant == "floor":
+                await capture.install(pool, phase, tables)
+                plan = await capture.capture_plan(pool, phase, [ct for ct, _ in tables])
+                async with pool.acquire() as conn:
+                    for c in plan.tables:
+                        await conn.execute(floor_sql(phase, c))
                 continue
             if variant == "empty":
                 await capture.install(pool, phase, tables)

@@ -8,7 +8,9 @@ change capture on.  Then:
   1. throughput  UPDATE 10 % of customers in statements of 1,000 rows, insert 1 % in statements of 1,000 and delete
                  half of those; ``api.sync(settings, ["phase2a"])`` is timed -> changes/s against the copier's rows/s;
                  ``--rounds`` times (median and spread).  Each round also times one bare upsert of every changed key
-                 (the sync's own INSERT … ON CONFLICT, rolled back): the limit for these changes in one statement.
+                 (the sync's own INSERT … ON CONFLICT, rolled back): the limit for these changes in one statement;
+                 and one bare UPDATE … FROM of the updated keys' target rows from their source rows (no conflict
+                 handling, no check of who wrote a row, rolled back): what updating those rows costs at all
                  Where the server loads pg_stat_statements, the server's execution time of the sync is summed too
                  (a figure the machine's other load moves much less than the wall clock)
   2. lag         ``migrate-data sync phase2a --follow`` runs while pgbench writes customers at a fixed rate (an
@@ -60,6 +62,7 @@ from migrate_data import sync as syncing  # noqa: E402
 from migrate_data.db import open_pool  # noqa: E402
 from migrate_data.preflight import compile_phase  # noqa: E402
 from migrate_data.settings import Settings  # noqa: E402
+from migrate_data.sql import qcols, qi, qname  # noqa: E402
 from seed_legacy import counts, seed  # noqa: E402
 
 PHASE = "phase2a"
@@ -183,6 +186,41 @@ async def bare_upsert(url: str, settings: Settings) -> tuple[int, float]:
     return int(status.rsplit(" ", 1)[-1]), took
 
 
+async def bare_update(url: str, settings: Settings) -> tuple[int, float]:
+    """One UPDATE … FROM of the target rows of every key of customers the log holds as updated, with the mapping's
+    expressions and nothing else, rolled back: (rows, seconds)."""
+    _, phase = api.get_phase(settings, PHASE)
+    async with open_pool(url, max_size=2) as pool:
+        tables, _ = await compile_phase(phase, source=pool, target=pool)
+        syncer = syncing.PhaseSyncer(phase=PHASE, tables=tables, target=pool, source=pool, lock=None)  # type: ignore[arg-type]
+        await syncer.prepare()
+        st = next(t for t in syncer.tables if t.source == "public.customers")
+        ct = st.ct
+        key = st.feed[0]
+        target_key = ct.key[0]
+        sets = ", ".join(f"{qi(c.target)} = s.{qi(c.target)}" for c in ct.columns if c.target != target_key)
+        exprs = ", ".join(f"{c.expr} AS {qi(c.target)}" for c in ct.columns)
+        update = (
+            f"UPDATE {qname(ct.target)} AS t SET {sets} FROM (SELECT {exprs} FROM {ct.from_} WHERE "
+            f"{qcols((key,), ct.alias)} = ANY (CAST($1::text[] AS {st.feed_types[0]}[]))) AS s "
+            f"WHERE t.{qi(target_key)} = s.{qi(target_key)}"
+        )
+        async with pool.acquire() as conn:
+            keys = await conn.fetchval(
+                "SELECT array_agg(DISTINCT key[1]) FROM migrate_data.changes WHERE phase = $1 AND source = $2 "
+                "AND op = 'U'",
+                PHASE,
+                st.source,
+            )
+            tr = conn.transaction()
+            await tr.start()
+            t = time.perf_counter()
+            status = await conn.execute(update, keys)
+            took = time.perf_counter() - t
+            await tr.rollback()
+    return int(status.rsplit(" ", 1)[-1]), took
+
+
 async def throughput_round(url: str, settings: Settings, n: int, stats: bool) -> dict:
     """Change customers, then time one bare upsert of the changed keys and the sync of the change log."""
     statements, updated, inserted, deleted = changes(n)
@@ -191,6 +229,7 @@ async def throughput_round(url: str, settings: Settings, n: int, stats: bool) ->
     write_s = time.perf_counter() - t
     logged, _ = await waiting(url)
     bare_rows, bare_s = await bare_upsert(url, settings)
+    update_rows, update_s = await bare_update(url, settings)
     if stats:
         await server_stats(url)
     cpu = time.process_time()
@@ -219,6 +258,8 @@ async def throughput_round(url: str, settings: Settings, n: int, stats: bool) ->
         "cps": ps.changes / sync_s,
         "bare_rows": bare_rows,
         "bare_s": bare_s,
+        "update_rows": update_rows,
+        "update_s": update_s,
         "server_us": server_ms * 1e3 / ps.changes,
         "calls": calls * 1000 / ps.changes,
         "wall_us": sync_s * 1e6 / ps.changes,
@@ -353,6 +394,7 @@ async def main() -> None:
         sync_cps = med("cps")
         ratio = sync_cps / copy_rps
         bare_rps = statistics.median(r["bare_rows"] / r["bare_s"] for r in rounds)
+        update_rps = statistics.median(r["update_rows"] / r["update_s"] for r in rounds)
         server = (
             f"| server execution time of the sync (pg_stat_statements: all its statements) | {med('server_us'):.1f} µs "
             f"a change{each('server_us', '.1f')}, {med('calls'):.0f} statements a 1,000 changes |\n"
@@ -376,6 +418,9 @@ async def main() -> None:
             f"{first['write_s']:.2f} s |\n"
             f"| one bare upsert of the changed keys (sync's own statement, one for all, rolled back) | "
             f"{first['bare_rows']:,} rows in {first['bare_s']:.2f} s; median {bare_rps:,.0f} rows/s |\n"
+            f"| one bare UPDATE … FROM of the updated keys' rows (the mapping's expressions, nothing else, rolled "
+            f"back) | {first['update_rows']:,} rows in {first['update_s']:.2f} s; median {update_rps:,.0f} rows/s "
+            f"= **{update_rps / copy_rps:.2f}× the copier** |\n"
             f'| `api.sync(settings, ["phase2a"])` (batch size 1,000) | {ps.changes:,} changes ({ps.upserted:,} '
             f"upserted, {ps.deleted:,} deleted) in {first['sync_s']:.2f} s; median of {len(rounds)} round(s) "
             f"**{sync_cps:,.0f} changes/s**{each('cps', ',.0f')} |\n"

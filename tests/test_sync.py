@@ -229,6 +229,27 @@ def test_a_bad_row_in_a_batch_is_quarantined_alone_and_the_rest_of_the_batch_is_
     assert scalar(target, "SELECT count(*) FROM clientes WHERE ciudad = 'Lote'") == updated
 
 
+def test_sync_counts_as_left_out_only_the_rows_someone_else_wrote_otherwise_than_derived(setup):
+    settings, source, target, env = setup
+    apply(settings, "phase2a")
+    same, other, plain, unchanged = "+593900000012", "+593900000022", "+593900000032", "+593900000042"
+    # the application writes both schemas for two customers: one exactly as the mapping derives it (nothing is left
+    # out), the other not; a third customer changes only in the source, a fourth is updated to what it was
+    sql(
+        source,
+        f"""UPDATE customers SET city = 'Dual' WHERE phone_number IN ('{same}', '{other}', '{plain}');
+            UPDATE customers SET city = city WHERE phone_number = '{unchanged}'""",
+    )
+    sql(target, f"UPDATE clientes SET ciudad = 'Dual' WHERE telefono = '{same}'")
+    sql(target, f"UPDATE clientes SET ciudad = 'Otra' WHERE telefono = '{other}'")
+    (p,) = run(api.sync(settings, ["phase2a"])).phases
+    assert (p.changes, p.waiting, p.skipped, p.upserted) == (4, 0, 1, 1)  # only the row that differs is left out
+    assert scalar(target, f"SELECT ciudad FROM clientes WHERE telefono = '{other}'") == "Otra"  # never overwritten
+    assert scalar(target, f"SELECT ciudad FROM clientes WHERE telefono = '{plain}'") == "Dual"
+    ok, problems = deep(settings, "phase2a")
+    assert not ok and len(problems) == 1 and "1 rows of public.clientes differ" in problems[0], problems
+
+
 def test_a_truncated_source_table_makes_sync_refuse_and_its_log_rows_stay(setup):
     settings, source, target, env = setup
     apply(settings, "phase2a")

@@ -24,6 +24,7 @@ from .sync_sql import (
     RETRY_STATES,
     SyncTable,
     children_sql,
+    counted_upsert_sql,
     delete_sql,
     key_columns_args,
     others_sql,
@@ -34,6 +35,7 @@ from .sync_sql import (
     stage_upsert_sql,
     target_keys_sql,
     unproduced_sql,
+    unwritten_sql,
     upsert_sql,
 )
 
@@ -159,16 +161,16 @@ class BatchApplier:
         args = key_columns_args(keys, len(st.ct.batch_by))
         try:
             async with conn.transaction():
-                if self.same_db:
-                    n = rowcount(await conn.execute(upsert_sql(st), *args))
-                    present = len(await self._resolve(conn, st, keys, [], [])) if n < len(keys) else n
-                else:
+                stage = None
+                if not self.same_db:
                     stage = f"migrate_data_sync_{i}"
                     await conn.execute(f"DROP TABLE IF EXISTS pg_temp.{qi(stage)}")
                     await conn.execute(stage_table_sql(st, stage))
-                    present = await pipe(self.source, source_rows_sql(st), args, conn, stage)
-                    n = rowcount(await conn.execute(stage_upsert_sql(st, stage), list(range(1, present + 1))))
-                if n < present:  # rows the upsert left as they are (someone else's): the slow path counts them
+                    await pipe(self.source, source_rows_sql(st), args, conn, stage)
+                on = args if self.same_db else []
+                derived, n = await conn.fetchrow(counted_upsert_sql(st, stage), *on)
+                # rows the upsert left as they were: already as derived, or someone else's (the slow path counts them)
+                if n < derived and await conn.fetchval(unwritten_sql(st, stage), *on):
                     raise _NotAllWritten
                 await ledger.mark_write(conn, self.phase, st.name, self.run_id)
         except _NotAllWritten:
@@ -201,7 +203,12 @@ class BatchApplier:
         if not keys or self.snapshot is None:
             return
         st = self.tables[i]
-        n = await conn.fetchval(others_sql(st), *key_columns_args(keys, len(st.ct.key)), self.snapshot)
+        self._report_skipped(
+            st, await conn.fetchval(others_sql(st), *key_columns_args(keys, len(st.ct.key)), self.snapshot), b
+        )
+
+    def _report_skipped(self, st: SyncTable, n: int, b: Batch) -> None:
+        """Count, and say, the ``n`` changed rows of ``st`` that sync left as they are, someone else's."""
         if n:
             b.counts["skipped"] += n
             log.warning(
@@ -286,6 +293,7 @@ class BatchApplier:
         st = self.tables[i]
         again: list[tuple[list[str], list[str]]] = []
         by_n: dict[int, tuple[list[str], list[str]]] = {}
+        stage = None
         if self.same_db:
             sql = upsert_sql(st)
 
@@ -320,7 +328,11 @@ class BatchApplier:
         done, ok = await self._bisect(conn, st, items, attempt, failed)
         b.counts["upserted"] += done
         b.taken_out -= {(st.name, tuple(row_of(x)[0])) for x in ok}  # a last try put it back
-        await self._skipped(conn, i, [row_of(x)[1] for x in ok], b)
+        if ok and self.snapshot is not None:  # what the upserts left otherwise than derived: someone else's rows
+            args = key_columns_args([row_of(x)[0] for x in ok], len(st.ct.batch_by)) if stage is None else [ok]
+            self._report_skipped(
+                st, await conn.fetchval(unwritten_sql(st, stage, others=True), *args, self.snapshot), b
+            )
         b.counts["cleared"] += await ledger.clear_rejects_of(conn, self.phase, st.name, [row_of(x)[0] for x in ok])
         if again:
             b.again.append((i, again))

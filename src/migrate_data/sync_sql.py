@@ -179,10 +179,12 @@ def _equal_means_same_text(type_: str) -> bool:
     return t in _EQUAL_IS_SAME or (t.startswith(_EQUAL_IS_SAME_PREFIX) and not t.endswith("[]"))
 
 
-def _differs(st: SyncTable, columns: Sequence[str]) -> list[str]:
-    """``the target row's value IS DISTINCT FROM the new one`` for ``columns``: a row of the ones compared as they
-    are (text bytewise, in the "C" collation: a nondeterministic collation's equality is not the text's), and a row
-    of the others compared as text."""
+def _differs(
+    st: SyncTable, columns: Sequence[str], old_row: str = qi("__target"), new_row: str = "EXCLUDED"
+) -> list[str]:
+    """``the target row's value IS DISTINCT FROM the new one`` for ``columns`` (of the rows ``old_row`` and
+    ``new_row``): a row of the ones compared as they are (text bytewise, in the "C" collation: a nondeterministic
+    collation's equality is not the text's), and a row of the others compared as text."""
     types = {c: getattr(st.target.column(c), "type", "").lower() for c in columns}
     typed = [c for c in columns if _equal_means_same_text(types[c])]
     texts = [c for c in columns if c not in typed]
@@ -193,22 +195,28 @@ def _differs(st: SyncTable, columns: Sequence[str]) -> list[str]:
 
     out = []
     if typed:
-        old, new = (", ".join(value(a, c) for c in typed) for a in (qi("__target"), "EXCLUDED"))
+        old, new = (", ".join(value(a, c) for c in typed) for a in (old_row, new_row))
         out.append(f"ROW({old}) IS DISTINCT FROM ROW({new})")
     if texts:
-        old, new = (", ".join(f"{a}.{qi(c)}" for c in texts) for a in (qi("__target"), "EXCLUDED"))
+        old, new = (", ".join(f"{a}.{qi(c)}" for c in texts) for a in (old_row, new_row))
         out.append(f"ROW({old})::text IS DISTINCT FROM ROW({new})::text")
     return out
+
+
+def _updated(st: SyncTable) -> list[str]:
+    """The target columns an upsert brings up to date: all but the key and a GENERATED ALWAYS identity."""
+    ct = st.ct
+    return [
+        c.target
+        for c in ct.columns
+        if c.target not in ct.key and getattr(st.target.column(c.target), "identity", "") != "a"
+    ]
 
 
 def _conflict(st: SyncTable) -> str:
     """``ON CONFLICT (key) DO UPDATE`` every other mapped column, only where a value differs (``_differs``)."""
     ct = st.ct
-    rest = [
-        c.target
-        for c in ct.columns
-        if c.target not in ct.key and getattr(st.target.column(c.target), "identity", "") != "a"
-    ]
+    rest = _updated(st)
     if not rest:
         return f" ON CONFLICT ({qcols(ct.key)}) DO NOTHING"
     sets = ", ".join(f"{qi(c)} = EXCLUDED.{qi(c)}" for c in rest)
@@ -244,12 +252,60 @@ def stage_table_sql(st: SyncTable, stage: str) -> str:
     return f"CREATE TEMP TABLE {qi(stage)} (__n integer, __key text[], __tk text[], {cols}) ON COMMIT DROP"
 
 
+def _staged(st: SyncTable) -> list[str]:
+    """Two databases: the expressions that make a staged row (text) the target's."""
+    return [
+        c.convert(f"s.{qi(c.target)}") if c.steps else f"CAST(s.{qi(c.target)} AS {c.cast_type})" for c in st.ct.columns
+    ]
+
+
 def stage_upsert_sql(st: SyncTable, stage: str) -> str:
     """Two databases, on the target: upsert the staged rows numbered ``$1`` (int[])."""
-    exprs = ", ".join(
-        c.convert(f"s.{qi(c.target)}") if c.steps else f"CAST(s.{qi(c.target)} AS {c.cast_type})" for c in st.ct.columns
-    )
+    exprs = ", ".join(_staged(st))
     return f"{_head(st)} SELECT {exprs} FROM {qi(stage)} AS s WHERE s.__n = ANY($1::integer[]){_conflict(st)}"
+
+
+def _derived(st: SyncTable, stage: str | None, *, numbered: bool = False) -> str:
+    """The re-derived rows, under the target's column names: of the batch keys ``$1…`` (one database, as
+    ``upsert_sql``), or the rows of ``stage`` (two): every one, or (``numbered``) those numbered ``$1`` (int[])."""
+    ct = st.ct
+    if stage is None:
+        conds = [*_where(st), _in_keys(ct.batch_by, ct.batch_types, ct.alias, 1)]
+        exprs = ", ".join(f"{c.expr} AS {qi(c.target)}" for c in ct.columns)
+        return f"SELECT {exprs} FROM {ct.from_} WHERE {' AND '.join(conds)}"
+    exprs = ", ".join(f"{e} AS {qi(c.target)}" for e, c in zip(_staged(st), ct.columns, strict=True))
+    return f"SELECT {exprs} FROM {qi(stage)} AS s" + (" WHERE s.__n = ANY($1::integer[])" if numbered else "")
+
+
+def counted_upsert_sql(st: SyncTable, stage: str | None = None) -> str:
+    """The upsert of a whole batch (``_derived``) as one statement that says how many rows it derived and how many it
+    wrote (inserted, or updated because a value differed): ``derived``, ``written``."""
+    return (
+        f"WITH d AS MATERIALIZED ({_derived(st, stage)}), w AS ({_head(st)} SELECT * FROM d{_conflict(st)} RETURNING 1) "
+        "SELECT (SELECT count(*) FROM d) AS derived, (SELECT count(*) FROM w) AS written"
+    )
+
+
+def unwritten_sql(st: SyncTable, stage: str | None = None, *, others: bool = False) -> str:
+    """After an upsert, in its transaction: how many of the re-derived rows (``_derived``) are not in the target as
+    derived, the rows it left as they were; a row it left because it already was as derived is not counted.  With
+    ``others``, only the rows someone else wrote, as ``others_sql`` says (the phase's start snapshot is the parameter
+    after the keys; ``stage``: its rows numbered ``$1``).  Each derived value is first cast to its target column's
+    type, as the upsert's assignment did."""
+    ct = st.ct
+    typed = ", ".join(f"CAST(d.{qi(c.target)} AS {st.target.column(c.target).type}) AS {qi(c.target)}"  # type: ignore[union-attr]
+                      for c in ct.columns)  # fmt: skip
+    on = " AND ".join(f"t.{qi(k)} = n.{qi(k)}" for k in ct.key)
+    differs = " OR ".join(_differs(st, _updated(st), "t", "n"))
+    where = f"t.ctid IS NULL OR {differs}" if differs else "t.ctid IS NULL"
+    if others:
+        snapshot = f"${2 if stage else 1 + len(ct.batch_by)}::text::pg_snapshot"
+        before = f"pg_visible_in_snapshot({qi(SCHEMA)}.full_xid(t.xmin), {snapshot})"
+        where = f"({differs or 'false'}) AND NOT ({ct.written_by_phase('t')}) AND NOT COALESCE({before}, false)"
+    return (
+        f"SELECT count(*) FROM (SELECT {typed} FROM ({_derived(st, stage, numbered=others)}) AS d) AS n "
+        f"LEFT JOIN {ct.tgt} AS t ON {on} WHERE {where}"
+    )
 
 
 def key_columns_args(keys: Sequence[Sequence[str | None]], n: int) -> list[list[str | None]]:
