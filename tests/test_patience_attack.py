@@ -484,3 +484,69 @@ def test_a_phase_start_waiting_for_one_busy_table_holds_no_other_tables_lock(db_
     assert seen["probe"] == "ok", seen
     assert seen["ok"], seen
     assert _status(s) == "on"
+
+
+# -- 6. a phase's start and a rollback: the same patience as sync and cutover ----------------------------------------
+@pytest.mark.parametrize("command", [["phase2a", "--yes"], ["rollback", "phase2a", "--yes"]])
+@pytest.mark.parametrize("wait", ["0", "0.4ms", "25d", "soon"])
+def test_a_phase_run_or_rollback_refuses_a_lock_wait_without_limit_before_connecting(command, wait):
+    result = run_cli(*command, "--lock-wait", wait, url=NOWHERE)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Invalid value for '--lock-wait'" in result.stderr, result.stderr
+
+
+def test_the_api_refuses_a_phase_run_or_rollback_that_would_wait_without_limit(db_url, tmp_path):
+    from migrate_data import api
+    from migrate_data.errors import BadInput
+
+    s = _night(db_url, tmp_path, LOOKUP, LOOKUP_MAPPING)
+    before = _state(db_url)
+    with pytest.raises(BadInput, match="without limit"):
+        asyncio.run(api.run_phase(s, "night", api.RunOptions(backup=False, recheck=True, lock_wait="0.4ms")))
+    with pytest.raises(BadInput, match="retries"):
+        asyncio.run(api.rollback(s, "night", retries=-1))
+    with pytest.raises(BadInput, match="without limit"):
+        asyncio.run(api.rollback(s, "night", lock_wait="0"))
+    assert _state(db_url) == before and _status(s) == "on"
+
+
+def test_a_phase_start_out_of_tries_on_a_busy_table_leaves_nothing_and_the_same_command_finishes(db_url, tmp_path):
+    """--lock-wait 200ms --retries 0: one short try to install capture while the application keeps a source table
+    busy, then a clean failure that names the try; nothing of the phase's start is left, and the same command
+    finishes once the table is free."""
+    sql(db_url, LOOKUP)
+    s = settings(db_url, project(tmp_path, LOOKUP_MAPPING))
+    args = [*_proj(s), "night", "--yes", "--no-backup"]
+    with _holding(db_url, "shops"):
+        failed = run_cli(*args, "--lock-wait", "200ms", "--retries", "0", url=db_url)
+        assert _writable(db_url, "UPDATE countries SET name = name WHERE false") == "ok"  # nothing of ours is held
+    assert failed.returncode != 0, failed.stderr
+    assert "through 1 attempts of 200ms" in failed.stderr, failed.stderr
+    assert scalar(db_url, "SELECT count(*) FROM migrate_data.phases WHERE phase = 'night' AND state <> 'pending'") == 0
+    assert scalar(db_url, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'md_capture_%'") == 0
+    registry = scalar(db_url, "SELECT to_regclass('migrate_data.capture')")
+    assert registry is None or scalar(db_url, "SELECT count(*) FROM migrate_data.capture") == 0
+    again = run_cli(*args, url=db_url)
+    assert again.returncode == 0, again.stderr
+    assert _status(s) == "on"
+
+
+def test_a_rollback_out_of_tries_on_a_busy_table_is_finished_by_the_same_command(db_url, tmp_path):
+    """--lock-wait 200ms --retries 0 while the application keeps a source table busy: the rollback stops at the
+    removal of capture with a clean failure that names the try, and the same command finishes it once the table is
+    free: no trigger, no log, no row of the phase left."""
+    s = _night(db_url, tmp_path, LOOKUP, LOOKUP_MAPPING)
+    args = ["rollback", "night", "--yes", *_proj(s)]
+    with _holding(db_url, "shops"):
+        failed = run_cli(*args, "--lock-wait", "200ms", "--retries", "0", url=db_url)
+    assert failed.returncode != 0, failed.stderr
+    assert "through 1 attempts of 200ms" in failed.stderr, failed.stderr
+    # the ledger says no more than the data: not rolled back while its capture is on
+    assert scalar(db_url, "SELECT state FROM migrate_data.phases WHERE phase = 'night'") == "rolling_back"
+    assert scalar(db_url, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'md_capture_%' AND tgenabled = 'A'") == 8
+    again = run_cli(*args, url=db_url)
+    assert again.returncode == 0, again.stderr
+    assert scalar(db_url, "SELECT state FROM migrate_data.phases WHERE phase = 'night'") == "rolled_back"
+    assert scalar(db_url, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'md_capture_%'") == 0
+    assert scalar(db_url, "SELECT count(*) FROM migrate_data.changes") == 0
+    assert scalar(db_url, "SELECT count(*) FROM migrate_data.capture") == 0

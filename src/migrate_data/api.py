@@ -15,6 +15,7 @@ import asyncpg
 
 from . import capture, dependents, ledger, rehearsal, schema, steps
 from . import rollback as undo_phase
+from .capture_sql import LOCK_RETRIES, LOCK_WAIT
 from .copier import CopyEvent, CopyOptions, TableResult
 from .errors import RefusedError
 from .live import CutoverResult, cutover, stray_capture, sync
@@ -29,7 +30,7 @@ from .runtime import (
     project_phases,
     recorded,
 )
-from .settings import Settings
+from .settings import Settings, check_patience
 from .status import LiveProgress, PhaseStatus, history, row_counts, status, validate
 from .steps import RunOptions
 from .validate import ValidationResult
@@ -152,6 +153,7 @@ async def run_phase(
 ) -> RunResult:
     """Pre-flight, check requirements, back up, upgrade the schema, copy, validate, record."""
     started = time.monotonic()
+    check_patience(options.lock_wait, options.lock_retries)
     phases, phase = get_phase(settings, name)
     async with exclusive(settings, phases, name, what=f"phase {name}", jobs=options.jobs) as (
         target,
@@ -254,17 +256,23 @@ async def rollback(
     dry_run: bool = False,
     batch_size: int = CopyOptions.batch_size,
     stop: asyncio.Event | None = None,
+    lock_wait: str = LOCK_WAIT,
+    retries: int = LOCK_RETRIES,
 ) -> RollbackResult:
     """Undo a phase: delete exactly what it wrote (children first), downgrade its revision, restore what it dropped.
 
     Refuses, before writing anything, when the phase's tables hold rows it did not write or that were changed
-    since; ``force`` saves those rows to a file and deletes them too.  ``dry_run`` only says what it would do."""
+    since; ``force`` saves those rows to a file and deletes them too.  ``dry_run`` only says what it would do.
+    ``lock_wait`` and ``retries``: the patience of removing change capture from a table the application keeps busy."""
     started = time.monotonic()
+    check_patience(lock_wait, retries)
     phases, phase = get_phase(settings, name)
     async with exclusive(settings, phases, name, what=f"rollback of {name}") as (target, source, lock, states):
         st = states.get(name)
         if st is None or st["state"] not in ("applied", "partial", "rolling_back"):
-            if stray := await stray_capture(settings, target, source, name, lock, dry_run=dry_run):
+            if stray := await stray_capture(
+                settings, target, source, name, lock, dry_run=dry_run, wait=lock_wait, retries=retries
+            ):
                 return stray
             raise RefusedError(f"{name} is not applied ({st['state'] if st else 'pending'}); nothing to roll back")
         plan = await undo_phase.inspect(settings, phase, st, target)
@@ -275,7 +283,9 @@ async def rollback(
         if plan.at_risk and not force:
             raise plan.refusal()
         async with recorded(target, lock, kind="rollback", phase=name) as run_id:
-            u = steps.PhaseUndo(settings, phase, st, plan, target, lock, force, batch_size, stop or asyncio.Event())
+            u = steps.PhaseUndo(
+                settings, phase, st, plan, target, lock, force, batch_size, stop or asyncio.Event(), lock_wait, retries
+            )
             await steps.undo(steps.phase_steps(phase), u)
         kept = {t.table: t.before for t in plan.tables if t.before and not t.dropped}
         result = RollbackResult(name, u.deleted, u.dump, plan.downgrade_to, u.restored, 0.0, kept, plan)

@@ -14,11 +14,12 @@ import asyncpg
 
 from . import blocking, capture, capture_state, ledger
 from . import sync as syncing
+from .capture_sql import LOCK_RETRIES, LOCK_WAIT
 from .errors import BadInput, MigrationError, RefusedError, Stopped
 from .preflight import PhasePlan, compile_phase
 from .rollback import RollbackPlan, RollbackResult
 from .runtime import check_schema_agrees, connect, database_errors, get_phase, project_phases, recorded
-from .settings import Settings, check_duration
+from .settings import Settings, check_patience
 from .status import validate
 from .validate import ValidationResult
 
@@ -256,9 +257,7 @@ async def _while_blocked(
 
 def _patient(options: syncing.SyncOptions) -> syncing.SyncOptions:
     """``options`` whose lock waits are bounded, before anything is done; else BadInput."""
-    if options.retries < 0:
-        raise BadInput(f"retries must be 0 or more, not {options.retries}")
-    check_duration(options.lock_wait, bounded=True)
+    check_patience(options.lock_wait, options.retries)
     return options
 
 
@@ -369,6 +368,8 @@ async def stray_capture(
     lock: ledger.LockSession,
     *,
     dry_run: bool,
+    wait: str = LOCK_WAIT,
+    retries: int = LOCK_RETRIES,
 ) -> RollbackResult | None:
     """The rollback of a phase the ledger does not hold (pending, rolled back) whose change capture is on in the source
     anyway: two databases, a start killed after the source committed the triggers and before the target committed
@@ -378,7 +379,7 @@ async def stray_capture(
     if not await capture_state.registry(source, name):
         return None
     if not dry_run:
-        dropped = await capture.remove(settings, target, name, lock=lock)
+        dropped = await capture.remove(settings, target, name, lock=lock, wait=wait, retries=retries)
         log.warning("%s: change capture a killed start left on the source removed (%d changes logged)", name, dropped)
     plan = RollbackPlan(name, (), None, ())
     return RollbackResult(name, {}, None, None, (), time.monotonic() - started, plan=plan, dry_run=dry_run)

@@ -299,6 +299,14 @@ def check_duration(text: str, *, bounded: bool = False) -> str:
     return text
 
 
+def check_patience(lock_wait: str, retries: int) -> None:
+    """A lock wait in front of the application's writers (``lock_wait`` per try, ``retries`` tries after the first)
+    that is bounded, before anything is done; else BadInput."""
+    if retries < 0:
+        raise BadInput(f"retries must be 0 or more, not {retries}")
+    check_duration(lock_wait, bounded=True)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a command needs to reach the databases and the project."""

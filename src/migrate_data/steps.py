@@ -24,6 +24,7 @@ import asyncpg
 from . import backup as backups
 from . import capture, copy_sql, dependents, ledger, legacy, pre_state, report, schema
 from . import rollback as undoing
+from .capture_sql import LOCK_RETRIES, LOCK_WAIT
 from .catalog import sequences
 from .copier import Copier, CopyEvent, CopyOptions, TableResult
 from .db import Executor, fetch_val
@@ -47,6 +48,8 @@ class RunOptions(CopyOptions):
     dry_run: bool = False
     accept_unmapped: bool = False  # a phase that drops tables may drop data no mapping copies (kept in its backup)
     force: bool = False  # ... and the objects that depend on them, with no `dependents:` decision (saved first)
+    lock_wait: str = LOCK_WAIT  # how long one try to install change capture on a busy table may wait
+    lock_retries: int = LOCK_RETRIES  # ... and how many tries after the first
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,8 @@ class PhaseUndo:
     force: bool
     batch_size: int
     stop: asyncio.Event
+    lock_wait: str = LOCK_WAIT  # how long one try to remove change capture from a busy table may wait
+    retries: int = LOCK_RETRIES  # ... and how many tries after the first
     deleted: dict[str, int] = field(default_factory=dict)
     dump: str | None = None
     restored: tuple[str, ...] = ()
@@ -204,12 +209,16 @@ class Start(Step):
             )  # fmt: skip
             # Change capture starts in this same transaction (one database), or commits just before it (two): every
             # write to the phase's source and lookup tables from now on is logged for `sync` (capture.py).
-            found = await capture.install(conn if settings.same_database else run.source, phase.name, run.plan.tables)
+            found = await capture.install(
+                conn if settings.same_database else run.source, phase.name, run.plan.tables,
+                wait=run.options.lock_wait, retries=run.options.lock_retries,
+            )  # fmt: skip
             run.plan = replace(run.plan, findings=(*run.plan.findings, *found))
             await run.lock.check(conn)
 
     async def undo(self, u: PhaseUndo) -> None:
-        await capture.remove(u.settings, u.target, u.phase.name, lock=u.lock)  # its triggers and its change log
+        # its triggers and its change log
+        await capture.remove(u.settings, u.target, u.phase.name, lock=u.lock, wait=u.lock_wait, retries=u.retries)
         if u.plan.downgrade_to:
             await undoing.downgrade(u.settings, u.plan, u.target, u.lock)
 

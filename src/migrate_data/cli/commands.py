@@ -10,11 +10,12 @@ from typing import Any
 import click
 
 from .. import api, human, report
+from ..capture_sql import LOCK_RETRIES, LOCK_WAIT
 from ..errors import Stopped
 from ..files import write_private
 from ..settings import redact
 from . import base
-from .base import FORMATS, Context, confirm, format_option, pass_ctx, print_json, run
+from .base import FORMATS, Context, Duration, confirm, format_option, pass_ctx, print_json, run
 from .group import cli
 
 
@@ -130,9 +131,16 @@ def rollback_plan_text(plan: Any) -> str:
     help="Also remove rows the phase did not write or that changed since (saved to a file first).",
 )
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted, kept and refused; change nothing.")
+@click.option("--lock-wait", default=LOCK_WAIT, show_default=True, type=Duration(bounded=True), help="How long one try "
+              "to remove change capture from the phase's source tables may wait for the application's transactions.")  # fmt: skip
+@click.option(
+    "--retries", default=LOCK_RETRIES, show_default=True, type=click.IntRange(0), help="Tries after the first."
+)
 @format_option()
 @pass_ctx
-def rollback(obj: Context, phase: str, yes: bool, force: bool, dry_run: bool, fmt: str) -> None:
+def rollback(
+    obj: Context, phase: str, yes: bool, force: bool, dry_run: bool, lock_wait: str, retries: int, fmt: str
+) -> None:
     """Undo a phase: delete exactly what it wrote, downgrade its revision, restore what it dropped."""
     settings = obj.settings()
     api.get_phase(settings, phase)
@@ -153,7 +161,9 @@ def rollback(obj: Context, phase: str, yes: bool, force: bool, dry_run: bool, fm
             return
         confirm(f"roll back {phase}", f"roll back {phase}?")
     try:
-        result = run(lambda stop: api.rollback(settings, phase, force=force, stop=stop))
+        result = run(
+            lambda stop: api.rollback(settings, phase, force=force, stop=stop, lock_wait=lock_wait, retries=retries)
+        )
     except Stopped as e:
         e.hint = f"resume with: migrate-data rollback {phase} --yes" + (" --force" if force else "")
         raise

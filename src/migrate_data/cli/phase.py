@@ -13,12 +13,14 @@ from typing import Any
 import click
 
 from .. import api, closing, console, report
+from ..capture_sql import LOCK_RETRIES, LOCK_WAIT
 from ..copier import CopyOptions
 from ..errors import MigrationError, PrivilegeMissing, Stopped
 from ..loader import load_phase
 from ..settings import Settings, redact
 from .base import (
     Context,
+    Duration,
     RejectLimit,
     confirm,
     format_option,
@@ -75,6 +77,13 @@ PHASE_OPTIONS = (
     click.option(
         "--deep/--counts-only", default=True, show_default=True, help="Validate with checksums (default) or counts only."
     ),
+    click.option(
+        "--lock-wait", default=LOCK_WAIT, show_default=True, type=Duration(bounded=True),
+        help="How long one try to install change capture on the phase's source tables may wait for the application's "
+        "transactions.",
+    ),
+    click.option("--retries", "lock_retries", default=LOCK_RETRIES, show_default=True, type=click.IntRange(0),
+                 help="Tries after the first to install change capture."),
     format_option(),
 )  # fmt: skip
 
