@@ -198,6 +198,32 @@ class BatchApplier:
         the savepoint that deletes marks them written too, or their rows would no longer be the phase's."""
         return tuple(dict.fromkeys(self.tables[j].name for j, fk in self.children.get(i, [])))
 
+    async def _left_otherwise(
+        self,
+        conn: asyncpg.Connection,
+        i: int,
+        stage: str | None,
+        rows: list[tuple[list[str], list[str]]],
+        numbers: list[Any],
+        b: Batch,
+    ) -> None:
+        """Count the ``rows`` (batch key, target key) the upserts went through and left otherwise than derived:
+        someone else's (``numbers``: theirs in ``stage``).  When the source, read again, fails the cast now (a row
+        changed since), every one of them that someone else wrote is counted, as derived or not: never fewer."""
+        if not rows or self.snapshot is None:
+            return
+        st = self.tables[i]
+        args = key_columns_args([bk for bk, _ in rows], len(st.ct.batch_by)) if stage is None else [numbers]
+        try:
+            async with conn.transaction():
+                n = await conn.fetchval(unwritten_sql(st, stage, others=True), *args, self.snapshot)
+        except asyncpg.PostgresError as e:
+            if not is_data_error(e):
+                raise
+            await self._skipped(conn, i, [tk for _, tk in rows], b)
+            return
+        self._report_skipped(st, n, b)
+
     async def _skipped(self, conn: asyncpg.Connection, i: int, keys: Sequence[Sequence[str]], b: Batch) -> None:
         """Count the rows of these target keys that sync left as they are, someone else's: never silently."""
         if not keys or self.snapshot is None:
@@ -328,11 +354,7 @@ class BatchApplier:
         done, ok = await self._bisect(conn, st, items, attempt, failed)
         b.counts["upserted"] += done
         b.taken_out -= {(st.name, tuple(row_of(x)[0])) for x in ok}  # a last try put it back
-        if ok and self.snapshot is not None:  # what the upserts left otherwise than derived: someone else's rows
-            args = key_columns_args([row_of(x)[0] for x in ok], len(st.ct.batch_by)) if stage is None else [ok]
-            self._report_skipped(
-                st, await conn.fetchval(unwritten_sql(st, stage, others=True), *args, self.snapshot), b
-            )
+        await self._left_otherwise(conn, i, stage, [row_of(x) for x in ok], ok, b)
         b.counts["cleared"] += await ledger.clear_rejects_of(conn, self.phase, st.name, [row_of(x)[0] for x in ok])
         if again:
             b.again.append((i, again))

@@ -288,20 +288,21 @@ def counted_upsert_sql(st: SyncTable, stage: str | None = None) -> str:
 
 def unwritten_sql(st: SyncTable, stage: str | None = None, *, others: bool = False) -> str:
     """After an upsert, in its transaction: how many of the re-derived rows (``_derived``) are not in the target as
-    derived, the rows it left as they were; a row it left because it already was as derived is not counted.  With
-    ``others``, only the rows someone else wrote, as ``others_sql`` says (the phase's start snapshot is the parameter
-    after the keys; ``stage``: its rows numbered ``$1``).  Each derived value is first cast to its target column's
-    type, as the upsert's assignment did."""
+    derived, the rows it left as they were; a row it left because it already was as derived (every mapped column,
+    the key's and a GENERATED ALWAYS identity's too, the same as text) is not counted.  With ``others``, only the rows
+    someone else wrote, as ``others_sql`` says (the phase's start snapshot is the parameter after the keys;
+    ``stage``: its rows numbered ``$1``).  Each derived value is first cast to its target column's type, as the
+    upsert's assignment did; the source is read again, so a row changed since may fail that cast (a data error)."""
     ct = st.ct
     typed = ", ".join(f"CAST(d.{qi(c.target)} AS {st.target.column(c.target).type}) AS {qi(c.target)}"  # type: ignore[union-attr]
                       for c in ct.columns)  # fmt: skip
     on = " AND ".join(f"t.{qi(k)} = n.{qi(k)}" for k in ct.key)
-    differs = " OR ".join(_differs(st, _updated(st), "t", "n"))
-    where = f"t.ctid IS NULL OR {differs}" if differs else "t.ctid IS NULL"
+    differs = " OR ".join(_differs(st, [c.target for c in ct.columns], "t", "n"))
+    where = f"t.ctid IS NULL OR {differs}"
     if others:
         snapshot = f"${2 if stage else 1 + len(ct.batch_by)}::text::pg_snapshot"
         before = f"pg_visible_in_snapshot({qi(SCHEMA)}.full_xid(t.xmin), {snapshot})"
-        where = f"({differs or 'false'}) AND NOT ({ct.written_by_phase('t')}) AND NOT COALESCE({before}, false)"
+        where = f"({differs}) AND NOT ({ct.written_by_phase('t')}) AND NOT COALESCE({before}, false)"
     return (
         f"SELECT count(*) FROM (SELECT {typed} FROM ({_derived(st, stage, numbered=others)}) AS d) AS n "
         f"LEFT JOIN {ct.tgt} AS t ON {on} WHERE {where}"
