@@ -116,7 +116,11 @@ async def sync(
         async with AsyncExitStack() as runs:
             for s in syncers:  # a refusal above leaves no run behind
                 s.run_id = await runs.enter_async_context(recorded(target, lock, kind="sync", phase=s.phase))
-            totals = await syncing.sync(syncers, options, stop=stop)
+            try:
+                totals = await syncing.sync(syncers, options, stop=stop)
+            except Exception:
+                lock.raise_if_lost()  # the lock's session went with the others: that is what to say
+                raise
             lock.raise_if_lost()
             if stop.is_set():
                 applied = sum(t.changes for t in totals.values())

@@ -30,6 +30,7 @@ phases at once goes round them until nothing moves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -40,11 +41,13 @@ import asyncpg
 from . import capture, capture_sql, capture_state, ledger
 from .catalog import ForeignKey, Table, read_table
 from .compile import CompiledTable
+from .db import is_transient_error
 from .errors import RefusedError
 from .sync_batch import BatchApplier
 from .sync_sql import KEEP_SQL, MAX_ID_SQL, RETRY_STATES, SCHEMA, TAKE_SQL, LookupUse, SyncTable
 
 log = logging.getLogger(__name__)
+FOLLOW_RETRIES = 10  # --follow: passes in a row that may lose a session (about 4 min of pauses) before it gives up
 
 
 @dataclass(frozen=True)
@@ -345,23 +348,38 @@ async def sync(
     upto = {s.phase: ((await s.max_id() or 0) if bounded and not options.follow else None) for s in syncers}
     said = checked = time.monotonic()
     moved = True  # rows refused for want of another row are tried again in a round after one that moved something
+    lost = 0  # --follow: passes in a row that lost a session
     while not stop.is_set():
-        if options.follow and time.monotonic() - checked >= options.recheck_every:
-            for s in syncers:  # a column moved, a table rewritten since the follower started: capture it again
-                await s.prepare()
-            checked = time.monotonic()
         retry, moved = moved, False
-        for s in syncers:
-            if stop.is_set():
-                break
-            done = await s.run_pass(upto=upto[s.phase], stop=stop, retry=retry)
-            totals[s.phase] += done
-            totals[s.phase] = replace(totals[s.phase], deferred=done.deferred)
-            moved = moved or done.progress
-            if options.follow and done.progress:
-                waiting, age = await s.lag()
-                log.info("%s: %s; %s", s.phase, _applied(done), _lag(waiting, age))
-                said = time.monotonic()
+        try:
+            if options.follow and time.monotonic() - checked >= options.recheck_every:
+                for s in syncers:  # a column moved, a table rewritten since the follower started: capture it again
+                    await s.prepare()
+                checked = time.monotonic()
+            for s in syncers:
+                if stop.is_set():
+                    break
+                done = await s.run_pass(upto=upto[s.phase], stop=stop, retry=retry)
+                totals[s.phase] += done
+                totals[s.phase] = replace(totals[s.phase], deferred=done.deferred)
+                moved = moved or done.progress
+                if options.follow and done.progress:
+                    waiting, age = await s.lag()
+                    log.info("%s: %s; %s", s.phase, _applied(done), _lag(waiting, age))
+                    said = time.monotonic()
+        except Exception as e:
+            # a follower outlives a session of its pool that ended (a DBA, idle_session_timeout, the network) and a
+            # deadlock: the batch rolled back, and the pool opens new sessions.  A restart or a failover ends the
+            # lock's session too, which sets ``stop``: the caller raises LockLost, and the same command resumes
+            if not (options.follow and _lost(e)) or lost >= FOLLOW_RETRIES:
+                raise
+            lost, moved = lost + 1, True
+            pause = min(options.interval * 2**lost, 30.0)
+            log.warning("a session was lost (%s); nothing of its batch was applied; trying again in %.1f s", e, pause)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), pause)
+            continue
+        lost = 0
         if not options.follow:
             if not moved:
                 break
@@ -375,10 +393,17 @@ async def sync(
                 await asyncio.wait_for(stop.wait(), options.interval)
             except asyncio.TimeoutError:
                 pass
+    if stop.is_set():  # stopped (a signal, the lock lost): the caller says so; its sessions may be gone
+        return totals
     for s in syncers:
         waiting, age = await s.lag()
         totals[s.phase] = replace(totals[s.phase], waiting=waiting, oldest_seconds=age)
     return totals
+
+
+def _lost(e: BaseException) -> bool:
+    """A session lost, or a transaction the server ended for another one (a deadlock): worth a new try."""
+    return is_transient_error(e) or isinstance(e, asyncpg.exceptions._base.InternalClientError)
 
 
 def _applied(p: PhaseSync) -> str:
