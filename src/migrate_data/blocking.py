@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -91,7 +91,7 @@ async def writes_blocked(
                         "same command again; --lock-wait and --retries set the patience",
                     ) from e
                 log.info("cutover: writers still busy on %s (%s); trying again", ", ".join(tables), e)
-                await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
+                await asyncio.sleep(min(0.5 * 2 ** min(attempt, 4), 5.0))
             except BaseException:
                 with contextlib.suppress(Exception):  # not left to the pool's reset: the connection goes back clean
                     await tr.rollback()
@@ -113,13 +113,14 @@ async def writes_blocked(
 
 
 async def ddl_with_short_locks(
-    conn: asyncpg.Connection, what: str, statements: list[str], wait: str, retries: int
+    conn: asyncpg.Connection, what: str, statements: list[str], wait: str, retries: int, *, relations: Sequence[str]
 ) -> None:
-    """Run DDL that locks busy tables in a savepoint with a short lock_timeout, retried a few times: a writer's long
-    transaction makes it wait at most ``wait`` per attempt (and the writers queued behind it as long), never longer.
-    A try that cannot lock one table rolls back to its savepoint, which lets go of the tables it had locked."""
+    """Run DDL that locks busy tables (``relations``) in a savepoint with a short lock_timeout, retried a few times: a
+    writer's long transaction makes it wait at most ``wait`` per attempt (and the writers queued behind it as long),
+    never longer.  A try that cannot lock one table rolls back to its savepoint, which lets go of the tables it had
+    locked."""
     old = await conn.fetchval("SELECT current_setting('lock_timeout')")
-    each = await _try_wait(conn, wait, len(statements) > 1)
+    each = await _try_wait(conn, wait, len(set(relations)) > 1)
     waiting = ""
     try:
         for attempt in range(retries + 1):
@@ -137,10 +138,10 @@ async def ddl_with_short_locks(
                         f"{each} each",
                         detail=f"{e}, at: {waiting}",
                         hint="find the long transaction (pg_stat_activity, pg_locks) and end it or wait for it, then "
-                        "run the same command again",
+                        "run the same command again (--lock-wait and --retries set the patience)",
                     ) from e
                 log.info("%s: the table is busy (%s); trying again", what, e)
-                await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
+                await asyncio.sleep(min(0.25 * 2 ** min(attempt, 4), 4.0))
     finally:
         if conn.is_in_transaction():
             await conn.execute("SELECT set_config('lock_timeout', $1, true)", old)

@@ -99,6 +99,7 @@ class Installing:
     attnums: list[int]
     types: list[int]
     shape: str  # capture_sql.SHAPE_SQL
+    relations: tuple[str, ...] = ()  # what the statements lock: the table and each of its partitions
 
 
 async def install_statements(db: Executor, phase: str, c: Captured, *, level: str = "statement") -> Installing:
@@ -121,6 +122,7 @@ async def install_statements(db: Executor, phase: str, c: Captured, *, level: st
         [n for n, _ in order],
         [t for _, t in order],
         await db.fetchval(SHAPE_SQL, c.relation),
+        (c.relation, *parts),
     )
 
 
@@ -234,12 +236,15 @@ async def install(
     ]
     gone = sorted(set(have) - {c.name for c in plan.tables}) if only is None else []  # the mapping no longer reads it
     statements = [s for _, t in todo for s in t.statements]
-    statements += [s for g in gone for s in await _removal(db, phase, g, have[g]["relation"])]
+    relations = [r for _, t in todo for r in t.relations]
+    for g in gone:
+        removal, locked = await _removal(db, phase, g, have[g]["relation"])
+        statements, relations = statements + removal, relations + locked
     if statements:  # every table in each short-lock try: one that cannot be locked lets go of the others
         on = f"turn on change capture on {', '.join(c.name for c, _ in todo)}" if todo else ""
         off = f"turn off change capture on {', '.join(gone)}" if gone else ""
         what = " and ".join(filter(None, (on, off)))
-        await blocking.ddl_with_short_locks(db, what, statements, wait, retries)
+        await blocking.ddl_with_short_locks(db, what, statements, wait, retries, relations=relations)
     for c, t in todo:
         await _record(db, phase, c, t, again=c.name in have)
         log.info("%s: change capture on for %s (key %s)", phase, c.name, ", ".join(c.columns))
@@ -333,11 +338,12 @@ async def outdated(db: Executor, phase: str, tables: Sequence[tuple[CompiledTabl
     return out
 
 
-async def _removal(conn: asyncpg.Connection, phase: str, table: str, relation: str) -> list[str]:
-    """The statements that turn capture off for one table of ``phase``, wherever its triggers are now."""
+async def _removal(conn: asyncpg.Connection, phase: str, table: str, relation: str) -> tuple[list[str], list[str]]:
+    """The statements that turn capture off for one table of ``phase``, wherever its triggers are now, and the
+    relations they lock."""
     exists = bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", relation))
     others = [r["rel"] for r in await conn.fetch(TRIGGERED_SQL, function_name(phase, table), relation)]
-    return remove_sql(phase, table, relation, exists=exists, others=others)
+    return remove_sql(phase, table, relation, exists=exists, others=others), [relation] * exists + others
 
 
 async def remove(
@@ -372,10 +378,14 @@ async def _remove(
         rows = await conn.fetch(
             f"SELECT source, relation FROM {SCHEMA}.capture WHERE phase = $1 ORDER BY source FOR UPDATE", phase
         )
-        statements = [s for r in rows for s in await _removal(conn, phase, r["source"], r["relation"])]
+        statements: list[str] = []
+        relations: list[str] = []
+        for r in rows:
+            removal, locked = await _removal(conn, phase, r["source"], r["relation"])
+            statements, relations = statements + removal, relations + locked
         if statements:
             what = f"turn off change capture on {', '.join(r['source'] for r in rows)}"
-            await blocking.ddl_with_short_locks(conn, what, statements, wait, retries)
+            await blocking.ddl_with_short_locks(conn, what, statements, wait, retries, relations=relations)
         await conn.execute(f"DELETE FROM {SCHEMA}.capture WHERE phase = $1", phase)
         if keep_log:  # the triggers are gone (their locks waited for the writers in flight): the log is complete
             n = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.changes WHERE phase = $1", phase)

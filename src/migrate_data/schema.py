@@ -88,7 +88,9 @@ def _engine(settings: Settings) -> Any:
     from sqlalchemy.ext.asyncio import create_async_engine
     from sqlalchemy.pool import NullPool
 
-    server_settings = {"application_name": APPLICATION_NAME}
+    # idle in its transaction while change capture waits for the application's locks, or the other database works:
+    # never ended for it by the server (as db.open_pool's sessions)
+    server_settings = {"application_name": APPLICATION_NAME, "idle_in_transaction_session_timeout": "0"}
     if settings.lock_timeout:
         server_settings["lock_timeout"] = settings.lock_timeout
     if settings.statement_timeout:

@@ -374,7 +374,7 @@ async def sync(
             if not (options.follow and _lost(e)) or lost >= FOLLOW_RETRIES:
                 raise
             lost, moved = lost + 1, True
-            pause = min(options.interval * 2**lost, 30.0)
+            pause = min(options.interval * 2 ** min(lost, 8), 30.0)
             log.warning("a session was lost (%s); nothing of its batch was applied; trying again in %.1f s", e, pause)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), pause)
