@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -162,8 +163,11 @@ def changes(n: int) -> tuple[list[str], int, int, int]:
     return statements, updated, inserted, deleted
 
 
-async def bare_upsert(url: str, settings: Settings) -> tuple[int, float]:
-    """One INSERT … ON CONFLICT of sync's own for every key of customers in the log, rolled back: (rows, seconds)."""
+async def _bare(
+    url: str, settings: Settings, statement: Callable[[sync_sql.SyncTable], str], ops: str
+) -> tuple[int, float]:
+    """One ``statement`` of every key of customers the log holds (its log rows of ``ops``), rolled back: (rows,
+    seconds)."""
     _, phase = api.get_phase(settings, PHASE)
     async with open_pool(url, max_size=2) as pool:
         tables, _ = await compile_phase(phase, source=pool, target=pool)
@@ -172,53 +176,44 @@ async def bare_upsert(url: str, settings: Settings) -> tuple[int, float]:
         st = next(t for t in syncer.tables if t.source == "public.customers")
         async with pool.acquire() as conn:
             keys = await conn.fetchval(
-                "SELECT array_agg(DISTINCT key[$2]) FROM migrate_data.changes WHERE phase = $1 AND source = $3",
+                "SELECT array_agg(DISTINCT key[$2]) FROM migrate_data.changes WHERE phase = $1 AND source = $3 "
+                "AND op::text = ANY ($4::text[])",
                 PHASE,
                 st.bk_positions[0] + 1,
                 st.source,
+                list(ops),
             )
             tr = conn.transaction()
             await tr.start()
             t = time.perf_counter()
-            status = await conn.execute(sync_sql.upsert_sql(st), keys)
+            status = await conn.execute(statement(st), keys)
             took = time.perf_counter() - t
             await tr.rollback()
     return int(status.rsplit(" ", 1)[-1]), took
+
+
+def update_sql(st: sync_sql.SyncTable) -> str:
+    """A bare UPDATE … FROM of the target rows of the batch keys ``$1`` from their source rows, with the mapping's
+    expressions and nothing else (no conflict handling, no check of who wrote a row)."""
+    ct = st.ct
+    target_key = ct.key[0]
+    sets = ", ".join(f"{qi(c.target)} = s.{qi(c.target)}" for c in ct.columns if c.target != target_key)
+    exprs = ", ".join(f"{c.expr} AS {qi(c.target)}" for c in ct.columns)
+    return (
+        f"UPDATE {qname(ct.target)} AS t SET {sets} FROM (SELECT {exprs} FROM {ct.from_} WHERE "
+        f"{qcols((st.feed[0],), ct.alias)} = ANY (CAST($1::text[] AS {st.feed_types[0]}[]))) AS s "
+        f"WHERE t.{qi(target_key)} = s.{qi(target_key)}"
+    )
+
+
+async def bare_upsert(url: str, settings: Settings) -> tuple[int, float]:
+    """Sync's own INSERT … ON CONFLICT of every changed key at once."""
+    return await _bare(url, settings, sync_sql.upsert_sql, "IUD")
 
 
 async def bare_update(url: str, settings: Settings) -> tuple[int, float]:
-    """One UPDATE … FROM of the target rows of every key of customers the log holds as updated, with the mapping's
-    expressions and nothing else, rolled back: (rows, seconds)."""
-    _, phase = api.get_phase(settings, PHASE)
-    async with open_pool(url, max_size=2) as pool:
-        tables, _ = await compile_phase(phase, source=pool, target=pool)
-        syncer = syncing.PhaseSyncer(phase=PHASE, tables=tables, target=pool, source=pool, lock=None)  # type: ignore[arg-type]
-        await syncer.prepare()
-        st = next(t for t in syncer.tables if t.source == "public.customers")
-        ct = st.ct
-        key = st.feed[0]
-        target_key = ct.key[0]
-        sets = ", ".join(f"{qi(c.target)} = s.{qi(c.target)}" for c in ct.columns if c.target != target_key)
-        exprs = ", ".join(f"{c.expr} AS {qi(c.target)}" for c in ct.columns)
-        update = (
-            f"UPDATE {qname(ct.target)} AS t SET {sets} FROM (SELECT {exprs} FROM {ct.from_} WHERE "
-            f"{qcols((key,), ct.alias)} = ANY (CAST($1::text[] AS {st.feed_types[0]}[]))) AS s "
-            f"WHERE t.{qi(target_key)} = s.{qi(target_key)}"
-        )
-        async with pool.acquire() as conn:
-            keys = await conn.fetchval(
-                "SELECT array_agg(DISTINCT key[1]) FROM migrate_data.changes WHERE phase = $1 AND source = $2 "
-                "AND op = 'U'",
-                PHASE,
-                st.source,
-            )
-            tr = conn.transaction()
-            await tr.start()
-            t = time.perf_counter()
-            status = await conn.execute(update, keys)
-            took = time.perf_counter() - t
-            await tr.rollback()
-    return int(status.rsplit(" ", 1)[-1]), took
+    """A bare UPDATE of the updated keys' target rows: what updating those rows costs at all."""
+    return await _bare(url, settings, update_sql, "U")
 
 
 async def throughput_round(url: str, settings: Settings, n: int, stats: bool) -> dict:

@@ -235,11 +235,9 @@ async def install(
         if only in (None, c.name) and (t := await _outdated(db, phase, c, have.get(c.name), ok)) is not None
     ]
     gone = sorted(set(have) - {c.name for c in plan.tables}) if only is None else []  # the mapping no longer reads it
-    statements = [s for _, t in todo for s in t.statements]
-    relations = [r for _, t in todo for r in t.relations]
-    for g in gone:
-        removal, locked = await _removal(db, phase, g, have[g]["relation"])
-        statements, relations = statements + removal, relations + locked
+    statements, relations = await _removal(db, phase, [(g, have[g]["relation"]) for g in gone])
+    statements = [s for _, t in todo for s in t.statements] + statements
+    relations = [r for _, t in todo for r in t.relations] + relations
     if statements:  # every table in each short-lock try: one that cannot be locked lets go of the others
         on = f"turn on change capture on {', '.join(c.name for c, _ in todo)}" if todo else ""
         off = f"turn off change capture on {', '.join(gone)}" if gone else ""
@@ -338,12 +336,17 @@ async def outdated(db: Executor, phase: str, tables: Sequence[tuple[CompiledTabl
     return out
 
 
-async def _removal(conn: asyncpg.Connection, phase: str, table: str, relation: str) -> tuple[list[str], list[str]]:
-    """The statements that turn capture off for one table of ``phase``, wherever its triggers are now, and the
-    relations they lock."""
-    exists = bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", relation))
-    others = [r["rel"] for r in await conn.fetch(TRIGGERED_SQL, function_name(phase, table), relation)]
-    return remove_sql(phase, table, relation, exists=exists, others=others), [relation] * exists + others
+async def _removal(db: Executor, phase: str, tables: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """The statements that turn capture off for these tables of ``phase`` ((table, quoted relation)), wherever their
+    triggers are now, and the relations they lock."""
+    statements: list[str] = []
+    relations: list[str] = []
+    for table, relation in tables:
+        exists = bool(await db.fetchval("SELECT to_regclass($1) IS NOT NULL", relation))
+        others = [r["rel"] for r in await db.fetch(TRIGGERED_SQL, function_name(phase, table), relation)]
+        statements += remove_sql(phase, table, relation, exists=exists, others=others)
+        relations += [relation] * exists + others
+    return statements, relations
 
 
 async def remove(
@@ -378,11 +381,7 @@ async def _remove(
         rows = await conn.fetch(
             f"SELECT source, relation FROM {SCHEMA}.capture WHERE phase = $1 ORDER BY source FOR UPDATE", phase
         )
-        statements: list[str] = []
-        relations: list[str] = []
-        for r in rows:
-            removal, locked = await _removal(conn, phase, r["source"], r["relation"])
-            statements, relations = statements + removal, relations + locked
+        statements, relations = await _removal(conn, phase, [(r["source"], r["relation"]) for r in rows])
         if statements:
             what = f"turn off change capture on {', '.join(r['source'] for r in rows)}"
             await blocking.ddl_with_short_locks(conn, what, statements, wait, retries, relations=relations)
