@@ -550,3 +550,12 @@ def test_a_rollback_out_of_tries_on_a_busy_table_is_finished_by_the_same_command
     assert scalar(db_url, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'md_capture_%'") == 0
     assert scalar(db_url, "SELECT count(*) FROM migrate_data.changes") == 0
     assert scalar(db_url, "SELECT count(*) FROM migrate_data.capture") == 0
+
+
+def test_a_resume_hint_repeats_the_patience_given_and_only_that():
+    from migrate_data.cli.base import patience_flags
+
+    assert patience_flags("1s", 5) == ""  # the defaults: nothing to repeat
+    assert patience_flags("2 s", 5) == " --lock-wait '2 s'"
+    assert patience_flags("1s", 20) == " --retries 20"
+    assert patience_flags("300ms", 0) == " --lock-wait 300ms --retries 0"

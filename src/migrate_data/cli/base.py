@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 import click
 
 from .. import api
+from ..capture_sql import LOCK_RETRIES, LOCK_WAIT
 from ..errors import BadInput, MigrationError, RefusedError, database_error, postgres_error
 from ..settings import Settings, check_duration, find_project, load_settings, redact, redact_text
 
@@ -166,6 +168,12 @@ class Duration(click.ParamType):
             return check_duration(str(value), bounded=self.bounded)
         except BadInput as e:
             self.fail(e.message, param, ctx)
+
+
+def patience_flags(lock_wait: str, retries: int) -> str:
+    """`` --lock-wait … --retries …`` as a resume hint repeats them: only where they are not the defaults."""
+    out = f" --lock-wait {shlex.quote(lock_wait)}" if lock_wait != LOCK_WAIT else ""
+    return out + (f" --retries {retries}" if retries != LOCK_RETRIES else "")
 
 
 class RejectLimit(click.ParamType):

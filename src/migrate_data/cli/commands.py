@@ -15,7 +15,7 @@ from ..errors import Stopped
 from ..files import write_private
 from ..settings import redact
 from . import base
-from .base import FORMATS, Context, Duration, confirm, format_option, pass_ctx, print_json, run
+from .base import FORMATS, Context, Duration, confirm, format_option, pass_ctx, patience_flags, print_json, run
 from .group import cli
 
 
@@ -165,7 +165,11 @@ def rollback(
             lambda stop: api.rollback(settings, phase, force=force, stop=stop, lock_wait=lock_wait, retries=retries)
         )
     except Stopped as e:
-        e.hint = f"resume with: migrate-data rollback {phase} --yes" + (" --force" if force else "")
+        e.hint = (
+            f"resume with: migrate-data rollback {phase} --yes"
+            + (" --force" if force else "")
+            + patience_flags(lock_wait, retries)
+        )
         raise
     if fmt == "json":
         print_json({**asdict(result), "plan": None, "next": f"migrate-data {phase}    (to run it again)"})

@@ -25,6 +25,7 @@ from .base import (
     confirm,
     format_option,
     pass_ctx,
+    patience_flags,
     print_json,
     progress_every,
     run,
@@ -152,8 +153,10 @@ def run_phase_command(
                 click.echo(
                     "\n".join([f"phase {name} stopped at a checkpoint:", *closing.stopped_lines(tracker)]), err=True
                 )
-            e.hint = f"resume with: migrate-data {name} --yes" + (
-                f" --until {until}" + (f" --tz {shlex.quote(tz)}" if tz else "") if until else ""
+            e.hint = (
+                f"resume with: migrate-data {name} --yes"
+                + (f" --until {until}" + (f" --tz {shlex.quote(tz)}" if tz else "") if until else "")
+                + patience_flags(copy["lock_wait"], copy["lock_retries"])
             )
             if deadline is not None and not e.detail:
                 e.detail = f"--until {until}: the window closes at {label(deadline)}"
