@@ -108,7 +108,8 @@ async def sync(
     ``stop`` is set (then raises Stopped: the same command goes on where it stopped)."""
     started = time.monotonic()
     names = _in_order(settings, names)
-    options = _patient(options or syncing.SyncOptions())
+    options = options or syncing.SyncOptions()
+    check_patience(options.lock_wait, options.retries)  # before anything is done
     stop = stop or asyncio.Event()
     async with _locked(settings, f"sync of {', '.join(names)}") as (target, source, lock, states):
         lock.watch(stop)
@@ -152,7 +153,8 @@ async def cutover(
     cut over: the same command goes on); once they are, the cutover finishes, as briefly as it can."""
     started = time.monotonic()
     names = _in_order(settings, names)
-    patience = _patient(syncing.SyncOptions(batch_size=batch_size, lock_wait=lock_wait, retries=retries))
+    check_patience(lock_wait, retries)  # before anything is done
+    patience = syncing.SyncOptions(batch_size=batch_size, lock_wait=lock_wait, retries=retries)
     async with _locked(settings, f"cutover of {', '.join(names)}") as (target, source, lock, states):
         already = tuple(n for n in names if (states.get(n) or {}).get("cut_over_at") is not None)
         todo = [n for n in names if n not in already]
@@ -257,12 +259,6 @@ async def _while_blocked(
     totals = {n: t + caught[n] for n, t in last.items()}  # the last pass's waiting and age
     validations = tuple([await validate(settings, s.phase, deep=True) for s in syncers])
     return totals, validations, await _not_applied(syncers, totals)
-
-
-def _patient(options: syncing.SyncOptions) -> syncing.SyncOptions:
-    """``options`` whose lock waits are bounded, before anything is done; else BadInput."""
-    check_patience(options.lock_wait, options.retries)
-    return options
 
 
 async def _remove_one(

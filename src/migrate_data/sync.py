@@ -376,8 +376,7 @@ async def sync(
             lost, moved = lost + 1, True
             pause = min(options.interval * 2 ** min(lost, 8), 30.0)
             log.warning("a session was lost (%s); nothing of its batch was applied; trying again in %.1f s", e, pause)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), pause)
+            await _pause(stop, pause)
             continue
         lost = 0
         if not options.follow:
@@ -389,10 +388,7 @@ async def sync(
                 for s in syncers:
                     log.info("%s: %s", s.phase, _lag(*await s.lag()))
                 said = time.monotonic()
-            try:
-                await asyncio.wait_for(stop.wait(), options.interval)
-            except asyncio.TimeoutError:
-                pass
+            await _pause(stop, options.interval)
     if stop.is_set():  # stopped (a signal, the lock lost): the caller says so; its sessions may be gone
         return totals
     for s in syncers:
@@ -403,7 +399,13 @@ async def sync(
 
 def _lost(e: BaseException) -> bool:
     """A session lost, or a transaction the server ended for another one (a deadlock): worth a new try."""
-    return is_transient_error(e) or isinstance(e, asyncpg.exceptions._base.InternalClientError)
+    return is_transient_error(e) or isinstance(e, asyncpg.InternalClientError)
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    """Wait ``seconds``, or less if ``stop`` is set meanwhile."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
 
 
 def _applied(p: PhaseSync) -> str:

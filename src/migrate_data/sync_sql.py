@@ -87,7 +87,7 @@ def resolve_sql(st: SyncTable, lookups: Sequence[int], *, by_feed: bool = False)
     so each can use its index."""
     ct, a = st.ct, st.ct.alias
     head = f"SELECT {_text_array(ct.batch_by, ct.batch_types, a)} AS bk, {_text_array(st.feed, st.feed_types, a)} AS tk FROM {ct.src} WHERE "
-    parts = [" AND ".join([*_where(st), _in_keys(ct.batch_by, ct.batch_types, a, 1)])]
+    parts = [_of_batch_keys(st)]
     n = 1 + len(ct.batch_by)
     for i in lookups:
         lk = st.lookups[i]
@@ -228,22 +228,24 @@ def _conflict(st: SyncTable) -> str:
     )
 
 
+def _of_batch_keys(st: SyncTable) -> str:
+    """The source rows (in the ``where``) whose batch keys are given (``$1…``, one text[] per batch_by column)."""
+    ct = st.ct
+    return " AND ".join([*_where(st), _in_keys(ct.batch_by, ct.batch_types, ct.alias, 1)])
+
+
 def upsert_sql(st: SyncTable) -> str:
     """One database: re-derive the source rows whose batch keys are given (``$1…``) with the mapping's expressions."""
-    ct = st.ct
-    conds = [*_where(st), _in_keys(ct.batch_by, ct.batch_types, ct.alias, 1)]
-    exprs = ", ".join(c.expr for c in ct.columns)
-    return f"{_head(st)} SELECT {exprs} FROM {ct.from_} WHERE {' AND '.join(conds)}{_conflict(st)}"
+    return f"{_head(st)} {_derived(st, None)}{_conflict(st)}"
 
 
 def source_rows_sql(st: SyncTable) -> str:
     """Two databases, on the source: the rows whose batch keys are given, numbered, as text (like the copier's)."""
     ct = st.ct
-    conds = [*_where(st), _in_keys(ct.batch_by, ct.batch_types, ct.alias, 1)]
     cols = ", ".join(f"({c.pre_cast})::text AS {qi(c.target)}" for c in ct.columns)
     return (
         f"SELECT (row_number() OVER ())::integer AS __n, {_text_array(ct.batch_by, ct.batch_types, ct.alias)} AS __key, "
-        f"{_text_array(st.feed, st.feed_types, ct.alias)} AS __tk, {cols} FROM {ct.from_} WHERE {' AND '.join(conds)}"
+        f"{_text_array(st.feed, st.feed_types, ct.alias)} AS __tk, {cols} FROM {ct.from_} WHERE {_of_batch_keys(st)}"
     )
 
 
@@ -252,28 +254,22 @@ def stage_table_sql(st: SyncTable, stage: str) -> str:
     return f"CREATE TEMP TABLE {qi(stage)} (__n integer, __key text[], __tk text[], {cols}) ON COMMIT DROP"
 
 
-def _staged(st: SyncTable) -> list[str]:
-    """Two databases: the expressions that make a staged row (text) the target's."""
-    return [
-        c.convert(f"s.{qi(c.target)}") if c.steps else f"CAST(s.{qi(c.target)} AS {c.cast_type})" for c in st.ct.columns
-    ]
-
-
 def stage_upsert_sql(st: SyncTable, stage: str) -> str:
     """Two databases, on the target: upsert the staged rows numbered ``$1`` (int[])."""
-    exprs = ", ".join(_staged(st))
-    return f"{_head(st)} SELECT {exprs} FROM {qi(stage)} AS s WHERE s.__n = ANY($1::integer[]){_conflict(st)}"
+    return f"{_head(st)} {_derived(st, stage, numbered=True)}{_conflict(st)}"
 
 
 def _derived(st: SyncTable, stage: str | None, *, numbered: bool = False) -> str:
-    """The re-derived rows, under the target's column names: of the batch keys ``$1…`` (one database, as
-    ``upsert_sql``), or the rows of ``stage`` (two): every one, or (``numbered``) those numbered ``$1`` (int[])."""
+    """The re-derived rows, under the target's column names: of the batch keys ``$1…`` (one database), or the rows of
+    ``stage`` (two; their text made the target's): every one, or (``numbered``) those numbered ``$1`` (int[])."""
     ct = st.ct
     if stage is None:
-        conds = [*_where(st), _in_keys(ct.batch_by, ct.batch_types, ct.alias, 1)]
         exprs = ", ".join(f"{c.expr} AS {qi(c.target)}" for c in ct.columns)
-        return f"SELECT {exprs} FROM {ct.from_} WHERE {' AND '.join(conds)}"
-    exprs = ", ".join(f"{e} AS {qi(c.target)}" for e, c in zip(_staged(st), ct.columns, strict=True))
+        return f"SELECT {exprs} FROM {ct.from_} WHERE {_of_batch_keys(st)}"
+    staged = (
+        c.convert(f"s.{qi(c.target)}") if c.steps else f"CAST(s.{qi(c.target)} AS {c.cast_type})" for c in ct.columns
+    )
+    exprs = ", ".join(f"{e} AS {qi(c.target)}" for e, c in zip(staged, ct.columns, strict=True))
     return f"SELECT {exprs} FROM {qi(stage)} AS s" + (" WHERE s.__n = ANY($1::integer[])" if numbered else "")
 
 

@@ -28,6 +28,7 @@ from ..errors import BadInput, MigrationError, RefusedError, database_error, pos
 from ..settings import Settings, check_duration, find_project, load_settings, redact, redact_text
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("migrate_data")
 
 
@@ -168,6 +169,24 @@ class Duration(click.ParamType):
             return check_duration(str(value), bounded=self.bounded)
         except BadInput as e:
             self.fail(e.message, param, ctx)
+
+
+def lock_options(
+    doing: str, *, wait: str = LOCK_WAIT, retries: int = LOCK_RETRIES, dest: str = "retries"
+) -> Callable[[F], F]:
+    """``--lock-wait`` and ``--retries`` (into ``dest``): the patience of a command that locks tables in front of the
+    application's writers, to ``doing``."""
+
+    def apply(command: F) -> F:
+        command = click.option(
+            "--retries", dest, default=retries, show_default=True, type=click.IntRange(0), help="Tries after the first."
+        )(command)
+        return click.option(
+            "--lock-wait", default=wait, show_default=True, type=Duration(bounded=True),
+            help=f"How long one try to {doing} may wait for the application's transactions.",
+        )(command)  # fmt: skip
+
+    return apply
 
 
 def patience_flags(lock_wait: str, retries: int) -> str:

@@ -10,12 +10,11 @@ from typing import Any
 import click
 
 from .. import api, human, report
-from ..capture_sql import LOCK_RETRIES, LOCK_WAIT
 from ..errors import Stopped
 from ..files import write_private
 from ..settings import redact
 from . import base
-from .base import FORMATS, Context, Duration, confirm, format_option, pass_ctx, patience_flags, print_json, run
+from .base import FORMATS, Context, confirm, format_option, lock_options, pass_ctx, patience_flags, print_json, run
 from .group import cli
 
 
@@ -131,11 +130,7 @@ def rollback_plan_text(plan: Any) -> str:
     help="Also remove rows the phase did not write or that changed since (saved to a file first).",
 )
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted, kept and refused; change nothing.")
-@click.option("--lock-wait", default=LOCK_WAIT, show_default=True, type=Duration(bounded=True), help="How long one try "
-              "to remove change capture from the phase's source tables may wait for the application's transactions.")  # fmt: skip
-@click.option(
-    "--retries", default=LOCK_RETRIES, show_default=True, type=click.IntRange(0), help="Tries after the first."
-)
+@lock_options("remove change capture from the phase's source tables")
 @format_option()
 @pass_ctx
 def rollback(

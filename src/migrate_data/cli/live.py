@@ -12,7 +12,7 @@ from .. import api, human, report
 from ..errors import Stopped
 from ..settings import redact
 from ..sync import SyncOptions
-from .base import Context, Duration, confirm, format_option, pass_ctx, print_json, run
+from .base import Context, confirm, format_option, lock_options, pass_ctx, print_json, run
 from .group import cli
 
 
@@ -23,10 +23,7 @@ from .group import cli
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1), help="Changes per transaction.")
 @click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.05), help="--follow: seconds "
               "between looks at an empty change log.")  # fmt: skip
-@click.option("--lock-wait", default=SyncOptions.lock_wait, show_default=True, type=Duration(bounded=True), help="How long one try to install "
-              "capture again on a table (after DDL) may wait for the application's transactions.")  # fmt: skip
-@click.option("--retries", default=SyncOptions.retries, show_default=True, type=click.IntRange(0),
-              help="Tries after the first.")  # fmt: skip
+@lock_options("install capture again on a table (after DDL)", wait=SyncOptions.lock_wait, retries=SyncOptions.retries)
 @format_option()
 @pass_ctx
 def sync(
@@ -60,9 +57,7 @@ def sync(
 @cli.command(epilog="\b\nExamples:\n  migrate-data cutover phase2a\n  migrate-data cutover phase2a --lock-wait 1s")
 @click.argument("phases", nargs=-1, required=True)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--lock-wait", default="2s", show_default=True, type=Duration(bounded=True), help="How long one try to block writes "
-              "(or to install capture again on a table, or to remove it) may wait.")  # fmt: skip
-@click.option("--retries", default=5, show_default=True, type=click.IntRange(0), help="Tries after the first.")
+@lock_options("block writes (or install capture again on a table, or remove it)", wait="2s", retries=5)
 @format_option()
 @pass_ctx
 def cutover(obj: Context, phases: tuple[str, ...], yes: bool, lock_wait: str, retries: int, fmt: str) -> None:

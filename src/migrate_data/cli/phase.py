@@ -13,17 +13,16 @@ from typing import Any
 import click
 
 from .. import api, closing, console, report
-from ..capture_sql import LOCK_RETRIES, LOCK_WAIT
 from ..copier import CopyOptions
 from ..errors import MigrationError, PrivilegeMissing, Stopped
 from ..loader import load_phase
 from ..settings import Settings, redact
 from .base import (
     Context,
-    Duration,
     RejectLimit,
     confirm,
     format_option,
+    lock_options,
     pass_ctx,
     patience_flags,
     print_json,
@@ -78,13 +77,7 @@ PHASE_OPTIONS = (
     click.option(
         "--deep/--counts-only", default=True, show_default=True, help="Validate with checksums (default) or counts only."
     ),
-    click.option(
-        "--lock-wait", default=LOCK_WAIT, show_default=True, type=Duration(bounded=True),
-        help="How long one try to install change capture on the phase's source tables may wait for the application's "
-        "transactions.",
-    ),
-    click.option("--retries", "lock_retries", default=LOCK_RETRIES, show_default=True, type=click.IntRange(0),
-                 help="Tries after the first to install change capture."),
+    lock_options("install change capture on the phase's source tables", dest="lock_retries"),
     format_option(),
 )  # fmt: skip
 
