@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 
 import asyncpg
@@ -262,20 +262,18 @@ class PhaseSyncer:
             out.setdefault(r["target"], []).append(list(r["source_key"]))
         return out
 
-    async def run_pass(self, *, upto: int | None, stop: asyncio.Event, retry: bool = True) -> PhaseSync:
+    async def batches(self, *, upto: int | None, stop: asyncio.Event, retry: bool = True) -> AsyncIterator[PhaseSync]:
         """Retry the rows waiting for others (``retry``), then apply the log rows (up to id ``upto``), a batch at a
-        time."""
-        total = PhaseSync(self.phase)
+        time: what each batch did, once it has committed."""
         waiting = await self.waiting_rejects() if retry else {}
         if waiting:
-            total += (await self.apply(waiting))[0]
+            yield (await self.apply(waiting))[0]
         last: int | None = 0
         while not stop.is_set():
             done, last = await self.apply({}, after=last, upto=upto)
             if last is None:
                 break
-            total += done
-        return replace(total, deferred=len(self.deferred))
+            yield done
 
     # -- one batch ------------------------------------------------------------------------------------------------
     async def apply(
@@ -348,9 +346,10 @@ async def sync(
     upto = {s.phase: ((await s.max_id() or 0) if bounded and not options.follow else None) for s in syncers}
     said = checked = time.monotonic()
     moved = True  # rows refused for want of another row are tried again in a round after one that moved something
-    lost = 0  # --follow: passes in a row that lost a session
+    failed = 0  # --follow: passes in a row that failed for a lost session, a deadlock or a lock timeout
     while not stop.is_set():
         retry, moved = moved, False
+        done = {s.phase: PhaseSync(s.phase) for s in syncers}  # this pass's committed batches, not yet said
         try:
             if options.follow and time.monotonic() - checked >= options.recheck_every:
                 for s in syncers:  # a column moved, a table rewritten since the follower started: capture it again
@@ -359,26 +358,31 @@ async def sync(
             for s in syncers:
                 if stop.is_set():
                     break
-                done = await s.run_pass(upto=upto[s.phase], stop=stop, retry=retry)
-                totals[s.phase] += done
-                totals[s.phase] = replace(totals[s.phase], deferred=done.deferred)
-                moved = moved or done.progress
-                if options.follow and done.progress:
+                async for batch in s.batches(upto=upto[s.phase], stop=stop, retry=retry):
+                    done[s.phase] += batch
+                    totals[s.phase] += batch
+                totals[s.phase] = replace(totals[s.phase], deferred=len(s.deferred))
+                moved = moved or done[s.phase].progress
+                if options.follow and done[s.phase].progress:
                     waiting, age = await s.lag()
-                    log.info("%s: %s; %s", s.phase, _applied(done), _lag(waiting, age))
+                    log.info("%s: %s; %s", s.phase, _applied(done.pop(s.phase)), _lag(waiting, age))
                     said = time.monotonic()
         except Exception as e:
-            # a follower outlives a session of its pool that ended (a DBA, idle_session_timeout, the network) and a
-            # deadlock: the batch rolled back, and the pool opens new sessions.  A restart or a failover ends the
-            # lock's session too, which sets ``stop``: the caller raises LockLost, and the same command resumes
-            if not (options.follow and _lost(e)) or lost >= FOLLOW_RETRIES:
+            # a follower outlives a session of its pool that ended (a DBA, idle_session_timeout, the network), a
+            # deadlock or a lock timeout: the failed batch rolled back (two databases: or its log rows came back, and
+            # applying them again changes nothing), and the pool opens new sessions.  A restart or a failover ends
+            # the lock's session too, which sets ``stop``: the caller raises LockLost, and the same command resumes
+            if not (options.follow and _worth_another_pass(e)) or failed >= FOLLOW_RETRIES:
                 raise
-            lost, moved = lost + 1, True
-            pause = min(options.interval * 2 ** min(lost, 8), 30.0)
-            log.warning("a session was lost (%s); nothing of its batch was applied; trying again in %.1f s", e, pause)
+            for p in done.values():
+                if p.progress:
+                    log.info("%s: %s before the failure", p.phase, _applied(p))
+            failed, moved = failed + 1, True
+            pause = min(options.interval * 2 ** min(failed, 8), 30.0)
+            log.warning("a batch failed (%s); its log rows stay in the log; trying again in %.1f s", e, pause)
             await _pause(stop, pause)
             continue
-        lost = 0
+        failed = 0
         if not options.follow:
             if not moved:
                 break
@@ -397,9 +401,21 @@ async def sync(
     return totals
 
 
-def _lost(e: BaseException) -> bool:
-    """A session lost, or a transaction the server ended for another one (a deadlock): worth a new try."""
-    return is_transient_error(e) or isinstance(e, asyncpg.InternalClientError)
+# asyncpg's own errors that no new try changes: a query argument it cannot encode (its client-side DataError is a
+# ValueError), a feature or setting it does not support, a broken protocol
+_CLIENT_SIDE = (
+    ValueError,
+    asyncpg.ClientConfigurationError,
+    asyncpg.UnsupportedClientFeatureError,
+    asyncpg.UnsupportedServerFeatureError,
+    asyncpg.ProtocolError,
+)
+
+
+def _worth_another_pass(e: BaseException) -> bool:
+    """A session lost (also as a driver left mid-operation by it), a deadlock, a lock timeout: not what asyncpg
+    itself refuses."""
+    return (is_transient_error(e) or isinstance(e, asyncpg.InternalClientError)) and not isinstance(e, _CLIENT_SIDE)
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:
